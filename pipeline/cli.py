@@ -1,0 +1,246 @@
+"""The `segpipe` command: parse arguments, call one function, map errors to exit codes.
+
+Exit codes: 0 ok, 1 the work failed, 2 usage. Errors are one line unless --debug.
+Heavy modules are imported inside each command so `segpipe --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import SegpipeError, UsageError
+
+log = logging.getLogger("segpipe")
+
+
+def _parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` pairs; values are JSON where they parse, strings otherwise."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from pipeline.synthetic import write_dataset
+
+    manifest = write_dataset(a.kind, a.n, Path(a.out), seed=a.seed, shape=a.shape)
+    print(f"wrote {a.n} {a.kind} studies and {manifest}")
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from pipeline.manifest import validate, write_splits
+
+    problems = validate(Path(a.manifest), allow_outside=a.allow_outside)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{a.manifest}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{a.manifest}: ok")
+    if a.folds:
+        splits = write_splits(Path(a.manifest), k=a.folds, seed=a.seed)
+        print(f"wrote {splits}")
+    return 0
+
+
+def _cmd_fingerprint(a: argparse.Namespace) -> int:
+    from pipeline.fingerprint import write_fingerprint
+
+    fp_path = write_fingerprint(Path(a.manifest), Path(a.out) if a.out else None)
+    fp = json.loads(Path(fp_path).read_text())
+    print(f"wrote {fp_path}")
+    for key, value in fp.get("suggested", {}).items():
+        print(f"  suggested {key}: {value}")
+    return 0
+
+
+def _cmd_weightmap(a: argparse.Namespace) -> int:
+    from pipeline.figures import weightmap_figure
+
+    out = weightmap_figure(
+        Path(a.label), Path(a.out), w0=a.w0, sigma=a.sigma, border_on=a.border_on, slice_index=a.slice
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from pipeline.engines import train_bundle
+
+    summary = train_bundle(
+        Path(a.bundle),
+        manifest=Path(a.manifest) if a.manifest else None,
+        epochs=a.epochs,
+        resume=a.resume,
+        tracking_uri=a.tracking_uri,
+        device=a.device,
+        amp=a.amp,
+        overrides=_parse_set(a.set),
+    )
+    if summary:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from pipeline.batch import predict
+
+    rows = predict(
+        Path(a.bundle),
+        Path(a.input),
+        Path(a.output),
+        shard=a.shard,
+        device=a.device,
+        overrides=_parse_set(a.set),
+        progress=not a.no_progress,
+    )
+    failed = sum(r["status"] == "failed" for r in rows)
+    ok = sum(r["status"] == "ok" for r in rows)
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    print(f"{ok} ok, {skipped} skipped, {failed} failed; report: {Path(a.output) / 'report.csv'}")
+    return 1 if failed else 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from pipeline.evaluation import evaluate
+
+    summary = evaluate(
+        Path(a.pred), Path(a.ref), out_csv=Path(a.out) if a.out else None, run_id=a.run_id,
+        tracking_uri=a.tracking_uri,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(Path(a.out), epochs=a.epochs)
+
+
+def _cmd_ui(a: argparse.Namespace) -> int:
+    from pipeline.tracking import serve_ui
+
+    return serve_ui(host=a.host, port=a.port, tracking_uri=a.tracking_uri)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segpipe", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"segpipe {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic phantom studies and their dataset.json")
+    s.add_argument("--kind", required=True, choices=["ct3d", "mr3d", "cells2d"])
+    s.add_argument("--n", type=int, default=4, help="number of studies (default 4)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", type=int, nargs="+", default=None, help="volume shape (voxels)")
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("validate", help="check every entry of a manifest (dataset.json)")
+    s.add_argument("manifest")
+    s.add_argument("--allow-outside", action="store_true",
+                   help="allow paths outside the manifest's folder")
+    s.add_argument("--folds", type=int, default=0, help="also write patient-grouped k-fold splits.json")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("fingerprint", help="dataset statistics -> fingerprint.json")
+    s.add_argument("manifest")
+    s.add_argument("--out", default=None, help="output file (default: beside the manifest)")
+    s.set_defaults(func=_cmd_fingerprint)
+
+    s = sub.add_parser("weightmap", help="render a label slice and its U-Net boundary weight map")
+    s.add_argument("label", help="label NIfTI")
+    s.add_argument("--out", required=True, help="PNG to write")
+    s.add_argument("--w0", type=float, default=10.0)
+    s.add_argument("--sigma", type=float, default=5.0, help="in millimetres")
+    s.add_argument("--border-on", choices=["all", "background"], default="all")
+    s.add_argument("--slice", type=int, default=None, help="slice index along the last axis")
+    s.set_defaults(func=_cmd_weightmap)
+
+    s = sub.add_parser("train", help="train a bundle")
+    s.add_argument("bundle", help="bundle folder")
+    s.add_argument("--manifest", default=None)
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("predict", help="segment one study, a folder or a manifest")
+    s.add_argument("bundle", help="bundle folder (weights in models/model.pt)")
+    s.add_argument("--input", required=True, help="NIfTI file, folder (NIfTI/DICOM) or manifest")
+    s.add_argument("--output", required=True, help="output folder")
+    s.add_argument("--shard", default=None, help="i/n: take the i-th of n deterministic shards")
+    s.add_argument("--device", default=None)
+    s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice of predicted masks")
+    s.add_argument("--pred", required=True, help="folder of predicted masks")
+    s.add_argument("--ref", required=True, help="manifest with the reference labels")
+    s.add_argument("--out", default=None, help="per-case CSV (default: PRED/metrics.csv)")
+    s.add_argument("--run-id", default=None, help="also log to this MLflow run")
+    s.add_argument("--tracking-uri", default=None)
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("demo", help="synthesise, validate, train, predict and evaluate end to end")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--epochs", type=int, default=None)
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("ui", help="start the MLflow UI on the project's store")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--tracking-uri", default=None)
+    s.set_defaults(func=_cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(a.func(a) or 0)
+    except SegpipeError as e:
+        if a.debug:
+            raise
+        print(f"segpipe {a.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"segpipe {a.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: one line, no traceback page
+        if a.debug:
+            raise
+        print(f"segpipe {a.command}: error: {type(e).__name__}: {e} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+import subprocess
+import sys
+
+from pipeline.cli import _parse_set, build_parser, main
+
+
+def test_help_for_every_subcommand():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"synth", "validate", "fingerprint", "train", "predict", "evaluate", "demo", "ui"} <= set(sub.choices)
+    for name in sub.choices:
+        r = subprocess.run([sys.executable, "-m", "pipeline", name, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr)
+        assert "usage:" in r.stdout
+
+
+def test_usage_error_exit_2():
+    r = subprocess.run([sys.executable, "-m", "pipeline", "nonsense"], capture_output=True, text=True)
+    assert r.returncode == 2
+
+
+def test_set_parsing():
+    assert _parse_set(["a=1", "b=[1,2]", "c=text", "d#e=true"]) == {"a": 1, "b": [1, 2], "c": "text", "d#e": True}
+    assert main(["train", "x", "--set", "novalue"]) == 2
