@@ -79,6 +79,7 @@ def _cmd_weightmap(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    overrides = _parse_set(a.set)
     from pipeline.engines import train_bundle
 
     summary = train_bundle(
@@ -89,7 +90,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         tracking_uri=a.tracking_uri,
         device=a.device,
         amp=a.amp,
-        overrides=_parse_set(a.set),
+        overrides=overrides,
     )
     if summary:
         print(json.dumps(summary, indent=2, default=str))
@@ -97,6 +98,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
+    overrides = _parse_set(a.set)
     from pipeline.batch import predict
 
     rows = predict(
@@ -105,7 +107,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         Path(a.output),
         shard=a.shard,
         device=a.device,
-        overrides=_parse_set(a.set),
+        overrides=overrides,
         progress=not a.no_progress,
     )
     failed = sum(r["status"] == "failed" for r in rows)
