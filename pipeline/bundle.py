@@ -1,0 +1,69 @@
+"""The one place bundles are parsed: configs merged in order, ids overridden, errors made plain.
+
+A bundle is a MONAI bundle folder: ``configs/metadata.json``, ``configs/common.json`` shared by
+``train.json``, ``inference.json`` and ``evaluate.json``, ``models/model.pt`` for weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def bundle_metadata(bundle_dir: Path) -> dict[str, Any]:
+    """Read ``configs/metadata.json``; a folder without it is not a bundle (UsageError)."""
+    meta = Path(bundle_dir) / "configs" / "metadata.json"
+    if not meta.is_file():
+        raise UsageError(f"{bundle_dir}: not a bundle (no configs/metadata.json)")
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{meta}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def load_bundle(bundle_dir: Path, configs: Iterable[str] = ("common.json", "train.json"),
+                overrides: dict[str, Any] | None = None) -> Any:
+    """Return a ``monai.bundle.ConfigParser`` over the bundle's configs, with ``bundle_root`` set
+    to the bundle folder and ``overrides`` applied. An override of an id that none of the configs
+    defines is a UsageError (a typo would otherwise be silently ignored)."""
+    from monai.bundle import ConfigParser
+
+    bundle_dir = Path(bundle_dir).resolve()
+    meta = bundle_metadata(bundle_dir)
+    files = []
+    for name in configs:
+        f = bundle_dir / "configs" / name
+        if not f.is_file():
+            raise UsageError(f"{bundle_dir}: no configs/{name}")
+        files.append(f)
+    parser = ConfigParser()
+    try:
+        parser.read_config(files)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise InputError(f"{bundle_dir}: a config is not valid JSON: {e}") from None
+    parser.read_meta(bundle_dir / "configs" / "metadata.json")
+    parser["bundle_root"] = str(bundle_dir)
+    for key, value in (overrides or {}).items():
+        if key not in parser:
+            raise UsageError(f"--set {key}: no such id in {bundle_dir.name} ({', '.join(configs)})")
+        parser[key] = value
+    log.debug("loaded bundle %s %s from %s", meta.get("name", bundle_dir.name), meta.get("version"), bundle_dir)
+    return parser
+
+
+def get(parser: Any, id: str, bundle_dir: Path | str = "") -> Any:
+    """Instantiate one id, turning MONAI's long config errors into one line naming the id."""
+    if id not in parser:
+        raise UsageError(f"{bundle_dir or 'bundle'}: config has no id {id!r}")
+    try:
+        return parser.get_parsed_content(id, instantiate=True)
+    except Exception as e:  # MONAI wraps the real cause in long multi-line messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{bundle_dir or 'bundle'}: cannot build {id!r}: {first}") from e
