@@ -42,7 +42,7 @@ class _ClassicUNet(nn.Module):
         enc, top = list(features[:-1]), features[-1]
         args = (act, norm, bias, dropout)
         self.stem = TwoConv(spatial_dims, in_channels, enc[0], *args)
-        self.downs = nn.ModuleList(Down(spatial_dims, a, b, *args) for a, b in zip(enc[:-1], enc[1:]))
+        self.downs = nn.ModuleList(Down(spatial_dims, a, b, *args) for a, b in zip(enc[:-1], enc[1:], strict=True))
         ups = [UpCat(spatial_dims, enc[i + 1], enc[i], enc[i], *args, upsample) for i in range(len(enc) - 2, 0, -1)]
         ups.append(UpCat(spatial_dims, enc[1], enc[0], top, *args, upsample, halves=False))
         self.ups = nn.ModuleList(ups)
