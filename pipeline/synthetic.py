@@ -1,0 +1,340 @@
+"""Synthetic studies: CT and MR abdominal phantoms (3D) and touching cells (2D), written as an MSD dataset.
+
+Random parameters are drawn apart from the deterministic drawing, as in TorchIO: ``draw_anatomy``
+picks organ sizes, positions and rotations; ``anatomy_maps`` turns them into a tissue map and a
+label map for any shape; ``ct_phantom`` / ``mr_phantom`` add intensities, bias, blur and noise.
+Geometry is in normalised voxel coordinates (-1..1 per axis), so everything scales with the shape.
+
+Case ``i`` of a dataset depends only on ``(seed, i)``, so ``n=4`` and ``n=8`` share their first four
+cases. Every fifth case is a second study of the previous case's patient (same anatomy, shifted on
+the table, new noise), so patient-grouped splits have something to group.
+
+Example::
+
+    >>> import numpy as np
+    >>> image, label = ct_phantom((32, 32, 12), np.random.default_rng(0))
+    >>> image.dtype, label.dtype, sorted(np.unique(label).tolist())
+    (dtype('int16'), dtype('uint8'), [0, 1, 2, 3])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from pipeline.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+CT_LABELS = {"0": "background", "1": "liver", "2": "kidney", "3": "spleen"}
+CELL_LABELS = {"0": "background", "1": "cell"}
+CT_SPACING = (0.8, 0.8, 2.5)
+CT_ORIGIN = (120.0, 95.0, -300.0)
+CELL_SPACING = (0.5, 0.5)
+CELL_ORIGIN = (32.0, 32.0)
+DEFAULT_SHAPES = {"ct3d": (96, 96, 32), "mr3d": (96, 96, 32), "cells2d": (128, 128)}
+
+# tissue codes of ``anatomy_maps``; organs map to labels 1..3
+AIR, FAT, SOFT, BONE, LIVER, KIDNEY, SPLEEN = range(7)
+ORGAN_LABEL = {LIVER: 1, KIDNEY: 2, SPLEEN: 3}
+
+
+def lps_affine(spacing: Sequence[float] = CT_SPACING, origin: Sequence[float] = CT_ORIGIN) -> np.ndarray:
+    """4x4 voxel-to-world (RAS mm) affine of a DICOM-derived volume stored in LPS voxel order:
+    ``diag(-sx, -sy, sz)`` plus ``origin``. 2D spacings/origins get a 1 mm third axis at z=0."""
+    sp = list(spacing) + [1.0] * (3 - len(spacing))
+    org = list(origin) + [0.0] * (3 - len(origin))
+    aff = np.diag([-sp[0], -sp[1], sp[2], 1.0])
+    aff[:3, 3] = org
+    return aff
+
+
+def _rotation(angles_deg: Sequence[float]) -> np.ndarray:
+    """Rotation matrix from angles (degrees) about axes 0, 1, 2, applied in that order."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _grid(shape: Sequence[int]) -> list[np.ndarray]:
+    """Normalised voxel-centre coordinates in (-1, 1) per axis, broadcastable (sparse)."""
+    return np.meshgrid(*[(np.arange(s) + 0.5) / s * 2 - 1 for s in shape], indexing="ij", sparse=True)
+
+
+def ellipsoid_mask(shape: Sequence[int], center: Sequence[float], semi_axes: Sequence[float],
+                   angles_deg: Sequence[float] = (0, 0, 0)) -> np.ndarray:
+    """Boolean mask of a rotated ellipsoid given in normalised coordinates."""
+    rot = _rotation(angles_deg)
+    d = [g - c for g, c in zip(_grid(shape), center, strict=True)]
+    q = 0.0
+    for k in range(3):  # coordinates in the ellipsoid's own frame: rot.T @ d
+        local = rot[0, k] * d[0] + rot[1, k] * d[1] + rot[2, k] * d[2]
+        q = q + (local / semi_axes[k]) ** 2
+    return q <= 1.0
+
+
+def _extent(semi_axes: Sequence[float], angles_deg: Sequence[float], direction: np.ndarray) -> float:
+    """Distance from an ellipsoid's centre to its surface along a unit ``direction``."""
+    local = _rotation(angles_deg).T @ direction
+    return float(1.0 / np.sqrt(np.sum((local / np.asarray(semi_axes)) ** 2)))
+
+
+def draw_anatomy(rng: np.random.Generator, touch_probability: float = 0.85) -> dict[str, Any]:
+    """Random abdominal anatomy in normalised coordinates (axis 0 -> patient left, 1 -> posterior,
+    2 -> superior, as in an LPS-stored volume). The kidney is placed against the liver so that the two
+    overlap (the kidney is painted over the liver: they share a boundary) with ``touch_probability``,
+    else a small gap apart."""
+    u = rng.uniform
+    body = {"center": [rng.normal(0, 0.02), rng.normal(0, 0.02), 0.0],
+            "semi_axes": [u(0.84, 0.93), u(0.66, 0.78), 4.0], "angles": [0, 0, u(-5, 5)],
+            "fat": u(0.08, 0.14)}
+    liver = {"center": [-0.25 + rng.normal(0, 0.03), -0.05 + rng.normal(0, 0.03), 0.15 + rng.normal(0, 0.05)],
+             "semi_axes": [u(0.36, 0.44), u(0.30, 0.38), u(0.5, 0.7)],
+             "angles": [u(-10, 10), u(-10, 10), u(-25, 25)]}
+    kidney = {"semi_axes": [u(0.15, 0.19), u(0.12, 0.16), u(0.3, 0.4)],
+              "angles": [u(-10, 10), u(-10, 10), u(-30, 30)]}
+    direction = np.array([u(-0.15, 0.15), u(0.7, 1.0), u(-0.5, -0.2)])
+    direction /= np.linalg.norm(direction)
+    touching = bool(rng.random() < touch_probability)
+    reach = _extent(liver["semi_axes"], liver["angles"], direction)
+    k_reach = _extent(kidney["semi_axes"], kidney["angles"], -direction)
+    dist = reach + k_reach * (1 - u(0.2, 0.4)) if touching else reach + k_reach + u(0.08, 0.15)
+    kidney["center"] = (np.asarray(liver["center"]) + dist * direction).tolist()
+    spleen = {"center": [0.45 + rng.normal(0, 0.03), 0.25 + rng.normal(0, 0.03), 0.2 + rng.normal(0, 0.05)],
+              "semi_axes": [u(0.16, 0.21), u(0.12, 0.16), u(0.3, 0.4)],
+              "angles": [u(-10, 10), u(-10, 10), u(-30, 30)]}
+    spine = {"center": [rng.normal(0, 0.02), 0.45 + rng.normal(0, 0.02), 0.0], "radius": u(0.08, 0.11)}
+    return {"body": body, "liver": liver, "kidney": kidney, "spleen": spleen, "spine": spine,
+            "touching": touching, "shift": [0.0, 0.0, 0.0]}
+
+
+def shift_anatomy(anatomy: dict[str, Any], rng: np.random.Generator, scale: float = 0.03) -> dict[str, Any]:
+    """The same anatomy positioned differently on the table (a second study of one patient)."""
+    out = json.loads(json.dumps(anatomy))
+    out["shift"] = [rng.normal(0, scale), rng.normal(0, scale), rng.normal(0, 2 * scale)]
+    return out
+
+
+def anatomy_maps(shape: Sequence[int], anatomy: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic drawing: (tissue codes, label uint8) of ``anatomy`` on a grid of ``shape``."""
+    shift = np.asarray(anatomy["shift"])
+
+    def ell(part: dict[str, Any], scale: float = 1.0) -> np.ndarray:
+        axes = np.asarray(part["semi_axes"]) * np.array([scale, scale, 1.0])
+        return ellipsoid_mask(shape, np.asarray(part["center"]) + shift, axes, part["angles"])
+
+    b = anatomy["body"]
+    body, inner = ell(b), ell(b, 1 - b["fat"])
+    tissue = np.full(shape, AIR, dtype=np.uint8)
+    tissue[body] = FAT
+    tissue[inner] = SOFT
+    for name, code in (("liver", LIVER), ("kidney", KIDNEY), ("spleen", SPLEEN)):
+        tissue[ell(anatomy[name]) & inner] = code  # later organs are painted over earlier ones
+    sp = anatomy["spine"]
+    g = _grid(shape)
+    cyl = ((g[0] - sp["center"][0] - shift[0]) ** 2 + (g[1] - sp["center"][1] - shift[1]) ** 2
+           <= sp["radius"] ** 2)
+    tissue[np.broadcast_to(cyl, shape) & (tissue == SOFT)] = BONE
+    label = np.zeros(shape, dtype=np.uint8)
+    for code, value in ORGAN_LABEL.items():
+        label[tissue == code] = value
+    return tissue, label
+
+
+def smooth_field(shape: Sequence[int], rng: np.random.Generator, amplitude: float) -> np.ndarray:
+    """Low-frequency field, max |value| = amplitude: a linear ramp in a random direction (so every
+    organ sees a gradient) plus random quadratic terms, in normalised coordinates."""
+    g, dims = _grid(shape), len(shape)
+    direction = rng.normal(size=dims)
+    direction /= np.linalg.norm(direction)
+    quadratic = [g[j] * g[k] for j in range(dims) for k in range(j, dims)]
+    field = sum(d * x for d, x in zip(direction, g, strict=True)) + 0.5 * sum(
+        c * t for c, t in zip(rng.uniform(-1, 1, len(quadratic)), quadratic, strict=True))
+    field = np.broadcast_to(field, shape).astype(np.float32)
+    return field * (amplitude / (float(np.abs(field).max()) or 1.0))
+
+
+def ct_phantom(shape: Sequence[int], rng: np.random.Generator, anatomy: dict[str, Any] | None = None,
+               noise_hu: float = 15.0, bias_hu: float = 15.0, blur: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """CT-like phantom in Hounsfield units: (image int16, label uint8 with 1 liver, 2 kidney, 3 spleen).
+    Air -1000, fat ~-100, soft tissue ~40, liver ~60, kidney ~150, spleen ~100, bone ~400; partial-volume
+    blur, a smooth additive bias and Gaussian noise."""
+    anatomy = anatomy if anatomy is not None else draw_anatomy(rng)
+    tissue, label = anatomy_maps(shape, anatomy)
+    u = rng.uniform
+    hu = np.array([-1000, u(-110, -90), u(35, 45), u(350, 450), u(55, 65), u(145, 160), u(95, 105)], np.float32)
+    image = hu[tissue]
+    if blur:
+        image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0.3))
+    image += smooth_field(shape, rng, bias_hu) + rng.normal(0, noise_hu, shape).astype(np.float32)
+    return np.clip(np.rint(image), -1024, 3071).astype(np.int16), label
+
+
+def mr_phantom(shape: Sequence[int], rng: np.random.Generator, anatomy: dict[str, Any] | None = None,
+               noise: float = 12.0, bias: float = 0.35, blur: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """T1-like MR phantom with arbitrary units: (image float32, label uint8). Tissue values of a few
+    hundred, a multiplicative smooth bias field ``exp(+-bias)`` and Rician noise."""
+    anatomy = anatomy if anatomy is not None else draw_anatomy(rng)
+    tissue, label = anatomy_maps(shape, anatomy)
+    u = rng.uniform
+    values = np.array([0, u(380, 420), u(170, 190), u(90, 110), u(270, 290), u(130, 150), u(220, 240)], np.float32)
+    image = values[tissue]
+    if blur:
+        image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0.3))
+    image *= np.exp(smooth_field(shape, rng, bias))
+    real = image + rng.normal(0, noise, shape).astype(np.float32)
+    imag = rng.normal(0, noise, shape).astype(np.float32)
+    return np.sqrt(real**2 + imag**2).astype(np.float32), label
+
+
+def cells_image(shape: Sequence[int], rng: np.random.Generator, fill: float = 0.45,
+                touch_fraction: float = 0.35, gap_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2D microscopy-like image of many cells: (image float32, semantic uint8, instance uint16).
+    A share of cells is placed against an earlier cell: touching it (``touch_fraction``) or separated
+    by a 1-2 pixel gap (``gap_fraction``); the rest lie free. Cells have dim rims and a texture."""
+    from skimage.draw import ellipse
+    from skimage.segmentation import find_boundaries
+
+    h, w = shape
+    radius = min(h, w) / 16
+    target = int(fill * h * w / (np.pi * radius**2))
+    instance = np.zeros(shape, dtype=np.uint16)
+    ring = np.ones((3, 3), bool)  # 8-connected dilation: gaps count diagonals too
+    k = 0
+    for _ in range(20 * target):
+        if k >= target:
+            break
+        a, b = radius * rng.uniform(0.75, 1.3), radius * rng.uniform(0.6, 1.0)
+        mode = rng.choice(3, p=[touch_fraction, gap_fraction, 1 - touch_fraction - gap_fraction]) if k else 2
+        if mode == 2:
+            center = rng.uniform([a, a], [h - a, w - a])
+        else:  # against a random earlier cell, overlapping its outline before clipping
+            ys, xs = np.nonzero(instance == rng.integers(1, k + 1))
+            cy, cx = ys.mean(), xs.mean()
+            angle = rng.uniform(0, 2 * np.pi)
+            reach = np.sqrt(len(ys) / np.pi)
+            center = np.array([cy, cx]) + (reach + 0.7 * b) * np.array([np.sin(angle), np.cos(angle)])
+        cell = np.zeros(shape, bool)
+        cell[ellipse(center[0], center[1], a, b, shape=shape, rotation=rng.uniform(0, np.pi))] = True
+        occupied = instance > 0
+        if mode == 2:
+            if (cell & ndimage.binary_dilation(occupied, ring, iterations=3)).any():
+                continue
+        else:
+            gap = int(mode)  # 0 touching, 1 or 2 px
+            gap += int(gap and rng.random() < 0.5)
+            forbidden = ndimage.binary_dilation(occupied, ring, iterations=gap) if gap else occupied
+            full = cell.sum()
+            cell &= ~forbidden
+            parts, count = ndimage.label(cell)
+            if count == 0:
+                continue
+            cell = parts == 1 + np.argmax(ndimage.sum(cell, parts, range(1, count + 1)))
+            if cell.sum() < 0.5 * full:
+                continue
+        k += 1
+        instance[cell] = k
+    semantic = (instance > 0).astype(np.uint8)
+
+    rim = find_boundaries(instance, mode="inner")
+    depth = ndimage.distance_transform_edt(~rim)
+    level = np.concatenate([[0.0], rng.uniform(0.55, 0.95, k)]).astype(np.float32)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5) * 0.25
+    image = level[instance] * (1 - 0.4 * np.exp(-depth / 1.5)) * (1 + texture)
+    image = np.where(semantic > 0, image, 0.1) + smooth_field(shape, rng, 0.05)
+    image = ndimage.gaussian_filter(image, 0.7) + rng.normal(0, 0.03, shape)
+    return image.astype(np.float32), semantic, instance
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write ``array`` as NIfTI-1 with qform and sform set to ``affine`` (code 1, scanner) and mm units."""
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+    return path
+
+
+def patient_index(i: int) -> int:
+    """Patient of case ``i``: every fifth case (1, 6, 11, ...) is a second study of the previous case's patient."""
+    return i - (i + 4) // 5
+
+
+def _check_args(kind: str, n: int, shape: Sequence[int] | None) -> tuple[int, ...]:
+    if kind not in DEFAULT_SHAPES:
+        raise UsageError(f"synth: unknown kind {kind!r} (choose from {', '.join(DEFAULT_SHAPES)})")
+    if n < 1:
+        raise UsageError(f"synth: --n must be at least 1, got {n}")
+    shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES[kind]))
+    dims = len(DEFAULT_SHAPES[kind])
+    if len(shape) != dims or min(shape) < (8 if dims == 2 else 4) or min(shape[:2]) < 16:
+        raise UsageError(f"synth: --shape for {kind} needs {dims} sizes, in-plane >= 16, got {list(shape)}")
+    return shape
+
+
+def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[int] | None = None) -> Path:
+    """Write ``n`` synthetic studies of ``kind`` ("ct3d", "mr3d" or "cells2d") under ``out`` in the
+    Medical Segmentation Decathlon layout (imagesTr/, labelsTr/, for cells also instancesTr/) and
+    return the path of ``out/dataset.json``, whose paths are relative ("./imagesTr/ct_000.nii.gz").
+    Case ``i`` depends only on ``(seed, i)``."""
+    shape = _check_args(kind, n, shape)
+    out = Path(out)
+    prefix = {"ct3d": "ct", "mr3d": "mr", "cells2d": "cells"}[kind]
+    folders = ["imagesTr", "labelsTr"] + (["instancesTr"] if kind == "cells2d" else [])
+    try:
+        for f in folders:
+            (out / f).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the output folder ({e.strerror})") from None
+
+    training = []
+    for i in range(n):
+        name = f"{prefix}_{i:03d}.nii.gz"
+        entry = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}",
+                 "patient": f"{prefix}_patient_{patient_index(i):03d}"}
+        rng = np.random.default_rng([seed, i])
+        if kind == "cells2d":
+            image, label, instance = cells_image(shape, rng)
+            affine = lps_affine(CELL_SPACING, CELL_ORIGIN)
+            save_nifti(instance, affine, out / "instancesTr" / name)
+            entry["instance"] = f"./instancesTr/{name}"
+        else:
+            p = patient_index(i)
+            anatomy = draw_anatomy(np.random.default_rng([seed, p, 1_000_003]))
+            if p != i:  # a later study of the same patient
+                anatomy = shift_anatomy(anatomy, rng)
+            make = ct_phantom if kind == "ct3d" else mr_phantom
+            image, label = make(shape, rng, anatomy)
+            affine = lps_affine(CT_SPACING, CT_ORIGIN)
+        save_nifti(image, affine, out / "imagesTr" / name)
+        save_nifti(label, affine, out / "labelsTr" / name)
+        training.append(entry)
+
+    manifest = {
+        "name": f"segpipe-{kind}",
+        "description": f"segpipe synthetic {kind} studies (seed {seed}, shape {list(shape)}); not real patients",
+        "reference": "segpipe pipeline.synthetic",
+        "licence": "CC0",
+        "release": "0.1",
+        "tensorImageSize": "2D" if kind == "cells2d" else "3D",
+        "modality": {"0": {"ct3d": "CT", "mr3d": "MR", "cells2d": "microscopy"}[kind]},
+        "labels": CELL_LABELS if kind == "cells2d" else CT_LABELS,
+        "numTraining": n,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    path = out / "dataset.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("wrote %d %s studies of shape %s to %s", n, kind, list(shape), out)
+    return path
