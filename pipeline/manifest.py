@@ -1,0 +1,233 @@
+"""Manifests (the Medical Segmentation Decathlon ``dataset.json`` layout), splits and datalists.
+
+A manifest is read as MSD writes it — ``labels`` {"0": "background", ...}, ``training``
+[{image, label}], ``test`` [path or {image}], ``modality`` or ``channel_names`` — so real MSD
+datasets load unchanged; nnU-Net v2's ``labels`` {"background": 0, ...} is accepted too.
+Entries may carry ``patient`` (grouping for splits), ``fold`` (pinning an entry to a fold),
+``id`` (default: the file name without ``.nii``/``.nii.gz``) and any other keys, which datalists
+pass on. Relative paths are resolved against the manifest's folder; a path that leaves that
+folder (``..``, an absolute path elsewhere, a symlink pointing out) is refused unless the manifest
+says ``"allow_outside": true`` or the caller passes ``allow_outside=True``.
+
+Splits are patient-grouped k-fold: groups (a patient, or an entry without one) are shuffled with
+the seed, then each goes, largest first, to the fold with the fewest cases; entries with an
+explicit ``fold`` stay in it. ``write_splits`` saves them as ``splits.json`` beside the manifest
+(like nnU-Net's splits_final.json, which may be edited by hand); ``datalist`` reads that file
+when it matches k, seed and the manifest's ids, and otherwise computes the same split in memory.
+With ``folds <= 1`` there is no cross-validation: role "train" is every training entry and
+role "val" is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, UsageError
+from pipeline.studies import study_id
+
+log = logging.getLogger(__name__)
+
+SPLITS_FILE = "splits.json"
+_SPLIT_KEYS = ("patient", "fold")  # split bookkeeping, not passed on in datalists
+
+
+def load_manifest(path: Path, allow_outside: bool = False) -> dict[str, Any]:
+    """The manifest with every entry resolved: ``training`` [{"image", "label", "id", ...}] and
+    ``test`` [{"image", "id", ...}] with absolute path strings, ``labels`` in the MSD form
+    {"0": "background", ...}, ``manifest_path``. InputError for a manifest that is not JSON,
+    lacks ``labels``/``training``, is malformed, or has paths escaping its folder."""
+    data, problems = parse_manifest(Path(path), allow_outside)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); run `segpipe validate {path}`)" if len(problems) > 1 else ""
+        raise InputError(f"{path}: {problems[0]}{more}")
+    return data
+
+
+def parse_manifest(path: Path, allow_outside: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """``(manifest, problems)``: InputError only when the file cannot be a manifest at all;
+    entry problems come back as lines, and an entry path that is refused is set to None."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such manifest") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read manifest ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a JSON manifest (not text)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: not a manifest (a JSON object with 'labels' and 'training' expected)")
+    for key in ("labels", "training"):
+        if key not in raw:
+            raise InputError(f"{path}: manifest lacks {key!r}")
+    if not isinstance(raw["training"], list) or not isinstance(raw.get("test", []), list):
+        raise InputError(f"{path}: 'training' and 'test' must be lists")
+    data = dict(raw)
+    data["labels"] = _msd_labels(path, raw["labels"])
+    data["manifest_path"] = str(path.resolve())
+    allow = allow_outside or raw.get("allow_outside") is True
+    root = path.resolve().parent
+    problems: list[str] = []
+    for role, keys in (("training", ("image", "label")), ("test", ("image",))):
+        entries, seen = [], {}
+        for i, entry in enumerate(raw.get(role) or []):
+            e = _entry(root, role, i, entry, keys, allow, problems)
+            if e["id"] in seen:
+                problems.append(f"{role}[{i}] {e['id']}: duplicate id (also {role}[{seen[e['id']]}])")
+            seen.setdefault(e["id"], i)
+            entries.append(e)
+        data[role] = entries
+    if isinstance(raw.get("numTraining"), int) and raw["numTraining"] != len(data["training"]):
+        problems.append(f"numTraining is {raw['numTraining']} but 'training' has {len(data['training'])} entries")
+    return data, problems
+
+
+def _msd_labels(path: Path, labels: Any) -> dict[str, str]:
+    """MSD {"0": "background"} as is; nnU-Net v2 {"background": 0} turned round."""
+    if not isinstance(labels, dict) or not labels:
+        raise InputError(f"{path}: 'labels' must be a non-empty object like {{\"0\": \"background\"}}")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        return {str(v): str(k) for k, v in sorted(labels.items(), key=lambda kv: kv[1])}
+    try:
+        return {str(int(k)): str(v) for k, v in sorted(labels.items(), key=lambda kv: int(kv[0]))}
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: 'labels' keys must be label values (\"0\", \"1\", ...); "
+                         f"got {list(labels)[:5]}") from None
+
+
+def _entry(root: Path, role: str, i: int, entry: Any, keys: tuple[str, ...], allow: bool,
+           problems: list[str]) -> dict[str, Any]:
+    """One entry with its paths resolved; a problem line for each missing or refused path."""
+    e = {"image": entry} if role == "test" and isinstance(entry, str) else dict(entry) if isinstance(entry, dict) else {}
+    image = e.get("image")
+    e["id"] = str(e.get("id") or (study_id(image) if isinstance(image, str) else f"#{i}"))
+    where = f"{role}[{i}] {e['id']}"
+    if not isinstance(entry, (dict, str)):
+        problems.append(f"{where}: entry must be an object with {' and '.join(keys)}, got {entry!r:.60}")
+    for key in keys:
+        value = e.get(key)
+        if not isinstance(value, str) or not value:
+            if isinstance(entry, (dict, str)):
+                problems.append(f"{where}: {key!r} must be a file path string, got {value!r:.60}")
+            e[key] = None
+            continue
+        p = Path(value).expanduser()
+        full = Path(os.path.normpath(p if p.is_absolute() else root / p))
+        if not allow:
+            target = full.resolve()
+            if not target.is_relative_to(root):
+                problems.append(f"{where}: {key} {value!r} resolves to {target}, outside the manifest's "
+                                f"folder {root} (set \"allow_outside\": true to allow)")
+                full = None
+        e[key] = None if full is None else str(full)
+    return e
+
+
+def _group_splits(path: Path | str, entries: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, list]]:
+    groups: dict[str, list[str]] = {}
+    pinned: dict[str, int] = {}
+    for e in entries:
+        patient = e.get("patient")
+        key = f"patient:{patient}" if patient not in (None, "") else f"id:{e['id']}"
+        groups.setdefault(key, []).append(e["id"])
+        fold = e.get("fold")
+        if fold is None:
+            continue
+        if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < k:
+            raise InputError(f"{path}: training entry {e['id']}: fold {fold!r} is not an integer in 0..{k - 1}")
+        if pinned.setdefault(key, fold) != fold:
+            raise InputError(f"{path}: training entry {e['id']}: fold {fold} but patient {patient!r} "
+                             f"is pinned to fold {pinned[key]}; a patient's entries must share one fold")
+    val: list[list[str]] = [[] for _ in range(k)]
+    for key in sorted(pinned):
+        val[pinned[key]] += groups[key]
+    free = sorted(g for g in groups if g not in pinned)
+    random.Random(seed).shuffle(free)
+    free.sort(key=lambda g: -len(groups[g]))  # stable: largest first, shuffled among equal sizes
+    for key in free:
+        min(val, key=len).extend(groups[key])
+    ids = [e["id"] for e in entries]
+    return [{"train": [i for i in ids if i not in vs], "val": sorted(vs)} for vs in map(set, val)]
+
+
+def compute_splits(path: Path, k: int = 5, seed: int = 0) -> dict[str, Any]:
+    """``{"k", "seed", "n", "folds": [{"train": [ids], "val": [ids]}, ...]}`` for a manifest."""
+    if k < 2:
+        raise UsageError(f"k-fold splits need k >= 2, got {k}")
+    data, _ = parse_manifest(Path(path), allow_outside=True)  # ids only: no file is opened here
+    entries = data["training"]
+    return {"k": k, "seed": seed, "n": len(entries), "folds": _group_splits(path, entries, k, seed)}
+
+
+def write_splits(path: Path, k: int = 5, seed: int = 0) -> Path:
+    """Write patient-grouped, seeded k-fold ``splits.json`` beside the manifest; return its path."""
+    path = Path(path)
+    splits = compute_splits(path, k, seed)
+    out = path.parent / SPLITS_FILE
+    try:
+        out.write_text(json.dumps(splits, indent=1) + "\n")
+    except OSError as e:
+        raise InputError(f"{out}: cannot write splits ({e.strerror or e})") from None
+    log.info("wrote %d-fold splits of %d cases (seed %d) to %s", k, splits["n"], seed, out)
+    return out
+
+
+def _read_splits(path: Path, k: int, seed: int, ids: set[str]) -> list[dict] | None:
+    """The folds of ``splits.json`` beside the manifest when it matches k, seed and the ids."""
+    f = path.parent / SPLITS_FILE
+    if not f.is_file():
+        return None
+    try:
+        saved = json.loads(f.read_text())
+        folds = saved["folds"]
+        matches = (saved["k"] == k and saved["seed"] == seed and len(folds) == k
+                   and all(set(fo["train"]) | set(fo["val"]) == ids for fo in folds))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{f}: not a splits file ({e}); delete it or rerun `segpipe validate --folds`") from None
+    if not matches:
+        log.warning("%s does not match k=%d, seed=%d and the manifest's ids; splitting in memory", f, k, seed)
+        return None
+    return folds
+
+
+def datalist(manifest: Path | str, role: str = "train", fold: int = 0, folds: int = 5,
+             seed: int = 0) -> list[dict[str, Any]]:
+    """Items ``{"image", "label", "id", ...extra entry keys}`` (absolute paths) for a role:
+    "train"/"val" of ``fold`` of ``folds``, "all" (every training entry) or "test". With
+    ``folds <= 1``, "train" is every training entry and "val" is empty."""
+    path = Path(manifest)
+    data = load_manifest(path)
+    if role == "test":
+        return [_item(e) for e in data["test"]]
+    entries = data["training"]
+    if role == "all" or (folds <= 1 and role == "train"):
+        return [_item(e) for e in entries]
+    if role not in ("train", "val"):
+        raise UsageError(f"datalist role must be train, val, all or test, got {role!r}")
+    if folds <= 1:
+        return []
+    if not 0 <= fold < folds:
+        raise UsageError(f"fold {fold} is not in 0..{folds - 1}")
+    split = _read_splits(path, folds, seed, {e["id"] for e in entries})
+    if split is None:
+        split = _group_splits(path, entries, folds, seed)
+    wanted = set(split[fold][role])
+    return [_item(e) for e in entries if e["id"] in wanted]
+
+
+def _item(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in _SPLIT_KEYS}
+
+
+def validate(path: Path, allow_outside: bool = False) -> list[str]:
+    """Every problem of the manifest and its files, one line each (see pipeline.validation)."""
+    from pipeline.validation import validate_manifest
+
+    return validate_manifest(Path(path), allow_outside)

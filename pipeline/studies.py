@@ -1,0 +1,296 @@
+"""Find studies on disk — NIfTI files and DICOM series folders — and check their headers.
+
+Headers only: ``read_header`` opens a NIfTI header with nibabel (lazily, no voxel data) or each
+DICOM slice's header with SimpleITK, and refuses what cannot be loaded safely (missing,
+unreadable, not an image, truncated, bad spacing, an absurd voxel count) with an InputError
+naming the file and the problem. ``validate`` and the batch predictor share it.
+
+DICOM series are grouped by SeriesInstanceUID (``ImageSeriesReader.GetGDCMSeriesIDs``); a folder
+holding several series, or a series with a missing or duplicated slice, is refused.
+``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader reads it.
+
+    >>> find_studies(Path("incoming"))        # doctest: +SKIP
+    [{'id': 'case_001', 'image': '/abs/incoming/case_001.nii.gz'}, {'id': 'ct_head', 'image': ...}]
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MAX_VOXELS = 2**31
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_GAP_RTOL = 0.01  # slice gaps may differ from the median gap by 1% (+ 1 µm) before a slice counts as missing
+
+
+def is_nifti(path: Path | str) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def study_id(path: Path | str) -> str:
+    """The file name without ``.nii``/``.nii.gz`` (a DICOM folder: its name)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def check_image_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> None:
+    """Raise InputError (one line: the file and the problem) unless ``path`` is a NIfTI file or a
+    DICOM series folder whose header can be loaded: present, readable, not truncated, with positive
+    finite spacing and at most ``max_voxels`` voxels."""
+    read_header(path, max_voxels)
+
+
+def read_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> dict[str, Any]:
+    """``{"shape", "affine" (RAS, 4x4), "pixdim", "dtype", "format"}`` from the header alone;
+    InputError when ``check_image_header`` would refuse the file."""
+    path = Path(path)
+    if path.is_dir():
+        return _dicom_header(path, max_voxels)
+    if not path.exists():
+        raise InputError(f"{path}: missing file" + (" (broken symlink)" if path.is_symlink() else ""))
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    if not is_nifti(path):
+        raise InputError(f"{path}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
+    gz = path.name.lower().endswith(".gz")
+    if gz and magic != b"\x1f\x8b":
+        raise InputError(f"{path}: named .gz but not gzip-compressed")
+    img = _nib_load(path)
+    shape = tuple(int(n) for n in img.shape)
+    nvox = math.prod(shape)
+    _check_voxel_count(path, shape, nvox, max_voxels)
+    hdr = img.header
+    pixdim = tuple(float(v) for v in hdr["pixdim"][1 : 1 + min(len(shape), 3)])
+    _check_spacing(path, pixdim)
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: affine is not finite or is singular")
+    dtype = hdr.get_data_dtype()
+    expected = int(hdr["vox_offset"]) + nvox * dtype.itemsize
+    problem = _gzip_truncated(path, expected) if gz else (
+        f"truncated: {size} bytes, the header needs {expected}" if size < expected else None)
+    if problem:
+        raise InputError(f"{path}: {problem}")
+    return {"shape": shape, "affine": affine, "pixdim": pixdim, "dtype": dtype, "format": "nifti"}
+
+
+def _nib_load(path: Path) -> Any:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputError(f"{path}: truncated or corrupt gzip ({e or type(e).__name__})") from None
+    except PermissionError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    except Exception as e:  # nibabel raises many kinds for a file that is not an image
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable NIfTI image ({first})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI image (nibabel reads it as {type(img).__name__})")
+    return img
+
+
+def _check_voxel_count(path: Path, shape: tuple[int, ...], nvox: int, max_voxels: int) -> None:
+    if nvox > max_voxels:
+        raise InputError(f"{path}: header claims {nvox} voxels {shape}, more than the limit of "
+                         f"{max_voxels}; refusing to allocate")
+    if nvox == 0:
+        raise InputError(f"{path}: header claims an empty image {shape}")
+
+
+def _check_spacing(path: Path, spacing: tuple[float, ...]) -> None:
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"{path}: invalid voxel spacing {list(spacing)} (zero, negative or NaN)")
+
+
+def _gzip_truncated(path: Path, expected: int) -> str | None:
+    """None when the gzip stream holds at least ``expected`` bytes. The gzip trailer's ISIZE
+    (size mod 2**32) answers without decompressing; only a mismatch decompresses, in chunks."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected % 2**32:
+            return None
+    total = 0
+    try:
+        with gzip.open(path, "rb") as g:
+            while chunk := g.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        return f"truncated or corrupt gzip ({e or type(e).__name__})"
+    return f"truncated: {total} bytes uncompressed, the header needs {expected}" if total < expected else None
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def dicom_series_files(folder: Path | str) -> list[str]:
+    """The files of the one DICOM series in ``folder``, sorted along the slice normal.
+    InputError for no series, several series (mixed folder) or an incomplete series."""
+    return _dicom_series(Path(folder))["files"]
+
+
+def _dicom_series(folder: Path) -> dict[str, Any]:
+    import SimpleITK as sitk
+
+    if not folder.is_dir():
+        raise InputError(f"{folder}: missing DICOM series folder")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise InputError(f"{folder}: cannot read folder (permission denied)")
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise InputError(f"{folder}: no DICOM series in folder")
+    if len(uids) > 1:
+        raise InputError(f"{folder}: {len(uids)} DICOM series mixed in one folder ({', '.join(uids)}); "
+                         "put each series in a folder of its own")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uids[0])
+    slices = [_slice_info(f) for f in files]
+    first = slices[0]
+    for s in slices[1:]:
+        if s["size"] != first["size"] or not np.allclose(s["direction"], first["direction"], atol=1e-4):
+            raise InputError(f"{folder}: series {uids[0]} mixes slice sizes or orientations ({s['file']})")
+    direction = first["direction"]
+    normal = direction[:, 2]
+    slices.sort(key=lambda s: float(normal @ s["origin"]))
+    where = np.array([normal @ s["origin"] for s in slices])
+    gaps = np.diff(where)
+    spacing_z = float(np.median(gaps)) if len(gaps) else first["spacing"][2]
+    if len(gaps):
+        _check_gaps(folder, slices, gaps, spacing_z)
+    _check_instance_numbers(folder, slices)
+    return {"uid": uids[0], "files": [s["file"] for s in slices], "direction": direction,
+            "origin": slices[0]["origin"], "size": (*first["size"][:2], len(slices)),
+            "spacing": (*first["spacing"][:2], spacing_z)}
+
+
+def _slice_info(file: str) -> dict[str, Any]:
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(file)
+    try:
+        r.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"{file}: unreadable DICOM slice ({str(e).strip().splitlines()[-1]})") from None
+    instance = r.GetMetaData("0020|0013").strip() if r.HasMetaDataKey("0020|0013") else ""
+    return {"file": file, "origin": np.array(r.GetOrigin(), dtype=float), "size": tuple(r.GetSize()),
+            "spacing": tuple(r.GetSpacing()), "direction": np.array(r.GetDirection(), dtype=float).reshape(3, 3),
+            "instance": int(instance) if instance.lstrip("-").isdigit() else None}
+
+
+def _check_gaps(folder: Path, slices: list[dict], gaps: np.ndarray, spacing: float) -> None:
+    for i, gap in enumerate(gaps):
+        if gap < 1e-3:
+            raise InputError(f"{folder}: duplicate slice position ({Path(slices[i]['file']).name} and "
+                             f"{Path(slices[i + 1]['file']).name}); incomplete or mixed series")
+        if abs(gap - spacing) > _GAP_RTOL * spacing + 1e-3:
+            raise InputError(f"{folder}: incomplete series: {gap:.3g} mm gap after slice {i} "
+                             f"({Path(slices[i]['file']).name}) where slices are {spacing:.3g} mm apart "
+                             "(missing slice?)")
+
+
+def _check_instance_numbers(folder: Path, slices: list[dict]) -> None:
+    numbers = sorted(s["instance"] for s in slices if s["instance"] is not None)
+    if len(numbers) == len(slices) and numbers[-1] - numbers[0] + 1 > len(numbers):
+        raise InputError(f"{folder}: incomplete series: instance numbers {numbers[0]}..{numbers[-1]} "
+                         f"but only {len(numbers)} slices")
+
+
+def _dicom_header(folder: Path, max_voxels: int) -> dict[str, Any]:
+    s = _dicom_series(folder)
+    shape = tuple(int(n) for n in s["size"])
+    _check_voxel_count(folder, shape, math.prod(shape), max_voxels)
+    _check_spacing(folder, s["spacing"])
+    return {"shape": shape, "affine": lps_to_ras_affine(s["direction"], s["spacing"], s["origin"]),
+            "pixdim": tuple(s["spacing"]), "dtype": None, "format": "dicom"}
+
+
+def lps_to_ras_affine(direction: Any, spacing: Any, origin: Any) -> np.ndarray:
+    """The NIfTI (RAS) voxel-to-world affine of an ITK/DICOM geometry given in LPS:
+    direction (3x3, columns = axes), spacing and origin."""
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin, dtype=float)
+    return affine
+
+
+def read_dicom_series(folder: Path | str) -> Any:
+    """The checked series as a ``SimpleITK.Image`` (slices in the order of their positions)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series_files(folder))
+    try:
+        return reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"{folder}: cannot read DICOM series ({str(e).strip().splitlines()[-1]})") from None
+
+
+def dicom_series_to_nifti(folder: Path | str, out_file: Path | str) -> Path:
+    """Write the DICOM series in ``folder`` as a NIfTI file whose affine maps voxels to RAS
+    millimetres (SimpleITK's LPS direction and origin converted), qform and sform both set."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    img = read_dicom_series(folder)
+    affine = lps_to_ras_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    data = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))  # (z, y, x) -> (x, y, z)
+    nii = nib.Nifti1Image(data, affine)
+    nii.set_qform(affine, code=1)
+    nii.set_sform(affine, code=1)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nii, str(out_file))
+    log.debug("wrote %s from DICOM series %s", out_file, folder)
+    return out_file
+
+
+def find_studies(folder: Path | str) -> list[dict[str, str]]:
+    """Manifest-like entries ``{"id", "image"}`` for every NIfTI file and DICOM series folder under
+    ``folder`` (recursively, hidden names skipped), sorted by id. The id is the path below
+    ``folder`` without the NIfTI suffix, ``/`` replaced by ``_`` (a top-level file: its name)."""
+    import SimpleITK as sitk
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        names = [n for n in filenames if not n.startswith(".")]
+        studies = [here / n for n in names if is_nifti(n)]
+        if len(studies) < len(names) and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(here)):
+            dicom_series_files(here)  # refuse mixed or incomplete series here, by folder name
+            studies.append(here)
+        for path in studies:
+            rel = path.relative_to(root)
+            sid = "_".join((*rel.parts[:-1], study_id(rel))) if rel.parts else root.name
+            if sid in found:
+                raise InputError(f"{path}: study id {sid!r} is also {found[sid]}")
+            found[sid] = str(path.absolute())
+    log.debug("found %d studies under %s", len(found), root)
+    return [{"id": sid, "image": found[sid]} for sid in sorted(found)]

@@ -1,0 +1,151 @@
+"""Validate a manifest: every problem of every entry, one line each, never a crash.
+
+Per file: the header checks of ``pipeline.studies.read_header`` (missing, unreadable, not
+NIfTI/DICOM, empty, truncated, bad spacing, absurd voxel count), then the dimensionality the
+manifest expects (``tensorImageSize``; a last axis of as many channels as ``modality`` /
+``channel_names`` is fine), then the voxel values, read once: NaN or Inf voxels; for labels also
+non-integer values, values not declared in ``labels`` and all-background masks. Per training
+entry: image and label must share spatial shape and affine (within ``AFFINE_ATOL`` mm /
+``AFFINE_RTOL``). Lines read ``training[3] case_004: label /abs/labelsTr/case_004.nii.gz: problem``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.manifest import parse_manifest
+from pipeline.studies import read_dicom_series, read_header
+
+log = logging.getLogger(__name__)
+
+AFFINE_ATOL = 1e-3  # mm
+AFFINE_RTOL = 1e-4
+
+
+def validate_manifest(path: Path, allow_outside: bool = False) -> list[str]:
+    """Every problem of the manifest at ``path`` and of its files, one line each ([] when clean)."""
+    try:
+        data, problems = parse_manifest(Path(path), allow_outside)
+    except InputError as e:
+        return [str(e)]
+    expect = {
+        "spatial": 2 if str(data.get("tensorImageSize", "3D")).upper() == "2D" else 3,
+        "channels": len(data.get("modality") or data.get("channel_names") or {}) or 1,
+        "labels": {int(k) for k in data["labels"]},
+    }
+    for role in ("training", "test"):
+        for i, entry in enumerate(data[role]):
+            where = f"{role}[{i}] {entry['id']}"
+            try:
+                problems += [f"{where}: {p}" for p in check_entry(entry, expect)]
+            except Exception as e:  # noqa: BLE001 - validate reports, it never crashes
+                log.debug("unexpected error on %s", where, exc_info=True)
+                problems.append(f"{where}: {entry.get('image')}: unexpected error {type(e).__name__}: {e}")
+    log.info("validated %s: %d training, %d test entries, %d problem(s)",
+             path, len(data["training"]), len(data["test"]), len(problems))
+    return problems
+
+
+def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
+    """Problems of one resolved entry (paths already refused by the manifest are None: skipped)."""
+    out: list[str] = []
+    image = _check_file(entry["image"], "image", expect, out) if entry.get("image") else None
+    label = _check_file(entry["label"], "label", expect, out) if entry.get("label") else None
+    if image is None or label is None:
+        return out
+    n = expect["spatial"]
+    if image["shape"][:n] != label["shape"][:n]:
+        out.append(f"image {entry['image']} shape {image['shape'][:n]} != label {entry['label']} "
+                   f"shape {label['shape'][:n]}")
+    elif not np.allclose(image["affine"], label["affine"], rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+        diff = float(np.abs(image["affine"] - label["affine"]).max())
+        out.append(f"image {entry['image']} and label {entry['label']} affines differ "
+                   f"(by up to {diff:.4g} mm)")
+    return out
+
+
+def _check_file(path: str, kind: str, expect: dict[str, Any], out: list[str]) -> dict[str, Any] | None:
+    """The header of one file, or None after adding its problems to ``out``."""
+    try:
+        header = read_header(path)
+    except InputError as e:
+        out.append(f"{kind} {e}")
+        return None
+    channels = expect["channels"] if kind == "image" else 1
+    dims = _dims_problem(header["shape"], expect["spatial"], channels)
+    if dims:
+        out.append(f"{kind} {path}: {dims}")
+    try:
+        values = _voxels(path, header)
+    except Exception as e:  # noqa: BLE001 - corrupt data behind a good header
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        out.append(f"{kind} {path}: cannot read voxel data ({first})")
+        return None
+    found = label_value_problems(values, expect["labels"]) if kind == "label" else _finite_problem(values)
+    out += [f"{kind} {path}: {p}" for p in found]
+    return None if dims else header
+
+
+def _dims_problem(shape: tuple[int, ...], spatial: int, channels: int) -> str | None:
+    want = spatial + (channels > 1)
+    s = list(shape)
+    while len(s) > want and s[-1] == 1:
+        s.pop()
+    if len(s) == want and (channels == 1 or s[-1] == channels):
+        return None
+    expected = f"{spatial}D" + (f" with {channels} channels on the last axis" if channels > 1 else "")
+    return f"{len(shape)}D image {tuple(shape)} where {expected} is expected"
+
+
+def _voxels(path: str, header: dict[str, Any]) -> np.ndarray:
+    """The voxel values, read once."""
+    if header["format"] == "dicom":
+        import SimpleITK as sitk
+
+        return sitk.GetArrayViewFromImage(read_dicom_series(path))
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def _finite_problem(a: np.ndarray) -> list[str]:
+    if a.dtype.kind not in "fc":
+        return []
+    nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    return [f"non-finite voxels: {nan} NaN, {inf} Inf"] if nan or inf else []
+
+
+def label_value_problems(a: np.ndarray, declared: set[int]) -> list[str]:
+    """Problems of a label volume's values: NaN/Inf, non-integer, undeclared, all background."""
+    if a.dtype.kind not in "biuf":
+        return [f"label data type {a.dtype} is not numeric"]
+    out = _finite_problem(a)
+    if a.dtype.kind == "f":
+        a = a[np.isfinite(a)]
+        fraction = a != np.round(a)
+        if fraction.any():
+            examples = sorted({float(v) for v in a[fraction][:1000]})[:4]
+            out.append(f"non-integer label values in {int(fraction.sum())} voxels (e.g. {examples})")
+            a = a[~fraction]
+    values = _unique_ints(a)
+    undeclared = sorted(set(values) - declared)
+    if undeclared:
+        out.append(f"label values {undeclared[:10]} not declared in the manifest's labels {sorted(declared)}")
+    if not out and set(values) <= {0}:
+        out.append("label is empty (all background)")
+    return out
+
+
+def _unique_ints(a: np.ndarray) -> list[int]:
+    if a.size == 0:
+        return []
+    if a.dtype.itemsize <= 2 and a.dtype.kind in "biu":  # bincount: linear time, no sort
+        lo = int(a.min())
+        counts = np.bincount(a.ravel().astype(np.int32) - lo)
+        return [int(v) + lo for v in np.flatnonzero(counts)]
+    return [int(v) for v in np.unique(a)]
