@@ -1,0 +1,280 @@
+"""Dice, HD95 and surface Dice (NSD) of predicted masks per case and class, and their summary.
+
+``case_metrics`` is the plain function (arrays in, numbers out) that training QC, the demo and the
+benchmarks call; ``evaluate`` runs it over a folder of predicted NIfTI masks against a reference
+manifest and writes ``metrics.csv`` and ``metrics_summary.json`` (and logs to MLflow if asked).
+
+Empty masks, per class (documented conventions):
+
+- reference and prediction both empty: Dice 1, HD95 0 mm, NSD 1 (perfect agreement on absence);
+  counted as ``n_both_empty`` in the summary.
+- exactly one of them empty: Dice 0, NSD 0, HD95 undefined (MONAI gives inf): reported as NaN,
+  left out of the HD95 mean/median/std and counted as ``n_hd95_undefined``.
+
+Distances are in millimetres: MONAI's metric functions get the reference file's voxel spacing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.studies import study_id
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["study_id", "class", "dice", "hd95_mm", "surface_dice", "ref_voxels", "pred_voxels", "error"]
+SUMMARY_NAME = "metrics_summary.json"
+
+
+def _label_names(labels: Mapping[Any, str] | Sequence[str]) -> dict[int, str]:
+    """Foreground classes as {index: name}: from an MSD ``labels`` dict or a list of names (index = position)."""
+    items = labels.items() if isinstance(labels, Mapping) else enumerate(labels)
+    return {int(k): str(v) for k, v in sorted(items, key=lambda kv: int(kv[0])) if int(k) != 0}
+
+
+def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                 labels: Mapping[Any, str] | Sequence[str], tolerance_mm: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Metrics of one case for every foreground class, keyed by class name.
+
+    ``pred`` and ``ref`` are integer label maps of the same shape (2D or 3D), ``spacing`` the voxel
+    size in mm per axis, ``labels`` an MSD ``labels`` dict ({"0": "background", "1": "liver"}) or a
+    list of names; ``tolerance_mm`` the NSD tolerance. Each value is
+    ``{"dice", "hd95_mm", "surface_dice", "ref_voxels", "pred_voxels"}`` (see the module docstring
+    for empty masks).
+
+    >>> ref = np.zeros((8, 8, 8), int); ref[2:6, 2:6, 2:6] = 1
+    >>> case_metrics(ref, ref, (1.0, 1.0, 2.0), ["background", "organ"])["organ"]["dice"]
+    1.0
+    """
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != ref.ndim:
+        raise ValueError(f"spacing {spacing} has {len(spacing)} values for a {ref.ndim}D volume")
+    out: dict[str, dict[str, Any]] = {}
+    for index, name in _label_names(labels).items():
+        p, r = pred == index, ref == index
+        n_pred, n_ref = int(p.sum()), int(r.sum())
+        row: dict[str, Any] = {"ref_voxels": n_ref, "pred_voxels": n_pred}
+        if n_pred == 0 and n_ref == 0:
+            row.update(dice=1.0, hd95_mm=0.0, surface_dice=1.0)
+        elif n_pred == 0 or n_ref == 0:
+            row.update(dice=0.0, hd95_mm=math.nan, surface_dice=0.0)
+        else:
+            yp = torch.from_numpy(p)[None, None].float()
+            yr = torch.from_numpy(r)[None, None].float()
+            row["dice"] = float(compute_dice(yp, yr, include_background=True, ignore_empty=False)[0, 0])
+            with warnings.catch_warnings():  # neither mask is empty here; MONAI's warnings would be noise
+                warnings.simplefilter("ignore")
+                hd = float(compute_hausdorff_distance(yp, yr, include_background=True, percentile=95,
+                                                      spacing=spacing)[0, 0])
+                nsd = float(compute_surface_dice(yp, yr, [float(tolerance_mm)], include_background=True,
+                                                 spacing=spacing)[0, 0])
+            row.update(hd95_mm=hd if math.isfinite(hd) else math.nan, surface_dice=nsd)
+        out[name] = row
+    return out
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Integer label array (spatial dims only), affine and spacing of a NIfTI mask."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 - any reader failure is this file's problem
+        raise InputError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (2, 3):
+        raise InputError(f"{path}: expected a 2D or 3D label map, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating):
+        data = np.rint(data)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    return data.astype(np.int64, copy=False), np.asarray(img.affine, dtype=float), zooms
+
+
+def _find_prediction(pred_dir: Path, sid: str) -> Path | None:
+    for ext in (".nii.gz", ".nii"):
+        if (pred_dir / f"{sid}{ext}").is_file():
+            return pred_dir / f"{sid}{ext}"
+    return None
+
+
+def _evaluate_case(pred_path: Path, ref_path: Path, labels: Mapping[Any, str], tolerance_mm: float,
+                   affine_tol: float) -> dict[str, dict[str, Any]]:
+    pred, pred_affine, _ = _load(pred_path)
+    ref, ref_affine, spacing = _load(ref_path)
+    if pred.shape != ref.shape:
+        raise InputError(f"{pred_path}: shape {pred.shape} differs from reference {ref_path} shape {ref.shape}")
+    if not np.allclose(pred_affine, ref_affine, atol=affine_tol, rtol=0):
+        worst = float(np.abs(pred_affine - ref_affine).max())
+        raise InputError(f"{pred_path}: affine differs from reference {ref_path} by up to {worst:.4g} "
+                         f"(tolerance {affine_tol:g})")
+    return case_metrics(pred, ref, spacing, labels, tolerance_mm)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if v.size == 0:
+        return {"mean": math.nan, "median": math.nan, "std": math.nan}
+    return {"mean": float(v.mean()), "median": float(np.median(v)), "std": float(v.std())}
+
+
+def summarise(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, Any]:
+    """Per-class mean/median/std of the metric rows (error rows left out) and means over classes."""
+    per_class: dict[str, dict[str, Any]] = {}
+    for name in class_names:
+        ok = [r for r in rows if r["class"] == name and not r["error"]]
+        entry: dict[str, Any] = {"n": len(ok)}
+        for metric, key in (("dice", "dice"), ("hd95", "hd95_mm"), ("nsd", "surface_dice")):
+            for stat, value in _stats([float(r[key]) for r in ok]).items():
+                entry[f"{metric}_{stat}"] = value
+        entry["n_hd95_undefined"] = sum(math.isnan(float(r["hd95_mm"])) for r in ok)
+        entry["n_both_empty"] = sum(r["ref_voxels"] == 0 and r["pred_voxels"] == 0 for r in ok)
+        per_class[name] = entry
+
+    def over_classes(key: str) -> float:
+        v = [c[key] for c in per_class.values() if not math.isnan(c[key])]
+        return float(np.mean(v)) if v else math.nan
+
+    return {"per_class": per_class, "mean_dice": over_classes("dice_mean"),
+            "mean_hd95_mm": over_classes("hd95_mean"), "mean_nsd": over_classes("nsd_mean")}
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+
+
+def _metric_key(name: str) -> str:
+    """A label name as an MLflow metric key part (alphanumerics, _ - . / kept)."""
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in name)
+
+
+def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, tracking_uri: str | None = None) -> None:
+    """Log ``eval_dice_<label>``, ``eval_hd95_<label>``, ``eval_nsd_<label>``, ``eval_mean_dice`` (finite
+    values only) and ``files`` (under ``evaluation/``) to an existing MLflow run."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise InputError(f"MLflow run {run_id} not found in {client.tracking_uri}: {e.message}") from None
+    values = {"eval_mean_dice": summary["mean_dice"], "eval_mean_hd95": summary["mean_hd95_mm"],
+              "eval_mean_nsd": summary["mean_nsd"], "eval_n_cases": summary["n_cases"],
+              "eval_n_missing": len(summary["missing"])}
+    for name, c in summary["per_class"].items():
+        key = _metric_key(name)
+        values.update({f"eval_dice_{key}": c["dice_mean"], f"eval_hd95_{key}": c["hd95_mean"],
+                       f"eval_nsd_{key}": c["nsd_mean"]})
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
+    client.log_batch(run_id, metrics=metrics)
+    for f in files:
+        client.log_artifact(run_id, str(f), artifact_path="evaluation")
+    log.info("logged %d evaluation metrics and %d files to MLflow run %s", len(metrics), len(files), run_id)
+
+
+def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, run_id: str | None = None,
+             tracking_uri: str | None = None, tolerance_mm: float = 1.0, affine_tol: float = 1e-3) -> dict[str, Any]:
+    """Evaluate ``pred_dir/<id>.nii.gz`` against the labels of the manifest's ``training`` entries.
+
+    Writes the per-case CSV (default ``pred_dir/metrics.csv``; one row per case and foreground
+    class, or one error row for a case that could not be compared: missing prediction, shape or
+    affine mismatch, unreadable file) and ``metrics_summary.json`` beside it, logs to MLflow run
+    ``run_id`` if given, and returns the summary. Raises InputError when no prediction matches.
+    """
+    from pipeline.manifest import load_manifest
+
+    pred_dir, ref_manifest = Path(pred_dir), Path(ref_manifest)
+    if not pred_dir.is_dir():
+        raise InputError(f"{pred_dir}: prediction folder not found")
+    manifest = load_manifest(ref_manifest)
+    labels = manifest.get("labels") or {}
+    class_names = list(_label_names(labels).values())
+    if not class_names:
+        raise InputError(f"{ref_manifest}: no foreground classes in 'labels'")
+    entries = [e for e in manifest.get("training", []) if e.get("label")]
+    ids = [e.get("id") or study_id(e["label"]) for e in entries]
+    rows: list[dict[str, Any]] = []
+    missing: list[str] = []
+    errors: dict[str, str] = {}
+    for sid, entry in zip(ids, entries, strict=True):
+        pred_path = _find_prediction(pred_dir, sid)
+        if pred_path is None:
+            missing.append(sid)
+            rows.append(_error_row(sid, f"missing prediction {pred_dir / (sid + '.nii.gz')}"))
+            continue
+        try:
+            per_class = _evaluate_case(pred_path, Path(entry["label"]), labels, tolerance_mm, affine_tol)
+        except InputError as e:
+            errors[sid] = str(e)
+            rows.append(_error_row(sid, str(e)))
+            log.warning("%s", e)
+            continue
+        rows.extend({"study_id": sid, "class": name, **m, "error": ""} for name, m in per_class.items())
+    if len(missing) == len(entries):
+        raise InputError(f"{pred_dir}: none of the {len(entries)} studies of {ref_manifest} has a prediction "
+                         f"<id>.nii.gz here (e.g. {ids[0] + '.nii.gz' if ids else 'none listed'})")
+    if missing:
+        log.warning("%d of %d studies have no prediction in %s: %s", len(missing), len(entries), pred_dir,
+                    ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    known = set(ids)
+    extra = sorted(sid for p in pred_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))
+                   and (sid := study_id(p)) not in known)
+
+    out_csv = Path(out_csv) if out_csv else pred_dir / "metrics.csv"
+    _write_csv(rows, out_csv)
+    summary = {
+        "n_cases": len(entries) - len(missing) - len(errors), "n_reference": len(entries),
+        **summarise(rows, class_names),
+        "missing": missing, "errors": errors, "extra_predictions": extra,
+        "tolerance_mm": tolerance_mm, "pred_dir": str(pred_dir), "ref_manifest": str(ref_manifest),
+        "csv": str(out_csv),
+    }
+    summary_path = out_csv.parent / SUMMARY_NAME
+    summary_path.write_text(json.dumps(json_safe(summary), indent=2))
+    log.info("evaluated %d cases: mean Dice %.4f; wrote %s and %s", summary["n_cases"], summary["mean_dice"],
+             out_csv, summary_path)
+    if run_id:
+        log_to_mlflow(summary, [out_csv, summary_path], run_id, tracking_uri)
+    return summary
+
+
+def _error_row(sid: str, error: str) -> dict[str, Any]:
+    return {"study_id": sid, "class": "", "dice": math.nan, "hd95_mm": math.nan, "surface_dice": math.nan,
+            "ref_voxels": "", "pred_voxels": "", "error": error}
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN -> null so the JSON is standard (Python's json would write the non-standard NaN)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj

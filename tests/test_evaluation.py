@@ -1,0 +1,158 @@
+"""Evaluation: analytic Dice/HD95/NSD, CSV + summary on disk, missing and mismatched cases, MLflow, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.evaluation import case_metrics, evaluate
+from pipeline.synthetic import save_nifti
+
+SPACING = (2.0, 1.0, 0.5)  # mm along array axes 0, 1, 2
+# non-identity, axis-permuting affine with those voxel sizes (columns: axis 0 -> -y, 1 -> z, 2 -> x)
+AFFINE = np.array([[0.0, 0.0, 0.5, 10.0], [-2.0, 0.0, 0.0, 20.0], [0.0, 1.0, 0.0, -5.0], [0, 0, 0, 1]])
+LABELS = {"0": "background", "1": "organ", "2": "lesion"}
+
+
+def cube(shift: tuple[int, int, int] = (0, 0, 0), shape=(12, 12, 12), value: int = 1) -> np.ndarray:
+    """A 6x6x6 voxel cube at [2:8]^3, shifted by ``shift`` voxels."""
+    a = np.zeros(shape, np.uint8)
+    a[tuple(slice(2 + s, 8 + s) for s in shift)] = value
+    return a
+
+
+def test_shifted_cubes_by_hand():
+    # 6^3 cubes overlapping in 4x6x6 voxels: Dice = 2*144/(216+216) = 2/3.
+    # Shift of 2 voxels along axis 0 (2 mm): the shifted-out face (36 of the 152 surface voxels,
+    # > 5 %) lies 2 voxels = 4 mm from the other cube's face, and no surface voxel is farther,
+    # so HD95 = 4 mm. Along axis 2 (0.5 mm) the same shift is 1 mm.
+    m = case_metrics(cube((2, 0, 0)), cube(), SPACING, LABELS, tolerance_mm=1.0)
+    assert m["organ"]["dice"] == pytest.approx(2 / 3, abs=1e-6)
+    assert m["organ"]["hd95_mm"] == pytest.approx(4.0)
+    assert case_metrics(cube((0, 0, 2)), cube(), SPACING, LABELS)["organ"]["hd95_mm"] == pytest.approx(1.0)
+    # NSD at tolerance 0: surface voxels on both surfaces: the side ring (4*6-4 = 20 voxels) over the
+    # 4 overlapping slices = 80 of 152 per direction.
+    assert case_metrics(cube((2, 0, 0)), cube(), SPACING, LABELS, 0.0)["organ"]["surface_dice"] == pytest.approx(
+        80 / 152, abs=1e-6)
+    # at 1 mm also the 4x4 interior of the inner face, each within 0.5-1 mm (axis 2) of the side faces
+    assert m["organ"]["surface_dice"] == pytest.approx(96 / 152, abs=1e-6)
+    assert case_metrics(cube((2, 0, 0)), cube(), SPACING, LABELS, 4.0)["organ"]["surface_dice"] == 1.0
+
+
+def test_empty_classes():
+    m = case_metrics(cube(), cube(), SPACING, LABELS)
+    assert m["organ"] == {"ref_voxels": 216, "pred_voxels": 216, "dice": 1.0, "hd95_mm": 0.0, "surface_dice": 1.0}
+    assert (m["lesion"]["dice"], m["lesion"]["hd95_mm"], m["lesion"]["surface_dice"]) == (1.0, 0.0, 1.0)
+    missed = case_metrics(np.zeros((12, 12, 12), int), cube(), SPACING, LABELS)["organ"]
+    assert missed["dice"] == 0.0 and math.isnan(missed["hd95_mm"]) and missed["surface_dice"] == 0.0
+    assert missed["pred_voxels"] == 0
+
+
+def _dataset(root: Path, n: int = 4) -> Path:
+    """n reference label maps (a cube, with a lesion in the first) and their dataset.json."""
+    (root / "labelsTr").mkdir(parents=True)
+    (root / "imagesTr").mkdir()
+    entries = []
+    for i in range(n):
+        ref = cube()
+        if i == 0:
+            ref[9:11, 9:11, 9:11] = 2
+        save_nifti(ref, AFFINE, root / "labelsTr" / f"case_{i}.nii.gz")
+        save_nifti(ref.astype(np.int16) * 50, AFFINE, root / "imagesTr" / f"case_{i}.nii.gz")
+        entries.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+    manifest = {"name": "cubes", "modality": {"0": "CT"}, "labels": LABELS, "numTraining": n, "training": entries}
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    return root / "dataset.json"
+
+
+@pytest.fixture
+def evaluated(tmp_path: Path):
+    """case_0 perfect, case_1 shifted 2 voxels along axis 0, case_2 missing, case_3 wrong affine."""
+    manifest = _dataset(tmp_path / "ref")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    perfect = cube()
+    perfect[9:11, 9:11, 9:11] = 2
+    save_nifti(perfect, AFFINE, pred / "case_0.nii.gz")
+    save_nifti(cube((2, 0, 0)), AFFINE, pred / "case_1.nii.gz")
+    moved = AFFINE.copy()
+    moved[0, 3] += 5.0
+    save_nifti(cube(), moved, pred / "case_3.nii.gz")
+    save_nifti(cube(), AFFINE, pred / "stray.nii.gz")
+    return manifest, pred
+
+
+def test_evaluate_csv_summary_missing_and_mismatch(evaluated):
+    manifest, pred = evaluated
+    summary = evaluate(pred, manifest)
+    rows = list(csv.DictReader((pred / "metrics.csv").open()))
+    by = {(r["study_id"], r["class"]): r for r in rows}
+    assert float(by["case_0", "organ"]["dice"]) == 1.0 and float(by["case_0", "lesion"]["dice"]) == 1.0
+    assert float(by["case_1", "organ"]["dice"]) == pytest.approx(2 / 3)
+    assert float(by["case_1", "organ"]["hd95_mm"]) == pytest.approx(4.0)
+    assert by["case_1", "lesion"]["dice"] == "1.0"  # absent in both: agreement
+    assert "missing prediction" in by["case_2", ""]["error"]
+    assert "affine differs" in by["case_3", ""]["error"] and "case_3.nii.gz" in by["case_3", ""]["error"]
+
+    on_disk = json.loads((pred / "metrics_summary.json").read_text())
+    assert on_disk["missing"] == summary["missing"] == ["case_2"]
+    assert list(on_disk["errors"]) == ["case_3"] and on_disk["extra_predictions"] == ["stray"]
+    assert on_disk["n_cases"] == 2 and on_disk["n_reference"] == 4
+    organ = on_disk["per_class"]["organ"]
+    assert organ["dice_mean"] == pytest.approx((1 + 2 / 3) / 2)
+    assert organ["dice_median"] == pytest.approx((1 + 2 / 3) / 2)
+    assert organ["dice_std"] == pytest.approx(1 / 6)
+    assert organ["hd95_mean"] == pytest.approx(2.0) and organ["n"] == 2
+    assert on_disk["per_class"]["lesion"]["n_both_empty"] == 1
+    assert summary["mean_dice"] == pytest.approx(((1 + 2 / 3) / 2 + 1.0) / 2)
+
+
+def test_geometry_shape_mismatch_and_nothing_to_evaluate(tmp_path: Path):
+    manifest = _dataset(tmp_path / "ref", n=2)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    save_nifti(cube(shape=(12, 12, 13)), AFFINE, pred / "case_0.nii.gz")
+    save_nifti(cube(), AFFINE, pred / "case_1.nii.gz")
+    summary = evaluate(pred, manifest, out_csv=tmp_path / "out" / "m.csv")
+    assert "shape (12, 12, 13) differs" in summary["errors"]["case_0"]
+    assert (tmp_path / "out" / "metrics_summary.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="none of the 2 studies"):
+        evaluate(empty, manifest)
+
+
+def test_mlflow_logging_read_back(evaluated, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("eval", artifact_location=(tmp_path / "art").as_uri()))
+    manifest, pred = evaluated
+    evaluate(pred, manifest, run_id=run.info.run_id, tracking_uri=uri)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["eval_dice_organ"] == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics["eval_hd95_organ"] == pytest.approx(2.0)
+    assert metrics["eval_nsd_lesion"] == 1.0 and "eval_mean_dice" in metrics
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert names == {"evaluation/metrics.csv", "evaluation/metrics_summary.json"}
+    with pytest.raises(InputError, match="not found"):
+        evaluate(pred, manifest, run_id="0" * 32, tracking_uri=uri)
+
+
+def test_cli_exit_codes(evaluated, tmp_path: Path):
+    manifest, pred = evaluated
+    cmd = [sys.executable, "-m", "pipeline", "evaluate", "--ref", str(manifest)]
+    ok = subprocess.run(cmd + ["--pred", str(pred), "--out", str(tmp_path / "m.csv")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["missing"] == ["case_2"] and (tmp_path / "m.csv").is_file()
+    bad = subprocess.run(cmd + ["--pred", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "prediction folder not found" in bad.stderr
