@@ -95,14 +95,14 @@ def draw_anatomy(rng: np.random.Generator, touch_probability: float = 0.85) -> d
     else a small gap apart."""
     u = rng.uniform
     body = {"center": [rng.normal(0, 0.02), rng.normal(0, 0.02), 0.0],
-            "semi_axes": [u(0.84, 0.93), u(0.66, 0.78), 4.0], "angles": [0, 0, u(-5, 5)],
+            "semi_axes": [u(0.84, 0.93), u(0.68, 0.8), 4.0], "angles": [0, 0, u(-5, 5)],
             "fat": u(0.08, 0.14)}
-    liver = {"center": [-0.25 + rng.normal(0, 0.03), -0.05 + rng.normal(0, 0.03), 0.15 + rng.normal(0, 0.05)],
+    liver = {"center": [-0.25 + rng.normal(0, 0.03), -0.12 + rng.normal(0, 0.03), 0.15 + rng.normal(0, 0.05)],
              "semi_axes": [u(0.36, 0.44), u(0.30, 0.38), u(0.5, 0.7)],
              "angles": [u(-10, 10), u(-10, 10), u(-25, 25)]}
     kidney = {"semi_axes": [u(0.15, 0.19), u(0.12, 0.16), u(0.3, 0.4)],
               "angles": [u(-10, 10), u(-10, 10), u(-30, 30)]}
-    direction = np.array([u(-0.15, 0.15), u(0.7, 1.0), u(-0.5, -0.2)])
+    direction = np.array([u(-0.15, 0.15), u(0.6, 0.9), u(-0.5, -0.2)])
     direction /= np.linalg.norm(direction)
     touching = bool(rng.random() < touch_probability)
     reach = _extent(liver["semi_axes"], liver["angles"], direction)
@@ -206,7 +206,7 @@ def cells_image(shape: Sequence[int], rng: np.random.Generator, fill: float = 0.
 
     h, w = shape
     radius = min(h, w) / 16
-    target = int(fill * h * w / (np.pi * radius**2))
+    target = int(fill * h * w / (np.pi * radius**2) * rng.uniform(0.8, 1.2))
     instance = np.zeros(shape, dtype=np.uint16)
     ring = np.ones((3, 3), bool)  # 8-connected dilation: gaps count diagonals too
     k = 0

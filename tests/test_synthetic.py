@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.errors import UsageError
+from pipeline.errors import InputError, UsageError
 from pipeline.synthetic import (
     cells_image,
     ct_phantom,
@@ -61,6 +61,10 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "synth", "--kind", "cells2d", "--n", "0",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="a_file"):
+        write_dataset("ct3d", 1, blocker, shape=(16, 16, 4))
 
 
 def test_deterministic_per_seed_and_prefix_stable(tmp_path, ct_dataset):
