@@ -5,7 +5,7 @@ A manifest is read as MSD writes it — ``labels`` {"0": "background", ...}, ``t
 datasets load unchanged; nnU-Net v2's ``labels`` {"background": 0, ...} is accepted too.
 Entries may carry ``patient`` (grouping for splits), ``fold`` (pinning an entry to a fold),
 ``id`` (default: the file name without ``.nii``/``.nii.gz``) and any other keys, which datalists
-pass on. Relative paths are resolved against the manifest's folder; a path that leaves that
+pass on (NIfTI paths among them, e.g. cells' ``instance``, resolved like ``image``). Relative paths are resolved against the manifest's folder; a path that leaves that
 folder (``..``, an absolute path elsewhere, a symlink pointing out) is refused unless the manifest
 says ``"allow_outside": true`` or the caller passes ``allow_outside=True``.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, UsageError
-from pipeline.studies import study_id
+from pipeline.studies import is_nifti, study_id
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def _entry(root: Path, role: str, i: int, entry: Any, keys: tuple[str, ...], all
     where = f"{role}[{i}] {e['id']}"
     if not isinstance(entry, (dict, str)):
         problems.append(f"{where}: entry must be an object with {' and '.join(keys)}, got {entry!r:.60}")
-    for key in keys:
+    extra = [k for k, v in e.items() if k not in keys and isinstance(v, str) and is_nifti(v)]
+    for key in (*keys, *extra):
         value = e.get(key)
         if not isinstance(value, str) or not value:
             if isinstance(entry, (dict, str)):

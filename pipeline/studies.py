@@ -83,7 +83,9 @@ def read_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> dict[str, Any
     nvox = math.prod(shape)
     _check_voxel_count(path, shape, nvox, max_voxels)
     hdr = img.header
-    pixdim = tuple(float(v) for v in hdr["pixdim"][1 : 1 + min(len(shape), 3)])
+    with (gzip.open if gz else open)(path, "rb") as f:  # nibabel's loaded header has pixdim "fixed"
+        raw = type(hdr).from_fileobj(f, check=False)
+    pixdim = tuple(float(v) for v in raw["pixdim"][1 : 1 + min(len(shape), 3)])
     _check_spacing(path, pixdim)
     affine = np.asarray(img.affine, dtype=float)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:

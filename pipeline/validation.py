@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.manifest import parse_manifest
-from pipeline.studies import read_dicom_series, read_header
+from pipeline.studies import is_nifti, read_dicom_series, read_header
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,17 @@ def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
     out: list[str] = []
     image = _check_file(entry["image"], "image", expect, out) if entry.get("image") else None
     label = _check_file(entry["label"], "label", expect, out) if entry.get("label") else None
+    n = expect["spatial"]
+    for key in _extra_paths(entry):
+        try:
+            extra = read_header(entry[key])
+        except InputError as e:
+            out.append(f"{key} {e}")
+            continue
+        if image is not None and extra["shape"][:n] != image["shape"][:n]:
+            out.append(f"{key} {entry[key]} shape {extra['shape'][:n]} != image shape {image['shape'][:n]}")
     if image is None or label is None:
         return out
-    n = expect["spatial"]
     if image["shape"][:n] != label["shape"][:n]:
         out.append(f"image {entry['image']} shape {image['shape'][:n]} != label {entry['label']} "
                    f"shape {label['shape'][:n]}")
@@ -67,6 +75,11 @@ def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
         out.append(f"image {entry['image']} and label {entry['label']} affines differ "
                    f"(by up to {diff:.4g} mm)")
     return out
+
+
+def _extra_paths(entry: dict[str, Any]) -> list[str]:
+    """Keys besides image and label that hold NIfTI paths (resolved by the manifest loader)."""
+    return [k for k, v in entry.items() if k not in ("image", "label", "id") and isinstance(v, str) and is_nifti(v)]
 
 
 def _check_file(path: str, kind: str, expect: dict[str, Any], out: list[str]) -> dict[str, Any] | None:

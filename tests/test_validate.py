@@ -1,0 +1,260 @@
+"""validate(): one line per defect naming the entry, the file and the problem; never a crash."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.manifest import validate
+from pipeline.studies import check_image_header
+
+AFFINE = np.array([[0.0, -0.9, 0.1, 30.0], [1.2, 0.0, 0.0, -12.5], [0.0, 0.05, 2.5, 7.0], [0, 0, 0, 1]])
+SHAPE = (10, 9, 6)
+LABELS = {"0": "background", "1": "a", "2": "b"}
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def make_dataset(root: Path, n: int = 2, **manifest) -> Path:
+    """n clean cases (float32 image, uint8 label 0..2) and dataset.json in MSD layout."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        label = np.zeros(SHAPE, np.uint8)
+        label[2:5, 2:6, 1:4] = 1
+        label[6:8, 3:7, 2:5] = 2
+        save(root / "imagesTr" / f"case_{i}.nii.gz", rng.normal(size=SHAPE).astype(np.float32))
+        save(root / "labelsTr" / f"case_{i}.nii.gz", label)
+    doc = {"name": "t", "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": LABELS,
+           "numTraining": n, "training": [{"image": f"./imagesTr/case_{i}.nii.gz",
+                                           "label": f"./labelsTr/case_{i}.nii.gz"} for i in range(n)],
+           "test": [], **manifest}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    return root / "dataset.json"
+
+
+def patch_header(path: Path, offset: int, fmt: str, *values) -> None:
+    """Overwrite header bytes (nibabel would repair dim/pixdim on save)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into(fmt, raw, offset, *values)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+IMG, LAB = "imagesTr/case_0.nii.gz", "labelsTr/case_0.nii.gz"
+
+
+def _missing(root):
+    (root / IMG).unlink()
+    return IMG, "missing"
+
+
+def _not_nifti_suffix(root):
+    (root / "imagesTr/case_0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    doc = json.loads((root / "dataset.json").read_text())
+    doc["training"][0]["image"] = "./imagesTr/case_0.png"
+    (root / "dataset.json").write_text(json.dumps(doc))
+    return "imagesTr/case_0.png", "not a NIfTI file"
+
+
+def _not_nifti_content(root):
+    (root / IMG).write_bytes(gzip.compress(b"this is a text file, not an image\n" * 20))
+    return IMG, "not a readable NIfTI image"
+
+
+def _not_gzip(root):
+    (root / IMG).write_text("plain text named .nii.gz\n")
+    return IMG, "not gzip-compressed"
+
+
+def _truncated(root):
+    save(root / IMG, np.random.default_rng(1).normal(size=(40, 40, 20)).astype(np.float32))
+    save(root / LAB, np.pad(np.ones((30, 30, 10), np.uint8), ((5, 5), (5, 5), (5, 5))))
+    raw = (root / IMG).read_bytes()
+    (root / IMG).write_bytes(raw[: len(raw) // 2])
+    return IMG, "truncated"
+
+
+def _empty(root):
+    (root / IMG).write_bytes(b"")
+    return IMG, "empty file"
+
+
+def _four_d(root):
+    save(root / IMG, np.zeros((*SHAPE, 3), np.float32))
+    return IMG, "4D image (10, 9, 6, 3) where 3D is expected"
+
+
+def _shape_mismatch(root):
+    save(root / LAB, np.ones((10, 9, 5), np.uint8))
+    return LAB, "shape (10, 9, 6) != label"
+
+
+def _affine_mismatch(root):
+    moved = AFFINE.copy()
+    moved[0, 3] += 2.0
+    save(root / LAB, np.asarray(nib.load(root / LAB).dataobj), moved)
+    return LAB, "affines differ (by up to 2 mm)"
+
+
+def _pixdim(value):
+    def breaker(root):
+        patch_header(root / IMG, 76 + 4 * 2, "<f", value)  # pixdim[2]
+        return IMG, "invalid voxel spacing"
+    return breaker
+
+
+def _nan_inf(root):
+    data = np.asarray(nib.load(root / IMG).dataobj).copy()
+    data[1, 1, 1], data[2, 2, 2], data[3, 3, 3] = np.nan, np.nan, np.inf
+    save(root / IMG, data)
+    return IMG, "non-finite voxels: 2 NaN, 1 Inf"
+
+
+def _non_integer_label(root):
+    data = np.asarray(nib.load(root / LAB).dataobj).astype(np.float32)
+    data[3, 3, 2] = 0.5
+    save(root / LAB, data)
+    return LAB, "non-integer label values in 1 voxels (e.g. [0.5])"
+
+
+def _undeclared_label(root):
+    data = np.asarray(nib.load(root / LAB).dataobj).copy()
+    data[0, 0, 0] = 7
+    save(root / LAB, data)
+    return LAB, "label values [7] not declared"
+
+
+def _empty_label(root):
+    save(root / LAB, np.zeros(SHAPE, np.uint8))
+    return LAB, "label is empty (all background)"
+
+
+def _absurd_voxels(root):
+    patch_header(root / IMG, 40, "<4h", 3, 30000, 30000, 30000)  # dim[0..3]
+    return IMG, "header claims 27000000000000 voxels"
+
+
+BAD_INPUTS = {
+    "missing": _missing, "not_nifti_suffix": _not_nifti_suffix, "not_nifti_content": _not_nifti_content,
+    "not_gzip": _not_gzip, "truncated_gzip": _truncated, "empty_file": _empty, "4d_for_3d": _four_d,
+    "shape_mismatch": _shape_mismatch, "affine_mismatch": _affine_mismatch, "zero_pixdim": _pixdim(0.0),
+    "negative_pixdim": _pixdim(-1.0), "nan_pixdim": _pixdim(float("nan")), "nan_inf_voxels": _nan_inf,
+    "non_integer_label": _non_integer_label, "undeclared_label": _undeclared_label,
+    "empty_label": _empty_label, "absurd_voxel_count": _absurd_voxels,
+}
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_each_bad_input_is_one_line_naming_entry_file_and_problem(tmp_path, kind):
+    manifest = make_dataset(tmp_path)
+    rel, problem = BAD_INPUTS[kind](tmp_path)
+    problems = validate(manifest)
+    assert len(problems) == 1, problems
+    line = problems[0]
+    assert "\n" not in line
+    assert line.startswith("training[0] case_0")  # index and id (a .png keeps its suffix in the id)
+    assert str(tmp_path / rel) in line
+    assert problem in line
+
+
+def test_clean_dataset_has_no_problems_and_tolerates_tiny_affine_noise(tmp_path):
+    manifest = make_dataset(tmp_path, n=3)
+    nudged = AFFINE.copy()
+    nudged[:3, 3] += 2e-4  # float32 round-off in a label's sform is not a mismatch
+    save(tmp_path / "labelsTr/case_1.nii.gz", np.asarray(nib.load(tmp_path / "labelsTr/case_1.nii.gz").dataobj), nudged)
+    assert validate(manifest) == []
+
+
+def test_multichannel_4d_image_is_fine_when_the_manifest_declares_the_channels(tmp_path):
+    manifest = make_dataset(tmp_path, n=1, tensorImageSize="4D", modality={"0": "T1", "1": "T2"})
+    save(tmp_path / IMG, np.ones((*SHAPE, 2), np.float32))
+    assert validate(manifest) == []
+    save(tmp_path / IMG, np.ones((*SHAPE, 3), np.float32))
+    [line] = validate(manifest)
+    assert "with 2 channels on the last axis is expected" in line
+
+
+def test_test_entries_as_plain_strings_are_checked_too(tmp_path):
+    manifest = make_dataset(tmp_path, n=1, test=["./imagesTs/new.nii.gz", {"image": "./imagesTs/other.nii.gz"}])
+    save(tmp_path / "imagesTs/other.nii.gz", np.ones(SHAPE, np.float32))
+    assert validate(manifest) == [f"test[0] new: image {tmp_path / 'imagesTs/new.nii.gz'}: missing file"]
+
+
+def _world_readable_dataset() -> Path:
+    """A dataset in a folder that an unprivileged user can traverse (pytest's tmp is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="segpipe-perm-"))
+    os.chmod(root, 0o755)
+    manifest = make_dataset(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(Path(dirpath) / name, 0o755)
+        for name in filenames:
+            os.chmod(Path(dirpath) / name, 0o644)
+    return manifest
+
+
+def test_unreadable_file_is_reported(tmp_path):
+    """As root chmod cannot hide a file, so validate runs with the effective uid of `nobody`."""
+    as_root = os.geteuid() == 0
+    manifest = _world_readable_dataset() if as_root else make_dataset(tmp_path)
+    assert validate(manifest) == []  # also imports what validate imports lazily, while we may
+    image = manifest.parent / IMG
+    image.chmod(0)
+    try:
+        if as_root:
+            os.seteuid(65534)
+        problems = validate(manifest)
+    finally:
+        if as_root:
+            os.seteuid(0)
+            shutil.rmtree(manifest.parent)
+        else:
+            image.chmod(0o644)
+    assert problems == [f"training[0] case_0: image {image}: cannot read (Permission denied)"]
+
+
+def test_check_image_header_refuses_with_one_line(tmp_path):
+    manifest = make_dataset(tmp_path, n=1)
+    path = manifest.parent / IMG
+    check_image_header(path)
+    with pytest.raises(Exception, match=r"more than the limit of 100; refusing to allocate") as e:
+        check_image_header(path, max_voxels=100)
+    assert str(e.value).startswith(f"{path}: header claims 540 voxels")
+
+
+def test_cli_exit_codes_and_one_line_per_defect(tmp_path):
+    manifest = make_dataset(tmp_path, n=4)
+    run = [sys.executable, "-m", "pipeline", "validate", str(manifest)]
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == f"{manifest}: ok"
+    _missing(tmp_path)
+    save(tmp_path / "labelsTr/case_2.nii.gz", np.zeros(SHAPE, np.uint8))
+    (tmp_path / "labelsTr/case_3.nii.gz").write_bytes(b"")
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        f"training[0] case_0: image {tmp_path / IMG}: missing file",
+        f"training[2] case_2: label {tmp_path / 'labelsTr/case_2.nii.gz'}: label is empty (all background)",
+        f"training[3] case_3: label {tmp_path / 'labelsTr/case_3.nii.gz'}: empty file (0 bytes)",
+    ]
+    assert "3 problem(s)" in r.stderr
+
+
+def test_synthetic_datasets_validate_clean(ct_dataset, cells_dataset):
+    assert validate(ct_dataset) == []
+    assert validate(cells_dataset) == []
