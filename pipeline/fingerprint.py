@@ -1,0 +1,226 @@
+"""Dataset fingerprint (nnU-Net style): spacings, shapes, foreground intensities, label counts -> JSON.
+
+``write_fingerprint(manifest)`` reads every training image and label once and writes
+``fingerprint.json`` beside the manifest with three parts:
+
+- ``cases``: per study spacing and shape, foreground intensity statistics per channel (mean, std,
+  min, max, median, 0.5 and 99.5 percentiles) and voxel counts per label;
+- ``dataset``: median/min/max spacing and shape, anisotropy, pooled foreground intensity statistics
+  per modality (from up to 10,000 voxels sampled per case, as nnU-Net does), class frequencies;
+- ``suggested``: bundle ids to override, e.g.
+  ``segpipe train BUNDLE --set pixdim=[1,1,1] --set roi_size=[40,56,40]``.
+
+Spacings and shapes are given in the axis order the bundles see, i.e. after reorientation to RAS
+(``Orientationd(axcodes="RAS")``), so ``pixdim`` and ``roi_size`` apply as they are. The foreground
+is ``label > 0``; unlike nnU-Net the volumes are not cropped to their non-zero region first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.evaluation import json_safe
+
+log = logging.getLogger(__name__)
+
+SAMPLES_PER_CASE = 10_000  # foreground voxels per case pooled for the dataset intensity statistics
+ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's: low-res axis spacing > 3x the others (and 3x fewer voxels)
+
+
+def intensity_stats(values: np.ndarray) -> dict[str, float]:
+    """mean, std, min, max, median and the 0.5/99.5 percentiles of a 1D array (NaN when empty)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return dict.fromkeys(("mean", "std", "min", "max", "median", "percentile_00_5", "percentile_99_5"),
+                             math.nan)
+    p005, p50, p995 = np.percentile(v, [0.5, 50.0, 99.5])
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
+            "median": float(p50), "percentile_00_5": float(p005), "percentile_99_5": float(p995)}
+
+
+def _ras_order(affine: np.ndarray, ndim: int) -> list[int]:
+    """For each axis of the reoriented (RAS) array, the file axis it comes from."""
+    import nibabel as nib
+
+    ornt = nib.io_orientation(affine)[:ndim, 0]
+    if np.isnan(ornt).any() or sorted(ornt.astype(int)) != list(range(ndim)):
+        return list(range(ndim))  # degenerate or 2D-in-3D affine: keep the file's order
+    order = [0] * ndim
+    for file_axis, ras_axis in enumerate(ornt.astype(int)):
+        order[ras_axis] = file_axis
+    return order
+
+
+def case_fingerprint(image_path: Path, label_path: Path, rng: np.random.Generator) -> tuple[dict, list[np.ndarray]]:
+    """Statistics of one study and its sampled foreground intensities per channel (read once each)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(image_path))
+        image = img.get_fdata(dtype=np.float32)
+    except Exception as e:  # noqa: BLE001 - any reader failure is this file's problem
+        raise InputError(f"{image_path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
+    try:
+        label = np.asanyarray(nib.load(str(label_path)).dataobj)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{label_path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
+    while label.ndim > 2 and label.shape[-1] == 1:
+        label = label[..., 0]
+    ndim = label.ndim
+    if image.shape[:ndim] != label.shape:
+        raise InputError(f"{label_path}: shape {label.shape} differs from image {image_path} "
+                         f"shape {image.shape[:ndim]}")
+    label = np.rint(label).astype(np.int64) if np.issubdtype(label.dtype, np.floating) else label
+    channels = image.reshape(*label.shape, -1)  # spatial dims + one axis of channels (modalities)
+    order = _ras_order(img.affine, ndim)
+    zooms = img.header.get_zooms()
+    fg = label > 0
+    n_fg = int(fg.sum())
+    stats, samples = [], []
+    for c in range(channels.shape[-1]):
+        values = channels[..., c][fg]
+        stats.append(intensity_stats(values))
+        take = min(SAMPLES_PER_CASE, values.size)
+        samples.append(rng.choice(values, take, replace=False) if take < values.size else values)
+    ids, counts = np.unique(label, return_counts=True)
+    record = {
+        "image": str(image_path), "label": str(label_path),
+        "spacing": [round(float(zooms[a]), 6) for a in order], "shape": [int(label.shape[a]) for a in order],
+        "foreground_fraction": n_fg / label.size,
+        "intensity": stats,
+        "label_voxels": {str(int(i)): int(n) for i, n in zip(ids, counts, strict=True)},
+    }
+    return record, samples
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[list[float], bool]:
+    """nnU-Net's full-resolution target spacing: the median spacing, except for anisotropic data
+    (low-res axis > 3x the others in spacing and < 1/3 in voxels) where that axis takes the 10th
+    percentile of its spacings (at least the largest other spacing). Returns (spacing, anisotropic)."""
+    target = np.median(spacings, axis=0)
+    size = np.median(shapes, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    if not others:
+        return target.tolist(), False
+    other_spacing = max(target[i] for i in others)
+    aniso = bool(target[worst] > ANISOTROPY_THRESHOLD * other_spacing
+                 and size[worst] * ANISOTROPY_THRESHOLD < min(size[i] for i in others))
+    if aniso:
+        low = float(np.percentile(spacings[:, worst], 10))
+        if low < other_spacing:
+            low = max(other_spacing, low) + 1e-5
+        target[worst] = low
+    return [float(t) for t in target], aniso
+
+
+def suggest_roi(median_shape: list[float], cap: int = 128, divisor: int | None = None) -> tuple[list[int], int]:
+    """Patch covering ``median_shape`` (voxels at the target spacing), each axis rounded up to a multiple
+    of ``divisor`` (auto: 8 when every axis is under 64 voxels, else 16) and capped at ``cap``."""
+    if divisor is None:
+        divisor = 8 if max(median_shape) < 64 else 16
+    cap = max(divisor, cap // divisor * divisor)
+    roi = [int(min(cap, max(divisor, math.ceil(s / divisor) * divisor))) for s in median_shape]
+    return roi, divisor
+
+
+def _is_ct(modality: str) -> bool:
+    return modality.strip().upper() in {"CT", "CT3D", "COMPUTED TOMOGRAPHY"}
+
+
+def dataset_fingerprint(cases: list[dict], samples: list[list[np.ndarray]], manifest: dict[str, Any],
+                        cap: int = 128) -> dict[str, Any]:
+    """The dataset-level part and the suggested bundle overrides, from the per-case records."""
+    spacings = np.array([c["spacing"] for c in cases], dtype=float)
+    shapes = np.array([c["shape"] for c in cases], dtype=float)
+    target, aniso = target_spacing(spacings, shapes)
+    resampled = np.median(shapes * spacings / np.array(target), axis=0)
+    roi, divisor = suggest_roi(resampled.tolist(), cap=cap)
+
+    modality = {str(k): str(v) for k, v in (manifest.get("modality") or {"0": "unknown"}).items()}
+    n_channels = len(samples[0])
+    intensity = {}
+    for c in range(n_channels):
+        name = modality.get(str(c), f"channel_{c}")
+        intensity[name] = intensity_stats(np.concatenate([s[c] for s in samples]))
+
+    labels = {str(k): str(v) for k, v in (manifest.get("labels") or {}).items()}
+    total = sum(sum(c["label_voxels"].values()) for c in cases)
+    fg_total = sum(n for c in cases for k, n in c["label_voxels"].items() if k != "0")
+    found = sorted({k for c in cases for k in c["label_voxels"]} | set(labels), key=int)
+    classes = {}
+    for k in found:
+        n = sum(c["label_voxels"].get(k, 0) for c in cases)
+        classes[labels.get(k, f"label_{k}")] = {
+            "label": int(k), "voxels": n, "voxel_fraction": n / total,
+            "fraction_of_foreground": (n / fg_total if fg_total else math.nan) if k != "0" else None,
+            "cases_present": sum(c["label_voxels"].get(k, 0) > 0 for c in cases),
+        }
+    unknown = [k for k in found if k not in labels]
+    median_spacing = np.median(spacings, 0)
+
+    suggested: dict[str, Any] = {"pixdim": [round(t, 5) for t in target], "roi_size": roi}
+    first = modality.get("0", "unknown")
+    if _is_ct(first):
+        ct = intensity[first]
+        suggested.update(a_min=round(ct["percentile_00_5"], 1), a_max=round(ct["percentile_99_5"], 1))
+    else:
+        suggested["normalization"] = "zscore"
+    return {
+        "dataset": {
+            "n_cases": len(cases), "modality": modality, "labels": labels, "labels_not_in_manifest": unknown,
+            "spacing": {"median": median_spacing.tolist(), "min": spacings.min(0).tolist(),
+                        "max": spacings.max(0).tolist()},
+            "shape": {"median": np.median(shapes, 0).tolist(), "min": shapes.min(0).astype(int).tolist(),
+                      "max": shapes.max(0).astype(int).tolist()},
+            "median_shape_at_target_spacing": [round(float(s), 2) for s in resampled],
+            "anisotropy": {"ratio": float(median_spacing.max() / median_spacing.min()), "anisotropic": aniso,
+                           "low_res_axis": int(np.argmax(median_spacing)), "threshold": ANISOTROPY_THRESHOLD},
+            "intensity": intensity,
+            "classes": classes,
+        },
+        "suggested": suggested,
+        "suggested_rationale": {
+            "pixdim": "nnU-Net full-resolution target: median spacing"
+                      + ("; low-res axis at its 10th percentile (anisotropic)" if aniso else ""),
+            "roi_size": f"median shape at pixdim rounded up to a multiple of {divisor}, capped at {cap}",
+            "normalization": ("a_min/a_max: 0.5/99.5 percentiles of foreground intensities (CT window)"
+                              if _is_ct(first) else "z-score per image (non-CT)"),
+        },
+    }
+
+
+def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, seed: int = 0) -> Path:
+    """Fingerprint the ``training`` entries of ``manifest``; write JSON (default: ``fingerprint.json``
+    beside the manifest) and return its path."""
+    from tqdm.auto import tqdm
+
+    from pipeline.manifest import load_manifest
+
+    manifest = Path(manifest)
+    m = load_manifest(manifest)
+    entries = [e for e in m.get("training", []) if e.get("image") and e.get("label")]
+    if not entries:
+        raise InputError(f"{manifest}: no training entries with both image and label to fingerprint")
+    rng = np.random.default_rng(seed)
+    cases, samples = [], []
+    for e in tqdm(entries, desc="fingerprint", unit="case", disable=len(entries) < 20):
+        record, s = case_fingerprint(Path(e["image"]), Path(e["label"]), rng)
+        cases.append(record)
+        samples.append(s)
+    if len({len(s) for s in samples}) != 1:
+        raise InputError(f"{manifest}: images have different numbers of channels")
+    fp = {"manifest": str(manifest.resolve()), **dataset_fingerprint(cases, samples, m, cap=cap), "cases": cases}
+    out = Path(out) if out else manifest.parent / "fingerprint.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(fp), indent=2))
+    log.info("fingerprinted %d cases of %s: median spacing %s, suggested %s; wrote %s", len(cases), manifest,
+             fp["dataset"]["spacing"]["median"], fp["suggested"], out)
+    return out

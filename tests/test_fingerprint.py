@@ -1,0 +1,111 @@
+"""Fingerprint: per-case statistics, nnU-Net target spacing, suggested overrides, real data, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.fingerprint import suggest_roi, target_spacing, write_fingerprint
+from pipeline.synthetic import save_nifti
+
+HIPPOCAMPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "Task04_Hippocampus" / "dataset.json"
+
+
+def test_synthetic_ct(ct_dataset: Path, tmp_path: Path):
+    data = shutil.copytree(ct_dataset.parent, tmp_path / "ct")
+    out = write_fingerprint(data / "dataset.json")
+    assert out == data / "fingerprint.json"
+    fp = json.loads(out.read_text())
+    case = fp["cases"][0]
+    assert case["spacing"] == [0.8, 0.8, 2.5] and case["shape"] == [32, 32, 12]
+    assert sum(case["label_voxels"].values()) == 32 * 32 * 12
+    # per-case foreground statistics against a direct computation on the files
+    image = nib.load(case["image"]).get_fdata()
+    fg = image[np.asanyarray(nib.load(case["label"]).dataobj) > 0]
+    assert case["intensity"][0]["mean"] == pytest.approx(fg.mean())
+    assert case["intensity"][0]["percentile_99_5"] == pytest.approx(np.percentile(fg, 99.5))
+    ds = fp["dataset"]
+    assert ds["n_cases"] == 4 and set(ds["classes"]) == {"background", "liver", "kidney", "spleen"}
+    assert ds["anisotropy"]["anisotropic"] is False  # 2.5 > 3 x 0.8 but 12 slices are not < 32 / 3
+    ct = ds["intensity"]["CT"]
+    assert fp["suggested"] == {"pixdim": [0.8, 0.8, 2.5], "roi_size": [32, 32, 16],
+                               "a_min": round(ct["percentile_00_5"], 1), "a_max": round(ct["percentile_99_5"], 1)}
+
+
+def _aniso_dataset(root: Path) -> Path:
+    """3 MR cases stored slice-axis first (file axis 0 -> world S, 4/5/6 mm; 0.7 mm in-plane)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    entries = []
+    for i, dz in enumerate([4.0, 5.0, 6.0]):
+        affine = np.array([[0, 0.7, 0, -10.0], [0, 0, -0.7, 30.0], [dz, 0, 0, 5.0], [0, 0, 0, 1]])
+        label = np.zeros((8, 40, 40), np.uint8)
+        label[2:6, 10:30, 10:20] = 1
+        label[2:6, 10:30, 20:30] = 2
+        save_nifti(label, affine, root / "labelsTr" / f"mr_{i}.nii.gz")
+        save_nifti(label.astype(np.float32) * 100 + 7, affine, root / "imagesTr" / f"mr_{i}.nii.gz")
+        entries.append({"image": f"./imagesTr/mr_{i}.nii.gz", "label": f"./labelsTr/mr_{i}.nii.gz"})
+    manifest = {"name": "aniso", "modality": {"0": "MR"}, "labels": {"0": "background", "1": "a", "2": "b"},
+                "training": entries}
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    return root / "dataset.json"
+
+
+def test_anisotropic_permuted_axes(tmp_path: Path):
+    fp = json.loads(write_fingerprint(_aniso_dataset(tmp_path / "d"), tmp_path / "fp.json").read_text())
+    # RAS order: the file's slice axis is the bundle's third axis
+    assert [c["spacing"] for c in fp["cases"]] == [[0.7, 0.7, dz] for dz in (4.0, 5.0, 6.0)]
+    assert fp["cases"][0]["shape"] == [40, 40, 8]
+    assert fp["dataset"]["anisotropy"]["anisotropic"] is True
+    # low-res axis: 10th percentile of (4, 5, 6) = 4.2 mm; median 8 slices x 5 mm / 4.2 = 9.5 -> 16
+    assert fp["suggested"] == {"pixdim": [0.7, 0.7, 4.2], "roi_size": [40, 40, 16], "normalization": "zscore"}
+    mr = fp["dataset"]["intensity"]["MR"]
+    assert (mr["mean"], mr["std"], mr["percentile_00_5"]) == (pytest.approx(157.0), pytest.approx(50.0), 107.0)
+    assert fp["dataset"]["classes"]["a"]["fraction_of_foreground"] == 0.5
+
+
+def test_image_label_shape_mismatch(tmp_path: Path):
+    manifest = _aniso_dataset(tmp_path / "d")
+    save_nifti(np.zeros((8, 40, 41), np.uint8), np.eye(4), tmp_path / "d" / "labelsTr" / "mr_1.nii.gz")
+    with pytest.raises(InputError, match=r"mr_1.nii.gz: shape \(8, 40, 41\) differs"):
+        write_fingerprint(manifest)
+
+
+def test_target_spacing_rule():
+    shapes = np.array([[100, 100, 20]] * 5)
+    # isotropic enough: the median
+    assert target_spacing(np.array([[1, 1, 2.5]] * 5, float), shapes) == ([1.0, 1.0, 2.5], False)
+    # anisotropic, but the 10th percentile (0.5) is finer than in-plane: in-plane spacing + 1e-5
+    spacings = np.array([[1, 1, 4], [1, 1, 4], [1, 1, 4], [1, 1, 0.5], [1, 1, 0.5]], float)
+    assert target_spacing(spacings, shapes)[0] == pytest.approx([1.0, 1.0, 1.00001])
+    assert suggest_roi([200.0, 30.0, 12.0]) == ([128, 32, 16], 16)
+    assert suggest_roi([35.0, 50.5, 36.0]) == ([40, 56, 40], 8)
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not HIPPOCAMPUS.is_file(), reason="no ../shared/data/Task04_Hippocampus")
+def test_hippocampus(tmp_path: Path):
+    fp = json.loads(write_fingerprint(HIPPOCAMPUS, tmp_path / "fp.json").read_text())
+    n = len(json.loads(HIPPOCAMPUS.read_text())["training"])
+    assert fp["dataset"]["n_cases"] == n
+    assert fp["dataset"]["spacing"]["median"] == [1.0, 1.0, 1.0]
+    assert fp["suggested"]["normalization"] == "zscore"
+    roi = fp["suggested"]["roi_size"]
+    assert all(r % 8 == 0 and r >= s for r, s in zip(roi, fp["dataset"]["shape"]["median"], strict=True))
+
+
+def test_cli(ct_dataset: Path, tmp_path: Path):
+    cmd = [sys.executable, "-m", "pipeline", "fingerprint"]
+    ok = subprocess.run(cmd + [str(ct_dataset), "--out", str(tmp_path / "fp.json")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "suggested pixdim: [0.8, 0.8, 2.5]" in ok.stdout and (tmp_path / "fp.json").is_file()
+    bad = subprocess.run(cmd + [str(tmp_path / "none.json")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no such manifest" in bad.stderr
