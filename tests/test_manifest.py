@@ -1,0 +1,233 @@
+"""Manifests: MSD layout loads unchanged, paths stay inside the manifest's folder, splits, datalists."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import InputError, UsageError
+from pipeline.manifest import datalist, load_manifest, validate, write_splits
+
+TASK04 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus" / "dataset.json"
+
+
+def write_manifest(root: Path, training: list, **extra) -> Path:
+    """dataset.json with the listed entries; every relative path it names exists as a small file."""
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in training:
+        for key in ("image", "label"):
+            if isinstance(entry, dict) and isinstance(entry.get(key), str) and not Path(entry[key]).is_absolute():
+                (root / entry[key]).parent.mkdir(parents=True, exist_ok=True)
+                (root / entry[key]).touch()
+    doc = {"name": "t", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
+           "training": training, "test": [], **extra}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    return root / "dataset.json"
+
+
+def cases(n: int, patients: dict[int, str] | None = None) -> list[dict]:
+    out = []
+    for i in range(n):
+        e = {"image": f"./imagesTr/c{i:03d}.nii.gz", "label": f"./labelsTr/c{i:03d}.nii.gz"}
+        if patients and i in patients:
+            e["patient"] = patients[i]
+        out.append(e)
+    return out
+
+
+def test_paths_resolved_ids_and_test_entries(tmp_path):
+    m = write_manifest(tmp_path / "d", cases(2), test=["./imagesTs/t1.nii", {"image": "imagesTs/t2.nii.gz", "x": 1}])
+    data = load_manifest(m)
+    assert data["training"][0] == {"image": str(tmp_path / "d/imagesTr/c000.nii.gz"),
+                                   "label": str(tmp_path / "d/labelsTr/c000.nii.gz"), "id": "c000"}
+    assert [(e["id"], e["image"]) for e in data["test"]] == [
+        ("t1", str(tmp_path / "d/imagesTs/t1.nii")), ("t2", str(tmp_path / "d/imagesTs/t2.nii.gz"))]
+    assert data["labels"] == {"0": "background", "1": "organ"}
+
+
+def test_nnunet_v2_labels_are_turned_into_msd_form(tmp_path):
+    m = write_manifest(tmp_path, cases(1), labels={"background": 0, "liver": 1, "tumour": 2})
+    assert load_manifest(m)["labels"] == {"0": "background", "1": "liver", "2": "tumour"}
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "not valid JSON"),
+    ('{"training": []}', "lacks 'labels'"),
+    ('{"labels": {"0": "background"}}', "lacks 'training'"),
+    ('[1, 2]', "not a manifest"),
+])
+def test_broken_manifest_is_one_line_input_error(tmp_path, text, problem):
+    m = tmp_path / "dataset.json"
+    m.write_text(text)
+    with pytest.raises(InputError, match=problem) as e:
+        load_manifest(m)
+    assert str(e.value).startswith(str(m)) and "\n" not in str(e.value)
+    assert validate(m) == [str(e.value)]
+
+
+def _escape_dotdot(tmp_path):
+    (tmp_path / "outside.nii.gz").touch()
+    return "../outside.nii.gz"
+
+
+def _escape_absolute(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/x.nii.gz").touch()
+    return str(tmp_path / "elsewhere/x.nii.gz")
+
+
+def _escape_symlink(tmp_path):
+    (tmp_path / "secret.nii.gz").touch()
+    (tmp_path / "d/imagesTr").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "d/imagesTr/link.nii.gz").symlink_to(tmp_path / "secret.nii.gz")
+    return "./imagesTr/link.nii.gz"
+
+
+@pytest.mark.parametrize("make", [_escape_dotdot, _escape_absolute, _escape_symlink])
+def test_paths_escaping_the_manifest_folder_are_refused_unless_allowed(tmp_path, make):
+    image = make(tmp_path)
+    training = [{"image": image, "label": "./labelsTr/c.nii.gz"}]
+    m = write_manifest(tmp_path / "d", training)
+    with pytest.raises(InputError, match=r"outside the manifest's folder .* \"allow_outside\": true") as e:
+        load_manifest(m)
+    assert str(e.value).startswith(f"{m}: training[0]")
+    [line] = [p for p in validate(m) if "outside the manifest's folder" in p]
+    assert image in line
+    assert Path(load_manifest(m, allow_outside=True)["training"][0]["image"]).is_file()
+    flagged = write_manifest(tmp_path / "d", training, allow_outside=True)
+    entry = load_manifest(flagged)["training"][0]
+    assert Path(entry["image"]).is_file() and entry["id"] == Path(image).name[: -len(".nii.gz")]
+
+
+def test_symlink_inside_the_folder_is_fine(tmp_path):
+    m = write_manifest(tmp_path, cases(1))
+    (tmp_path / "imagesTr/alias.nii.gz").symlink_to(tmp_path / "imagesTr/c000.nii.gz")
+    m = write_manifest(tmp_path, [{"image": "imagesTr/alias.nii.gz", "label": "labelsTr/c000.nii.gz"}])
+    assert load_manifest(m)["training"][0]["id"] == "alias"
+
+
+def test_duplicate_ids_and_bad_entries_are_listed(tmp_path):
+    m = write_manifest(tmp_path, [*cases(2), cases(1)[0], {"image": "imagesTr/c009.nii.gz"}, 7], numTraining=9)
+    problems = validate(m)
+    assert "training[2] c000: duplicate id (also training[0])" in problems
+    assert "training[3] c009: 'label' must be a file path string, got None" in problems
+    assert any(p.startswith("training[4] #4: entry must be an object") for p in problems)
+    assert "numTraining is 9 but 'training' has 5 entries" in problems
+    with pytest.raises(InputError, match=r"duplicate id .*\(and 3 more problem"):
+        load_manifest(m)
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def _patients() -> dict[int, str]:
+    """30 cases: patient P0 has 4 studies, P1 and P2 have 3, P3 has 2, the rest have none."""
+    owners = ["P0"] * 4 + ["P1"] * 3 + ["P2"] * 3 + ["P3"] * 2
+    return {i * 2: p for i, p in enumerate(owners)}  # spread over the list, not adjacent
+
+
+def _folds(splits_file: Path) -> list[dict]:
+    return json.loads(splits_file.read_text())["folds"]
+
+
+def test_splits_are_patient_grouped_balanced_and_cover_every_case_once(tmp_path):
+    patients = _patients()
+    m = write_manifest(tmp_path, cases(30, patients))
+    out = write_splits(m, k=5, seed=3)
+    assert out == tmp_path / "splits.json"
+    saved = json.loads(out.read_text())
+    assert (saved["k"], saved["seed"], len(saved["folds"])) == (5, 3, 5)
+    vals = [f["val"] for f in saved["folds"]]
+    everyone = [f"c{i:03d}" for i in range(30)]
+    assert sorted(sum(vals, [])) == everyone  # every case in exactly one val
+    for f in saved["folds"]:
+        assert sorted(f["train"] + f["val"]) == everyone and not set(f["train"]) & set(f["val"])
+    fold_of = {cid: k for k, v in enumerate(vals) for cid in v}
+    for p in set(patients.values()):
+        assert len({fold_of[f"c{i:03d}"] for i, q in patients.items() if q == p}) == 1, p
+    assert max(map(len, vals)) - min(map(len, vals)) <= 1
+
+
+def test_splits_are_deterministic_per_seed_and_not_sorted_slices(tmp_path):
+    m = write_manifest(tmp_path, cases(20))
+    first = _folds(write_splits(m, k=4, seed=0))
+    assert _folds(write_splits(m, k=4, seed=0)) == first
+    assert _folds(write_splits(m, k=4, seed=1)) != first
+    ids = [f"c{i:03d}" for i in range(20)]
+    assert [f["val"] for f in first] != [ids[i * 5:(i + 1) * 5] for i in range(4)]
+
+
+def test_explicit_folds_are_respected_and_conflicts_refused(tmp_path):
+    training = cases(12, {0: "A", 5: "A"})
+    training[0]["fold"] = 2
+    training[7]["fold"] = 0
+    m = write_manifest(tmp_path, training)
+    vals = [f["val"] for f in _folds(write_splits(m, k=3, seed=0))]
+    assert {"c000", "c005"} <= set(vals[2]) and "c007" in vals[0]
+    training[5]["fold"] = 1
+    m = write_manifest(tmp_path, training)
+    with pytest.raises(InputError, match="patient 'A' is pinned to fold 2"):
+        write_splits(m, k=3)
+    training[5]["fold"] = 3
+    m = write_manifest(tmp_path, training)
+    with pytest.raises(InputError, match=r"fold 3 is not an integer in 0..2"):
+        write_splits(m, k=3)
+
+
+def test_datalist_roles_follow_the_split_and_pass_extra_keys(tmp_path):
+    training = cases(10, {1: "P", 2: "P"})
+    for e in training:
+        e["instance"] = e["label"].replace("labelsTr", "instancesTr")
+        e["site"] = "a"
+    m = write_manifest(tmp_path, training, test=["imagesTs/new.nii.gz"])
+    val = datalist(m, "val", fold=1, folds=3, seed=0)
+    train = datalist(str(m), "train", fold=1, folds=3, seed=0)
+    assert {d["id"] for d in val} | {d["id"] for d in train} == {f"c{i:03d}" for i in range(10)}
+    assert not {d["id"] for d in val} & {d["id"] for d in train}
+    item = train[0]
+    assert set(item) == {"image", "label", "instance", "site", "id"}  # patient/fold are not passed on
+    assert item["instance"] == str(tmp_path / "instancesTr" / f"{item['id']}.nii.gz")
+    assert len(datalist(m, "all")) == 10
+    assert datalist(m, "test") == [{"image": str(tmp_path / "imagesTs/new.nii.gz"), "id": "new"}]
+    assert datalist(m, "train", folds=1) == datalist(m, "all") and datalist(m, "val", folds=1) == []
+    with pytest.raises(UsageError, match="role"):
+        datalist(m, "validation")
+    with pytest.raises(UsageError, match="fold 3 is not in 0..2"):
+        datalist(m, "val", fold=3, folds=3)
+
+
+def test_datalist_reads_a_matching_splits_json_and_ignores_a_stale_one(tmp_path):
+    m = write_manifest(tmp_path, cases(6))
+    splits = write_splits(m, k=2, seed=0)
+    doc = json.loads(splits.read_text())
+    everyone = [f"c{i:03d}" for i in range(6)]
+    doc["folds"] = [{"train": everyone[2:], "val": everyone[:2]}, {"train": everyone[:2], "val": everyone[2:]}]
+    splits.write_text(json.dumps(doc))  # a hand-made split, as nnU-Net allows
+    assert [d["id"] for d in datalist(m, "val", 0, folds=2, seed=0)] == everyone[:2]
+    in_memory = [d["id"] for d in datalist(m, "val", 0, folds=2, seed=5)]  # other seed: not this file
+    assert in_memory == sorted(_folds(write_splits(m, k=2, seed=5))[0]["val"])
+
+
+# --------------------------------------------------------------------------------------- real data
+
+
+@pytest.mark.realdata
+def test_real_msd_task04_loads_unchanged_and_validates_clean():
+    if not TASK04.is_file():
+        pytest.skip(f"real data not present: {TASK04}")
+    raw = json.loads(TASK04.read_text())
+    data = load_manifest(TASK04)
+    assert len(data["training"]) == len(raw["training"]) == 208 and data["test"] == []
+    folder = TASK04.resolve().parent
+    assert [(e["image"], e["label"]) for e in data["training"]] == [
+        (str(folder / r["image"][2:]), str(folder / r["label"][2:])) for r in raw["training"]]  # "./imagesTr/..."
+    assert data["training"][0]["id"] == "hippocampus_001" and data["labels"]["2"] == "Posterior"
+    start = time.monotonic()
+    assert validate(TASK04) == []
+    assert time.monotonic() - start < 20
+    vals = Counter(d["id"] for f in range(5) for d in datalist(TASK04, "val", f, 5, 0))
+    assert len(vals) == 208 and set(vals.values()) == {1}
