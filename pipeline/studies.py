@@ -6,7 +6,8 @@ unreadable, not an image, truncated, bad spacing, an absurd voxel count) with an
 naming the file and the problem. ``validate`` and the batch predictor share it.
 
 DICOM series are grouped by SeriesInstanceUID (``ImageSeriesReader.GetGDCMSeriesIDs``); a folder
-holding several series, or a series with a missing or duplicated slice, is refused.
+holding several series, or a series with a missing or duplicated slice (non-uniform slice
+positions), is refused; a slice missing at either end of a series leaves no trace and passes.
 ``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader reads it.
 
     >>> find_studies(Path("incoming"))        # doctest: +SKIP
@@ -182,7 +183,6 @@ def _dicom_series(folder: Path) -> dict[str, Any]:
     spacing_z = float(np.median(gaps)) if len(gaps) else first["spacing"][2]
     if len(gaps):
         _check_gaps(folder, slices, gaps, spacing_z)
-    _check_instance_numbers(folder, slices)
     return {"uid": uids[0], "files": [s["file"] for s in slices], "direction": direction,
             "origin": slices[0]["origin"], "size": (*first["size"][:2], len(slices)),
             "spacing": (*first["spacing"][:2], spacing_z)}
@@ -197,10 +197,8 @@ def _slice_info(file: str) -> dict[str, Any]:
         r.ReadImageInformation()
     except RuntimeError as e:
         raise InputError(f"{file}: unreadable DICOM slice ({str(e).strip().splitlines()[-1]})") from None
-    instance = r.GetMetaData("0020|0013").strip() if r.HasMetaDataKey("0020|0013") else ""
     return {"file": file, "origin": np.array(r.GetOrigin(), dtype=float), "size": tuple(r.GetSize()),
-            "spacing": tuple(r.GetSpacing()), "direction": np.array(r.GetDirection(), dtype=float).reshape(3, 3),
-            "instance": int(instance) if instance.lstrip("-").isdigit() else None}
+            "spacing": tuple(r.GetSpacing()), "direction": np.array(r.GetDirection(), dtype=float).reshape(3, 3)}
 
 
 def _check_gaps(folder: Path, slices: list[dict], gaps: np.ndarray, spacing: float) -> None:
@@ -212,13 +210,6 @@ def _check_gaps(folder: Path, slices: list[dict], gaps: np.ndarray, spacing: flo
             raise InputError(f"{folder}: incomplete series: {gap:.3g} mm gap after slice {i} "
                              f"({Path(slices[i]['file']).name}) where slices are {spacing:.3g} mm apart "
                              "(missing slice?)")
-
-
-def _check_instance_numbers(folder: Path, slices: list[dict]) -> None:
-    numbers = sorted(s["instance"] for s in slices if s["instance"] is not None)
-    if len(numbers) == len(slices) and numbers[-1] - numbers[0] + 1 > len(numbers):
-        raise InputError(f"{folder}: incomplete series: instance numbers {numbers[0]}..{numbers[-1]} "
-                         f"but only {len(numbers)} slices")
 
 
 def _dicom_header(folder: Path, max_voxels: int) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Study discovery: NIfTI files and DICOM series (written slice by slice with SimpleITK)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.errors import InputError
+from pipeline.manifest import validate
+from pipeline.studies import check_image_header, dicom_series_to_nifti, find_studies, read_header
+
+SPACING = (0.7, 0.8, 2.5)
+ORIGIN = (10.0, -20.0, 30.0)
+_T = np.deg2rad(20)
+DIRECTION = np.array([[np.cos(_T), -np.sin(_T), 0], [np.sin(_T), np.cos(_T), 0], [0, 0, 1]])
+
+
+def volume(shape_zyx=(5, 6, 7)) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.arange(np.prod(shape_zyx), dtype=np.int16).reshape(shape_zyx))
+    img.SetSpacing(SPACING)
+    img.SetOrigin(ORIGIN)
+    img.SetDirection(DIRECTION.ravel().tolist())
+    return img
+
+
+def write_series(folder: Path, img: sitk.Image, uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
+                 skip: tuple[int, ...] = (), repeat: tuple[int, ...] = ()) -> Path:
+    """One DICOM file per slice with the tags a scanner writes; `skip` drops slices,
+    `repeat` writes a slice twice under another instance number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d = img.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    slices = [i for i in range(img.GetDepth()) if i not in skip] + list(repeat)
+    for n, k in enumerate(slices):
+        s = img[:, :, k]
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": uid.rsplit(".", 1)[0], "0020|000e": uid,
+            "0008|0018": f"{uid}.{n + 1}", "0020|0013": str(n + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0028|0030": f"{SPACING[1]}\\{SPACING[0]}", "0018|0050": str(SPACING[2]),
+        }.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{n:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def test_dicom_to_nifti_affine_maps_voxels_to_ras_positions(tmp_path):
+    img = volume()
+    out = dicom_series_to_nifti(write_series(tmp_path / "ct", img), tmp_path / "ct.nii.gz")
+    nii = nib.load(out)
+    assert nii.shape == (7, 6, 5)
+    for ijk in [(0, 0, 0), (6, 0, 0), (0, 5, 0), (3, 2, 4), (6, 5, 4)]:
+        lps = np.array(img.TransformIndexToPhysicalPoint(ijk))
+        ras = nii.affine @ [*ijk, 1]
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+        assert nii.dataobj[ijk] == sitk.GetArrayViewFromImage(img)[ijk[::-1]]
+    np.testing.assert_allclose(nii.header.get_zooms(), SPACING, atol=1e-5)
+    assert nii.header["qform_code"] == nii.header["sform_code"] == 1
+    # SimpleITK's own NIfTI writer agrees, and so does the header-only geometry
+    sitk.WriteImage(sitk.ReadImage(sorted(map(str, (tmp_path / "ct").iterdir()))), str(tmp_path / "ref.nii.gz"))
+    np.testing.assert_allclose(nib.load(tmp_path / "ref.nii.gz").affine, nii.affine, atol=1e-4)
+    np.testing.assert_allclose(read_header(tmp_path / "ct")["affine"], nii.affine, atol=1e-4)
+
+
+def test_find_studies_lists_nifti_files_and_dicom_series_folders(tmp_path):
+    root = tmp_path / "incoming"
+    write_series(root / "patient7" / "ct_head", volume())
+    (root / "sub").mkdir(parents=True)
+    for rel in ("a.nii.gz", "sub/b.nii"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.diag([0.9, 0.9, 3.0, 1])), str(root / rel))
+    (root / ".hidden.nii.gz").write_bytes(b"junk")
+    (root / "notes.txt").write_text("not a study")
+    found = find_studies(root)
+    assert found == [
+        {"id": "a", "image": str(root / "a.nii.gz")},
+        {"id": "patient7_ct_head", "image": str(root / "patient7/ct_head")},
+        {"id": "sub_b", "image": str(root / "sub/b.nii")},
+    ]
+    for study in found:
+        check_image_header(study["image"])
+
+
+def _mixed(folder):
+    write_series(folder, volume(), uid="1.2.3.4.5.1")
+    write_series(folder / "_", volume(), uid="1.2.3.4.5.2")
+    for f in (folder / "_").iterdir():
+        f.rename(folder / f"other_{f.name}")
+    (folder / "_").rmdir()
+    return "2 DICOM series mixed in one folder"
+
+
+def _missing_middle(folder):
+    write_series(folder, volume(), skip=(2,))
+    return "incomplete series: 5 mm gap after slice 1"
+
+
+def _mixed_sizes(folder):
+    write_series(folder, volume())
+    write_series(folder / "_", volume((5, 6, 8)))
+    (folder / "_" / "slice_004.dcm").rename(folder / "slice_999.dcm")
+    shutil.rmtree(folder / "_")
+    return "mixes slice sizes or orientations"
+
+
+def _duplicate(folder):
+    write_series(folder, volume(), repeat=(2,))
+    return "duplicate slice position"
+
+
+@pytest.mark.parametrize("make", [_mixed, _missing_middle, _mixed_sizes, _duplicate])
+def test_mixed_and_incomplete_series_are_refused(tmp_path, make):
+    folder = tmp_path / "series"
+    problem = make(folder)
+    with pytest.raises(InputError, match=problem) as e:
+        find_studies(tmp_path)
+    assert str(e.value).startswith(f"{folder}: ") and "\n" not in str(e.value)
+    with pytest.raises(InputError, match=problem):
+        check_image_header(folder)
+
+
+def test_dicom_series_entries_validate_against_nifti_labels(tmp_path):
+    write_series(tmp_path / "imagesTr" / "ct1", volume())
+    label = np.zeros((7, 6, 5), np.uint8)
+    label[2:5, 2:4, 1:4] = 1
+    affine = read_header(tmp_path / "imagesTr" / "ct1")["affine"]
+    (tmp_path / "labelsTr").mkdir()
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "labelsTr/ct1.nii.gz"))
+    doc = {"labels": {"0": "background", "1": "organ"},
+           "training": [{"image": "./imagesTr/ct1", "label": "./labelsTr/ct1.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(doc))
+    assert validate(tmp_path / "dataset.json") == []
+    nib.save(nib.Nifti1Image(label[:, :, :4], affine), str(tmp_path / "labelsTr/ct1.nii.gz"))
+    [line] = validate(tmp_path / "dataset.json")
+    assert line == (f"training[0] ct1: image {tmp_path / 'imagesTr/ct1'} shape (7, 6, 5) != label "
+                    f"{tmp_path / 'labelsTr/ct1.nii.gz'} shape (7, 6, 4)")
+    shutil.rmtree(tmp_path / "imagesTr" / "ct1")
+    write_series(tmp_path / "imagesTr" / "ct1", volume(), skip=(1,))
+    [line] = validate(tmp_path / "dataset.json")
+    assert line.startswith(f"training[0] ct1: image {tmp_path / 'imagesTr/ct1'}: incomplete series")
