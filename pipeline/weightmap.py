@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 NEGLIGIBLE = 1e-4
 
 
-def check_label(label: np.ndarray) -> np.ndarray:
+def check_label(label: np.ndarray, allow_empty: bool = False) -> np.ndarray:
     """Return ``label`` as a non-negative integer array, or raise ValueError naming the problem.
 
     A 2D or 3D array with no channel axis; floats are accepted only if every value is a whole
     number (MONAI loads labels as float32); a 3D array whose first axis has length 1 is taken as a
-    channel axis and refused.
+    channel axis and refused; all background is refused unless ``allow_empty``.
     """
     label = np.asarray(label)
     if label.ndim not in (2, 3):
@@ -59,7 +59,7 @@ def check_label(label: np.ndarray) -> np.ndarray:
         raise ValueError(f"label must hold integers, got dtype {label.dtype}")
     if label.size and label.min() < 0:
         raise ValueError(f"label has negative values (min {label.min()})")
-    if not label.any():
+    if not allow_empty and not label.any():
         raise ValueError("label is all background: no objects to weight")
     return label
 
