@@ -231,3 +231,21 @@ def test_real_msd_task04_loads_unchanged_and_validates_clean():
     assert time.monotonic() - start < 20
     vals = Counter(d["id"] for f in range(5) for d in datalist(TASK04, "val", f, 5, 0))
     assert len(vals) == 208 and set(vals.values()) == {1}
+
+
+@pytest.mark.realdata
+def test_shipped_example_manifest_reaches_outside_only_because_it_says_so(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "data_manifests" / "hippocampus_example.json"
+    doc = json.loads(example.read_text())
+    assert doc["allow_outside"] is True
+    data = load_manifest(example)
+    assert [e["id"] for e in data["test"]] == ["hippocampus_011"]
+    if not TASK04.is_file():
+        pytest.skip(f"real data not present: {TASK04}")
+    assert validate(example) == []
+    del doc["allow_outside"]  # the same files, named absolutely from a manifest elsewhere
+    for e in doc["training"]:
+        e.update({k: str((example.parent / e[k]).resolve()) for k in ("image", "label")})
+    doc["test"] = [str((example.parent / t).resolve()) for t in doc["test"]]
+    (tmp_path / "no_flag.json").write_text(json.dumps(doc))
+    assert len(validate(tmp_path / "no_flag.json")) == 11  # 5 images, 5 labels, 1 test image
