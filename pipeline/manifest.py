@@ -172,8 +172,10 @@ def write_splits(path: Path, k: int = 5, seed: int = 0) -> Path:
     path = Path(path)
     splits = compute_splits(path, k, seed)
     out = path.parent / SPLITS_FILE
+    tmp = out.with_name(f".{SPLITS_FILE}.{os.getpid()}")
     try:
-        out.write_text(json.dumps(splits, indent=1) + "\n")
+        tmp.write_text(json.dumps(splits, indent=1) + "\n")
+        os.replace(tmp, out)  # readers (e.g. other ranks) never see half a file
     except OSError as e:
         raise InputError(f"{out}: cannot write splits ({e.strerror or e})") from None
     log.info("wrote %d-fold splits of %d cases (seed %d) to %s", k, splits["n"], seed, out)

@@ -92,7 +92,7 @@ def read_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> dict[str, Any
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: affine is not finite or is singular")
     dtype = hdr.get_data_dtype()
-    expected = int(hdr["vox_offset"]) + nvox * dtype.itemsize
+    expected = int(raw["vox_offset"]) + nvox * dtype.itemsize  # img.header has vox_offset reset to 0
     problem = _gzip_truncated(path, expected) if gz else (
         f"truncated: {size} bytes, the header needs {expected}" if size < expected else None)
     if problem:

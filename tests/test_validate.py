@@ -88,6 +88,16 @@ def _truncated(root):
     return IMG, "truncated"
 
 
+def _truncated_plain(root):
+    doc = json.loads((root / "dataset.json").read_text())
+    doc["training"][0]["image"] = "./imagesTr/case_0.nii"
+    (root / "dataset.json").write_text(json.dumps(doc))
+    save(root / "imagesTr/case_0.nii", np.ones(SHAPE, np.float32))
+    raw = (root / "imagesTr/case_0.nii").read_bytes()
+    (root / "imagesTr/case_0.nii").write_bytes(raw[:-100])
+    return "imagesTr/case_0.nii", f"truncated: {len(raw) - 100} bytes, the header needs {len(raw)}"
+
+
 def _empty(root):
     (root / IMG).write_bytes(b"")
     return IMG, "empty file"
@@ -150,7 +160,8 @@ def _absurd_voxels(root):
 
 BAD_INPUTS = {
     "missing": _missing, "not_nifti_suffix": _not_nifti_suffix, "not_nifti_content": _not_nifti_content,
-    "not_gzip": _not_gzip, "truncated_gzip": _truncated, "empty_file": _empty, "4d_for_3d": _four_d,
+    "not_gzip": _not_gzip, "truncated_gzip": _truncated, "truncated_nii": _truncated_plain,
+    "empty_file": _empty, "4d_for_3d": _four_d,
     "shape_mismatch": _shape_mismatch, "affine_mismatch": _affine_mismatch, "zero_pixdim": _pixdim(0.0),
     "negative_pixdim": _pixdim(-1.0), "nan_pixdim": _pixdim(float("nan")), "nan_inf_voxels": _nan_inf,
     "non_integer_label": _non_integer_label, "undeclared_label": _undeclared_label,
