@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_VOXELS = 2**31
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-_GAP_RTOL = 0.01  # slice gaps may differ from the median gap by 1% (+ 1 µm) before a slice counts as missing
+_GAP_RTOL = 0.01  # a gap may exceed the smallest gap by 1% (+ 1 µm) before a slice counts as missing
 
 
 def is_nifti(path: Path | str) -> bool:
@@ -179,13 +179,13 @@ def _dicom_series(folder: Path) -> dict[str, Any]:
     normal = direction[:, 2]
     slices.sort(key=lambda s: float(normal @ s["origin"]))
     where = np.array([normal @ s["origin"] for s in slices])
-    gaps = np.diff(where)
-    spacing_z = float(np.median(gaps)) if len(gaps) else first["spacing"][2]
-    if len(gaps):
-        _check_gaps(folder, slices, gaps, spacing_z)
-    return {"uid": uids[0], "files": [s["file"] for s in slices], "direction": direction,
-            "origin": slices[0]["origin"], "size": (*first["size"][:2], len(slices)),
-            "spacing": (*first["spacing"][:2], spacing_z)}
+    out = {"uid": uids[0], "files": [s["file"] for s in slices], "direction": direction,
+           "origin": slices[0]["origin"], "size": first["size"], "spacing": first["spacing"]}
+    if len(slices) > 1:  # one file: a single slice or a multi-frame image, ITK knows its geometry
+        gaps = np.diff(where)
+        _check_gaps(folder, slices, gaps)
+        out.update(size=(*first["size"][:2], len(slices)), spacing=(*first["spacing"][:2], float(np.median(gaps))))
+    return out
 
 
 def _slice_info(file: str) -> dict[str, Any]:
@@ -201,15 +201,18 @@ def _slice_info(file: str) -> dict[str, Any]:
             "spacing": tuple(r.GetSpacing()), "direction": np.array(r.GetDirection(), dtype=float).reshape(3, 3)}
 
 
-def _check_gaps(folder: Path, slices: list[dict], gaps: np.ndarray, spacing: float) -> None:
+def _check_gaps(folder: Path, slices: list[dict], gaps: np.ndarray) -> None:
+    """Refuse duplicate positions and gaps wider than the smallest one (a missing slice)."""
+    names = [Path(s["file"]).name for s in slices]
     for i, gap in enumerate(gaps):
         if gap < 1e-3:
-            raise InputError(f"{folder}: duplicate slice position ({Path(slices[i]['file']).name} and "
-                             f"{Path(slices[i + 1]['file']).name}); incomplete or mixed series")
-        if abs(gap - spacing) > _GAP_RTOL * spacing + 1e-3:
-            raise InputError(f"{folder}: incomplete series: {gap:.3g} mm gap after slice {i} "
-                             f"({Path(slices[i]['file']).name}) where slices are {spacing:.3g} mm apart "
-                             "(missing slice?)")
+            raise InputError(f"{folder}: duplicate slice position ({names[i]} and {names[i + 1]}); "
+                             "incomplete or mixed series")
+    step = float(gaps.min())
+    for i, gap in enumerate(gaps):
+        if gap > step * (1 + _GAP_RTOL) + 1e-3:
+            raise InputError(f"{folder}: incomplete series: {gap:.3g} mm gap after slice {i} ({names[i]}) "
+                             f"where slices are {step:.3g} mm apart (missing slice?)")
 
 
 def _dicom_header(folder: Path, max_voxels: int) -> dict[str, Any]:

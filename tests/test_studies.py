@@ -146,3 +146,13 @@ def test_dicom_series_entries_validate_against_nifti_labels(tmp_path):
     write_series(tmp_path / "imagesTr" / "ct1", volume(), skip=(1,))
     [line] = validate(tmp_path / "dataset.json")
     assert line.startswith(f"training[0] ct1: image {tmp_path / 'imagesTr/ct1'}: incomplete series")
+
+
+def test_single_slice_series_and_voxel_cap(tmp_path):
+    folder = write_series(tmp_path / "scout", volume((1, 6, 7)))
+    header = read_header(folder)
+    assert header["shape"] == (7, 6, 1) and header["format"] == "dicom"
+    with pytest.raises(InputError, match=r"header claims 42 voxels \(7, 6, 1\), more than the limit of 40"):
+        check_image_header(folder, max_voxels=40)
+    with pytest.raises(InputError, match="no DICOM series in folder"):
+        check_image_header(tmp_path)
