@@ -1,0 +1,212 @@
+"""Batch prediction: one model, many studies, bounded background reading and writing, resumable.
+
+``predict(bundle_dir, input, output_dir)`` reads the bundle's ``common.json`` + ``inference.json``
+(ids ``network_def``, ``preprocessing``, ``inferer``, ``postprocess``, ``model_path``,
+``label_names``, ``max_voxels``, ``save_probabilities``), loads the weights once and segments
+every study of ``input`` into ``output_dir/<study_id>.nii.gz`` (uint8, the source geometry),
+keeping ``output_dir/report.csv`` current.
+
+Pipeline: one reader thread checks headers and runs the deterministic preprocessing of the next
+``prefetch`` studies while the current one runs on the device; one writer thread inverts the
+preprocessing (``Invertd``), post-processes and writes masks. Both queues are bounded, so memory
+does not grow with the number of studies. A failing study becomes a ``failed`` row with a
+one-line reason; the rest go on. Existing outputs are skipped (they are complete: see
+``batch_io``), so a killed run is resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import batch_io
+from pipeline.bundle import get, load_bundle
+from pipeline.errors import InputError, SegpipeError
+
+log = logging.getLogger(__name__)
+
+CONFIGS = ("common.json", "inference.json")
+
+
+def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None = None,
+            device: str | None = None, overrides: dict[str, Any] | None = None,
+            progress: bool = True, prefetch: int = 2) -> list[dict[str, Any]]:
+    """Segment every study of ``input`` (NIfTI file, folder of NIfTI/DICOM studies, or manifest)
+    of this shard; return one row per study (``status`` ok, failed or skipped)."""
+    output_dir = Path(output_dir)
+    batch_io.check_output_dir(output_dir)
+    shard_i, shard_n = batch_io.parse_shard(shard)
+    model = load_model(bundle_dir, overrides, device)
+    studies = batch_io.take_shard(batch_io.list_studies(Path(input)), shard_i, shard_n)
+    batch_io.clean_stale_temps(output_dir)
+    log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
+
+    earlier = batch_io.read_report(output_dir)
+    rows: list[dict[str, Any]] = []
+    todo = []
+    for s in studies:
+        out = output_dir / f"{s['id']}.nii.gz"
+        if out.exists():
+            rows.append({**earlier.get(s["id"], {}), "study_id": s["id"], "input": s["image"],
+                         "output": str(out), "status": "skipped", "error": ""})
+        else:
+            todo.append(s)
+    names = model["label_names"]
+    if rows:
+        batch_io.write_report(output_dir, rows, names)
+    bar = _progress_bar(len(studies), progress, initial=len(rows))
+    with tempfile.TemporaryDirectory(prefix="segpipe-") as scratch, \
+            ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+        reads: deque[tuple[dict, Future]] = deque()
+        writes: deque[tuple[dict, float, Future]] = deque()
+        queue = iter(todo)
+
+        def refill() -> None:
+            while len(reads) < prefetch and (s := next(queue, None)) is not None:
+                reads.append((s, reader.submit(read_study, s, model, Path(scratch))))
+
+        def finish(row: dict[str, Any]) -> None:
+            rows.append(row)
+            batch_io.write_report(output_dir, [row], names)
+            bar.update(1)
+            bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows), refresh=False)
+
+        def drain(limit: int) -> None:
+            while len(writes) > limit:
+                s, t0, fut = writes.popleft()
+                finish(_row(s, t0, fut, output_dir))
+
+        refill()
+        while reads:
+            s, fut = reads.popleft()
+            refill()
+            t0 = time.perf_counter()
+            try:
+                data = fut.result()
+                pred = run_model(model, data["image"])
+            except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch
+                finish(_failed(s, t0, e))
+                continue
+            writes.append((s, t0, writer.submit(write_study, s, data, pred, model, output_dir)))
+            drain(limit=1)  # at most one finished prediction waits to be written
+        drain(limit=0)
+    bar.close()
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in failed:
+        log.warning("%s: %s", r["study_id"], r["error"])
+    return rows
+
+
+def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str | None) -> dict[str, Any]:
+    """Everything a study needs from the bundle, built once: network with weights, preprocessing,
+    inferer, postprocessing and limits."""
+    from pipeline.postprocess import label_cleanup
+
+    parser = load_bundle(Path(bundle_dir), CONFIGS, overrides)
+    dev = torch.device(device) if device else get(parser, "device", bundle_dir)
+    network = get(parser, "network_def", bundle_dir)
+    batch_io.load_weights(network, Path(get(parser, "model_path", bundle_dir)))
+    network = network.to(dev).eval()
+    opt = {k: parser.get(k) for k in ("max_voxels", "save_probabilities", "in_channels", "spatial_dims")}
+    return {
+        "network": network, "device": dev,
+        "preprocessing": get(parser, "preprocessing", bundle_dir),
+        "inferer": get(parser, "inferer", bundle_dir),
+        "cleanup": label_cleanup(parser.get("postprocess")),
+        "label_names": list(get(parser, "label_names", bundle_dir)),
+        "max_voxels": int(opt["max_voxels"] or 2**31),
+        "save_probabilities": opt["save_probabilities"] or False,
+        "in_channels": int(opt["in_channels"] or 1), "spatial_dims": int(opt["spatial_dims"] or 3),
+    }
+
+
+def read_study(study: dict[str, str], model: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """Check the header (refusing before any voxel is read), convert DICOM, preprocess."""
+    from pipeline.studies import check_image_header, dicom_series_to_nifti, read_header
+
+    path = Path(study["image"])
+    header = read_header(path, model["max_voxels"])
+    if path.is_dir():
+        path = dicom_series_to_nifti(path, scratch / f"{study['id']}.nii.gz")
+        check_image_header(path, model["max_voxels"])
+    check_shape(path, header["shape"], model["spatial_dims"], model["in_channels"])
+    try:
+        data = model["preprocessing"]({"image": str(path)})
+    except Exception as e:  # noqa: BLE001 - MONAI wraps the cause in pages of text
+        raise InputError(f"{path}: cannot preprocess ({_first_line(e)})") from None
+    data["source"] = path
+    return data
+
+
+def check_shape(path: Path, shape: tuple[int, ...], spatial_dims: int, in_channels: int) -> None:
+    """NIfTI shapes are (x, y[, z][, channels...]): refuse an image with fewer dimensions than
+    the bundle (a 2D image for a 3D bundle) or the wrong number of channels, naming the file."""
+    if len(shape) < spatial_dims:
+        raise InputError(f"{path}: {len(shape)}D image {list(shape)} given to a {spatial_dims}D bundle")
+    channels = int(np.prod(shape[spatial_dims:], dtype=np.int64))
+    if channels != in_channels:
+        raise InputError(f"{path}: {channels} channels in image {list(shape)}, the bundle expects {in_channels}")
+
+
+def run_model(model: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
+    """The inferer's output for one preprocessed (C, *spatial) image: (K, *spatial) on the CPU."""
+    pred = model["inferer"](image[None].to(model["device"]), model["network"])[0]
+    return pred.cpu() if pred.device.type != "cpu" else pred
+
+
+def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor, model: dict[str, Any],
+                output_dir: Path) -> dict[str, Any]:
+    """Probabilities -> source geometry (Invertd) -> argmax -> clean-up -> NIfTI; volume columns."""
+    from monai.transforms import Invertd
+
+    probs = pred if model["inferer"].outputs_probabilities else torch.softmax(pred, dim=0)
+    inverted = Invertd(keys="pred", transform=model["preprocessing"], orig_keys="image",
+                       nearest_interp=False, to_tensor=True)({"image": data["image"], "pred": probs})["pred"]
+    labels = model["cleanup"](torch.argmax(inverted, dim=0, keepdim=True))[0]
+    source = Path(data["source"])
+    out = batch_io.write_mask(labels.numpy().astype(np.uint8), source, output_dir / f"{study['id']}.nii.gz")
+    if model["save_probabilities"]:
+        dtype = "float32" if model["save_probabilities"] == "float32" else "float16"
+        batch_io.write_probabilities(inverted.numpy(), source, output_dir / f"{study['id']}_probs.nii.gz", dtype)
+    voxel_ml = float(abs(np.linalg.det(np.asarray(data["image"].meta["original_affine"])[:3, :3]))) / 1000
+    from pipeline.postprocess import label_volumes
+
+    return {"output": str(out), **label_volumes(labels, model["label_names"], voxel_ml)}
+
+
+def _row(study: dict[str, str], t0: float, fut: Future, output_dir: Path) -> dict[str, Any]:
+    try:
+        extra = fut.result()
+    except Exception as e:  # noqa: BLE001
+        return _failed(study, t0, e)
+    return {"study_id": study["id"], "input": study["image"], "status": "ok", "error": "",
+            "seconds": round(time.perf_counter() - t0, 3), **extra}
+
+
+def _failed(study: dict[str, str], t0: float, e: BaseException) -> dict[str, Any]:
+    msg = str(e) if isinstance(e, SegpipeError) else f"{study['image']}: {type(e).__name__}: {_first_line(e)}"
+    return {"study_id": study["id"], "input": study["image"], "output": "", "status": "failed",
+            "error": msg.splitlines()[0] if msg else type(e).__name__,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _progress_bar(total: int, enabled: bool, initial: int = 0) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="study", desc="predict", disable=not enabled,
+                dynamic_ncols=True)
+

@@ -1,0 +1,248 @@
+"""Files around batch prediction: which studies, shards, weights, atomic outputs and report.csv.
+
+Completeness rule: a mask is written to a hidden temp name in the output folder
+(``.tmp-<pid>-<id>.nii.gz``) and renamed with ``os.replace``, so an existing ``<id>.nii.gz``
+is always complete; temp files of processes that no longer run are deleted at the next start.
+``report.csv`` is merged and rewritten the same way under a lock, so several shards writing to
+one folder keep each other's rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.csv"
+BASE_COLUMNS = ["study_id", "input", "output", "status", "error", "seconds"]
+_TMP = re.compile(r"^\.tmp-(\d+)-.*")
+
+
+# ---------------------------------------------------------------- studies and shards
+
+
+def list_studies(input_path: Path) -> list[dict[str, str]]:
+    """``[{"id", "image"}]`` sorted by id for a NIfTI file, a DICOM series folder, a folder of
+    studies or a manifest (its ``test`` entries, else its ``training`` images)."""
+    from pipeline.studies import find_studies, is_nifti, study_id
+
+    p = Path(input_path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_file() and p.suffix.lower() == ".json":
+        from pipeline.manifest import load_manifest
+
+        m = load_manifest(p)
+        entries = m.get("test") or m.get("training") or []
+        studies = [{"id": str(e["id"]), "image": str(e["image"])} for e in entries]
+    elif p.is_file():
+        studies = [{"id": study_id(p) if is_nifti(p) else p.name, "image": str(p.absolute())}]
+    else:
+        try:
+            studies = find_studies(p)
+        except InputError:  # a mixed/incomplete DICOM folder inside: look per sub-folder
+            studies = _studies_per_child(p)
+        if not studies and not any(c.is_dir() for c in p.iterdir()):
+            studies = [{"id": p.name, "image": str(p.absolute())}]  # e.g. an empty DICOM folder
+    if not studies:
+        raise InputError(f"{p}: no studies (NIfTI files or DICOM series) found")
+    return sorted(studies, key=lambda s: s["id"])
+
+
+def _studies_per_child(root: Path) -> list[dict[str, str]]:
+    """find_studies on each sub-folder; a sub-folder it refuses becomes one study (that then
+    fails with the same reason) instead of stopping the whole batch. Ids as find_studies's."""
+    from pipeline.studies import find_studies, is_nifti, study_id
+
+    out = [{"id": study_id(c), "image": str(c.absolute())} for c in sorted(root.iterdir())
+           if c.is_file() and is_nifti(c) and not c.name.startswith(".")]
+    for sub in sorted(c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")):
+        try:
+            found = find_studies(sub)
+        except InputError:
+            found = [{"id": sub.name, "image": str(sub.absolute())}]
+        for s in found:
+            sid = s["id"] if Path(s["image"]) == sub.absolute() else f"{sub.name}_{s['id']}"
+            out.append({"id": sid, "image": s["image"]})
+    return out
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; None -> torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if shard is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise UsageError(f"--shard expects i/n with 0 <= i < n (e.g. 0/4), got {shard!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def take_shard(studies: Sequence[dict[str, str]], index: int, count: int) -> list[dict[str, str]]:
+    """Every ``count``-th study of the id-sorted list, starting at ``index``."""
+    return sorted(studies, key=lambda s: s["id"])[index::count]
+
+
+# ---------------------------------------------------------------- weights
+
+
+def load_weights(network: Any, path: Path) -> Any:
+    """Load ``path`` (a state_dict, or a checkpoint dict holding one under "network", "model" or
+    "state_dict") into ``network`` strictly. A missing or mismatched file is an InputError."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no weights; train the bundle first (segpipe train) or copy a model.pt "
+                         "there - refusing to predict with random weights")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike
+        raise InputError(f"{path}: cannot load weights ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    for key in ("network", "model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: not a state_dict or a checkpoint with a 'network'/'model' entry")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    try:
+        network.load_state_dict(obj, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: weights do not fit the bundle's network_def "
+                         f"({str(e).strip().splitlines()[0]})") from None
+    return network
+
+
+# ---------------------------------------------------------------- output folder and masks
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it writable, before any work; else an InputError."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=f".tmp-{os.getpid()}-probe"):
+            pass
+    except OSError as e:
+        raise InputError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
+
+
+def clean_stale_temps(out_dir: Path) -> int:
+    """Delete temp files left by processes that no longer run (a killed run); keep live ones."""
+    removed = 0
+    for f in Path(out_dir).iterdir():
+        m = _TMP.match(f.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            f.unlink()
+            removed += 1
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d temp file(s) of an interrupted run in %s", removed, out_dir)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_mask(labels: np.ndarray, source: Path, out_file: Path) -> Path:
+    """Write ``labels`` (source voxel grid) as uint8 NIfTI with the source's affine, qform/sform
+    and their codes, atomically: temp name in the same folder, then os.replace."""
+    img = _like_source(np.asarray(labels, dtype=np.uint8), source)
+    img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+    return _atomic_save(img, out_file)
+
+
+def write_probabilities(probs: np.ndarray, source: Path, out_file: Path, dtype: str = "float16") -> Path:
+    """Write (K, *spatial) probabilities as a NIfTI with the channels in the last dimension."""
+    return _atomic_save(_like_source(np.moveaxis(np.asarray(probs, dtype=dtype), 0, -1), source), out_file)
+
+
+def _like_source(data: np.ndarray, source: Path) -> Any:
+    """A Nifti1Image of ``data`` with the source's header geometry: affine, qform, sform, codes."""
+    import nibabel as nib
+
+    src = nib.load(str(source))
+    img = nib.Nifti1Image(data, src.affine, header=src.header.copy())
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_qform(*src.get_qform(coded=True))
+    img.set_sform(*src.get_sform(coded=True))
+    return img
+
+
+def _atomic_save(img: Any, out_file: Path) -> Path:
+    import nibabel as nib
+
+    out_file = Path(out_file)
+    tmp = out_file.with_name(f".tmp-{os.getpid()}-{out_file.name}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_file
+
+
+# ---------------------------------------------------------------- report.csv
+
+
+def read_report(out_dir: Path) -> dict[str, dict[str, str]]:
+    f = Path(out_dir) / REPORT
+    if not f.is_file():
+        return {}
+    with open(f, newline="") as fh:
+        return {r["study_id"]: r for r in csv.DictReader(fh) if r.get("study_id")}
+
+
+def write_report(out_dir: Path, rows: Sequence[dict[str, Any]], label_names: Sequence[str]) -> Path:
+    """Merge ``rows`` into ``report.csv`` by study_id (rows of other shards and earlier runs are
+    kept) and rewrite it atomically, under a lock shared by concurrent shards."""
+    out_dir = Path(out_dir)
+    volume_cols = [f"{p}_{n}" for n in list(label_names)[1:] for p in ("voxels", "ml")]
+    with open(out_dir / ".report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = read_report(out_dir)
+        for r in rows:
+            merged[r["study_id"]] = {k: _cell(v) for k, v in r.items()}
+        extra = sorted({k for r in merged.values() for k in r} - set(BASE_COLUMNS) - set(volume_cols))
+        columns = BASE_COLUMNS + volume_cols + extra
+        tmp = out_dir / f".tmp-{os.getpid()}-{REPORT}"
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, restval="")
+            w.writeheader()
+            for sid in sorted(merged):
+                w.writerow(merged[sid])
+        os.replace(tmp, out_dir / REPORT)
+    return out_dir / REPORT
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return "" if v is None else v
