@@ -1,0 +1,106 @@
+"""Checkpoints that survive a SIGKILL, resume at the right epoch, and refuse a different network.
+
+- ``checkpoint_<epoch>.pt`` in ``output_dir/checkpoints``: model, optimizer, LR scheduler, AMP
+  grad scaler (CUDA fp16 only) and trainer state (epoch, iteration, best validation Dice). Written
+  by Ignite's ``Checkpoint`` through ``DiskSaver(atomic=True)`` (a temp file renamed into place),
+  the two newest kept, so a kill during a write leaves the previous file intact.
+- ``output_dir/model.pt``: the best weights (mean validation Dice) as a plain state_dict, also
+  written atomically; ``torch.load(path, weights_only=True)`` loads both kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from torch import nn
+
+from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
+BEST_KEYS = ["best_val_mean_dice", "best_epoch"]
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of the complete checkpoints in ``ckpt_dir``, oldest first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).iterdir() if (m := PATTERN.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def attach_checkpointing(trainer: Engine, objects: dict[str, Any], ckpt_dir: Path, every: int = 1) -> Checkpoint:
+    """Save ``objects`` every ``every`` epochs and when training completes (rank 0 only).
+    Checkpoints already in ``ckpt_dir`` (a resumed run) join the rotation."""
+    ckpt_dir = Path(ckpt_dir)
+    for tmp in ckpt_dir.glob("tmp*"):  # left by a write that was killed: never a valid checkpoint
+        tmp.unlink(missing_ok=True)
+    for key in BEST_KEYS:
+        if key not in trainer.state_dict_user_keys:
+            trainer.state_dict_user_keys.append(key)
+    handler = Checkpoint(objects, DiskSaver(ckpt_dir, atomic=True, require_empty=False), filename_prefix="",
+                         n_saved=2, global_step_transform=lambda engine, _: engine.state.epoch)
+    handler.load_state_dict({"_saved": [(epoch, p.name) for epoch, p in list_checkpoints(ckpt_dir)]})
+
+    def _save(engine: Engine) -> None:
+        if not any(epoch == engine.state.epoch for epoch, _ in list_checkpoints(ckpt_dir)):
+            handler(engine)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=every), _save)
+    trainer.add_event_handler(Events.COMPLETED, _save)
+    return handler
+
+
+def check_compatible(saved: dict[str, torch.Tensor], network: nn.Module, path: Path) -> None:
+    """InputError in one line when ``saved`` weights do not fit ``network`` (keys or shapes)."""
+    own = _unwrap(network).state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [k for k in own if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        example = (f"{shapes[0]}: saved {tuple(saved[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}" if shapes
+                   else f"e.g. {(missing or unexpected)[0]!r}")
+        raise InputError(f"{path}: checkpoint is from a different network ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(shapes)} mis-shaped weights; {example})")
+
+
+def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int) -> int:
+    """Load a checkpoint into ``objects`` (network first checked for fit) and set the trainer to
+    continue up to ``max_epochs``; return the epoch it was saved at."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    check_compatible(state["model"], objects["model"], path)
+    for key in BEST_KEYS:
+        if key not in trainer.state_dict_user_keys:
+            trainer.state_dict_user_keys.append(key)
+    Checkpoint.load_objects({k: v for k, v in objects.items() if k in state}, state)
+    epoch = int(trainer.state.epoch)
+    trainer.state.max_epochs = max(max_epochs, epoch)
+    log.info("resumed from %s at epoch %d (iteration %d), training to epoch %d", path, epoch,
+             trainer.state.iteration, trainer.state.max_epochs)
+    return epoch
+
+
+def save_weights(network: nn.Module, path: Path) -> Path:
+    """Write ``network``'s weights atomically as a plain state_dict (rank 0 only)."""
+    path = Path(path)
+    DiskSaver(path.parent, atomic=True, require_empty=False)(_unwrap(network).state_dict(), path.name)
+    return path

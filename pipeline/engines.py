@@ -1,0 +1,336 @@
+"""Training on ``monai.engines``: ``train_bundle`` runs a bundle's ``train#trainer`` with what a
+long run needs added around it.
+
+The bundle (common.json + train.json) defines a standard MONAI workflow (``train#trainer``,
+``train#handlers``, ``validate#evaluator``, ``validate#handlers``, ``initialize``, ``run``,
+``finalize``), so ``python -m monai.bundle run`` trains it as is. ``train_bundle`` (``segpipe
+train``) adds: manifest validation first; atomic checkpoints and ``--resume``; the best weights
+as ``output_dir/model.pt``; a NaN-loss stop; gradient clipping; per-epoch timing and data-wait
+fraction; Dice per class, per-case CSV and QC overlays; MLflow tracking on rank 0; and the
+process group when started by ``torchrun``. Copy ``output_dir/model.pt`` into the bundle's
+``models/`` yourself (or with ``--set export=true``) once you accept it.
+
+AMP: one ``amp`` switch. CUDA: bf16 autocast where the GPU has it, else fp16 with MONAI's
+GradScaler. CPU: bf16 autocast only on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Timer
+from monai.engines import IterationEvents
+from monai.handlers import EarlyStopHandler, from_engine, stopping_fn_from_metric
+from monai.inferers import Inferer
+
+from pipeline import checkpoints, qc
+from pipeline.bundle import bundle_metadata, get, load_bundle
+from pipeline.errors import InputError, SegpipeError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+# -- AMP ------------------------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def amp_dtype(device: torch.device | str, amp: bool) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``, or None for fp32; the choice is logged."""
+    device = torch.device(device)
+    if not amp:
+        return None
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        log.info("AMP on %s: %s autocast%s", device, dtype, " with grad scaling" if dtype == torch.float16 else "")
+        return dtype
+    if device.type == "cpu" and cpu_has_bf16():
+        log.info("AMP on CPU: bf16 autocast (native bf16 instructions)")
+        return torch.bfloat16
+    log.info("AMP requested but %s has no native bf16 (AVX512-BF16/AMX): training in fp32", device)
+    return None
+
+
+def cuda_amp(device: torch.device | str, dtype: torch.dtype | None) -> bool:
+    """Whether MONAI's own AMP (CUDA autocast + GradScaler) is on."""
+    return dtype is not None and torch.device(device).type == "cuda"
+
+
+class _AutocastInferer(Inferer):
+    def __init__(self, inferer: Inferer, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inferer, self.device_type, self.dtype = inferer, device_type, dtype
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.inferer(inputs, network, *args, **kwargs)
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+
+def autocast_inferer(inferer: Inferer, device: torch.device | str, dtype: torch.dtype | None) -> Inferer:
+    """``inferer`` under CPU autocast when ``dtype`` is set on a CPU device (MONAI's engines
+    autocast only on CUDA); unchanged otherwise."""
+    if dtype is None or torch.device(device).type != "cpu":
+        return inferer
+    return _AutocastInferer(inferer, "cpu", dtype)
+
+
+# -- handlers -------------------------------------------------------------------------------------
+def attach_grad_clip(trainer: Engine, max_norm: float | None) -> None:
+    """Clip the gradient norm after backward (unscaled first under fp16 grad scaling)."""
+    if not max_norm:
+        return
+
+    def _clip(engine: Engine) -> None:
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), max_norm)
+
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, _clip)
+
+
+def attach_epoch_log(trainer: Engine, optimizer: torch.optim.Optimizer, roi_voxels: int, ckpt_dir: Path) -> None:
+    """Per epoch into ``trainer.state.epoch_log``: mean loss, lr, training time, samples/s,
+    voxels/s and the fraction of it spent waiting for data; stop on a non-finite loss."""
+    data_t, step_t = Timer(), Timer()
+    data_t.attach(trainer, start=Events.EPOCH_STARTED, resume=Events.GET_BATCH_STARTED, pause=Events.GET_BATCH_COMPLETED)
+    step_t.attach(trainer, start=Events.EPOCH_STARTED, resume=Events.ITERATION_STARTED, pause=Events.ITERATION_COMPLETED)
+    acc: dict[str, float] = {}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _start(engine: Engine) -> None:
+        acc.update(loss=0.0, n=0, samples=0, lr=optimizer.param_groups[0]["lr"])
+        engine.state.epoch_log = {}
+
+    @trainer.on(Events.GET_BATCH_COMPLETED)
+    def _count(engine: Engine) -> None:
+        batch = engine.state.batch
+        acc["samples"] += len(batch["image"]) if isinstance(batch, dict) else len(batch)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _loss(engine: Engine) -> None:
+        loss = float(from_engine(["loss"], first=True)(engine.state.output))
+        if not math.isfinite(loss):
+            last = checkpoints.latest_checkpoint(ckpt_dir)
+            local = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+            raise SegpipeError(f"training stopped: loss is {loss} at epoch {engine.state.epoch}, iteration "
+                               f"{engine.state.iteration} ({local} of the epoch); last good checkpoint: "
+                               f"{last or 'none yet'}")
+        acc["loss"] += loss
+        acc["n"] += 1
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _epoch(engine: Engine) -> None:
+        seconds = data_t.value() + step_t.value()
+        samples = acc["samples"] * idist.get_world_size()
+        engine.state.epoch_log.update({
+            "train_loss_epoch": acc["loss"] / max(acc["n"], 1), "lr": acc["lr"], "epoch_time_s": seconds,
+            "samples_per_s": samples / seconds, "voxels_per_s": samples * roi_voxels / seconds,
+            "data_wait_fraction": data_t.value() / seconds})
+        log.info("epoch %d/%d: %s", engine.state.epoch, engine.state.max_epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in engine.state.epoch_log.items()))
+
+
+def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Module, label_names: list[str],
+                      output_dir: Path, val_interval: int, qc_cases: int) -> None:
+    """After each validation: Dice per class into the epoch log; on a new best mean Dice save
+    ``model.pt``, the per-case CSV and QC overlays. The last epoch is always validated."""
+    qc.attach_case_collector(evaluator, qc_cases)
+    trainer.state.best_val_mean_dice, trainer.state.best_epoch = -1.0, 0
+
+    @evaluator.on(Events.COMPLETED)
+    def _report(engine: Engine) -> None:
+        report = qc.summarize(engine, label_names)
+        if not report["metrics"]:
+            return
+        value = report["metrics"]["val_mean_dice"]
+        if value > trainer.state.best_val_mean_dice:
+            trainer.state.best_val_mean_dice, trainer.state.best_epoch = value, trainer.state.epoch
+            trainer.state.best_report = report
+            checkpoints.save_weights(network, output_dir / "model.pt")
+            if idist.get_rank() == 0:
+                qc.write_case_csv(output_dir / "val_cases.csv", report)
+                qc.write_overlays(output_dir / "qc", engine.state.qc, label_names)
+        report["metrics"]["best_val_mean_dice"] = trainer.state.best_val_mean_dice
+        trainer.state.epoch_log.update(report["metrics"])
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _final(engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs and engine.state.epoch % val_interval:
+            evaluator.run(engine.state.epoch)
+
+
+# -- the entry point ------------------------------------------------------------------------------
+def _overrides(manifest: Path | None, epochs: int | None, device: str | None, amp: bool | None,
+               extra: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(extra or {})
+    if manifest is not None:
+        out["manifest"] = str(Path(manifest).resolve())
+    if epochs is not None:
+        out["max_epochs"] = int(epochs)
+    if device is not None:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1)") from None
+        out["device"] = f"$torch.device('{device}')"
+    if amp is not None:
+        out["amp"] = bool(amp)
+    return out
+
+
+def _init_distributed() -> bool:
+    """Join the process group ``torchrun`` describes (nccl with GPUs, gloo without)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or idist.get_world_size() > 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    idist.initialize(backend)
+    log.info("distributed: rank %d of %d (%s)", idist.get_rank(), idist.get_world_size(), backend)
+    return True
+
+
+def _check_manifest(manifest: Path) -> None:
+    from pipeline.manifest import validate
+
+    problems = validate(Path(manifest))
+    if problems:
+        for p in problems:
+            log.error("%s", p)
+        raise InputError(f"{manifest}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
+
+
+def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | None = None, resume: bool = False,
+                 tracking_uri: str | None = None, device: str | None = None, amp: bool | None = None,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the bundle in ``bundle_dir``; return a summary (best Dice, per class, paths, run id)."""
+    t0 = time.perf_counter()
+    started = _init_distributed()
+    try:
+        if started and device is None and torch.cuda.is_available():
+            device = f"cuda:{idist.get_local_rank()}"
+        parser = load_bundle(bundle_dir, ("common.json", "train.json"),
+                             _overrides(manifest, epochs, device, amp, overrides))
+        _check_manifest(Path(parser.get_parsed_content("manifest")))
+        summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri)
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        return summary
+    finally:
+        if started:
+            idist.finalize()
+
+
+def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:
+    if idist.get_rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        old = checkpoints.list_checkpoints(ckpt_dir)
+        if old and not resume:
+            log.warning("%s: starting afresh (no --resume): removing %d old checkpoint(s)", ckpt_dir, len(old))
+            for _, path in old:
+                path.unlink()
+    idist.barrier()
+
+
+def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) -> dict[str, Any]:
+    from pipeline.tracking import attach_tracker, bundle_params, git_commit, open_tracker
+
+    meta = bundle_metadata(bundle_dir)
+    output_dir = Path(parser.get_parsed_content("output_dir")).resolve()
+    ckpt_dir = output_dir / "checkpoints"
+    _prepare_output(output_dir, ckpt_dir, resume)
+    parser.get_parsed_content("initialize")
+    network = get(parser, "network", bundle_dir)
+    trainer = get(parser, "train#trainer", bundle_dir)
+    evaluator = get(parser, "validate#evaluator", bundle_dir)
+    optimizer, max_epochs = get(parser, "optimizer", bundle_dir), int(parser.get_parsed_content("max_epochs"))
+    objects = {"model": network, "optimizer": optimizer, "lr_scheduler": get(parser, "lr_scheduler", bundle_dir),
+               "trainer": trainer}
+    if trainer.amp:  # MONAI makes a new GradScaler in run(); use one that checkpoints hold
+        objects["scaler"] = scaler = torch.amp.GradScaler("cuda")
+        trainer.add_event_handler(Events.STARTED, lambda e: setattr(e, "scaler", scaler))
+    label_names = list(parser.get_parsed_content("label_names"))
+    attach_validation(trainer, evaluator, network, label_names, output_dir, int(parser["val_interval"]),
+                      int(parser.get("qc_cases", 3)))
+    attach_epoch_log(trainer, optimizer, math.prod(parser.get_parsed_content("roi_size")), ckpt_dir)
+    attach_grad_clip(trainer, parser.get("grad_clip_norm"))
+    if int(parser.get("early_stop_patience", 0) or 0) > 0:  # here: a bundle handler would be a circular reference
+        EarlyStopHandler(int(parser["early_stop_patience"]), stopping_fn_from_metric("val_mean_dice"),
+                         trainer=trainer).attach(evaluator)
+    if resume:
+        last = checkpoints.latest_checkpoint(ckpt_dir)
+        if last is None:
+            log.warning("--resume: no checkpoint in %s; starting from epoch 0", ckpt_dir)
+        else:
+            checkpoints.resume(last, objects, trainer, max_epochs)
+    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, int(parser.get("checkpoint_interval", 1)))
+
+    tracker = None
+    if idist.get_rank() == 0:
+        tracker = open_tracker(tracking_uri, meta.get("name", bundle_dir.name), output_dir / "metrics.jsonl",
+                               ckpt_dir / "mlflow_run.json", resume, run_name=output_dir.name)
+        manifest = Path(parser.get_parsed_content("manifest"))
+        tracker.set_tags({"bundle": meta.get("name"), "bundle_version": meta.get("version"),
+                          "git_commit": git_commit(), "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
+                          "device": str(trainer.state.device), "world_size": idist.get_world_size()})
+        tracker.log_params(bundle_params(parser))
+        config_path = output_dir / "config_resolved.json"
+        parser.export_config_file(parser.get(), str(config_path), indent=2)
+        tracker.log_artifact(config_path, "config")
+        attach_tracker(tracker, trainer)
+
+    if trainer.state.epoch >= max_epochs:
+        log.info("already trained to epoch %d of %d: nothing to do", trainer.state.epoch, max_epochs)
+    else:
+        try:
+            trainer.run()
+        except BaseException as e:
+            if tracker is not None:
+                tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+    parser.get_parsed_content("finalize")
+    return _summary(parser, meta, trainer, output_dir, ckpt_dir, tracker, bundle_dir)
+
+
+def _summary(parser: Any, meta: dict, trainer: Engine, output_dir: Path, ckpt_dir: Path, tracker: Any,
+             bundle_dir: Path) -> dict[str, Any]:
+    model = output_dir / "model.pt"
+    report = getattr(trainer.state, "best_report", None) or {"metrics": {}}
+    summary: dict[str, Any] = {
+        "bundle": meta.get("name"), "version": meta.get("version"), "epochs": trainer.state.epoch,
+        "best_val_mean_dice": trainer.state.best_val_mean_dice, "best_epoch": trainer.state.best_epoch,
+        "val_dice": {k[len("val_dice_"):]: v for k, v in report["metrics"].items() if k.startswith("val_dice_")},
+        "output_dir": str(output_dir), "model_path": str(model) if model.is_file() else None,
+        "checkpoint": str(checkpoints.latest_checkpoint(ckpt_dir)), "world_size": idist.get_world_size(),
+        "device": str(trainer.state.device)}
+    if tracker is not None:
+        for path, where in [(model, "model"), (output_dir / "val_cases.csv", "validation"),
+                            *[(p, "qc") for p in sorted((output_dir / "qc").glob("*.png"))]]:
+            if path.is_file():
+                tracker.log_artifact(path, where)
+        summary.update(tracker.finish())
+    if parser.get("export") and summary["model_path"] and idist.get_rank() == 0:
+        summary["exported"] = str(export_model(model, bundle_dir))
+    return summary
+
+
+def manifest_hash(manifest: Path) -> str:
+    return hashlib.sha256(Path(manifest).read_bytes()).hexdigest()[:16]
+
+
+def export_model(model_path: Path, bundle_dir: Path) -> Path:
+    """Copy trained weights into the bundle's ``models/model.pt`` (the explicit export step)."""
+    dest = Path(bundle_dir) / "models" / "model.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_path, dest)
+    log.info("exported %s -> %s", model_path, dest)
+    return dest
