@@ -120,3 +120,54 @@ def test_whole_number_floats_accepted():
     lab = np.zeros((8, 8), np.float32)
     lab[1:3, 1:3], lab[5:7, 5:7] = 1.0, 2.0
     np.testing.assert_array_equal(boundary_weight_map(lab), boundary_weight_map(lab.astype(np.uint8)))
+
+
+def write_label(path, array, zooms=(0.8, 1.2, 2.5)):
+    import nibabel as nib
+
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = (10.0, -30.0, 5.0)
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return path
+
+
+def test_weightmap_cli_writes_a_figure(tmp_path):
+    import subprocess
+    import sys
+
+    from matplotlib.image import imread
+
+    lab = np.zeros((48, 40, 7), np.uint8)
+    lab[6:22, 8:32, 1:6], lab[23:40, 8:32, 1:6], lab[10:30, 33:38, 2:5] = 1, 2, 1
+    label = write_label(tmp_path / "label.nii.gz", lab)
+    out = tmp_path / "fig" / "w.png"
+    run = subprocess.run([sys.executable, "-m", "pipeline", "weightmap", str(label), "--out", str(out),
+                          "--sigma", "3"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert out.stat().st_size > 20_000
+    pixels = imread(out)[..., :3]
+    assert pixels.std() > 0.1 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # a heat map, not a blank
+
+    bad = write_label(tmp_path / "4d.nii.gz", np.ones((4, 4, 4, 2), np.uint8))
+    run = subprocess.run([sys.executable, "-m", "pipeline", "weightmap", str(bad), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "2D or 3D" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        (np.random.default_rng(0).random((6, 6, 4)).astype(np.float32), "non-integer"),
+        (np.zeros((6, 6, 4), np.uint8), "all background"),
+        (np.arange(6 * 6 * 40, dtype=np.int32).reshape(6, 6, 40), "not a label"),
+    ],
+)
+def test_weightmap_figure_bad_labels_raise_input_error(tmp_path, array, match):
+    from pipeline.errors import InputError
+    from pipeline.figures import weightmap_figure
+
+    label = write_label(tmp_path / "l.nii.gz", array)
+    with pytest.raises(InputError, match=match):
+        weightmap_figure(label, tmp_path / "o.png")
+    with pytest.raises(InputError, match="no such file"):
+        weightmap_figure(tmp_path / "missing.nii.gz", tmp_path / "o.png")
