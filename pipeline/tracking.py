@@ -182,6 +182,24 @@ def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_f
     return tracker
 
 
+def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1) -> None:
+    """Log ``train_loss`` per iteration (every ``loss_every``) and, at each epoch end, the dict the
+    engines left in ``trainer.state.epoch_log`` (epoch loss, lr, timing, validation), then flush."""
+    from ignite.engine import Events
+    from monai.handlers import from_engine
+
+    def _iteration(engine: Any) -> None:
+        loss = from_engine(["loss"], first=True)(engine.state.output)
+        tracker.log_metrics({"train_loss": float(loss)}, step=engine.state.iteration)
+
+    def _epoch(engine: Any) -> None:
+        tracker.log_metrics(getattr(engine.state, "epoch_log", {}), step=engine.state.epoch)
+        tracker.flush()
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=loss_every), _iteration)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)
+
+
 # MLflow param name -> bundle id; ids a bundle lacks are skipped.
 PARAM_IDS = {
     "network": "network_def#name", "features": "network_def#features", "spatial_dims": "spatial_dims",
