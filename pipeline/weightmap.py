@@ -121,10 +121,10 @@ def _between(a: tuple[slice, ...], b: tuple[slice, ...], radius: float, spacing:
     out = []
     for x, y, step, n in zip(a, b, spacing, shape, strict=True):
         reach = radius / step
-        lo = math.floor((x.start + y.start - reach) / 2)
-        hi = math.ceil((x.stop - 1 + y.stop - 1 + reach) / 2) + 1
-        lo = max(lo, x.start - math.ceil(reach) - 1, y.start - math.ceil(reach) - 1, 0)
-        hi = min(hi, x.stop + math.ceil(reach) + 1, y.stop + math.ceil(reach) + 1, n)
+        lo = math.ceil((x.start + y.start - reach) / 2)
+        hi = math.floor((x.stop - 1 + y.stop - 1 + reach) / 2) + 1
+        lo = max(lo, x.start - math.floor(reach), y.start - math.floor(reach), 0)
+        hi = min(hi, x.stop + math.floor(reach), y.stop + math.floor(reach), n)
         if lo >= hi:
             return None
         out.append(slice(lo, hi))
@@ -141,7 +141,7 @@ def _needed_crops(boxes: list[tuple[slice, ...]], spacing: np.ndarray, radius: f
     computed is larger than the true one (up to inf), which can only lower a border term that is
     negligible there anyway, so the map is within NEGLIGIBLE of the exact one.
     """
-    margin = [math.ceil(radius / s) + 1 for s in spacing]
+    margin = [math.floor(radius / s) for s in spacing]  # one voxel further is beyond the radius
     crops: list[tuple[slice, ...] | None] = []
     for k, box in enumerate(boxes):
         parts = [_between(box, other, radius, spacing, shape) for j, other in enumerate(boxes) if j != k]
@@ -197,10 +197,8 @@ def _edt32(outside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     out = np.zeros(outside.shape, dtype=np.float32)
     for axis, (index, step) in enumerate(zip(nearest, spacing, strict=True)):
         position = np.arange(outside.shape[axis], dtype=np.int32).reshape((-1,) + (1,) * (outside.ndim - axis - 1))
-        delta = (index - position).astype(np.float32)
-        delta *= np.float32(step)
-        delta *= delta
-        out += delta
+        delta = np.multiply(index - position, np.float32(step), dtype=np.float32)
+        out += delta * delta
     return np.sqrt(out, out=out)
 
 
