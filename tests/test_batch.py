@@ -1,0 +1,165 @@
+"""Batch prediction end to end through `python -m pipeline predict`: broken studies, resume,
+SIGKILL mid-batch, shards, unwritable output, missing weights."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.batch import predict
+from pipeline.batch_io import parse_shard
+from pipeline.bundle import get, load_bundle
+from pipeline.errors import InputError, UsageError
+from pipeline.synthetic import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = (24, 24, 8)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantom_ct_3d bundle's configs with random weights of its network_def."""
+    b = tmp_path_factory.mktemp("bundle")
+    shutil.copytree(ROOT / "bundles" / "phantom_ct_3d" / "configs", b / "configs")
+    (b / "models").mkdir()
+    torch.manual_seed(0)
+    net = get(load_bundle(b, ("common.json", "inference.json")), "network_def")
+    torch.save(net.state_dict(), b / "models" / "model.pt")
+    return b
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 6 small phantom CT images (LPS affine)."""
+    root = tmp_path_factory.mktemp("ct")
+    write_dataset("ct3d", 6, root, seed=0, shape=SMALL)
+    return root / "imagesTr"
+
+
+def _run(bundle: Path, inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "predict", str(bundle), "--input", str(inp),
+                           "--output", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def _report(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "report.csv", newline="") as f:
+        return {r["study_id"]: r for r in csv.DictReader(f)}
+
+
+def _broken(folder: Path, good: Path) -> dict[str, str]:
+    """Write broken studies beside good ones; return id -> a word the error must contain."""
+    (folder / "empty.nii.gz").write_bytes(b"")
+    (folder / "text.nii.gz").write_text("this is not an image\n")
+    raw = good.read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.diag([-1.0, -1, 1, 1])), str(folder / "flat2d.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((*SMALL, 2), np.int16), np.diag([-1.0, -1, 1, 1])),
+             str(folder / "twochan.nii.gz"))
+    hdr = bytearray(gzip.decompress(raw))
+    struct.pack_into("<f", hdr, 76 + 4 * 2, float("nan"))  # pixdim[2] = NaN in the raw header
+    (folder / "nanspacing.nii.gz").write_bytes(gzip.compress(bytes(hdr)))
+    return {"empty": "empty", "text": "gzip", "truncated": "truncat", "flat2d": "2D",
+            "twochan": "channels", "nanspacing": "spacing"}
+
+
+def test_broken_studies_fail_alone_and_exit_1(bundle: Path, studies: Path, tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    shutil.copytree(studies, inp)
+    good = sorted(p.name.removesuffix(".nii.gz") for p in inp.glob("*.nii.gz"))
+    bad = _broken(inp, inp / f"{good[0]}.nii.gz")
+    out = tmp_path / "out"
+    r = _run(bundle, inp, out)
+    assert r.returncode == 1, r.stderr
+    rows = _report(out)
+    assert set(rows) == set(good) | set(bad)
+    for sid in good:
+        assert rows[sid]["status"] == "ok", rows[sid]
+        src, mask = nib.load(str(inp / f"{sid}.nii.gz")), nib.load(str(out / f"{sid}.nii.gz"))
+        assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
+        assert int(rows[sid]["voxels_liver"]) == int((np.asarray(mask.dataobj) == 1).sum())
+    for sid, word in bad.items():
+        assert rows[sid]["status"] == "failed" and word.lower() in rows[sid]["error"].lower(), rows[sid]
+        assert "\n" not in rows[sid]["error"] and not (out / f"{sid}.nii.gz").exists()
+    assert f"{len(good)} ok, 0 skipped, {len(bad)} failed" in r.stdout
+
+    again = predict(bundle, inp, out, progress=False)  # rerun: completed studies are skipped, rows kept
+    assert sorted(r["status"] for r in again) == sorted(["skipped"] * len(good) + ["failed"] * len(bad))
+    rows2 = _report(out)
+    assert {rows2[s]["status"] for s in good} == {"skipped"}
+    assert all(rows2[s]["voxels_liver"] == rows[s]["voxels_liver"] for s in good)
+
+
+def test_sigkill_mid_batch_then_rerun_completes(bundle: Path, tmp_path: Path) -> None:
+    write_dataset("ct3d", 10, tmp_path / "ds", seed=1, shape=SMALL)
+    inp, out = tmp_path / "ds" / "imagesTr", tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "predict", str(bundle), "--input", str(inp), "--output", str(out),
+           "--no-progress"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not list(out.glob("ct_*.nii.gz")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = sorted(out.glob("ct_*.nii.gz"))
+    assert 1 <= len(done) < 10, "the run should have been killed mid-batch"
+    for f in done:  # every final name is a complete mask
+        assert np.asarray(nib.load(str(f)).dataobj).shape == SMALL
+    assert not any(r["status"] == "failed" for r in predict(bundle, inp, out, progress=False))
+    rows = _report(out)
+    assert len(rows) == 10 and {x["status"] for x in rows.values()} <= {"ok", "skipped"}
+    assert sum(x["status"] == "skipped" for x in rows.values()) >= len(done)
+    for f in out.glob("ct_*.nii.gz"):
+        assert np.asarray(nib.load(str(f)).dataobj).shape == SMALL
+    assert not [f for f in out.iterdir() if f.name.startswith(".tmp-")]
+
+
+def test_shards_are_disjoint_and_complete(bundle: Path, studies: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    ids = [{r["study_id"] for r in predict(bundle, studies, out, shard=f"{i}/3", progress=False)} for i in range(3)]
+    assert set.union(*ids) == {p.name.removesuffix(".nii.gz") for p in studies.glob("*.nii.gz")}
+    assert sum(map(len, ids)) == len(set.union(*ids))
+    assert len(_report(out)) == 6  # shards writing one folder keep each other's rows
+    for bad in ("3/3", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(UsageError):
+            parse_shard(bad)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parse_shard(None) == (1, 4) and parse_shard("0/2") == (0, 2)
+
+
+def test_unwritable_output_fails_before_work(bundle: Path, studies: Path, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        target = tmp_path / "file"  # root writes anywhere: use a path below a plain file instead
+        target.write_text("")
+        out = target / "out"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o500)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="not writable"):
+        predict(bundle, studies, out, progress=False)
+    assert time.perf_counter() - t0 < 1  # before loading the model or reading any study
+
+
+def test_bundle_without_weights_is_a_clear_error(bundle: Path, studies: Path, tmp_path: Path) -> None:
+    b = tmp_path / "noweights"
+    shutil.copytree(bundle / "configs", b / "configs")
+    with pytest.raises(InputError, match="no weights"):
+        predict(b, studies, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
