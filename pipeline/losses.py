@@ -10,11 +10,11 @@ same loss serves validation and data without weight maps::
         device=device, max_epochs=100, train_data_loader=loader, network=net, optimizer=opt,
         loss_function=BoundaryWeightedDiceCELoss(lambda_dice=1.0, lambda_ce=1.0),
         prepare_batch=prepare_batch_with_weight, amp=True,
-        # the trainer's output "label" then has 2 channels: give train metrics channel 0 only
-        key_train_metric={"train_dice": MeanDice(output_transform=lambda o: ...)},
     )
 
-:func:`split_target` separates the two channels again wherever one needs the plain label.
+The trainer's ``engine.state.output["label"]`` then holds both channels (label, weight): a train
+metric or post-transform must take channel 0 (``label[:1]`` per decollated sample, or
+:func:`split_target` on the batch). The evaluator needs nothing: validation data has no weight.
 """
 
 from __future__ import annotations
