@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--sw-batch-size", type=int, default=4)
     ap.add_argument("--no-monai-bs1", action="store_true", help="skip MONAI with sw_batch_size=1")
+    ap.add_argument("--compile", action="store_true", help="also ours with compile=True (margin 0 and default)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -81,7 +82,7 @@ def main() -> None:
     train_briefly(net, roi, a.train_steps, a.seed)
     x, _ = phantom(shape, a.seed)
     rois = (roi,) * 3
-    nets = {k: copy.deepcopy(net) for k in ("monai", "monai bs1", "ours m=0", "ours")}
+    nets = {k: copy.deepcopy(net) for k in ("monai", "monai bs1", "ours m=0", "ours", "compiled")}
 
     def monai(name: str, bs: int) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
@@ -96,9 +97,18 @@ def main() -> None:
     }
     if not a.no_monai_bs1:
         methods["monai bs1"] = monai("monai bs1", 1)
+    if a.compile:  # one compiled network (same shapes) for both margins
+        methods["ours+c m=0"] = lambda: predict_tiles(nets["compiled"], x, rois, margin=0,
+                                                      sw_batch_size=a.sw_batch_size, compile=True)
+        methods["ours+c"] = lambda: predict_tiles(nets["compiled"], x, rois, sw_batch_size=a.sw_batch_size,
+                                                  compile=True)
     crop = x[..., :roi, :roi, :roi]
-    for k in methods:  # warm-up on one window: oneDNN primitives, channels-last weights
-        if k.startswith("ours"):
+    for k in methods:  # warm-up on one window: oneDNN primitives, channels-last weights, compilation
+        if k.startswith("ours+c"):
+            t0 = time.perf_counter()
+            predict_tiles(nets["compiled"], crop, rois, margin=0, sw_batch_size=a.sw_batch_size, compile=True)
+            log.info("%s: compiled in %.1f s (not counted below)", k, time.perf_counter() - t0)
+        elif k.startswith("ours"):
             predict_tiles(nets[k], crop, rois, margin=0)
         else:
             with torch.no_grad():

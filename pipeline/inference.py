@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -105,20 +106,38 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(network: torch.nn.Module) -> Callable[..., Any]:
+    """``torch.compile`` with inductor freezing (weights folded in as constants: for a network
+    whose weights no longer change, e.g. batch prediction), built once per network."""
+    if network not in _COMPILED:
+        log.info("compiling %s with torch.compile (freezing); the first windows take a while",
+                 type(network).__name__)
+        _COMPILED[network] = torch.compile(network, dynamic=False, options={"freezing": True})
+    return _COMPILED[network]
+
+
 def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, channels_last: bool,
-                     device: torch.device, amp: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+                     device: torch.device, amp: bool, batch_size: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-window-batch function handed to sliding_window_inference: the network's logits,
-    or with ``tta`` the mean of the softmax probabilities over every flip (flipped back)."""
+    or with ``tta`` the mean of the softmax probabilities over every flip (flipped back).
+    ``batch_size`` > 0 pads a short last batch to that size (a compiled network sees one shape)."""
     fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
     flips = flip_combinations(spatial_dims) if tta else [()]
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if 0 < n < batch_size:
+            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
         if channels_last:
             x = x.contiguous(memory_format=fmt)
         with _autocast(device, amp):
             y = network(x)
+        y = y[:n] if isinstance(y, torch.Tensor) else y
         if isinstance(y, (list, tuple)):  # deep supervision heads: the full-resolution one
-            y = y[0]
+            y = y[0][:n]
         return y.float().contiguous()
 
     def run_tta(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +163,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
                   tta: bool = False, sw_batch_size: int = 4, mode: str = "gaussian",
                   sigma_scale: float | Sequence[float] = 0.125, device: torch.device | str | None = None,
                   stitch_device: torch.device | str | None = None, amp: bool = True,
-                  channels_last: bool | None = None, progress: bool = False) -> torch.Tensor:
+                  channels_last: bool | None = None, compile: bool = False,
+                  progress: bool = False) -> torch.Tensor:
     """Overlap-tile prediction of ``inputs`` (N, C, *spatial). Returns (N, K, *spatial) float32 on
     the stitching device: the blended logits, or with ``tta`` the mean softmax probabilities over
     all flips. A MetaTensor input gives a MetaTensor output with the input's meta.
@@ -152,7 +172,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     ``margin``: mirrored context per side (None: a quarter of the ROI; 0: none).
     ``device``: where the network runs (default: its parameters' device).
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
-    back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D."""
+    back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D.
+    ``compile``: run the network through ``compiled`` (weights frozen at the first call)."""
     spatial_dims = inputs.ndim - 2
     meta_src = inputs if isinstance(inputs, MetaTensor) else None
     x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
@@ -164,7 +185,10 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
         channels_last = run_device.type == "cpu" and spatial_dims == 3
     if channels_last and isinstance(network, torch.nn.Module):
         network.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
-    fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, amp)
+    if compile and isinstance(network, torch.nn.Module):
+        network = compiled(network)
+    fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, amp,
+                          batch_size=sw_batch_size if compile else 0)
     out_device = torch.device(stitch_device) if stitch_device is not None else run_device
     with torch.inference_mode():
         padded = mirror_pad(x.float(), pads) if any(p for pair in pads for p in pair) else x.float()
@@ -196,12 +220,13 @@ class OverlapTileInferer(Inferer):
                  margin: int | Sequence[int] | None = None, tta: bool = False, sw_batch_size: int = 4,
                  mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
                  device: torch.device | str | None = None, stitch_device: torch.device | str | None = None,
-                 amp: bool = True, channels_last: bool | None = None, progress: bool = False) -> None:
+                 amp: bool = True, channels_last: bool | None = None, compile: bool = False,
+                 progress: bool = False) -> None:
         super().__init__()
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, margin=margin, tta=tta,
                            sw_batch_size=sw_batch_size, mode=mode, sigma_scale=sigma_scale, device=device,
                            stitch_device=stitch_device, amp=amp, channels_last=channels_last,
-                           progress=progress)
+                           compile=compile, progress=progress)
 
     @property
     def outputs_probabilities(self) -> bool:
