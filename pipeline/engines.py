@@ -86,6 +86,14 @@ def autocast_inferer(inferer: Inferer, device: torch.device | str, dtype: torch.
     return _AutocastInferer(inferer, "cpu", dtype)
 
 
+def channels_last(network: torch.nn.Module, spatial_dims: int, enabled: bool = True) -> torch.nn.Module:
+    """``network`` with channels-last weights (in place): several times faster 3D convolutions on
+    CPU (oneDNN) and faster AMP convolutions on GPU; state_dicts load either way."""
+    if enabled:
+        network.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
+    return network
+
+
 # -- handlers -------------------------------------------------------------------------------------
 def attach_grad_clip(trainer: Engine, max_norm: float | None) -> None:
     """Clip the gradient norm after backward (unscaled first under fp16 grad scaling)."""

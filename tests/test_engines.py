@@ -1,0 +1,177 @@
+"""Training engines on real phantom data: Dice rises and everything lands in MLflow; a SIGKILLed
+run resumes to the same final epoch; NaN loss, a different network and a bad manifest stop
+with one clear line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.checkpoints import list_checkpoints
+from pipeline.engines import amp_dtype, autocast_inferer, cpu_has_bf16, train_bundle
+from pipeline.errors import InputError, SegpipeError
+from pipeline.synthetic import write_dataset
+
+BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
+# 6 phantoms of 32x32x12 at native spacing: 4 train, 2 validation; 2 iterations per epoch
+TINY = {"pixdim": [0.8, 0.8, 2.5], "roi_size": [32, 32, 12], "network_def#features": [8, 16, 32, 8],
+        "num_workers": 0, "num_folds": 3, "batch_size": 2, "num_samples": 1, "flip_prob": 0.0,
+        "rot90_prob": 0.0, "learning_rate": 0.01, "lr_scheduler#T_max": 1000}
+# the same resampled to 16x16x12: 4x cheaper, for tests of the machinery rather than of learning
+FAST = {**TINY, "pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset("ct3d", 6, tmp_path_factory.mktemp("ct6"), seed=0, shape=(32, 32, 12))
+
+
+def _sets(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def _db(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "run"
+    s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=_db(tmp_path),
+                     overrides={**FAST, "output_dir": str(out), "val_interval": 1})
+    assert s["epochs"] == 3 and s["tracking_ok"] and s["model_path"] == str(out / "model.pt")
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert "final_conv.weight" in weights or any(k.startswith("head") for k in weights)
+    ckpt = torch.load(s["checkpoint"], weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 3 * 2
+
+    client = MlflowClient(_db(tmp_path))
+    run = client.get_run(s["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "phantom_ct_3d"
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["network"] == "unet" and p["features"] == "[8, 16, 32, 8]" and p["lr"] == "0.01"
+    assert p["roi_size"] == "[16, 16, 12]" and p["w0"] == "10.0" and p["sigma_mm"] == "5.0"
+    assert p["loss"].endswith("BoundaryWeightedDiceCELoss") and p["amp"] == "True" and p["max_epochs"] == "3"
+    t = run.data.tags
+    assert t["bundle"] == "phantom_ct_3d" and t["bundle_version"] and t["device"] == "cpu"
+    assert len(t["git_commit"]) == 40 and len(t["manifest_sha256"]) == 16
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3 * 2
+    for key in ("train_loss_epoch", "lr", "epoch_time_s", "samples_per_s", "voxels_per_s", "data_wait_fraction"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss_epoch"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0]
+    dice = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_mean_dice"), key=lambda m: m.step)]
+    assert len(dice) == 3
+    for organ in ("liver", "kidney", "spleen"):
+        assert len(client.get_metric_history(run.info.run_id, f"val_dice_{organ}")) == 3
+    assert run.data.metrics["best_val_mean_dice"] == pytest.approx(max(dice))
+    artifacts = {f.path for d in ("config", "model", "validation", "qc") for f in client.list_artifacts(run.info.run_id, d)}
+    assert {"config/config_resolved.json", "model/model.pt", "validation/val_cases.csv"} <= artifacts
+    assert sum(a.startswith("qc/qc_") and a.endswith(".png") for a in artifacts) == 2
+    rows = (out / "val_cases.csv").read_text().splitlines()
+    assert rows[0] == "case,dice_liver,dice_kidney,dice_spleen,dice_mean" and len(rows) == 3
+
+
+@pytest.mark.slow
+def test_val_dice_rises(tmp_path: Path, data: Path) -> None:
+    s = train_bundle(BUNDLE, manifest=data, epochs=16, tracking_uri=_db(tmp_path),
+                     overrides={**TINY, "output_dir": str(tmp_path / "run"), "val_interval": 4})
+    client = MlflowClient(_db(tmp_path))
+    dice = [m.value for m in sorted(client.get_metric_history(s["mlflow_run_id"], "val_mean_dice"), key=lambda m: m.step)]
+    assert len(dice) == 4 and dice[-1] > dice[0] + 0.1, dice
+    assert s["val_dice"]["liver"] > 0.4, s["val_dice"]
+
+
+def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(data), "--epochs", "4",
+           "--tracking-uri", _db(tmp_path), *_sets({**FAST, "output_dir": str(out), "val_interval": 2})]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(out / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # into the next epoch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+    saved = list_checkpoints(out / "checkpoints")
+    assert saved and saved[-1][0] < 4
+    for _, path in saved:  # whatever moment the kill hit, every checkpoint file is complete
+        torch.load(path, weights_only=True)
+    run_id = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+
+    s = train_bundle(BUNDLE, manifest=data, epochs=4, resume=True, tracking_uri=_db(tmp_path),
+                     overrides={**FAST, "output_dir": str(out), "val_interval": 2})
+    assert s["epochs"] == 4 and s["mlflow_run_id"] == run_id
+    state = torch.load(s["checkpoint"], weights_only=True)["trainer"]
+    assert state["iteration"] == 4 * 2 and state["max_epochs"] == 4
+    assert [e for e, _ in list_checkpoints(out / "checkpoints")] == [3, 4]
+    assert not list((out / "checkpoints").glob("tmp*"))
+    client = MlflowClient(_db(tmp_path))
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    assert {m.step for m in client.get_metric_history(run_id, "val_mean_dice")} == {2, 4}
+
+    again = train_bundle(BUNDLE, manifest=data, epochs=4, resume=True, tracking_uri=_db(tmp_path),
+                         overrides={**FAST, "output_dir": str(out), "val_interval": 2})
+    assert again["epochs"] == 4  # nothing left to do: no restart from epoch 0
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("two")
+    overrides = {**FAST, "output_dir": str(tmp / "run"), "val_interval": 1}
+    train_bundle(BUNDLE, manifest=data, epochs=2, tracking_uri=_db(tmp), overrides=overrides)
+    return tmp, overrides
+
+
+def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_checkpoint(two_epochs, data: Path) -> None:
+    tmp, overrides = two_epochs
+    nan_loss = {**overrides, "loss": "$lambda pred, target: pred.mean() * float('nan')"}
+    with pytest.raises(SegpipeError, match=r"loss is nan at epoch 3, iteration 5 \(1 of the epoch\).*checkpoint_2\.pt"):
+        train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=_db(tmp), overrides=nan_loss)
+    saved = list_checkpoints(Path(overrides["output_dir"]) / "checkpoints")
+    assert [e for e, _ in saved] == [1, 2]
+    weights = torch.load(saved[-1][1], weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    run_id = json.loads((Path(overrides["output_dir"]) / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(_db(tmp)).get_run(run_id).info.status == "FAILED"
+
+
+def test_resume_with_a_different_network_is_one_line(two_epochs, data: Path) -> None:
+    tmp, overrides = two_epochs
+    other = {**overrides, "network_def#features": [8, 16, 24, 8]}
+    with pytest.raises(InputError, match=r"checkpoint_2\.pt: checkpoint is from a different network") as e:
+        train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=_db(tmp), overrides=other)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_manifest_stops_before_training(tmp_path: Path, data: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(data.parent, bad)
+    next((bad / "imagesTr").iterdir()).unlink()
+    with pytest.raises(InputError, match="failed validation with 1 problem"):
+        train_bundle(BUNDLE, manifest=bad / "dataset.json", epochs=1, tracking_uri=_db(tmp_path),
+                     overrides={**FAST, "output_dir": str(tmp_path / "run")})
+    assert not (tmp_path / "run").exists()
+
+
+def test_amp_policy_and_cpu_autocast() -> None:
+    assert amp_dtype("cpu", False) is None
+    assert amp_dtype("cpu", True) == (torch.bfloat16 if cpu_has_bf16() else None)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    x = torch.rand(1, 1, 8, 8, 8)
+    plain = autocast_inferer(lambda i, n: n(i), "cpu", None)
+    bf16 = autocast_inferer(lambda i, n: n(i), "cpu", torch.bfloat16)
+    with torch.no_grad():
+        ref, low = plain(x, net), bf16(x, net)
+    assert low.dtype == torch.float32 and torch.allclose(ref, low, atol=0.05) and not torch.equal(ref, low)
