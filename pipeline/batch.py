@@ -17,6 +17,7 @@ one-line reason; the rest go on. Existing outputs are skipped (they are complete
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections import deque
@@ -112,7 +113,9 @@ def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str |
     from pipeline.postprocess import label_cleanup
 
     parser = load_bundle(Path(bundle_dir), CONFIGS, overrides)
-    dev = torch.device(device) if device else get(parser, "device", bundle_dir)
+    dev = torch.device(device) if device else torch.device(get(parser, "device", bundle_dir))
+    if device is None and dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
     network = get(parser, "network_def", bundle_dir)
     batch_io.load_weights(network, Path(get(parser, "model_path", bundle_dir)))
     network = network.to(dev).eval()

@@ -163,3 +163,27 @@ def test_bundle_without_weights_is_a_clear_error(bundle: Path, studies: Path, tm
     with pytest.raises(InputError, match="no weights"):
         predict(b, studies, tmp_path / "out", progress=False)
     assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_dicom_series_good_mixed_and_empty(bundle: Path, tmp_path: Path) -> None:
+    from test_studies import volume, write_series  # the DICOM writer of the studies tests
+
+    from pipeline.studies import dicom_series_to_nifti
+
+    inp = tmp_path / "in"
+    write_series(inp / "good", volume())
+    write_series(inp / "mixed", volume(), uid="1.2.3.4.1")
+    for f in write_series(tmp_path / "other", volume(), uid="1.2.3.4.2").iterdir():
+        shutil.copy(f, inp / "mixed" / f"b_{f.name}")
+    shutil.copytree(inp / "good", inp / "gappy")
+    (inp / "gappy" / "slice_002.dcm").unlink()
+    rows = {r["study_id"]: r for r in predict(bundle, inp, tmp_path / "out", progress=False)}
+    assert rows["good"]["status"] == "ok", rows["good"]
+    assert rows["mixed"]["status"] == "failed" and "series" in rows["mixed"]["error"]
+    assert rows["gappy"]["status"] == "failed" and "incomplete" in rows["gappy"]["error"]
+    ref = nib.load(str(dicom_series_to_nifti(inp / "good", tmp_path / "ref.nii.gz")))
+    mask = nib.load(str(tmp_path / "out" / "good.nii.gz"))
+    assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-4)
+    (tmp_path / "empty").mkdir()
+    [row] = predict(bundle, tmp_path / "empty", tmp_path / "out2", progress=False)
+    assert row["status"] == "failed" and "no DICOM series" in row["error"]
