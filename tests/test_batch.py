@@ -187,3 +187,10 @@ def test_dicom_series_good_mixed_and_empty(bundle: Path, tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()
     [row] = predict(bundle, tmp_path / "empty", tmp_path / "out2", progress=False)
     assert row["status"] == "failed" and "no DICOM series" in row["error"]
+
+
+def test_manifest_input_and_voxel_limit_refused_before_reading(bundle: Path, studies: Path, tmp_path: Path) -> None:
+    manifest = studies.parent / "dataset.json"  # no "test" entries: its training images are used
+    rows = predict(bundle, manifest, tmp_path / "out", overrides={"max_voxels": 1000}, progress=False)
+    assert sorted(r["study_id"] for r in rows) == sorted(p.name.removesuffix(".nii.gz") for p in studies.glob("*.nii.gz"))
+    assert all(r["status"] == "failed" and "refusing to allocate" in r["error"] for r in rows)
