@@ -170,3 +170,23 @@ def test_resampled_prediction_keeps_source_shape_and_affine(tmp_path: Path) -> N
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-6)
     agree = (np.asarray(b.dataobj) == expected).mean()
     assert agree > 0.95  # resampled twice with interpolation: close, not exact
+
+
+def test_postprocess_keeps_largest_component_and_fills_holes() -> None:
+    from pipeline.postprocess import label_volumes
+
+    lab = torch.zeros(1, 12, 12, 6, dtype=torch.long)
+    lab[0, 1:7, 1:7, 1:5] = 1
+    lab[0, 3:5, 3:5, 2:4] = 0  # a hole inside label 1
+    lab[0, 9:11, 9:11, 1:3] = 1  # a small second component of label 1
+    lab[0, 9:11, 1:3, 1:3] = 2
+    out = label_cleanup({"keep_largest": [1], "fill_holes": [1]})(lab)
+    want = torch.zeros_like(lab)
+    want[0, 1:7, 1:7, 1:5] = 1
+    want[0, 9:11, 1:3, 1:3] = 2
+    assert torch.equal(torch.as_tensor(out), want)
+    assert torch.equal(label_cleanup(None)(lab), lab)
+    with pytest.raises(ValueError, match="unknown"):
+        label_cleanup({"keep_larges": [1]})
+    vols = label_volumes(want[0], ["background", "a", "b"], voxel_ml=0.002)
+    assert vols == {"voxels_a": 144, "ml_a": 0.288, "voxels_b": 8, "ml_b": 0.016}
