@@ -66,6 +66,7 @@ class RunTracker:
         self.run_id = run_id
         self.run_name = run_name
         self.offline = False
+        self._warned = False
         self.pending: list[dict[str, Any]] = []
         self._logged_params: dict[str, str] = {}
         self._client: Any = None
@@ -96,6 +97,10 @@ class RunTracker:
             return True
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
             self.offline = True
+            if self._warned:
+                log.debug("MLflow call failed again: %s", e)
+                return False
+            self._warned = True
             log.warning("MLflow tracking at %s failed (%s: %s); training goes on, records are kept in %s "
                         "and sent at the end if the server is back", self.uri, type(e).__name__,
                         str(e).splitlines()[0][:200] if str(e) else "", self.journal)
