@@ -146,7 +146,7 @@ def attach_epoch_log(trainer: Engine, optimizer: torch.optim.Optimizer, roi_voxe
             "train_loss_epoch": acc["loss"] / max(acc["n"], 1), "lr": acc["lr"], "epoch_time_s": seconds,
             "samples_per_s": samples / seconds, "voxels_per_s": samples * roi_voxels / seconds,
             "data_wait_fraction": data_t.value() / seconds})
-        log.info("epoch %d/%d: %s", engine.state.epoch, engine.state.max_epochs,
+        log.log(logging.INFO if idist.get_rank() == 0 else logging.DEBUG, "epoch %d/%d: %s", engine.state.epoch, engine.state.max_epochs,
                  ", ".join(f"{k} {v:.4g}" for k, v in engine.state.epoch_log.items()))
 
 
