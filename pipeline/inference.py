@@ -7,8 +7,9 @@ With ``margin=0`` and ``tta=False`` its output equals MONAI's sliding_window_inf
 same arguments on volumes at least as large as the ROI. Smaller volumes are mirror-padded up to
 the ROI (MONAI would pad them with zeros).
 
-Speed on CPU: ``torch.inference_mode``, channels-last 3D windows and weights (about 1.5-2x for
-a 3D U-Net with oneDNN, see BENCHMARKS.md), several windows per network call. bf16 autocast is
+Speed on CPU: ``torch.inference_mode``, channels-last 3D windows and weights, several windows per
+network call, and opt-in ``compile`` (torch.compile with inductor freezing: the largest gain
+measured, see BENCHMARKS.md; the bundle's inference.json turns it on). bf16 autocast is
 used on CPUs that compute bf16 natively (AVX512-BF16 / AMX) and fp16 AMP on CUDA; elsewhere fp32.
 On CUDA the stitched volume lives on the GPU unless that runs out of memory; then the call is
 repeated with stitching on the CPU.
@@ -173,7 +174,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     ``device``: where the network runs (default: its parameters' device).
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
     back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D.
-    ``compile``: run the network through ``compiled`` (weights frozen at the first call)."""
+    ``compile``: on CPU, run the network through ``compiled`` (weights frozen at the first call:
+    for fixed weights only, e.g. batch prediction; not for validation during training)."""
     spatial_dims = inputs.ndim - 2
     meta_src = inputs if isinstance(inputs, MetaTensor) else None
     x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
@@ -185,7 +187,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
         channels_last = run_device.type == "cpu" and spatial_dims == 3
     if channels_last and isinstance(network, torch.nn.Module):
         network.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
-    if compile and isinstance(network, torch.nn.Module):
+    compile = compile and run_device.type == "cpu" and isinstance(network, torch.nn.Module)
+    if compile:  # measured on CPU only (see BENCHMARKS.md); on CUDA, AMP is the lever
         network = compiled(network)
     fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, amp,
                           batch_size=sw_batch_size if compile else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The phantom_ct_3d bundle's configs with random weights of its network_def."""
     b = tmp_path_factory.mktemp("bundle")
     shutil.copytree(ROOT / "bundles" / "phantom_ct_3d" / "configs", b / "configs")
+    cfg = json.loads((b / "configs" / "inference.json").read_text())
+    (b / "configs" / "inference.json").write_text(json.dumps({**cfg, "compile": False}))  # tiny volumes
     (b / "models").mkdir()
     torch.manual_seed(0)
     net = get(load_bundle(b, ("common.json", "inference.json")), "network_def")
