@@ -25,7 +25,7 @@ from pipeline.errors import InputError
 log = logging.getLogger(__name__)
 
 PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
-BEST_KEYS = ["best_val_mean_dice", "best_epoch"]
+BEST_KEYS = ["best_val_mean_dice", "best_epoch", "best_val_dice"]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -89,7 +89,7 @@ def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int
         raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
     check_compatible(state["model"], objects["model"], path)
     for key in BEST_KEYS:
-        if key not in trainer.state_dict_user_keys:
+        if key not in trainer.state_dict_user_keys and key in state.get("trainer", {}):
             trainer.state_dict_user_keys.append(key)
     Checkpoint.load_objects({k: v for k, v in objects.items() if k in state}, state)
     epoch = int(trainer.state.epoch)

@@ -155,7 +155,7 @@ def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Modu
     """After each validation: Dice per class into the epoch log; on a new best mean Dice save
     ``model.pt``, the per-case CSV and QC overlays. The last epoch is always validated."""
     qc.attach_case_collector(evaluator, qc_cases)
-    trainer.state.best_val_mean_dice, trainer.state.best_epoch = -1.0, 0
+    trainer.state.best_val_mean_dice, trainer.state.best_epoch, trainer.state.best_val_dice = -1.0, 0, {}
 
     @evaluator.on(Events.COMPLETED)
     def _report(engine: Engine) -> None:
@@ -165,7 +165,8 @@ def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Modu
         value = report["metrics"]["val_mean_dice"]
         if value > trainer.state.best_val_mean_dice:
             trainer.state.best_val_mean_dice, trainer.state.best_epoch = value, trainer.state.epoch
-            trainer.state.best_report = report
+            trainer.state.best_val_dice = {k[len("val_dice_"):]: v for k, v in report["metrics"].items()
+                                           if k.startswith("val_dice_")}
             checkpoints.save_weights(network, output_dir / "model.pt")
             if idist.get_rank() == 0:
                 qc.write_case_csv(output_dir / "val_cases.csv", report)
@@ -177,6 +178,12 @@ def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Modu
     def _final(engine: Engine) -> None:
         if engine.state.epoch == engine.state.max_epochs and engine.state.epoch % val_interval:
             evaluator.run(engine.state.epoch)
+
+    @trainer.on(Events.COMPLETED)
+    def _never_validated(engine: Engine) -> None:
+        if engine.state.best_epoch == 0:
+            log.warning("no validation result (no validation cases?): %s holds the last weights", output_dir / "model.pt")
+            checkpoints.save_weights(network, output_dir / "model.pt")
 
 
 # -- the entry point ------------------------------------------------------------------------------
@@ -285,7 +292,8 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) 
     tracker = None
     if idist.get_rank() == 0:
         tracker = open_tracker(tracking_uri, meta.get("name", bundle_dir.name), output_dir / "metrics.jsonl",
-                               ckpt_dir / "mlflow_run.json", resume, run_name=output_dir.name)
+                               ckpt_dir / "mlflow_run.json", resume,
+                               run_name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         manifest = Path(parser.get_parsed_content("manifest"))
         tracker.set_tags({"bundle": meta.get("name"), "bundle_version": meta.get("version"),
                           "git_commit": git_commit(), "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
@@ -312,11 +320,10 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) 
 def _summary(parser: Any, meta: dict, trainer: Engine, output_dir: Path, ckpt_dir: Path, tracker: Any,
              bundle_dir: Path) -> dict[str, Any]:
     model = output_dir / "model.pt"
-    report = getattr(trainer.state, "best_report", None) or {"metrics": {}}
     summary: dict[str, Any] = {
         "bundle": meta.get("name"), "version": meta.get("version"), "epochs": trainer.state.epoch,
         "best_val_mean_dice": trainer.state.best_val_mean_dice, "best_epoch": trainer.state.best_epoch,
-        "val_dice": {k[len("val_dice_"):]: v for k, v in report["metrics"].items() if k.startswith("val_dice_")},
+        "val_dice": trainer.state.best_val_dice,
         "output_dir": str(output_dir), "model_path": str(model) if model.is_file() else None,
         "checkpoint": str(checkpoints.latest_checkpoint(ckpt_dir)), "world_size": idist.get_world_size(),
         "device": str(trainer.state.device)}

@@ -175,3 +175,29 @@ def test_amp_policy_and_cpu_autocast() -> None:
     with torch.no_grad():
         ref, low = plain(x, net), bf16(x, net)
     assert low.dtype == torch.float32 and torch.allclose(ref, low, atol=0.05) and not torch.equal(ref, low)
+
+
+def test_export_copies_weights_into_a_bundle_models_folder(tmp_path: Path) -> None:
+    from pipeline.checkpoints import save_weights
+    from pipeline.engines import export_model
+
+    net = torch.nn.Conv3d(1, 2, 3)
+    weights = save_weights(net, tmp_path / "run" / "model.pt")
+    dest = export_model(weights, tmp_path / "bundle")
+    assert dest == tmp_path / "bundle" / "models" / "model.pt"
+    loaded = torch.load(dest, weights_only=True)
+    assert torch.equal(loaded["weight"], net.weight.detach())
+
+
+@pytest.mark.slow
+def test_plain_monai_bundle_run_trains_the_bundle(tmp_path: Path, data: Path) -> None:
+    args = [f"--{k}={json.dumps(v)}" for k, v in {**FAST, "max_epochs": 2, "val_interval": 1}.items()]
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str([str(BUNDLE / "configs" / "common.json"), str(BUNDLE / "configs" / "train.json")]),
+                           "--bundle_root", str(BUNDLE), "--dataset_dir", str(data.parent),
+                           "--output_dir", str(tmp_path / "out"), "--tracking", "mlflow", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch[2] Metrics -- val_mean_dice" in proc.stdout + proc.stderr
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}").search_runs(["1"])
+    assert len(runs) == 1 and "val_mean_dice" in runs[0].data.metrics
