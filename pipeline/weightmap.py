@@ -56,7 +56,8 @@ def check_label(label: np.ndarray, allow_empty: bool = False) -> np.ndarray:
         label = label.astype(np.uint8)
     elif np.issubdtype(label.dtype, np.floating):
         if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
-            raise ValueError(f"label has non-integer values (dtype {label.dtype}); is it an image?")
+            raise ValueError(f"label has non-integer values (dtype {label.dtype}): an image, or a label "
+                             "resampled with an interpolating mode instead of 'nearest'?")
         label = label.astype(np.int64)
     elif not np.issubdtype(label.dtype, np.integer):
         raise ValueError(f"label must hold integers, got dtype {label.dtype}")
