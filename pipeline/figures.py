@@ -50,15 +50,15 @@ def weightmap_figure(label_path: Path, out_png: Path, w0: float = 10.0, sigma: f
 
     label_path, out_png = Path(label_path), Path(out_png)
     label, spacing = _load_label(label_path)
+    index = label.shape[-1] // 2 if slice_index is None else slice_index
+    if label.ndim == 3 and not -label.shape[2] <= index < label.shape[2]:
+        raise InputError(f"{label_path}: slice {index} is outside 0..{label.shape[2] - 1}")
     try:
         weights = boundary_weight_map(label, spacing, w0=w0, sigma=sigma, border_on=border_on)
     except ValueError as e:
         raise InputError(f"{label_path}: {e}") from None
     where = label_path.name
     if label.ndim == 3:
-        index = label.shape[2] // 2 if slice_index is None else slice_index
-        if not -label.shape[2] <= index < label.shape[2]:
-            raise InputError(f"{label_path}: slice {index} is outside 0..{label.shape[2] - 1}")
         where = f"slice {index % label.shape[2]} of {label_path.name}"
         label, weights, spacing = label[:, :, index], weights[:, :, index], spacing[:2]
     label = label.astype(np.int64)
