@@ -43,20 +43,20 @@ def phantom(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def train_briefly(net: torch.nn.Module, roi: int, steps: int, seed: int) -> None:
-    """A few Adam steps on random ROI crops of another phantom: enough for a non-trivial argmax."""
-    x, y = phantom((roi * 2, roi * 2, roi), seed + 1)
+    """A few Adam steps on random crops of another phantom: enough for a non-trivial argmax."""
+    x, y = phantom((roi * 3, roi * 3, roi), seed + 1)
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     rng = np.random.default_rng(seed)
     net.train()
     for _ in range(steps):
-        i, j = rng.integers(0, roi + 1, 2)
+        i, j = rng.integers(0, 2 * roi + 1, 2)
         xb, yb = x[..., i:i + roi, j:j + roi, :], y[..., i:i + roi, j:j + roi, :]
         loss = torch.nn.functional.cross_entropy(net(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
     net.eval()
-    log.info("trained %d steps, last loss %.3f", steps, float(loss))
+    log.info("trained %d steps, last loss %.3f", steps, loss.item())
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -69,20 +69,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="128x128x64 volume, ROI 64^3")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--train-crop", type=int, default=64, help="training crop size (voxels per side)")
     ap.add_argument("--sw-batch-size", type=int, default=4)
     ap.add_argument("--no-monai-bs1", action="store_true", help="skip MONAI with sw_batch_size=1")
     ap.add_argument("--compile", action="store_true", help="also ours with compile=True (margin 0 and default)")
+    ap.add_argument("--no-cl", action="store_true", help="also ours at margin 0 without channels-last")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     shape, roi = ((128, 128, 64), 64) if a.quick else ((256, 256, 128), 96)
     torch.manual_seed(a.seed)
     net = UNet(3, 1, 4, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
-    train_briefly(net, roi, a.train_steps, a.seed)
+    train_briefly(net, min(a.train_crop, roi), a.train_steps, a.seed)
     x, _ = phantom(shape, a.seed)
     rois = (roi,) * 3
-    nets = {k: copy.deepcopy(net) for k in ("monai", "monai bs1", "ours m=0", "ours", "compiled")}
+    nets = {k: copy.deepcopy(net) for k in ("monai", "monai bs1", "ours m=0", "ours", "compiled", "ours noCL")}
 
     def monai(name: str, bs: int) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
@@ -97,6 +99,9 @@ def main() -> None:
     }
     if not a.no_monai_bs1:
         methods["monai bs1"] = monai("monai bs1", 1)
+    if a.no_cl:
+        methods["ours noCL"] = lambda: predict_tiles(nets["ours noCL"], x, rois, margin=0,
+                                                     sw_batch_size=a.sw_batch_size, channels_last=False)
     if a.compile:  # one compiled network (same shapes) for both margins
         methods["ours+c m=0"] = lambda: predict_tiles(nets["compiled"], x, rois, margin=0,
                                                       sw_batch_size=a.sw_batch_size, compile=True)
@@ -109,7 +114,7 @@ def main() -> None:
             predict_tiles(nets["compiled"], crop, rois, margin=0, sw_batch_size=a.sw_batch_size, compile=True)
             log.info("%s: compiled in %.1f s (not counted below)", k, time.perf_counter() - t0)
         elif k.startswith("ours"):
-            predict_tiles(nets[k], crop, rois, margin=0)
+            predict_tiles(nets[k], crop, rois, margin=0, channels_last=False if k == "ours noCL" else None)
         else:
             with torch.no_grad():
                 nets[k](crop)

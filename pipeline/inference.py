@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import weakref
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -107,17 +106,31 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled(network: torch.nn.Module) -> Callable[..., Any]:
     """``torch.compile`` with inductor freezing (weights folded in as constants: for a network
-    whose weights no longer change, e.g. batch prediction), built once per network."""
-    if network not in _COMPILED:
-        log.info("compiling %s with torch.compile (freezing); the first windows take a while",
-                 type(network).__name__)
-        _COMPILED[network] = torch.compile(network, dynamic=False, options={"freezing": True})
-    return _COMPILED[network]
+    whose weights no longer change, e.g. batch prediction), built once per network and kept on
+    it. If compiling fails, the network runs eagerly from then on (logged)."""
+    cached = getattr(network, "_segpipe_compiled", None)
+    if cached is not None:
+        return cached
+    log.info("compiling %s with torch.compile (freezing); the first windows take a while",
+             type(network).__name__)
+    fn: Callable[..., Any] = torch.compile(network, dynamic=False, options={"freezing": True})
+
+    def call(x: torch.Tensor) -> Any:
+        nonlocal fn
+        try:
+            return fn(x)
+        except Exception as e:  # noqa: BLE001 - compiler errors come in many kinds
+            if fn is network:
+                raise
+            log.warning("torch.compile failed (%s); running %s eagerly",
+                        (str(e).strip().splitlines() or [type(e).__name__])[0], type(network).__name__)
+            fn = network
+            return network(x)
+
+    object.__setattr__(network, "_segpipe_compiled", call)
+    return call
 
 
 def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, channels_last: bool,
