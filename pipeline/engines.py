@@ -3,15 +3,23 @@ long run needs added around it.
 
 The bundle (common.json + train.json) defines a standard MONAI workflow (``train#trainer``,
 ``train#handlers``, ``validate#evaluator``, ``validate#handlers``, ``initialize``, ``run``,
-``finalize``), so ``python -m monai.bundle run`` trains it as is. ``train_bundle`` (``segpipe
-train``) adds: manifest validation first; atomic checkpoints and ``--resume``; the best weights
-as ``output_dir/model.pt``; a NaN-loss stop; gradient clipping; per-epoch timing and data-wait
-fraction; Dice per class, per-case CSV and QC overlays; MLflow tracking on rank 0; and the
-process group when started by ``torchrun``. Copy ``output_dir/model.pt`` into the bundle's
-``models/`` yourself (or with ``--set export=true``) once you accept it.
+``finalize``), so ``python -m monai.bundle run --config_file "['configs/common.json',
+'configs/train.json']" --bundle_root B --dataset_dir D [--tracking mlflow]`` trains and validates
+it as plain MONAI. ``train_bundle`` (``segpipe train``) adds, programmatically:
+
+- the manifest validated first (``pipeline.manifest.validate``), the process group when started
+  by ``torchrun`` (gloo on CPU, nccl on GPU; ``DistributedSampler`` in ``pipeline.data.loader``);
+- atomic checkpoints every ``checkpoint_interval`` epochs and ``--resume`` (``pipeline.checkpoints``);
+- the best weights by validation mean Dice as ``output_dir/model.pt`` (plain state_dict); copy it
+  into the bundle's ``models/`` with ``--set export=true`` or ``export_model`` once you accept it;
+- a stop on a non-finite loss naming epoch and iteration; gradient clipping (``grad_clip_norm``);
+  early stopping (``early_stop_patience`` > 0); validation after the last epoch;
+- per-epoch timing, samples/s, voxels/s and data-wait fraction; Dice per class, the per-case CSV
+  and QC overlays (``pipeline.qc``); MLflow tracking on rank 0 (``pipeline.tracking``).
 
 AMP: one ``amp`` switch. CUDA: bf16 autocast where the GPU has it, else fp16 with MONAI's
-GradScaler. CPU: bf16 autocast only on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 otherwise.
+GradScaler. CPU: bf16 autocast only on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 otherwise
+(the ``amp_dtype`` id can force a dtype, e.g. ``--set 'amp_dtype=$torch.bfloat16'``).
 """
 
 from __future__ import annotations
