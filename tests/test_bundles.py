@@ -47,10 +47,19 @@ def _bundle_run(bundle: Path, configs: list[str], **overrides: object) -> subpro
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", "."]
     for key, value in overrides.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
+
+
+def _bundle_run_here(bundle: Path, configs: list[str], **overrides: object) -> None:
+    """The same ``monai.bundle.run`` in this process (no interpreter start-up); logging_file=False
+    so the bundle's logging.conf does not reconfigure the test session's loggers."""
+    from monai.bundle import run
+
+    run(config_file=[str(bundle / "configs" / c) for c in configs], bundle_root=str(bundle), logging_file=False,
+        **overrides)
 
 
 def _random_weights(bundle: Path, path: Path) -> Path:
@@ -179,7 +188,9 @@ def _check_run_outputs(out: Path, n_pred: int) -> None:
 
 
 def test_cells_2d_monai_bundle_run(tmp_path):
-    """train (1 epoch) -> inference -> evaluate, each with ``python -m monai.bundle run``."""
+    """train (1 epoch) with ``python -m monai.bundle run``, then inference and evaluate with its
+    weights through ``monai.bundle.run`` (the CLI's function; all three as subprocesses for every
+    bundle in the slow tests)."""
     data = write_dataset("cells2d", 4, tmp_path / "data", seed=0, shape=(48, 48))
     out = tmp_path / "out"
     common = {"dataset_dir": str(data.parent), "output_dir": str(out), "num_folds": 2}
@@ -187,25 +198,22 @@ def test_cells_2d_monai_bundle_run(tmp_path):
                     num_workers=0, roi_size=[32, 32], **common)
     assert "val_mean_dice" in r.stdout + r.stderr
     assert (out / "model.pt").is_file()  # the best model, by validate#handlers' CheckpointSaver
-    _bundle_run(BUNDLES / "cells_2d", ["common.json", "inference.json"], model_path=str(out / "model.pt"),
-                roi_size=[32, 32], **common)
-    _bundle_run(BUNDLES / "cells_2d", ["common.json", "evaluate.json"], model_path=str(out / "model.pt"),
-                roi_size=[32, 32], **common)
+    for configs in (["common.json", "inference.json"], ["common.json", "evaluate.json"]):
+        _bundle_run_here(BUNDLES / "cells_2d", configs, model_path=str(out / "model.pt"), roi_size=[32, 32], **common)
     _check_run_outputs(out, 4)
 
 
-@pytest.mark.slow
 def test_hippocampus_monai_bundle_run_synthetic(tmp_path):
+    """One short epoch on synthetic MRI, then inference and evaluate, through ``monai.bundle.run``."""
     manifest = _mr_as_hippocampus(tmp_path / "data")
     out = tmp_path / "out"
     bundle = BUNDLES / "hippocampus_mri_3d"
     small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": [16, 16, 16], "num_folds": 2}
-    _bundle_run(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0,
-                features=[8, 8, 16, 32, 8], **small)
-    weights = str(out / "model.pt")
-    tiny = {**small, "features": [8, 8, 16, 32, 8], "model_path": weights}
-    _bundle_run(bundle, ["common.json", "inference.json"], **tiny)
-    _bundle_run(bundle, ["common.json", "evaluate.json"], **tiny)
+    _bundle_run_here(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0,
+                     features=[8, 8, 16, 32, 8], **small)
+    tiny = {**small, "features": [8, 8, 16, 32, 8], "model_path": str(out / "model.pt")}
+    _bundle_run_here(bundle, ["common.json", "inference.json"], **tiny)
+    _bundle_run_here(bundle, ["common.json", "evaluate.json"], **tiny)
     _check_run_outputs(out, 4)
 
 
@@ -232,18 +240,20 @@ def test_hippocampus_one_epoch_on_real_cases(tmp_path):
 
 
 @pytest.mark.slow
-def test_phantom_monai_bundle_run(tmp_path, ct_dataset):
-    """train (1 epoch) through ``python -m monai.bundle run``; inference and evaluate with random
-    weights saved into a copy of the bundle's models/."""
-    bundle = tmp_path / "phantom_ct_3d"
-    shutil.copytree(BUNDLES / "phantom_ct_3d", bundle, ignore=shutil.ignore_patterns("runs", "*.pt"))
+@pytest.mark.parametrize("name", NAMES)
+def test_monai_bundle_run_cli(tmp_path, name, ct_dataset, cells_dataset):
+    """train (1 epoch), inference and evaluate, each as ``python -m monai.bundle run``; the latter
+    two with random weights saved into a copy of the bundle's models/."""
+    bundle = tmp_path / name
+    shutil.copytree(BUNDLES / name, bundle, ignore=shutil.ignore_patterns("runs", "*.pt"))
     _random_weights(bundle, bundle / "models" / "model.pt")
     out = tmp_path / "out"
-    small = {"manifest": str(ct_dataset), "output_dir": str(out), "roi_size": [32, 32, 16]}
-    _bundle_run(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0, num_folds=2,
-                **small)
+    manifest = {"cells_2d": cells_dataset, "phantom_ct_3d": ct_dataset}.get(name) or _mr_as_hippocampus(tmp_path / "mr")
+    roi = [32, 32] if name == "cells_2d" else [16, 16, 16]
+    small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": roi, "num_folds": 2}
+    _bundle_run(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0, **small)
     _bundle_run(bundle, ["common.json", "inference.json"], prediction_dir=str(out / "predictions"), **small)
-    _bundle_run(bundle, ["common.json", "evaluate.json"], num_folds=2, **small)
+    _bundle_run(bundle, ["common.json", "evaluate.json"], **small)
     _check_run_outputs(out, 4)
 
 
