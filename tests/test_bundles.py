@@ -210,8 +210,8 @@ def test_hippocampus_monai_bundle_run_synthetic(tmp_path):
     bundle = BUNDLES / "hippocampus_mri_3d"
     small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": [16, 16, 16], "num_folds": 2}
     _bundle_run_here(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0,
-                     features=[8, 8, 16, 32, 8], **small)
-    tiny = {**small, "features": [8, 8, 16, 32, 8], "model_path": str(out / "model.pt")}
+                     features=[8, 16, 32, 64], **small)
+    tiny = {**small, "features": [8, 16, 32, 64], "model_path": str(out / "model.pt")}
     _bundle_run_here(bundle, ["common.json", "inference.json"], **tiny)
     _bundle_run_here(bundle, ["common.json", "evaluate.json"], **tiny)
     _check_run_outputs(out, 4)
@@ -228,11 +228,11 @@ def test_hippocampus_one_epoch_on_real_cases(tmp_path):
     summary = train_bundle(bundle, manifest=HIPPO_EXAMPLE, epochs=1, device="cpu",
                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                            overrides={"output_dir": str(tmp_path / "train"), "val_interval": 1, "num_workers": 0,
-                                      "features": [8, 8, 16, 32, 8]})
+                                      "features": [8, 16, 32, 64]})
     assert summary["epochs"] == 1 and set(summary["val_dice"]) == {"anterior", "posterior"}
     case = HIPPO_DATA / "imagesTr" / "hippocampus_011.nii.gz"
     rows = predict(bundle, case, tmp_path / "masks", device="cpu", progress=False,
-                   overrides={"model_path": summary["model_path"], "features": [8, 8, 16, 32, 8]})
+                   overrides={"model_path": summary["model_path"], "features": [8, 16, 32, 64]})
     assert [r["status"] for r in rows] == ["ok"]
     mask, src = nib.load(tmp_path / "masks" / "hippocampus_011.nii.gz"), nib.load(case)
     assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
@@ -251,10 +251,19 @@ def test_monai_bundle_run_cli(tmp_path, name, ct_dataset, cells_dataset):
     manifest = {"cells_2d": cells_dataset, "phantom_ct_3d": ct_dataset}.get(name) or _mr_as_hippocampus(tmp_path / "mr")
     roi = [32, 32] if name == "cells_2d" else [16, 16, 16]
     small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": roi, "num_folds": 2}
-    _bundle_run(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0, **small)
+    _bundle_run(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0,
+                tracking="mlflow", **small)
     _bundle_run(bundle, ["common.json", "inference.json"], prediction_dir=str(out / "predictions"), **small)
-    _bundle_run(bundle, ["common.json", "evaluate.json"], **small)
+    _bundle_run(bundle, ["common.json", "evaluate.json"], tracking="mlflow", **small)
     _check_run_outputs(out, 4)
+    # --tracking mlflow found train#trainer, validate#evaluator and evaluator
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("monai_experiment").experiment_id])
+    assert len(runs) == 2
+    assert any("train_loss" in r.data.metrics and "val_mean_dice" in r.data.metrics for r in runs)
+    assert any("mean_dice" in r.data.metrics for r in runs)
 
 
 def test_cells_2d_segpipe_train_and_predict_with_shipped_weights(tmp_path):

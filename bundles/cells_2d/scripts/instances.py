@@ -4,7 +4,8 @@ A predicted component and a true cell match when their IoU exceeds 0.5 (such a m
 both ways). Per image: Dice of the semantic masks, true cells, predicted components, matches;
 over all images: instance precision, recall and F1. The same figures for the connected
 components of the *true* semantic mask show what a perfect semantic segmentation could separate
-(touching cells merge into one component, cells apart by a one-pixel gap do not)::
+(touching cells merge into one component, cells apart by a one-pixel gap do not).
+``--min-size`` ignores predicted components smaller than that many pixels (specks)::
 
     python bundles/cells_2d/scripts/instances.py --pred PRED_DIR --manifest data/cells2d_test/dataset.json
 
@@ -41,8 +42,17 @@ def components(mask: np.ndarray) -> np.ndarray:
     return ndimage.label(mask > 0, structure=np.ones((3,) * mask.ndim, bool))[0]
 
 
-def case_figures(pred: np.ndarray, label: np.ndarray, instance: np.ndarray) -> dict[str, float]:
-    pred_cc, label_cc = components(pred), components(label)
+def drop_small(instances: np.ndarray, min_size: int) -> np.ndarray:
+    """``instances`` relabelled 1..n without the components smaller than ``min_size`` pixels."""
+    sizes = np.bincount(instances.ravel())
+    keep = np.flatnonzero(sizes >= min_size)
+    table = np.zeros(len(sizes), np.int64)
+    table[keep[keep > 0]] = np.arange(1, int((keep > 0).sum()) + 1)
+    return table[instances]
+
+
+def case_figures(pred: np.ndarray, label: np.ndarray, instance: np.ndarray, min_size: int = 0) -> dict[str, float]:
+    pred_cc, label_cc = drop_small(components(pred), min_size), components(label)
     inter = float(np.logical_and(pred > 0, label > 0).sum())
     dice = 2 * inter / max(float((pred > 0).sum() + (label > 0).sum()), 1.0)
     return {"dice": dice, "cells": int(instance.max()), "pred_components": int(pred_cc.max()),
@@ -68,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pred", required=True, help="folder of predicted masks <id>.nii.gz")
     ap.add_argument("--manifest", required=True, help="manifest with label and instance per entry")
+    ap.add_argument("--min-size", type=int, default=0, help="ignore predicted components smaller than this (pixels)")
     a = ap.parse_args(argv)
     rows = []
     for e in load_manifest(Path(a.manifest))["training"]:
         pred = np.asarray(nib.load(Path(a.pred) / f"{e['id']}.nii.gz").dataobj)
         label = np.asarray(nib.load(e["label"]).dataobj)
         instance = np.asarray(nib.load(e["instance"]).dataobj)
-        rows.append({"id": e["id"], **case_figures(pred, label, instance)})
+        rows.append({"id": e["id"], **case_figures(pred, label, instance, a.min_size)})
     print(json.dumps(summarise(rows), indent=2))
     return 0
 
