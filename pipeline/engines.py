@@ -159,9 +159,14 @@ def attach_epoch_log(trainer: Engine, optimizer: torch.optim.Optimizer, roi_voxe
 
 
 def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Module, label_names: list[str],
-                      output_dir: Path, val_interval: int, qc_cases: int) -> None:
+                      output_dir: Path, val_interval: int, qc_cases: int, keep: str = "best") -> None:
     """After each validation: Dice per class into the epoch log; on a new best mean Dice save
-    ``model.pt``, the per-case CSV and QC overlays. The last epoch is always validated."""
+    ``model.pt``, the per-case CSV and QC overlays. The last epoch is always validated.
+    ``keep="last"`` saves them after every validation instead, so ``model.pt`` is the last
+    weights (and the "best" figures of the summary are theirs): for validation cases that are
+    also the test set (no model selection on them)."""
+    if keep not in ("best", "last"):
+        raise UsageError(f"model_selection {keep!r}: choose 'best' or 'last'")
     qc.attach_case_collector(evaluator, qc_cases)
     trainer.state.best_val_mean_dice, trainer.state.best_epoch, trainer.state.best_val_dice = -1.0, 0, {}
 
@@ -171,7 +176,7 @@ def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Modu
         if not report["metrics"]:
             return
         value = report["metrics"]["val_mean_dice"]
-        if value > trainer.state.best_val_mean_dice:
+        if value > trainer.state.best_val_mean_dice or keep == "last":
             trainer.state.best_val_mean_dice, trainer.state.best_epoch = value, trainer.state.epoch
             trainer.state.best_val_dice = {k[len("val_dice_"):]: v for k, v in report["metrics"].items()
                                            if k.startswith("val_dice_")}
@@ -283,7 +288,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) 
         trainer.add_event_handler(Events.STARTED, lambda e: setattr(e, "scaler", scaler))
     label_names = list(parser.get_parsed_content("label_names"))
     attach_validation(trainer, evaluator, network, label_names, output_dir, int(parser["val_interval"]),
-                      int(parser.get("qc_cases", 3)))
+                      int(parser.get("qc_cases", 3)), str(parser.get("model_selection", "best")))
     attach_epoch_log(trainer, optimizer, math.prod(parser.get_parsed_content("roi_size")), ckpt_dir)
     attach_grad_clip(trainer, parser.get("grad_clip_norm"))
     if int(parser.get("early_stop_patience", 0) or 0) > 0:  # here: a bundle handler would be a circular reference

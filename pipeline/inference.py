@@ -92,10 +92,15 @@ def mirror_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor
     return x
 
 
-def flip_combinations(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Every subset of the spatial axes of an (N, C, *spatial) tensor: 8 in 3D, 4 in 2D; () first."""
-    axes = range(2, 2 + spatial_dims)
-    return [c for k in range(spatial_dims + 1) for c in itertools.combinations(axes, k)]
+def flip_combinations(spatial_dims: int, axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of an (N, C, *spatial) tensor: 8 in 3D, 4 in 2D; () first.
+    ``axes`` (spatial axis numbers, 0-based) limits the flips to those axes, e.g. ``[0]`` for a
+    model trained with left-right flips only: 2 passes."""
+    chosen = range(spatial_dims) if axes is None else sorted({int(a) for a in axes})
+    if any(not 0 <= a < spatial_dims for a in chosen):
+        raise ValueError(f"tta_axes {list(axes or [])}: spatial axes are 0..{spatial_dims - 1}")
+    dims = [a + 2 for a in chosen]
+    return [c for k in range(len(dims) + 1) for c in itertools.combinations(dims, k)]
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -134,12 +139,14 @@ def compiled(network: torch.nn.Module) -> Callable[..., Any]:
 
 
 def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, channels_last: bool,
-                     device: torch.device, amp: bool, batch_size: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+                     device: torch.device, amp: bool, batch_size: int = 0,
+                     tta_axes: Sequence[int] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-window-batch function handed to sliding_window_inference: the network's logits,
     or with ``tta`` the mean of the softmax probabilities over every flip (flipped back).
-    ``batch_size`` > 0 pads a short last batch to that size (a compiled network sees one shape)."""
+    ``batch_size`` > 0 pads a short last batch to that size (a compiled network sees one shape).
+    ``tta_axes``: the spatial axes whose flips are averaged (None: all)."""
     fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
-    flips = flip_combinations(spatial_dims) if tta else [()]
+    flips = flip_combinations(spatial_dims, tta_axes) if tta else [()]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -178,12 +185,13 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
                   sigma_scale: float | Sequence[float] = 0.125, device: torch.device | str | None = None,
                   stitch_device: torch.device | str | None = None, amp: bool = True,
                   channels_last: bool | None = None, compile: bool = False,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, tta_axes: Sequence[int] | None = None) -> torch.Tensor:
     """Overlap-tile prediction of ``inputs`` (N, C, *spatial). Returns (N, K, *spatial) float32 on
     the stitching device: the blended logits, or with ``tta`` the mean softmax probabilities over
     all flips. A MetaTensor input gives a MetaTensor output with the input's meta.
 
     ``margin``: mirrored context per side (None: a quarter of the ROI; 0: none).
+    ``tta_axes``: with ``tta``, flip only these spatial axes (None: every axis).
     ``device``: where the network runs (default: its parameters' device).
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
     back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D.
@@ -204,7 +212,7 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     if compile:  # measured on CPU only (see BENCHMARKS.md); on CUDA, AMP is the lever
         network = compiled(network)
     fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, amp,
-                          batch_size=sw_batch_size if compile else 0)
+                          batch_size=sw_batch_size if compile else 0, tta_axes=tta_axes)
     out_device = torch.device(stitch_device) if stitch_device is not None else run_device
     with torch.inference_mode():
         padded = mirror_pad(x.float(), pads) if any(p for pair in pads for p in pair) else x.float()
@@ -237,12 +245,12 @@ class OverlapTileInferer(Inferer):
                  mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
                  device: torch.device | str | None = None, stitch_device: torch.device | str | None = None,
                  amp: bool = True, channels_last: bool | None = None, compile: bool = False,
-                 progress: bool = False) -> None:
+                 progress: bool = False, tta_axes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, margin=margin, tta=tta,
                            sw_batch_size=sw_batch_size, mode=mode, sigma_scale=sigma_scale, device=device,
                            stitch_device=stitch_device, amp=amp, channels_last=channels_last,
-                           compile=compile, progress=progress)
+                           compile=compile, progress=progress, tta_axes=tta_axes)
 
     @property
     def outputs_probabilities(self) -> bool:

@@ -13,7 +13,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from pipeline.bundle import get, load_bundle
-from pipeline.inference import OverlapTileInferer, mirror_pad, predict_tiles
+from pipeline.inference import OverlapTileInferer, flip_combinations, mirror_pad, predict_tiles
 from pipeline.postprocess import label_cleanup
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "phantom_ct_3d"
@@ -190,3 +190,26 @@ def test_postprocess_keeps_largest_component_and_fills_holes() -> None:
         label_cleanup({"keep_larges": [1]})
     vols = label_volumes(want[0], ["background", "a", "b"], voxel_ml=0.002)
     assert vols == {"voxels_a": 144, "ml_a": 0.288, "voxels_b": 8, "ml_b": 0.016}
+
+
+def test_tta_axes_limit_the_flips():
+    """``tta_axes`` restricts flip TTA to the given spatial axes: a network whose output depends
+    on the position along the last axis only gives the plain prediction under flips of axis 0,
+    and a different one when every axis is flipped."""
+    assert flip_combinations(3) == flip_combinations(3, [0, 1, 2])
+    assert flip_combinations(3, [0]) == [(), (2,)]
+    assert flip_combinations(2, [1, 0]) == [(), (2,), (3,), (2, 3)]
+    with pytest.raises(ValueError, match="tta_axes"):
+        flip_combinations(3, [3])
+    x = torch.rand(1, 1, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    ramp = torch.linspace(-2, 2, 6)
+
+    def net(t):  # a fixed ramp along the last axis: not flip-equivariant there, symmetric elsewhere
+        z = t + ramp
+        return torch.cat([z, -z], dim=1)
+
+    kw = dict(roi_size=(2, 4, 6), margin=0, tta=True, sw_batch_size=1, mode="constant")
+    plain = torch.softmax(net(x), 1)
+    expected = (plain + torch.flip(torch.softmax(net(torch.flip(x, (2,))), 1), (2,))) / 2
+    assert torch.allclose(predict_tiles(net, x, tta_axes=[0], **kw), expected, atol=1e-6)
+    assert not torch.allclose(predict_tiles(net, x, **kw), expected, atol=1e-3)
