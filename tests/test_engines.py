@@ -201,3 +201,10 @@ def test_plain_monai_bundle_run_trains_the_bundle(tmp_path: Path, data: Path) ->
     assert "Epoch[2] Metrics -- val_mean_dice" in proc.stdout + proc.stderr
     runs = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}").search_runs(["1"])
     assert len(runs) == 1 and "val_mean_dice" in runs[0].data.metrics
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path, data: Path) -> None:
+    frozen = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1, "learning_rate": 0.0,
+              "early_stop_patience": 1}  # lr 0: Dice never improves after the first validation
+    s = train_bundle(BUNDLE, manifest=data, epochs=10, tracking_uri=_db(tmp_path), overrides=frozen)
+    assert s["epochs"] == 2 and s["best_epoch"] == 1
