@@ -158,6 +158,35 @@ def attach_epoch_log(trainer: Engine, optimizer: torch.optim.Optimizer, roi_voxe
                  ", ".join(f"{k} {v:.4g}" for k, v in engine.state.epoch_log.items()))
 
 
+def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minutes: float,
+                       final_lr_fraction: float = 0.0) -> None:
+    """Train for ``minutes`` of wall time (from the first iteration, validations included) under a
+    cosine learning-rate schedule over that time: before each iteration every parameter group's
+    lr is ``initial * (f + (1 - f) * (1 + cos(pi * elapsed / budget)) / 2)`` (f =
+    ``final_lr_fraction``); the first iteration past the budget ends its epoch and the run (the
+    last epoch is validated as usual). The epoch count then depends on the machine's speed and
+    is logged; ``max_epochs`` stays a cap. For budgets stated in wall time on a shared machine."""
+    if minutes <= 0:
+        return
+    budget, base = 60.0 * minutes, [g["lr"] for g in optimizer.param_groups]
+    start: dict[str, float] = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _lr(engine: Engine) -> None:
+        t0 = start.setdefault("t", time.perf_counter())
+        frac = min((time.perf_counter() - t0) / budget, 1.0)
+        scale = final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
+        for group, lr in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr * scale
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _stop(engine: Engine) -> None:
+        if time.perf_counter() - start["t"] >= budget and engine.state.max_epochs != engine.state.epoch:
+            log.info("time budget of %.1f min reached in epoch %d: last epoch", minutes, engine.state.epoch)
+            engine.state.max_epochs = engine.state.epoch
+            engine.terminate_epoch()
+
+
 def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Module, label_names: list[str],
                       output_dir: Path, val_interval: int, qc_cases: int, keep: str = "best") -> None:
     """After each validation: Dice per class into the epoch log; on a new best mean Dice save
@@ -291,6 +320,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) 
                       int(parser.get("qc_cases", 3)), str(parser.get("model_selection", "best")))
     attach_epoch_log(trainer, optimizer, math.prod(parser.get_parsed_content("roi_size")), ckpt_dir)
     attach_grad_clip(trainer, parser.get("grad_clip_norm"))
+    attach_time_budget(trainer, optimizer, float(parser.get("time_budget_min", 0) or 0))
     if int(parser.get("early_stop_patience", 0) or 0) > 0:  # here: a bundle handler would be a circular reference
         EarlyStopHandler(int(parser["early_stop_patience"]), stopping_fn_from_metric("val_mean_dice"),
                          trainer=trainer).attach(evaluator)

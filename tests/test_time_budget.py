@@ -1,0 +1,45 @@
+"""``pipeline.engines.attach_time_budget``: a cosine learning rate over wall time and a stop at the
+end of the budget, on a real ignite Engine with a sleeping step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from ignite.engine import Engine, Events
+
+from pipeline.engines import attach_time_budget
+
+
+def _engine(opt: torch.optim.Optimizer, lrs: list[float], step_s: float) -> Engine:
+    def step(engine: Engine, batch: int) -> None:
+        time.sleep(step_s)
+        lrs.append(opt.param_groups[0]["lr"])
+
+    return Engine(step)
+
+
+def test_budget_stops_at_an_epoch_end_with_cosine_lr():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    lrs: list[float] = []
+    engine = _engine(opt, lrs, 0.01)
+    ends: list[int] = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ends.append(e.state.epoch))
+    attach_time_budget(engine, opt, minutes=0.6 / 60, final_lr_fraction=0.1)
+    t0 = time.perf_counter()
+    engine.run(range(10), max_epochs=1000)
+    assert 0.6 <= time.perf_counter() - t0 < 2.0
+    assert engine.state.max_epochs == engine.state.epoch == ends[-1] < 1000  # the last epoch completed
+    assert abs(lrs[0] - 0.5) < 1e-3 and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert 0.05 - 1e-6 <= lrs[-1] < 0.1  # annealed to the final fraction
+
+
+def test_no_budget_changes_nothing():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    lrs: list[float] = []
+    engine = _engine(opt, lrs, 0.0)
+    attach_time_budget(engine, opt, minutes=0)
+    engine.run(range(3), max_epochs=2)
+    assert engine.state.epoch == 2 and lrs == [0.5] * 6
