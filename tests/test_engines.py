@@ -39,13 +39,15 @@ def _sets(overrides: dict) -> list[str]:
     return [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
 
-def _db(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow SQLite store for the module: creating its tables costs seconds per store."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
-def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path) -> None:
+def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path, store: str) -> None:
     out = tmp_path / "run"
-    s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=_db(tmp_path),
+    s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store,
                      overrides={**FAST, "output_dir": str(out), "val_interval": 1})
     assert s["epochs"] == 3 and s["tracking_ok"] and s["model_path"] == str(out / "model.pt")
     weights = torch.load(out / "model.pt", weights_only=True)
@@ -53,7 +55,7 @@ def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path) -> None:
     ckpt = torch.load(s["checkpoint"], weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 3 * 2
 
-    client = MlflowClient(_db(tmp_path))
+    client = MlflowClient(store)
     run = client.get_run(s["mlflow_run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "phantom_ct_3d"
     assert run.info.status == "FINISHED"
@@ -82,19 +84,19 @@ def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path) -> None:
 
 
 @pytest.mark.slow
-def test_val_dice_rises(tmp_path: Path, data: Path) -> None:
-    s = train_bundle(BUNDLE, manifest=data, epochs=16, tracking_uri=_db(tmp_path),
+def test_val_dice_rises(tmp_path: Path, data: Path, store: str) -> None:
+    s = train_bundle(BUNDLE, manifest=data, epochs=16, tracking_uri=store,
                      overrides={**TINY, "output_dir": str(tmp_path / "run"), "val_interval": 4})
-    client = MlflowClient(_db(tmp_path))
+    client = MlflowClient(store)
     dice = [m.value for m in sorted(client.get_metric_history(s["mlflow_run_id"], "val_mean_dice"), key=lambda m: m.step)]
     assert len(dice) == 4 and dice[-1] > dice[0] + 0.1, dice
     assert s["val_dice"]["liver"] > 0.4, s["val_dice"]
 
 
-def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Path) -> None:
+def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Path, store: str) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(data), "--epochs", "3",
-           "--tracking-uri", _db(tmp_path), *_sets({**FAST, "output_dir": str(out), "val_interval": 2})]
+           "--tracking-uri", store, *_sets({**FAST, "output_dir": str(out), "val_interval": 2})]
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 120
@@ -109,58 +111,60 @@ def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Pat
     for _, path in saved:  # whatever moment the kill hit, every checkpoint file is complete
         torch.load(path, weights_only=True)
     run_id = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(store)
+    runs_before = len(client.search_runs([client.get_run(run_id).info.experiment_id]))
 
-    s = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=_db(tmp_path),
+    s = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store,
                      overrides={**FAST, "output_dir": str(out), "val_interval": 2})
     assert s["epochs"] == 3 and s["mlflow_run_id"] == run_id
     state = torch.load(s["checkpoint"], weights_only=True)["trainer"]
     assert state["iteration"] == 3 * 2 and state["max_epochs"] == 3
     assert [e for e, _ in list_checkpoints(out / "checkpoints")] == [2, 3]
     assert not list((out / "checkpoints").glob("tmp*"))
-    client = MlflowClient(_db(tmp_path))
-    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    client = MlflowClient(store)
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == runs_before  # no new run
     assert {m.step for m in client.get_metric_history(run_id, "val_mean_dice")} == {2, 3}  # every 2nd epoch and the last
 
-    again = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=_db(tmp_path),
+    again = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store,
                          overrides={**FAST, "output_dir": str(out), "val_interval": 2})
     assert again["epochs"] == 3  # nothing left to do: no restart from epoch 0
 
 
 @pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> tuple[Path, dict]:
+def two_epochs(tmp_path_factory: pytest.TempPathFactory, data: Path, store: str) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("two")
     overrides = {**FAST, "output_dir": str(tmp / "run"), "val_interval": 1}
-    train_bundle(BUNDLE, manifest=data, epochs=2, tracking_uri=_db(tmp), overrides=overrides)
+    train_bundle(BUNDLE, manifest=data, epochs=2, tracking_uri=store, overrides=overrides)
     return tmp, overrides
 
 
-def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_checkpoint(two_epochs, data: Path) -> None:
+def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_checkpoint(two_epochs, data: Path, store: str) -> None:
     tmp, overrides = two_epochs
     nan_loss = {**overrides, "loss": "$lambda pred, target: pred.mean() * float('nan')"}
     with pytest.raises(SegpipeError, match=r"loss is nan at epoch 3, iteration 5 \(1 of the epoch\).*checkpoint_2\.pt"):
-        train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=_db(tmp), overrides=nan_loss)
+        train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store, overrides=nan_loss)
     saved = list_checkpoints(Path(overrides["output_dir"]) / "checkpoints")
     assert [e for e, _ in saved] == [1, 2]
     weights = torch.load(saved[-1][1], weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     run_id = json.loads((Path(overrides["output_dir"]) / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
-    assert MlflowClient(_db(tmp)).get_run(run_id).info.status == "FAILED"
+    assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
 
 
-def test_resume_with_a_different_network_is_one_line(two_epochs, data: Path) -> None:
+def test_resume_with_a_different_network_is_one_line(two_epochs, data: Path, store: str) -> None:
     tmp, overrides = two_epochs
     other = {**overrides, "network_def#features": [8, 16, 24, 8]}
     with pytest.raises(InputError, match=r"checkpoint_2\.pt: checkpoint is from a different network") as e:
-        train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=_db(tmp), overrides=other)
+        train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store, overrides=other)
     assert "\n" not in str(e.value)
 
 
-def test_bad_manifest_stops_before_training(tmp_path: Path, data: Path) -> None:
+def test_bad_manifest_stops_before_training(tmp_path: Path, data: Path, store: str) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(data.parent, bad)
     next((bad / "imagesTr").iterdir()).unlink()
     with pytest.raises(InputError, match="failed validation with 1 problem"):
-        train_bundle(BUNDLE, manifest=bad / "dataset.json", epochs=1, tracking_uri=_db(tmp_path),
+        train_bundle(BUNDLE, manifest=bad / "dataset.json", epochs=1, tracking_uri=store,
                      overrides={**FAST, "output_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
 
@@ -203,8 +207,8 @@ def test_plain_monai_bundle_run_trains_the_bundle(tmp_path: Path, data: Path) ->
     assert len(runs) == 1 and "val_mean_dice" in runs[0].data.metrics
 
 
-def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path, data: Path) -> None:
+def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path, data: Path, store: str) -> None:
     frozen = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1, "learning_rate": 0.0,
               "early_stop_patience": 1}  # lr 0: Dice never improves after the first validation
-    s = train_bundle(BUNDLE, manifest=data, epochs=10, tracking_uri=_db(tmp_path), overrides=frozen)
+    s = train_bundle(BUNDLE, manifest=data, epochs=10, tracking_uri=store, overrides=frozen)
     assert s["epochs"] == 2 and s["best_epoch"] == 1
