@@ -32,7 +32,7 @@ HIPPO_DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 # ids that exist once per config by MONAI's design: each config's own entry points
 ENTRY_IDS = {"run", "initialize", "finalize", "imports", "+imports"}
 # phantom_ct_3d's common/train/inference are owned elsewhere; these ids are still duplicated there
-PHANTOM_KNOWN_DUPLICATES = "fold, num_folds, initialize (train); model_path, overlap, sw_batch_size, dataset (inference)"
+PHANTOM_KNOWN_DUPLICATES = "fold, num_folds (train.json) and model_path, overlap, sw_batch_size, dataset (inference.json)"
 
 
 def _configs(name: str) -> dict[str, dict]:
@@ -203,20 +203,6 @@ def test_cells_2d_monai_bundle_run(tmp_path):
     _check_run_outputs(out, 4)
 
 
-def test_hippocampus_monai_bundle_run_synthetic(tmp_path):
-    """One short epoch on synthetic MRI, then inference and evaluate, through ``monai.bundle.run``."""
-    manifest = _mr_as_hippocampus(tmp_path / "data")
-    out = tmp_path / "out"
-    bundle = BUNDLES / "hippocampus_mri_3d"
-    small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": [16, 16, 16], "num_folds": 2}
-    _bundle_run_here(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0,
-                     features=[8, 16, 32, 64], **small)
-    tiny = {**small, "features": [8, 16, 32, 64], "model_path": str(out / "model.pt")}
-    _bundle_run_here(bundle, ["common.json", "inference.json"], **tiny)
-    _bundle_run_here(bundle, ["common.json", "evaluate.json"], **tiny)
-    _check_run_outputs(out, 4)
-
-
 @pytest.mark.skipif(not (HIPPO_DATA / "dataset.json").is_file(), reason="no ../shared/data/Task04_Hippocampus")
 def test_hippocampus_one_epoch_on_real_cases(tmp_path):
     """The bundle as configured (z-score, 1 mm, ROI 40x56x40) for one epoch on five real cases
@@ -242,20 +228,26 @@ def test_hippocampus_one_epoch_on_real_cases(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_monai_bundle_run_cli(tmp_path, name, ct_dataset, cells_dataset):
-    """train (1 epoch), inference and evaluate, each as ``python -m monai.bundle run``; the latter
-    two with random weights saved into a copy of the bundle's models/."""
+    """train (1 epoch), inference and evaluate, each as ``python -m monai.bundle run``, on tiny
+    synthetic data (hippocampus: MR phantoms with three classes); inference and evaluate with
+    random weights saved into a copy of the bundle's models/."""
     bundle = tmp_path / name
     shutil.copytree(BUNDLES / name, bundle, ignore=shutil.ignore_patterns("runs", "*.pt"))
+    (bundle / "models").mkdir(exist_ok=True)
     _random_weights(bundle, bundle / "models" / "model.pt")
     out = tmp_path / "out"
     manifest = {"cells_2d": cells_dataset, "phantom_ct_3d": ct_dataset}.get(name) or _mr_as_hippocampus(tmp_path / "mr")
-    roi = [32, 32] if name == "cells_2d" else [16, 16, 16]
+    roi = {"cells_2d": [32, 32], "hippocampus_mri_3d": [16, 16, 16], "phantom_ct_3d": [32, 32, 16]}[name]
     small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": roi, "num_folds": 2}
     _bundle_run(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0,
                 tracking="mlflow", **small)
     _bundle_run(bundle, ["common.json", "inference.json"], prediction_dir=str(out / "predictions"), **small)
     _bundle_run(bundle, ["common.json", "evaluate.json"], tracking="mlflow", **small)
     _check_run_outputs(out, 4)
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
+           "--meta_file", "configs/metadata.json", "--config_file", "configs/common.json"]
+    r = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
     # --tracking mlflow found train#trainer, validate#evaluator and evaluator
     from mlflow.tracking import MlflowClient
 
