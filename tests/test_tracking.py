@@ -83,8 +83,8 @@ def ui_server(store: Path) -> Iterator[str]:
     _stop(proc)
 
 
-def test_tracker_journals_every_record_and_logs_to_a_store(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_tracker_journals_every_record_and_logs_to_a_store(tmp_path: Path, store: Path) -> None:
+    uri = f"sqlite:///{store}"
     t = RunTracker(uri, "exp", tmp_path / "metrics.jsonl")
     t.log_params({"lr": 0.01, "roi": [16, 16, 12]})
     t.set_tags({"bundle": "x"})
