@@ -213,3 +213,13 @@ def test_tta_axes_limit_the_flips():
     expected = (plain + torch.flip(torch.softmax(net(torch.flip(x, (2,))), 1), (2,))) / 2
     assert torch.allclose(predict_tiles(net, x, tta_axes=[0], **kw), expected, atol=1e-6)
     assert not torch.allclose(predict_tiles(net, x, **kw), expected, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_and_pads_the_short_last_batch() -> None:
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(4, 8), strides=(2,)).eval()
+    x = torch.rand(1, 1, 20, 16, 12)  # 3x1x1 windows of 12x16x12: one full batch of 2, one short
+    eager = predict_tiles(net, x, (12, 16, 12), margin=0, sw_batch_size=2, channels_last=False)
+    fast = predict_tiles(net, x, (12, 16, 12), margin=0, sw_batch_size=2, channels_last=False, compile=True)
+    torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0)
