@@ -212,3 +212,19 @@ def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path, data: Pa
               "early_stop_patience": 1}  # lr 0: Dice never improves after the first validation
     s = train_bundle(BUNDLE, manifest=data, epochs=10, tracking_uri=store, overrides=frozen)
     assert s["epochs"] == 2 and s["best_epoch"] == 1
+
+
+def test_persistent_cache_stops_at_the_first_random_transform(tmp_path: Path, data: Path) -> None:
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandSpatialCropd
+
+    from pipeline.data import cached_dataset, loader
+    from pipeline.manifest import datalist
+
+    items = datalist(data, "all")[:2]
+    t = Compose([LoadImaged(keys=["image", "label"]), EnsureChannelFirstd(keys=["image", "label"]),
+                 RandSpatialCropd(keys=["image", "label"], roi_size=(8, 8, 4), random_size=False)])
+    ds = cached_dataset(items, t, cache_dir=str(tmp_path / "cache"))
+    assert tuple(ds[0]["image"].shape) == (1, 8, 8, 4)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # the loaded volume, not the crop
+    batch = next(iter(loader(ds, batch_size=2)))
+    assert tuple(batch["image"].shape) == (2, 1, 8, 8, 4)
