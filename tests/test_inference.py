@@ -40,6 +40,8 @@ def test_margin_changes_borders_only_a_little(unet: torch.nn.Module) -> None:
     a = predict_tiles(unet, x, (16, 16, 12), margin=0)
     b = predict_tiles(unet, x, (16, 16, 12))  # default margin: a quarter of the ROI
     assert a.shape == b.shape and not torch.allclose(a, b)
+    ident = predict_tiles(lambda w: torch.cat([w, -w], dim=1), x, (16, 16, 12), margin=(5, 3, 7))
+    torch.testing.assert_close(ident[:, :1], x, atol=1e-6, rtol=0)  # the crop lands on the volume
 
 
 @pytest.mark.parametrize("shape,pads", [((1, 1, 5, 4, 3), [(2, 1), (3, 3), (1, 2)]),
