@@ -32,7 +32,6 @@ HIPPO_DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 # ids that exist once per config by MONAI's design: each config's own entry points
 ENTRY_IDS = {"run", "initialize", "finalize", "imports", "+imports"}
 # phantom_ct_3d's common/train/inference are owned elsewhere; these ids are still duplicated there
-PHANTOM_KNOWN_DUPLICATES = "fold, num_folds (train.json) and model_path, overlap, sw_batch_size, dataset (inference.json)"
 
 
 def _configs(name: str) -> dict[str, dict]:
@@ -98,11 +97,7 @@ def test_standard_ids(name):
     assert train["run"] == ["$@train#trainer.run()"]
 
 
-@pytest.mark.parametrize("name", [
-    "cells_2d", "hippocampus_mri_3d",
-    pytest.param("phantom_ct_3d", marks=pytest.mark.xfail(
-        reason=f"phantom_ct_3d repeats {PHANTOM_KNOWN_DUPLICATES}: they belong in its common.json", strict=False)),
-])
+@pytest.mark.parametrize("name", ["cells_2d", "hippocampus_mri_3d", "phantom_ct_3d"])
 def test_no_block_duplicated_between_workflow_configs(name):
     """An id defined with the same content in two of train/inference/evaluate is a copied block:
     it belongs in common.json. Ids defined in common.json are not redefined elsewhere."""
