@@ -44,16 +44,12 @@ from monai.inferers import Inferer
 from pipeline import checkpoints, qc
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, SegpipeError, UsageError
+from pipeline.inference import cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
 
 # -- AMP ------------------------------------------------------------------------------------------
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 def amp_dtype(device: torch.device | str, amp: bool) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or None for fp32; the choice is logged."""
     device = torch.device(device)
