@@ -1,0 +1,60 @@
+"""Real-data regression test of the shipped hippocampus model.
+
+Runs ``segpipe predict`` (a subprocess, the product path) with ``bundles/hippocampus_mri_3d``'s
+``models/model.pt`` on five cases of the held-out fold 0 (never trained on; see
+``data_manifests/hippocampus_fold0_test.json``) and requires the mean Dice of each class to stay
+within 0.02 of what the shipped model measured on them when it was committed. A change to
+preprocessing, the network, the predictor or the postprocessing that costs quality fails here.
+
+Needs ``../shared/data/Task04_Hippocampus`` (present in CI); skips, saying so, where it is absent.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.evaluation import case_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "hippocampus_mri_3d"
+DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
+CASES = ["hippocampus_011", "hippocampus_036", "hippocampus_044", "hippocampus_046", "hippocampus_048"]
+# mean Dice of the shipped model on CASES through `segpipe predict` (measured when it was committed)
+MEASURED = {"anterior": 0.8938, "posterior": 0.8767}
+TOLERANCE = 0.02
+
+pytestmark = pytest.mark.skipif(not (DATA / "dataset.json").is_file(),
+                                reason=f"no real hippocampus data at {DATA}: regression test skipped")
+
+
+def test_shipped_model_keeps_its_dice_on_held_out_cases(tmp_path):
+    assert (BUNDLE / "models" / "model.pt").is_file(), "the bundle ships no models/model.pt"
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for case in CASES:
+        (studies / f"{case}.nii.gz").symlink_to(DATA / "imagesTr" / f"{case}.nii.gz")
+    out = tmp_path / "masks"
+    cmd = [sys.executable, "-m", "pipeline", "predict", str(BUNDLE), "--input", str(studies), "--output", str(out),
+           "--device", "cpu", "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    dice: dict[str, list[float]] = {"anterior": [], "posterior": []}
+    for case in CASES:
+        ref_img = nib.load(DATA / "labelsTr" / f"{case}.nii.gz")
+        pred_img = nib.load(out / f"{case}.nii.gz")
+        assert pred_img.shape == ref_img.shape and np.allclose(pred_img.affine, ref_img.affine)
+        metrics = case_metrics(np.asarray(pred_img.dataobj).astype(np.int64), np.asarray(ref_img.dataobj).astype(np.int64),
+                               ref_img.header.get_zooms()[:3], ["background", "anterior", "posterior"])
+        for name in dice:
+            dice[name].append(metrics[name]["dice"])
+    for name, values in dice.items():
+        floor = MEASURED[name] - TOLERANCE
+        assert np.mean(values) >= floor, (f"{name}: mean Dice {np.mean(values):.4f} on {len(CASES)} held-out cases "
+                                          f"fell below {floor:.4f} (shipped model measured {MEASURED[name]:.4f}): "
+                                          f"per case {[round(v, 4) for v in values]}")
