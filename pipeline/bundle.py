@@ -65,5 +65,9 @@ def get(parser: Any, id: str, bundle_dir: Path | str = "") -> Any:
     try:
         return parser.get_parsed_content(id, instantiate=True)
     except Exception as e:  # MONAI wraps the real cause in long multi-line messages
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{bundle_dir or 'bundle'}: cannot build {id!r}: {first}") from e
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+        reason = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+        raise InputError(f"{bundle_dir or 'bundle'}: cannot build {id!r}: {reason}") from e

@@ -34,6 +34,15 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _check_device(device: str | None) -> None:
+    """A CUDA device asked for on a machine without one is a usage error, said before any work."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
+
+
 def _cmd_synth(a: argparse.Namespace) -> int:
     from pipeline.synthetic import write_dataset
 
@@ -81,6 +90,7 @@ def _cmd_weightmap(a: argparse.Namespace) -> int:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     overrides = _parse_set(a.set)
+    _check_device(a.device)
     from pipeline.engines import train_bundle
 
     summary = train_bundle(
@@ -100,6 +110,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     overrides = _parse_set(a.set)
+    _check_device(a.device)
     from pipeline.batch import predict
 
     rows = predict(

@@ -22,3 +22,16 @@ def test_usage_error_exit_2():
 def test_set_parsing():
     assert _parse_set(["a=1", "b=[1,2]", "c=text", "d#e=true"]) == {"a": 1, "b": [1, 2], "c": "text", "d#e": True}
     assert main(["train", "x", "--set", "novalue"]) == 2
+
+
+def test_cuda_device_without_gpu_is_usage_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for cmd in (["train", "bundles/phantom_ct_3d", "--device", "cuda"],
+                ["predict", "bundles/phantom_ct_3d", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--device", "cuda:0"]):
+        r = subprocess.run([sys.executable, "-m", "pipeline", *cmd], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert "no CUDA GPU" in r.stderr and len(r.stderr.strip().splitlines()) == 1
