@@ -143,7 +143,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(Path(a.out), epochs=a.epochs)
+    return run_demo(Path(a.out), epochs=a.epochs, echo=print)
 
 
 def _cmd_ui(a: argparse.Namespace) -> int:

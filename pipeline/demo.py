@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import InputError
@@ -21,8 +22,10 @@ N_TEST = 4
 TEST_SEED = 1000
 
 
-def run_demo(out: Path, epochs: int | None = None, bundle: Path = BUNDLE) -> int:
-    """Run the demo into ``out``; return the exit code (0 ok, 1 a stage failed)."""
+def run_demo(out: Path, epochs: int | None = None, bundle: Path = BUNDLE,
+             echo: Callable[[str], None] = log.info) -> int:
+    """Run the demo into ``out``; return the exit code (0 ok, 1 a stage failed). Progress and the
+    summary go to ``echo`` (the CLI passes ``print``; the default is the log)."""
     from pipeline.batch import predict
     from pipeline.engines import train_bundle
     from pipeline.evaluation import evaluate
@@ -33,47 +36,47 @@ def run_demo(out: Path, epochs: int | None = None, bundle: Path = BUNDLE) -> int
     t0 = time.perf_counter()
     train_manifest = write_dataset("ct3d", N_TRAIN, out / "data" / "train", seed=0)
     test_manifest = write_dataset("ct3d", N_TEST, out / "data" / "test", seed=TEST_SEED)
-    print(f"[1/5] synthesised {N_TRAIN} training and {N_TEST} held-out CT phantoms under {out / 'data'}")
+    echo(f"[1/5] synthesised {N_TRAIN} training and {N_TEST} held-out CT phantoms under {out / 'data'}")
 
     problems = validate(train_manifest) + validate(test_manifest)
     if problems:
         for p in problems:
-            print(p)
+            echo(p)
         raise InputError(f"{train_manifest}: the synthetic manifest failed validation")
-    print(f"[2/5] validated {train_manifest}")
+    echo(f"[2/5] validated {train_manifest}")
 
     summary = train_bundle(bundle, manifest=train_manifest, epochs=epochs,
                            overrides={"output_dir": str(out / "train")})
-    print(f"[3/5] trained {bundle.name}: best validation mean Dice "
+    echo(f"[3/5] trained {bundle.name}: best validation mean Dice "
           f"{summary.get('best_val_mean_dice', float('nan')):.3f} in {summary.get('wall_s', 0):.0f} s")
 
     weights = Path(summary["model_path"])
     rows = predict(bundle, out / "data" / "test" / "imagesTr", out / "masks", overrides={"model_path": str(weights)},
                    progress=True)
     failed = [r for r in rows if r["status"] == "failed"]
-    print(f"[4/5] predicted {len(rows) - len(failed)} held-out studies into {out / 'masks'}")
+    echo(f"[4/5] predicted {len(rows) - len(failed)} held-out studies into {out / 'masks'}")
     if failed:
         for r in failed:
-            print(f"  failed: {r['study_id']}: {r['error']}")
+            echo(f"  failed: {r['study_id']}: {r['error']}")
         return 1
 
     ev = evaluate(out / "masks", test_manifest, out_csv=out / "masks" / "metrics.csv",
                   run_id=summary.get("mlflow_run_id"))
-    print("[5/5] evaluated against the held-out labels")
-    _print_summary(ev, out, summary, time.perf_counter() - t0)
+    echo("[5/5] evaluated against the held-out labels")
+    _print_summary(ev, out, summary, time.perf_counter() - t0, echo)
     (out / "demo_summary.json").write_text(json.dumps({"train": summary, "evaluation": ev}, indent=2, default=str))
     return 0
 
 
-def _print_summary(ev: dict, out: Path, train: dict, seconds: float) -> None:
-    print("\nsegpipe demo summary")
-    print("  held-out Dice per organ:")
+def _print_summary(ev: dict, out: Path, train: dict, seconds: float, echo: Callable[[str], None]) -> None:
+    echo("\nsegpipe demo summary")
+    echo("  held-out Dice per organ:")
     for name, stats in ev.get("per_class", {}).items():
-        print(f"    {name:<10} {stats['dice_mean']:.3f}  (HD95 {stats['hd95_mean']:.1f} mm)")
-    print(f"    {'mean':<10} {ev.get('mean_dice', float('nan')):.3f}")
-    print(f"  masks:   {out / 'masks'}")
-    print(f"  report:  {out / 'masks' / 'report.csv'} and {out / 'masks' / 'metrics.csv'}")
-    print(f"  model:   {train.get('model_path')}")
-    print(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
-    print(f"  open the MLflow UI:  .venv/bin/segpipe ui --tracking-uri {train.get('tracking_uri')}")
-    print(f"  total time: {seconds / 60:.1f} min")
+        echo(f"    {name:<10} {stats['dice_mean']:.3f}  (HD95 {stats['hd95_mean']:.1f} mm)")
+    echo(f"    {'mean':<10} {ev.get('mean_dice', float('nan')):.3f}")
+    echo(f"  masks:   {out / 'masks'}")
+    echo(f"  report:  {out / 'masks' / 'report.csv'} and {out / 'masks' / 'metrics.csv'}")
+    echo(f"  model:   {train.get('model_path')}")
+    echo(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
+    echo(f"  open the MLflow UI:  .venv/bin/segpipe ui --tracking-uri {train.get('tracking_uri')}")
+    echo(f"  total time: {seconds / 60:.1f} min")
