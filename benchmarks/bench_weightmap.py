@@ -22,19 +22,13 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
 
 from pipeline.losses import BoundaryWeightedDiceCELoss, prepare_batch_with_weight
-from pipeline.synthetic import cells_image
+from pipeline.synthetic import cells_image, random_blobs
 from pipeline.weightmap import boundary_weight_map, iter_objects
 
 
 def blobs(shape: tuple[int, ...], n: int, seed: int, radius: tuple[float, float], classes: int = 3) -> np.ndarray:
     """Random ellipsoids of ``classes`` classes, overlapping and touching at random."""
-    rng = np.random.default_rng(seed)
-    lab = np.zeros(shape, np.uint8)
-    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
-    for _ in range(n):
-        c, r = rng.uniform(0, shape), rng.uniform(*radius, len(shape))
-        lab[sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grid, c, r, strict=True)) <= 1] = rng.integers(1, classes + 1)
-    return lab
+    return random_blobs(shape, n, np.random.default_rng(seed), radius, classes)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

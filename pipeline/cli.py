@@ -149,7 +149,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_ui(a: argparse.Namespace) -> int:
     from pipeline.tracking import serve_ui
 
-    return serve_ui(host=a.host, port=a.port, tracking_uri=a.tracking_uri)
+    return serve_ui(host=a.host, port=a.port, tracking_uri=a.tracking_uri,
+                    echo=lambda line: print(line, flush=True))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -338,3 +338,15 @@ def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[i
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("wrote %d %s studies of shape %s to %s", n, kind, list(shape), out)
     return path
+
+
+def random_blobs(shape: Sequence[int], n: int, rng: np.random.Generator, radius: tuple[float, float] = (1.5, 4.0),
+                 classes: int = 2) -> np.ndarray:
+    """A uint8 label of ``n`` random axis-aligned ellipsoids (radii drawn from ``radius``) of
+    classes 1..``classes``, overlapping and touching at random: test and benchmark labels."""
+    lab = np.zeros(tuple(shape), np.uint8)
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    for _ in range(n):
+        c, r = rng.uniform(0, shape), rng.uniform(*radius, len(shape))
+        lab[sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grid, c, r, strict=True)) <= 1] = rng.integers(1, classes + 1)
+    return lab

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -247,16 +248,18 @@ def server_command(host: str, port: int, backend_store_uri: str, artifacts: Path
     return cmd
 
 
-def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
+def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None,
+             echo: Callable[[str], None] = log.info) -> int:
     """Run the MLflow UI on the resolved store (bound to 127.0.0.1 unless told otherwise);
-    blocks until the server stops and returns its exit code."""
+    blocks until the server stops and returns its exit code. The address goes to ``echo`` (the
+    CLI passes ``print``)."""
     uri = resolve_tracking_uri(tracking_uri)
     if urlparse(uri).scheme in ("http", "https"):
         raise UsageError(f"tracking URI {uri} is already a server: open it in a browser")
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
-    print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C to stop)", flush=True)
+    echo(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C to stop)")
     try:
         return subprocess.call(server_command(host, port, uri, artifacts))
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.spatial.distance import cdist
 
+from pipeline.synthetic import random_blobs
 from pipeline.weightmap import boundary_weight_map
 
 
@@ -27,18 +28,9 @@ def brute_force(label: np.ndarray, spacing, w0: float, sigma: float, border_on: 
     return 1 + border
 
 
-def blobs(shape, n, rng, radius=(1.5, 4.0), classes=2) -> np.ndarray:
-    lab = np.zeros(shape, np.uint8)
-    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
-    for _ in range(n):
-        c, r = rng.uniform(0, shape), rng.uniform(*radius, len(shape))
-        lab[sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grid, c, r, strict=True)) <= 1] = rng.integers(1, classes + 1)
-    return lab
-
-
 @pytest.mark.parametrize("border_on", ["all", "background"])
 def test_exact_and_fast_match_brute_force_2d_anisotropic(border_on):
-    lab = blobs((24, 30), 7, np.random.default_rng(1))
+    lab = random_blobs((24, 30), 7, np.random.default_rng(1))
     ref = brute_force(lab, (0.7, 1.3), w0=10, sigma=3, border_on=border_on)
     for exact in (True, False):
         w = boundary_weight_map(lab, (0.7, 1.3), w0=10, sigma=3, border_on=border_on, exact=exact)
@@ -47,7 +39,7 @@ def test_exact_and_fast_match_brute_force_2d_anisotropic(border_on):
 
 
 def test_exact_and_fast_match_brute_force_3d():
-    lab = blobs((12, 14, 10), 6, np.random.default_rng(2))
+    lab = random_blobs((12, 14, 10), 6, np.random.default_rng(2))
     ref = brute_force(lab, (1.0, 0.8, 2.0), w0=8, sigma=2.5)
     assert ref.max() > 3  # the case has a real border term
     for exact in (True, False):
@@ -57,7 +49,7 @@ def test_exact_and_fast_match_brute_force_3d():
 @pytest.mark.parametrize("shape, spacing", [((96, 96), (1.0, 0.5)), ((40, 36, 30), (1.5, 1.5, 2.5))])
 def test_fast_equals_direct_where_crops_cut(shape, spacing):
     """Small sigma against a large array: the cutoff crops are much smaller than the array."""
-    lab = blobs(shape, 25, np.random.default_rng(3), classes=3)
+    lab = random_blobs(shape, 25, np.random.default_rng(3), classes=3)
     fast = boundary_weight_map(lab, spacing, w0=10, sigma=1.5, class_weights="balanced")
     direct = boundary_weight_map(lab, spacing, w0=10, sigma=1.5, class_weights="balanced", exact=True)
     assert np.abs(fast - direct).max() < 1e-3
