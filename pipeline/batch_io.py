@@ -51,33 +51,12 @@ def list_studies(input_path: Path) -> list[dict[str, str]]:
     elif p.is_file():
         studies = [{"id": study_id(p) if is_nifti(p) else p.name, "image": str(p.absolute())}]
     else:
-        try:
-            studies = find_studies(p)
-        except InputError:  # a mixed/incomplete DICOM folder inside: look per sub-folder
-            studies = _studies_per_child(p)
+        studies = find_studies(p, strict=False)  # a refused DICOM folder fails as its own study
         if not studies and not any(c.is_dir() for c in p.iterdir()):
             studies = [{"id": p.name, "image": str(p.absolute())}]  # e.g. an empty DICOM folder
     if not studies:
         raise InputError(f"{p}: no studies (NIfTI files or DICOM series) found")
     return sorted(studies, key=lambda s: s["id"])
-
-
-def _studies_per_child(root: Path) -> list[dict[str, str]]:
-    """find_studies on each sub-folder; a sub-folder it refuses becomes one study (that then
-    fails with the same reason) instead of stopping the whole batch. Ids as find_studies's."""
-    from pipeline.studies import find_studies, is_nifti, study_id
-
-    out = [{"id": study_id(c), "image": str(c.absolute())} for c in sorted(root.iterdir())
-           if c.is_file() and is_nifti(c) and not c.name.startswith(".")]
-    for sub in sorted(c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")):
-        try:
-            found = find_studies(sub)
-        except InputError:
-            found = [{"id": sub.name, "image": str(sub.absolute())}]
-        for s in found:
-            sid = s["id"] if Path(s["image"]) == sub.absolute() else f"{sub.name}_{s['id']}"
-            out.append({"id": sid, "image": s["image"]})
-    return out
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:

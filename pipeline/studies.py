@@ -264,10 +264,12 @@ def dicom_series_to_nifti(folder: Path | str, out_file: Path | str) -> Path:
     return out_file
 
 
-def find_studies(folder: Path | str) -> list[dict[str, str]]:
+def find_studies(folder: Path | str, strict: bool = True) -> list[dict[str, str]]:
     """Manifest-like entries ``{"id", "image"}`` for every NIfTI file and DICOM series folder under
     ``folder`` (recursively, hidden names skipped), sorted by id. The id is the path below
-    ``folder`` without the NIfTI suffix, ``/`` replaced by ``_`` (a top-level file: its name)."""
+    ``folder`` without the NIfTI suffix, ``/`` replaced by ``_`` (a top-level file: its name).
+    A mixed or incomplete DICOM folder raises InputError; with ``strict=False`` it is listed as a
+    study instead, so batch work reports it as that study's failure and goes on with the rest."""
     import SimpleITK as sitk
 
     root = Path(folder)
@@ -280,7 +282,11 @@ def find_studies(folder: Path | str) -> list[dict[str, str]]:
         names = [n for n in filenames if not n.startswith(".")]
         studies = [here / n for n in names if is_nifti(n)]
         if len(studies) < len(names) and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(here)):
-            dicom_series_files(here)  # refuse mixed or incomplete series here, by folder name
+            try:
+                dicom_series_files(here)  # refuse mixed or incomplete series here, by folder name
+            except InputError:
+                if strict:
+                    raise
             studies.append(here)
         for path in studies:
             rel = path.relative_to(root)
