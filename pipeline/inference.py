@@ -53,10 +53,40 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
 
 
-def resolve_margin(roi_size: Sequence[int], margin: int | Sequence[int] | None) -> tuple[int, ...]:
-    """Context margin per spatial axis: ``None`` is a quarter of the ROI, an int applies to every axis."""
-    if margin is None:
+def windows_per_axis(size: int, roi: int, overlap: float) -> int:
+    """How many windows MONAI's sliding_window_inference places along an axis of ``size`` voxels."""
+    if size <= roi:
+        return 1
+    interval = max(int(roi * (1 - overlap)), 1)
+    return -(-(size - roi) // interval) + 1
+
+
+def free_margin(size: int, roi: int, overlap: float) -> int:
+    """The largest context margin per side that adds no window along this axis (the slack the last
+    window has anyway), capped at a quarter of the ROI. 0 for an axis the ROI fits exactly (and
+    for an axis smaller than the ROI, which ``tile_padding`` mirror-pads up to the ROI anyway)."""
+    n = windows_per_axis(size, roi, overlap)
+    if n == 1:
+        return 0
+    covered = (n - 1) * max(int(roi * (1 - overlap)), 1) + roi
+    return min(roi // 4, (covered - size) // 2)
+
+
+def resolve_margin(roi_size: Sequence[int], margin: int | str | Sequence[int] | None,
+                   shape: Sequence[int] | None = None, overlap: float | Sequence[float] = 0.5) -> tuple[int, ...]:
+    """Context margin per spatial axis. ``"auto"`` (the default): per axis the largest margin up to
+    a quarter of the ROI that adds no windows (``free_margin``: mirrored context at no extra network
+    cost); ``None`` or ``"quarter"``: a quarter of the ROI (the paper's full overlap-tile context,
+    more windows); an int applies to every axis; a sequence gives one per axis."""
+    if margin is None or margin == "quarter":
         return tuple(int(r) // 4 for r in roi_size)
+    if margin == "auto":
+        if shape is None:
+            raise ValueError("margin 'auto' needs the volume's shape")
+        ov = ensure_tuple_rep(overlap, len(roi_size))
+        return tuple(free_margin(int(n), int(r), float(o)) for n, r, o in zip(shape, roi_size, ov, strict=True))
+    if isinstance(margin, str):
+        raise ValueError(f"margin must be 'auto', 'quarter', an int or one int per axis, got {margin!r}")
     out = tuple(int(m) for m in ensure_tuple_rep(margin, len(roi_size)))
     if any(m < 0 for m in out):
         raise ValueError(f"margin must be >= 0, got {margin}")
@@ -180,7 +210,7 @@ def _module_device(network: Any, fallback: torch.device) -> torch.device:
 
 
 def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: Sequence[int] | int,
-                  overlap: float | Sequence[float] = 0.5, margin: int | Sequence[int] | None = None,
+                  overlap: float | Sequence[float] = 0.5, margin: int | str | Sequence[int] | None = "auto",
                   tta: bool = False, sw_batch_size: int = 4, mode: str = "gaussian",
                   sigma_scale: float | Sequence[float] = 0.125, device: torch.device | str | None = None,
                   stitch_device: torch.device | str | None = None, amp: bool = True,
@@ -190,7 +220,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     the stitching device: the blended logits, or with ``tta`` the mean softmax probabilities over
     all flips. A MetaTensor input gives a MetaTensor output with the input's meta.
 
-    ``margin``: mirrored context per side (None: a quarter of the ROI; 0: none).
+    ``margin``: mirrored context per side: "auto" (default) as much as adds no windows, up to a
+    quarter of the ROI; None or "quarter": a quarter of the ROI; 0: none (see ``resolve_margin``).
     ``tta_axes``: with ``tta``, flip only these spatial axes (None: every axis).
     ``device``: where the network runs (default: its parameters' device).
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
@@ -202,7 +233,7 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
     shape = tuple(x.shape[2:])
     roi = tuple(int(r) for r in fall_back_tuple(roi_size, shape))
-    pads = tile_padding(shape, roi, resolve_margin(roi, margin))
+    pads = tile_padding(shape, roi, resolve_margin(roi, margin, shape, overlap))
     run_device = torch.device(device) if device is not None else _module_device(network, x.device)
     if channels_last is None:
         channels_last = run_device.type == "cpu" and spatial_dims == 3
@@ -241,7 +272,7 @@ class OverlapTileInferer(Inferer):
     ``outputs_probabilities`` says whether the output is probabilities (TTA) or logits."""
 
     def __init__(self, roi_size: Sequence[int] | int, overlap: float | Sequence[float] = 0.5,
-                 margin: int | Sequence[int] | None = None, tta: bool = False, sw_batch_size: int = 4,
+                 margin: int | str | Sequence[int] | None = "auto", tta: bool = False, sw_batch_size: int = 4,
                  mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
                  device: torch.device | str | None = None, stitch_device: torch.device | str | None = None,
                  amp: bool = True, channels_last: bool | None = None, compile: bool = False,

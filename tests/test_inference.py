@@ -13,7 +13,14 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from pipeline.bundle import get, load_bundle
-from pipeline.inference import OverlapTileInferer, flip_combinations, mirror_pad, predict_tiles
+from pipeline.inference import (
+    OverlapTileInferer,
+    flip_combinations,
+    mirror_pad,
+    predict_tiles,
+    resolve_margin,
+    windows_per_axis,
+)
 from pipeline.postprocess import label_cleanup
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "phantom_ct_3d"
@@ -38,10 +45,36 @@ def test_margin0_equals_monai(unet: torch.nn.Module, sw_batch_size: int) -> None
 def test_margin_changes_borders_only_a_little(unet: torch.nn.Module) -> None:
     x = torch.rand(1, 1, 30, 27, 21)
     a = predict_tiles(unet, x, (16, 16, 12), margin=0)
-    b = predict_tiles(unet, x, (16, 16, 12))  # default margin: a quarter of the ROI
+    b = predict_tiles(unet, x, (16, 16, 12), margin="quarter")
     assert a.shape == b.shape and not torch.allclose(a, b)
     ident = predict_tiles(lambda w: torch.cat([w, -w], dim=1), x, (16, 16, 12), margin=(5, 3, 7))
     torch.testing.assert_close(ident[:, :1], x, atol=1e-6, rtol=0)  # the crop lands on the volume
+
+
+def _count_windows(x: torch.Tensor, roi: tuple[int, ...], margin: object) -> int:
+    calls: list[int] = []
+
+    def net(w: torch.Tensor) -> torch.Tensor:
+        calls.append(w.shape[0])
+        return torch.cat([w, -w], dim=1)
+
+    predict_tiles(net, x, roi, margin=margin, sw_batch_size=1)
+    return len(calls)
+
+
+def test_auto_margin_adds_context_but_no_windows() -> None:
+    x = torch.rand(1, 1, 33, 37, 20)
+    roi = (16, 16, 12)
+    margin = resolve_margin(roi, "auto", x.shape[2:], 0.5)
+    assert margin == (3, 1, 2)  # 4 windows cover 40 voxels: slack 7 -> 3 and 3 -> 1; 3 cover 24: 4 -> 2
+    assert all(windows_per_axis(n + 2 * m, r, 0.5) == windows_per_axis(n, r, 0.5)
+               for n, r, m in zip(x.shape[2:], roi, margin, strict=True))
+    assert _count_windows(x, roi, "auto") == _count_windows(x, roi, 0) == 4 * 4 * 3
+    assert _count_windows(x, roi, "quarter") > 4 * 4 * 3
+    assert resolve_margin((96, 96, 96), "auto", (256, 256, 128), 0.5) == (16, 16, 8)
+    assert resolve_margin((16, 16, 12), "auto", (16, 10, 12), 0.5) == (0, 0, 0)  # fits exactly / smaller
+    with pytest.raises(ValueError, match="margin"):
+        resolve_margin(roi, "wide", x.shape[2:], 0.5)
 
 
 @pytest.mark.parametrize("shape,pads", [((1, 1, 5, 4, 3), [(2, 1), (3, 3), (1, 2)]),
