@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not a.debug:  # nibabel's header auto-fix notes name no file; our own checks report what matters
+        logging.getLogger("nibabel.global").setLevel(logging.ERROR)
     try:
         return int(a.func(a) or 0)
     except SegpipeError as e:

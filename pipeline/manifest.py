@@ -122,7 +122,10 @@ def _entry(root: Path, role: str, i: int, entry: Any, keys: tuple[str, ...], all
         p = Path(value).expanduser()
         full = Path(os.path.normpath(p if p.is_absolute() else root / p))
         if not allow:
-            target = full.resolve()
+            try:
+                target = full.resolve()
+            except (OSError, RuntimeError):  # a symlink loop: it cannot be read, and read_header says why
+                target = full
             if not target.is_relative_to(root):
                 problems.append(f"{where}: {key} {value!r} resolves to {target}, outside the manifest's "
                                 f"folder {root} (set \"allow_outside\": true to allow)")

@@ -6,8 +6,8 @@ unreadable, not an image, truncated, bad spacing, an absurd voxel count) with an
 naming the file and the problem. ``validate`` and the batch predictor share it.
 
 DICOM series are grouped by SeriesInstanceUID (``ImageSeriesReader.GetGDCMSeriesIDs``); a folder
-holding several series, or a series with a missing or duplicated slice (non-uniform slice
-positions), is refused; a slice missing at either end of a series leaves no trace and passes.
+holding several series, or a series with a missing or duplicated slice or non-uniform slice
+spacing, is refused; a slice missing at either end of a series leaves no trace and passes.
 ``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader reads it.
 
     >>> find_studies(Path("incoming"))        # doctest: +SKIP
@@ -16,6 +16,7 @@ positions), is refused; a slice missing at either end of a series leaves no trac
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import math
@@ -63,7 +64,7 @@ def read_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> dict[str, Any
     if path.is_dir():
         return _dicom_header(path, max_voxels)
     if not path.exists():
-        raise InputError(f"{path}: missing file" + (" (broken symlink)" if path.is_symlink() else ""))
+        raise InputError(f"{path}: {_missing_reason(path)}")
     if not path.is_file():
         raise InputError(f"{path}: not a regular file")
     if not is_nifti(path):
@@ -98,6 +99,20 @@ def read_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> dict[str, Any
     if problem:
         raise InputError(f"{path}: {problem}")
     return {"shape": shape, "affine": affine, "pixdim": pixdim, "dtype": dtype, "format": "nifti"}
+
+
+def _missing_reason(path: Path) -> str:
+    """Why ``path`` does not exist: missing, a broken symlink or a symlink loop."""
+    if not path.is_symlink():
+        return "missing file"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop so; later versions raise OSError(ELOOP)
+        return "symlink loop (the link points back to itself)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (the link points back to itself)"
+    return "missing file (broken symlink)"
 
 
 def _nib_load(path: Path) -> Any:
@@ -202,7 +217,8 @@ def _slice_info(file: str) -> dict[str, Any]:
 
 
 def _check_gaps(folder: Path, slices: list[dict], gaps: np.ndarray) -> None:
-    """Refuse duplicate positions and gaps wider than the smallest one (a missing slice)."""
+    """Refuse duplicate positions, gaps of a whole number of steps (a missing slice) and other
+    gaps wider than the smallest one (non-uniform spacing: ITK would stack them as uniform)."""
     names = [Path(s["file"]).name for s in slices]
     for i, gap in enumerate(gaps):
         if gap < 1e-3:
@@ -210,9 +226,13 @@ def _check_gaps(folder: Path, slices: list[dict], gaps: np.ndarray) -> None:
                              "incomplete or mixed series")
     step = float(gaps.min())
     for i, gap in enumerate(gaps):
-        if gap > step * (1 + _GAP_RTOL) + 1e-3:
-            raise InputError(f"{folder}: incomplete series: {gap:.3g} mm gap after slice {i} ({names[i]}) "
-                             f"where slices are {step:.3g} mm apart (missing slice?)")
+        if gap <= step * (1 + _GAP_RTOL) + 1e-3:
+            continue
+        where = f"{gap:.3g} mm gap after slice {i} ({names[i]}) where slices are {step:.3g} mm apart"
+        steps = round(gap / step)
+        if abs(gap - steps * step) <= steps * step * _GAP_RTOL + 1e-3:
+            raise InputError(f"{folder}: incomplete series: {where} (missing slice?)")
+        raise InputError(f"{folder}: non-uniform slice spacing: {where}")
 
 
 def _dicom_header(folder: Path, max_voxels: int) -> dict[str, Any]:

@@ -30,9 +30,11 @@ def volume(shape_zyx=(5, 6, 7)) -> sitk.Image:
 
 
 def write_series(folder: Path, img: sitk.Image, uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
-                 skip: tuple[int, ...] = (), repeat: tuple[int, ...] = ()) -> Path:
+                 skip: tuple[int, ...] = (), repeat: tuple[int, ...] = (), prefix: str = "slice",
+                 shift: dict[int, float] | None = None) -> Path:
     """One DICOM file per slice with the tags a scanner writes; `skip` drops slices,
-    `repeat` writes a slice twice under another instance number."""
+    `repeat` writes a slice twice under another instance number, `shift` moves slice k's
+    position by that many mm along the slice normal (non-uniform spacing)."""
     folder.mkdir(parents=True, exist_ok=True)
     d = img.GetDirection()
     writer = sitk.ImageFileWriter()
@@ -43,12 +45,13 @@ def write_series(folder: Path, img: sitk.Image, uid: str = "1.2.826.0.1.3680043.
         for tag, value in {
             "0008|0060": "CT", "0020|000d": uid.rsplit(".", 1)[0], "0020|000e": uid,
             "0008|0018": f"{uid}.{n + 1}", "0020|0013": str(n + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in np.add(img.TransformIndexToPhysicalPoint((0, 0, k)),
+                                                              np.multiply(d[2::3], (shift or {}).get(k, 0.0)))),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
             "0028|0030": f"{SPACING[1]}\\{SPACING[0]}", "0018|0050": str(SPACING[2]),
         }.items():
             s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{n:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}_{n:03d}.dcm"))
         writer.Execute(s)
     return folder
 
