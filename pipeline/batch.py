@@ -45,8 +45,8 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     output_dir = Path(output_dir)
     batch_io.check_output_dir(output_dir)
     shard_i, shard_n = batch_io.parse_shard(shard)
+    studies = batch_io.take_shard(batch_io.list_studies(Path(input)), shard_i, shard_n)  # a bad input fails fast
     model = load_model(bundle_dir, overrides, device)
-    studies = batch_io.take_shard(batch_io.list_studies(Path(input)), shard_i, shard_n)
     batch_io.clean_stale_temps(output_dir)
     log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
 
@@ -133,7 +133,8 @@ def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str |
 
 
 def read_study(study: dict[str, str], model: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    """Check the header (refusing before any voxel is read), convert DICOM, preprocess."""
+    """Check the header (refusing before any voxel is read), convert DICOM, preprocess; refuse
+    NaN or Inf voxels left after preprocessing."""
     from pipeline.studies import check_image_header, dicom_series_to_nifti, read_header
 
     path = Path(study["image"])
@@ -146,6 +147,8 @@ def read_study(study: dict[str, str], model: dict[str, Any], scratch: Path) -> d
         data = model["preprocessing"]({"image": str(path)})
     except Exception as e:  # noqa: BLE001 - MONAI wraps the cause in pages of text
         raise InputError(f"{path}: cannot preprocess ({_first_line(e)})") from None
+    if not bool(torch.isfinite(data["image"]).all()):  # NaN would spread through every tile it reaches
+        raise InputError(f"{path}: non-finite voxels (NaN or Inf) in the preprocessed image; refusing to predict")
     data["source"] = path
     return data
 
