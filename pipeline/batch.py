@@ -172,12 +172,12 @@ def run_model(model: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
 def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor, model: dict[str, Any],
                 output_dir: Path) -> dict[str, Any]:
     """Probabilities -> source geometry (Invertd) -> argmax -> clean-up -> NIfTI; volume columns."""
-    from monai.transforms import Invertd
+    from pipeline.inference import invert_to_labels
 
     probs = pred if model["inferer"].outputs_probabilities else torch.softmax(pred, dim=0)
-    inverted = Invertd(keys="pred", transform=model["preprocessing"], orig_keys="image",
-                       nearest_interp=False, to_tensor=True)({"image": data["image"], "pred": probs})["pred"]
-    labels = model["cleanup"](torch.argmax(inverted, dim=0, keepdim=True))[0]
+    labels, inverted = invert_to_labels(probs, data["image"], model["preprocessing"],
+                                        keep_probabilities=bool(model["save_probabilities"]))
+    labels = model["cleanup"](labels)[0]
     source = Path(data["source"])
     out = batch_io.write_mask(labels.numpy().astype(np.uint8), source, output_dir / f"{study['id']}.nii.gz")
     if model["save_probabilities"]:

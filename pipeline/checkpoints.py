@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, SegpipeError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ def attach_checkpointing(trainer: Engine, objects: dict[str, Any], ckpt_dir: Pat
 
     def _save(engine: Engine) -> None:
         if not any(epoch == engine.state.epoch for epoch, _ in list_checkpoints(ckpt_dir)):
-            handler(engine)
+            with write_errors(ckpt_dir / f"checkpoint_{engine.state.epoch}.pt"):
+                handler(engine)
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED(every=every), _save)
     trainer.add_event_handler(Events.COMPLETED, _save)
@@ -102,5 +105,19 @@ def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int
 def save_weights(network: nn.Module, path: Path) -> Path:
     """Write ``network``'s weights atomically as a plain state_dict (rank 0 only)."""
     path = Path(path)
-    DiskSaver(path.parent, atomic=True, require_empty=False)(_unwrap(network).state_dict(), path.name)
+    with write_errors(path):
+        DiskSaver(path.parent, atomic=True, require_empty=False)(_unwrap(network).state_dict(), path.name)
     return path
+
+
+@contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """A failed write (disk full, a file-size limit: torch reports these as a RuntimeError from
+    its zip writer, or an OSError) becomes one line naming the file. DiskSaver's atomic write has
+    removed its temp file by then, so earlier checkpoints and weights are left as they were."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SegpipeError(f"{path}: cannot write ({reason}); is the disk full or a file-size limit set? "
+                           "the earlier checkpoints are intact") from e

@@ -207,6 +207,22 @@ def test_resampled_prediction_keeps_source_shape_and_affine(tmp_path: Path) -> N
     assert agree > 0.95  # resampled twice with interpolation: close, not exact
 
 
+def test_channelwise_inversion_equals_inverting_the_whole_stack(tmp_path: Path) -> None:
+    from pipeline.batch import read_study
+    from pipeline.inference import invert_to_labels
+
+    src, _ = _source(tmp_path, "oblique")
+    model = _model([1.6, 1.6, 2.5])
+    data = read_study({"id": "o", "image": str(src)}, model, tmp_path)
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, *data["image"].shape[1:]) * 3, dim=0)
+    low, none = invert_to_labels(probs, data["image"], model["preprocessing"])
+    full, inverted = invert_to_labels(probs, data["image"], model["preprocessing"], keep_probabilities=True)
+    assert none is None and inverted is not None and inverted.shape[0] == 4
+    assert low.dtype == full.dtype == torch.uint8 and tuple(low.shape[1:]) == nib.load(str(src)).shape
+    assert torch.equal(low, full) and len(torch.unique(low)) == 4
+
+
 def test_postprocess_keeps_largest_component_and_fills_holes() -> None:
     from pipeline.postprocess import label_volumes
 
