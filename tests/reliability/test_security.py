@@ -57,5 +57,5 @@ def test_ui_binds_loopback_and_readme_says_bundles_are_code() -> None:
 
     args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1"
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "Bundle configs are code" in readme and "only bundles you trust" in readme
