@@ -32,7 +32,9 @@ def label_cleanup(options: Mapping[str, Sequence[int]] | None) -> Callable[[Any]
 
 def label_volumes(labels: torch.Tensor | Any, names: Sequence[str], voxel_ml: float) -> dict[str, float | int]:
     """``voxels_<name>`` and ``ml_<name>`` for every label but background (index 0)."""
-    counts = torch.bincount(torch.as_tensor(labels).reshape(-1).long(), minlength=len(names))
+    flat = torch.as_tensor(labels).reshape(-1)
+    flat = flat if flat.dtype == torch.uint8 else flat.long()  # no int64 copy of a uint8 mask
+    counts = torch.bincount(flat, minlength=len(names))
     out: dict[str, float | int] = {}
     for i, name in enumerate(names):
         if i == 0:
