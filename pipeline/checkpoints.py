@@ -113,11 +113,13 @@ def save_weights(network: nn.Module, path: Path) -> Path:
 @contextmanager
 def write_errors(path: Path) -> Iterator[None]:
     """A failed write (disk full, a file-size limit: torch reports these as a RuntimeError from
-    its zip writer, or an OSError) becomes one line naming the file. DiskSaver's atomic write has
+    its zip writer, ``inline_container.cc``, or an OSError) becomes one line naming the file. DiskSaver's atomic write has
     removed its temp file by then, so earlier checkpoints and weights are left as they were."""
     try:
         yield
     except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e):  # not torch's zip writer
+            raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise SegpipeError(f"{path}: cannot write ({reason}); is the disk full or a file-size limit set? "
                            "the earlier checkpoints are intact") from e

@@ -53,12 +53,16 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
 
 
+def _scan_interval(roi: int, overlap: float) -> int:
+    """MONAI's window step along an axis (``monai.inferers.utils._get_scan_interval``)."""
+    return max(int(roi * (1 - overlap)), 1)
+
+
 def windows_per_axis(size: int, roi: int, overlap: float) -> int:
     """How many windows MONAI's sliding_window_inference places along an axis of ``size`` voxels."""
     if size <= roi:
         return 1
-    interval = max(int(roi * (1 - overlap)), 1)
-    return -(-(size - roi) // interval) + 1
+    return -(-(size - roi) // _scan_interval(roi, overlap)) + 1
 
 
 def free_margin(size: int, roi: int, overlap: float) -> int:
@@ -68,7 +72,7 @@ def free_margin(size: int, roi: int, overlap: float) -> int:
     n = windows_per_axis(size, roi, overlap)
     if n == 1:
         return 0
-    covered = (n - 1) * max(int(roi * (1 - overlap)), 1) + roi
+    covered = (n - 1) * _scan_interval(roi, overlap) + roi
     return min(roi // 4, (covered - size) // 2)
 
 
@@ -311,15 +315,14 @@ def invert_to_labels(probs: torch.Tensor, image: MetaTensor, preprocessing: Any,
     if keep_probabilities:
         inverted = invert({"image": image, "pred": probs})["pred"]
         return torch.argmax(inverted, dim=0, keepdim=True).to(torch.uint8), inverted
-    best: torch.Tensor | None = None
-    labels = torch.zeros(0)
-    for c in range(probs.shape[0]):
-        p = torch.as_tensor(invert({"image": image, "pred": probs[c:c + 1]})["pred"])
-        if best is None:
-            best, labels = p, torch.zeros(p.shape, dtype=torch.uint8)
-            continue
-        better = p > best
-        labels[better] = c
-        best = torch.maximum(best, p, out=best)
-        del p, better
+
+    def channel(c: int) -> torch.Tensor:
+        return torch.as_tensor(invert({"image": image, "pred": probs[c:c + 1]})["pred"])
+
+    best = channel(0)
+    labels = torch.zeros(best.shape, dtype=torch.uint8)
+    for c in range(1, probs.shape[0]):
+        p = channel(c)
+        labels[p > best] = c
+        torch.maximum(best, p, out=best)
     return labels, None

@@ -23,6 +23,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_engines import FAST as ENGINE_FAST  # tests/ is on sys.path, as for test_studies
+from test_engines import _sets
 
 from pipeline.checkpoints import list_checkpoints
 from pipeline.engines import train_bundle
@@ -30,16 +32,9 @@ from pipeline.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "phantom_ct_3d"
-# 6 phantoms resampled to 16x16x12: 4 train (2 iterations per epoch), 2 validation
-FAST = {"pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12], "network_def#features": [8, 16, 32, 8],
-        "num_workers": 0, "num_folds": 3, "batch_size": 2, "num_samples": 1, "flip_prob": 0.0,
-        "rot90_prob": 0.0, "learning_rate": 0.01, "lr_scheduler#T_max": 1000, "val_interval": 1}
+FAST = {**ENGINE_FAST, "val_interval": 1}  # 6 phantoms at 16x16x12: 2 iterations per epoch, validate each
 EPOCHS = 6
 SHAPE = (24, 24, 8)
-
-
-def _sets(overrides: dict) -> list[str]:
-    return [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
 
 @pytest.fixture(scope="module")
