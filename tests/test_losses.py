@@ -108,6 +108,17 @@ def test_prepare_batch_without_weight_is_the_default():
     assert target.dtype == torch.float32 and torch.equal(lab, label.float()) and torch.all(w == 3)
 
 
+def test_prepare_batch_with_weight_drops_meta_tensors():
+    from monai.data import MetaTensor
+
+    affine = torch.diag(torch.tensor([2.0, 3.0, 1.0]))
+    image = MetaTensor(torch.rand(2, 1, 4, 4), affine=affine)
+    label = MetaTensor(torch.ones(2, 1, 4, 4), affine=affine)
+    out_image, target = prepare_batch_with_weight({"image": image, "label": label, "weight": torch.ones(2, 1, 4, 4)})
+    assert type(out_image) is torch.Tensor and type(target) is torch.Tensor
+    assert torch.equal(out_image, image.as_tensor())
+
+
 def test_two_iterations_in_a_real_supervised_trainer():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
