@@ -39,12 +39,13 @@ def export_run(run_id: str, tracking_uri: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "training_run.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
-    plot_curve(history, out_dir / "training_curve.png", run.info.run_name)
+    fold = run.data.params.get("fold", "?") if int(run.data.params.get("num_folds", "5")) > 1 else None
+    plot_curve(history, out_dir / "training_curve.png", run.info.run_name, fold)
     log.info("wrote %s and %s", path, out_dir / "training_curve.png")
     return path
 
 
-def plot_curve(history: dict[str, list[dict]], path: Path, title: str) -> None:
+def plot_curve(history: dict[str, list[dict]], path: Path, title: str, fold: str | None = "0") -> None:
     """Training loss per epoch (left) and validation Dice per validation epoch (right)."""
     import matplotlib
 
@@ -58,7 +59,8 @@ def plot_curve(history: dict[str, list[dict]], path: Path, title: str) -> None:
     for key in CURVE_KEYS:
         points = history.get(key, [])
         ax_dice.plot([m["step"] for m in points], [m["value"] for m in points], marker="o", label=key)
-    ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation (fold 0, no TTA)")
+    dice_title = f"validation (fold {fold}, no TTA)" if fold is not None else "no validation cases"
+    ax_dice.set(xlabel="epoch", ylabel="Dice", title=dice_title)
     ax_dice.legend()
     ax_dice.grid(alpha=0.3)
     fig.suptitle(title)
