@@ -45,8 +45,9 @@ def export_run(run_id: str, tracking_uri: str, out_dir: Path) -> Path:
     return path
 
 
-def plot_curve(history: dict[str, list[dict]], path: Path, title: str, fold: str | None = "0") -> None:
-    """Training loss per epoch (left) and validation Dice per validation epoch (right)."""
+def plot_curve(history: dict[str, list[dict]], path: Path, title: str, fold: str | None) -> None:
+    """Training loss per epoch (left) and validation Dice of ``fold`` per validation epoch (right;
+    ``fold`` None: a run on every case, with no validation)."""
     import matplotlib
 
     matplotlib.use("Agg")
