@@ -99,6 +99,16 @@ def channels_last(network: torch.nn.Module, spatial_dims: int, enabled: bool = T
 
 
 # -- handlers -------------------------------------------------------------------------------------
+def check_compile(trainer: Engine) -> None:
+    """``compile`` on a CPU makes torch.compile generate C++: without a compiler that fails at the
+    first iteration with a long traceback, so say so up front, with the fix."""
+    if not getattr(trainer, "compile", False) or torch.device(trainer.state.device).type != "cpu":
+        return
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise UsageError("compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); "
+                         "install one or add --set compile=false")
+
+
 def attach_grad_clip(trainer: Engine, max_norm: float | None) -> None:
     """Clip the gradient norm after backward (unscaled first under fp16 grad scaling)."""
     if not max_norm:
@@ -304,6 +314,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) 
     parser.get_parsed_content("initialize")
     network = get(parser, "network", bundle_dir)
     trainer = get(parser, "train#trainer", bundle_dir)
+    check_compile(trainer)
     evaluator = get(parser, "validate#evaluator", bundle_dir)
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), int(parser.get_parsed_content("max_epochs"))
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": get(parser, "lr_scheduler", bundle_dir),

@@ -214,7 +214,8 @@ PARAM_IDS = {
     "lr_scheduler": "lr_scheduler#_target_", "batch_size": "batch_size", "num_samples": "num_samples",
     "roi_size": "roi_size", "pixdim": "pixdim", "amp": "amp", "amp_dtype": "amp_dtype", "max_epochs": "max_epochs",
     "val_interval": "val_interval", "grad_clip_norm": "grad_clip_norm", "seed": "seed", "fold": "fold",
-    "num_folds": "num_folds",
+    "num_folds": "num_folds", "dice_include_background": "loss#include_background", "batch_dice": "loss#batch",
+    "compile": "compile", "time_budget_min": "time_budget_min",
 }
 
 

@@ -200,7 +200,7 @@ def test_cells_2d_monai_bundle_run(tmp_path):
 
 @pytest.mark.skipif(not (HIPPO_DATA / "dataset.json").is_file(), reason="no ../shared/data/Task04_Hippocampus")
 def test_hippocampus_one_epoch_on_real_cases(tmp_path):
-    """The bundle as configured (z-score, 1 mm, ROI 40x56x40) for one epoch on five real cases
+    """The bundle as configured (z-score, 1 mm, ROI 40x56x40, torch.compile) for one epoch on five real cases
     (data_manifests/hippocampus_example.json: 4 train, 1 validation), then segpipe predict."""
     from pipeline.batch import predict
     from pipeline.engines import train_bundle
@@ -211,6 +211,10 @@ def test_hippocampus_one_epoch_on_real_cases(tmp_path):
                            overrides={"output_dir": str(tmp_path / "train"), "val_interval": 1, "num_workers": 0,
                                       "features": [8, 16, 32, 64]})
     assert summary["epochs"] == 1 and set(summary["val_dice"]) == {"anterior", "posterior"}
+    from mlflow.tracking import MlflowClient  # the shipped recipe: compiled, nnU-Net's Dice term
+
+    params = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
+    assert (params["compile"], params["dice_include_background"], params["batch_dice"]) == ("True", "False", "True")
     case = HIPPO_DATA / "imagesTr" / "hippocampus_011.nii.gz"
     rows = predict(bundle, case, tmp_path / "masks", device="cpu", progress=False,
                    overrides={"model_path": summary["model_path"], "features": [8, 16, 32, 64]})

@@ -181,6 +181,25 @@ def test_amp_policy_and_cpu_autocast() -> None:
     assert low.dtype == torch.float32 and torch.allclose(ref, low, atol=0.05) and not torch.equal(ref, low)
 
 
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_clear_error(monkeypatch) -> None:
+    """torch.compile on a CPU generates C++; with no compiler on PATH the run stops before its
+    first step with the fix named (hippocampus_mri_3d trains compiled by default)."""
+    from types import SimpleNamespace
+
+    from pipeline.engines import check_compile
+    from pipeline.errors import UsageError
+
+    cpu, gpu = (SimpleNamespace(compile=True, state=SimpleNamespace(device=torch.device(d))) for d in ("cpu", "cuda"))
+    if shutil.which("g++"):
+        check_compile(cpu)  # a real compiler here: no error
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UsageError, match="needs a C\\+\\+ compiler .* --set compile=false"):
+        check_compile(cpu)
+    check_compile(gpu)  # CUDA compiles with triton, not a host C++ compiler
+    check_compile(SimpleNamespace(compile=False, state=cpu.state))
+
+
 def test_export_copies_weights_into_a_bundle_models_folder(tmp_path: Path) -> None:
     from pipeline.checkpoints import save_weights
     from pipeline.engines import export_model
