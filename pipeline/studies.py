@@ -16,18 +16,14 @@ spacing, is refused; a slice missing at either end of a series leaves no trace a
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import functools
 import gzip
-import locale
 import logging
 import math
 import os
 import zlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -167,29 +163,6 @@ def _gzip_truncated(path: Path, expected: int) -> str | None:
 
 
 # ---------------------------------------------------------------- DICOM
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-@contextlib.contextmanager
-def keep_locale() -> Iterator[None]:
-    """Restore the process locale after SimpleITK's DICOM IO: GDCM sets it to "C", after which
-    Python's ``open()`` defaults to ASCII in the whole process (torch.compile then fails to read its
-    own UTF-8 kernel templates, and any UTF-8 text file read later fails the same way)."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _keeps_locale(fn: _F) -> _F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with keep_locale():
-            return fn(*args, **kwargs)
-    return wrapper  # type: ignore[return-value]
-
-
 
 
 def dicom_series_files(folder: Path | str) -> list[str]:
@@ -198,7 +171,6 @@ def dicom_series_files(folder: Path | str) -> list[str]:
     return _dicom_series(Path(folder))["files"]
 
 
-@_keeps_locale
 def _dicom_series(folder: Path) -> dict[str, Any]:
     import SimpleITK as sitk
 
@@ -281,7 +253,6 @@ def lps_to_ras_affine(direction: Any, spacing: Any, origin: Any) -> np.ndarray:
     return affine
 
 
-@_keeps_locale
 def read_dicom_series(folder: Path | str) -> Any:
     """The checked series as a ``SimpleITK.Image`` (slices in the order of their positions)."""
     import SimpleITK as sitk
@@ -313,7 +284,6 @@ def dicom_series_to_nifti(folder: Path | str, out_file: Path | str) -> Path:
     return out_file
 
 
-@_keeps_locale
 def find_studies(folder: Path | str, strict: bool = True) -> list[dict[str, str]]:
     """Manifest-like entries ``{"id", "image"}`` for every NIfTI file and DICOM series folder under
     ``folder`` (recursively, hidden names skipped), sorted by id. The id is the path below

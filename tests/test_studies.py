@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import locale
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +16,7 @@ import SimpleITK as sitk
 
 from pipeline.errors import InputError
 from pipeline.manifest import validate
-from pipeline.studies import check_image_header, dicom_series_to_nifti, find_studies, keep_locale, read_header
+from pipeline.studies import check_image_header, dicom_series_to_nifti, find_studies, read_header
 
 SPACING = (0.7, 0.8, 2.5)
 ORIGIN = (10.0, -20.0, 30.0)
@@ -29,18 +32,26 @@ def volume(shape_zyx=(5, 6, 7)) -> sitk.Image:
     return img
 
 
+@contextlib.contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process locale: GDCM's DICOM writer, given a slice with DICOM tags, leaves it at
+    "C" (measured with SimpleITK 2.5.7; reading DICOM does not), after which Python's ``open()``
+    reads ASCII only for the rest of the pytest process, and torch.compile in a later test cannot
+    load its UTF-8 kernel templates. The product never writes DICOM; this test helper does."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@keep_locale()
 def write_series(folder: Path, img: sitk.Image, uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
                  skip: tuple[int, ...] = (), repeat: tuple[int, ...] = (), prefix: str = "slice",
                  shift: dict[int, float] | None = None) -> Path:
     """One DICOM file per slice with the tags a scanner writes; `skip` drops slices,
     `repeat` writes a slice twice under another instance number, `shift` moves slice k's
     position by that many mm along the slice normal (non-uniform spacing)."""
-    with keep_locale():  # GDCM's writer resets the process locale too
-        return _write_series(folder, img, uid, skip, repeat, prefix, shift)
-
-
-def _write_series(folder: Path, img: sitk.Image, uid: str, skip: tuple[int, ...], repeat: tuple[int, ...],
-                  prefix: str, shift: dict[int, float] | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     d = img.GetDirection()
     writer = sitk.ImageFileWriter()
@@ -75,32 +86,9 @@ def test_dicom_to_nifti_affine_maps_voxels_to_ras_positions(tmp_path):
     np.testing.assert_allclose(nii.header.get_zooms(), SPACING, atol=1e-5)
     assert nii.header["qform_code"] == nii.header["sform_code"] == 1
     # SimpleITK's own NIfTI writer agrees, and so does the header-only geometry
-    with keep_locale():
-        sitk.WriteImage(sitk.ReadImage(sorted(map(str, (tmp_path / "ct").iterdir()))), str(tmp_path / "ref.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(sorted(map(str, (tmp_path / "ct").iterdir()))), str(tmp_path / "ref.nii.gz"))
     np.testing.assert_allclose(nib.load(tmp_path / "ref.nii.gz").affine, nii.affine, atol=1e-4)
     np.testing.assert_allclose(read_header(tmp_path / "ct")["affine"], nii.affine, atol=1e-4)
-
-
-def test_dicom_io_leaves_the_process_locale_alone(tmp_path):
-    """GDCM sets the process locale to "C" (then Python's open() reads ASCII only, and torch.compile
-    cannot load its UTF-8 templates): every DICOM entry point puts the locale back."""
-    import locale
-
-    series = write_series(tmp_path / "ct", volume())
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
-    except locale.Error:
-        pytest.skip("no C.UTF-8 locale here: a reset to 'C' could not be told apart")
-    try:
-        before = locale.setlocale(locale.LC_ALL)
-        read_header(series)
-        find_studies(tmp_path)
-        dicom_series_to_nifti(series, tmp_path / "ct.nii.gz")
-        assert locale.setlocale(locale.LC_ALL) == before
-        assert locale.getpreferredencoding(False) == "UTF-8"
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_find_studies_lists_nifti_files_and_dicom_series_folders(tmp_path):

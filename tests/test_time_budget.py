@@ -1,4 +1,4 @@
-"""``pipeline.engines.attach_time_budget``: a cosine learning rate over wall time and a stop at the
+"""``pipeline.handlers.attach_time_budget``: a cosine learning rate over wall time and a stop at the
 end of the budget, on a real ignite Engine with a sleeping step."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 import torch
 from ignite.engine import Engine, Events
 
-from pipeline.engines import attach_time_budget
+from pipeline.handlers import attach_time_budget
 
 
 def _engine(opt: torch.optim.Optimizer, lrs: list[float], step_s: float) -> Engine:

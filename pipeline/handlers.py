@@ -1,0 +1,148 @@
+"""Ignite handlers that ``pipeline.engines.train_bundle`` attaches around a bundle's trainer and
+evaluator: gradient clipping, the per-epoch log (timing, samples/s, a stop on a non-finite loss),
+a wall-time budget with a cosine learning rate, and validation bookkeeping (Dice per class, the
+saved ``model.pt``, per-case CSV and QC overlays)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Timer
+from monai.engines import IterationEvents
+from monai.handlers import from_engine
+
+from pipeline import checkpoints, qc
+from pipeline.errors import SegpipeError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def attach_grad_clip(trainer: Engine, max_norm: float | None) -> None:
+    """Clip the gradient norm after backward (unscaled first under fp16 grad scaling)."""
+    if not max_norm:
+        return
+
+    def _clip(engine: Engine) -> None:
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), max_norm)
+
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, _clip)
+
+
+def attach_epoch_log(trainer: Engine, optimizer: torch.optim.Optimizer, roi_voxels: int, ckpt_dir: Path) -> None:
+    """Per epoch into ``trainer.state.epoch_log``: mean loss, lr, training time, samples/s,
+    voxels/s and the fraction of it spent waiting for data; stop on a non-finite loss."""
+    data_t, step_t = Timer(), Timer()
+    data_t.attach(trainer, start=Events.EPOCH_STARTED, resume=Events.GET_BATCH_STARTED, pause=Events.GET_BATCH_COMPLETED)
+    step_t.attach(trainer, start=Events.EPOCH_STARTED, resume=Events.ITERATION_STARTED, pause=Events.ITERATION_COMPLETED)
+    acc: dict[str, float] = {}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _start(engine: Engine) -> None:
+        acc.update(loss=0.0, n=0, samples=0, lr=optimizer.param_groups[0]["lr"])
+        engine.state.epoch_log = {}
+
+    @trainer.on(Events.GET_BATCH_COMPLETED)
+    def _count(engine: Engine) -> None:
+        batch = engine.state.batch
+        acc["samples"] += len(batch["image"]) if isinstance(batch, dict) else len(batch)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _loss(engine: Engine) -> None:
+        loss = float(from_engine(["loss"], first=True)(engine.state.output))
+        if not math.isfinite(loss):
+            last = checkpoints.latest_checkpoint(ckpt_dir)
+            local = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+            raise SegpipeError(f"training stopped: loss is {loss} at epoch {engine.state.epoch}, iteration "
+                               f"{engine.state.iteration} ({local} of the epoch); last good checkpoint: "
+                               f"{last or 'none yet'}")
+        acc["loss"] += loss
+        acc["n"] += 1
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _epoch(engine: Engine) -> None:
+        seconds = data_t.value() + step_t.value()
+        samples = acc["samples"] * idist.get_world_size()
+        engine.state.epoch_log.update({
+            "train_loss_epoch": acc["loss"] / max(acc["n"], 1), "lr": acc["lr"], "epoch_time_s": seconds,
+            "samples_per_s": samples / seconds, "voxels_per_s": samples * roi_voxels / seconds,
+            "data_wait_fraction": data_t.value() / seconds})
+        log.log(logging.INFO if idist.get_rank() == 0 else logging.DEBUG, "epoch %d/%d: %s", engine.state.epoch, engine.state.max_epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in engine.state.epoch_log.items()))
+
+
+def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minutes: float,
+                       final_lr_fraction: float = 0.0) -> None:
+    """Train for ``minutes`` of wall time (from the first iteration, validations included) under a
+    cosine learning-rate schedule over that time: before each iteration every parameter group's
+    lr is ``initial * (f + (1 - f) * (1 + cos(pi * elapsed / budget)) / 2)`` (f =
+    ``final_lr_fraction``); the first iteration past the budget ends its epoch and the run (the
+    last epoch is validated as usual). The epoch count then depends on the machine's speed and
+    is logged; ``max_epochs`` stays a cap. For budgets stated in wall time on a shared machine."""
+    if minutes <= 0:
+        return
+    budget, base = 60.0 * minutes, [g["lr"] for g in optimizer.param_groups]
+    start: dict[str, float] = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _lr(engine: Engine) -> None:
+        t0 = start.setdefault("t", time.perf_counter())
+        frac = min((time.perf_counter() - t0) / budget, 1.0)
+        scale = final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
+        for group, lr in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr * scale
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _stop(engine: Engine) -> None:
+        if time.perf_counter() - start["t"] >= budget and engine.state.max_epochs != engine.state.epoch:
+            log.info("time budget of %.1f min reached in epoch %d: last epoch", minutes, engine.state.epoch)
+            engine.state.max_epochs = engine.state.epoch
+            engine.terminate_epoch()
+
+
+def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Module, label_names: list[str],
+                      output_dir: Path, val_interval: int, qc_cases: int, keep: str = "best") -> None:
+    """After each validation: Dice per class into the epoch log; on a new best mean Dice save
+    ``model.pt``, the per-case CSV and QC overlays. The last epoch is always validated.
+    ``keep="last"`` saves them after every validation instead, so ``model.pt`` is the last
+    weights (and the "best" figures of the summary are theirs): for validation cases that are
+    also the test set (no model selection on them)."""
+    if keep not in ("best", "last"):
+        raise UsageError(f"model_selection {keep!r}: choose 'best' or 'last'")
+    qc.attach_case_collector(evaluator, qc_cases)
+    trainer.state.best_val_mean_dice, trainer.state.best_epoch, trainer.state.best_val_dice = -1.0, 0, {}
+
+    @evaluator.on(Events.COMPLETED)
+    def _report(engine: Engine) -> None:
+        report = qc.summarize(engine, label_names)
+        if not report["metrics"]:
+            return
+        value = report["metrics"]["val_mean_dice"]
+        if value > trainer.state.best_val_mean_dice or keep == "last":
+            trainer.state.best_val_mean_dice, trainer.state.best_epoch = value, trainer.state.epoch
+            trainer.state.best_val_dice = {k[len("val_dice_"):]: v for k, v in report["metrics"].items()
+                                           if k.startswith("val_dice_")}
+            checkpoints.save_weights(network, output_dir / "model.pt")
+            if idist.get_rank() == 0:
+                qc.write_case_csv(output_dir / "val_cases.csv", report)
+                qc.write_overlays(output_dir / "qc", engine.state.qc, label_names)
+        report["metrics"]["best_val_mean_dice"] = trainer.state.best_val_mean_dice
+        trainer.state.epoch_log.update(report["metrics"])
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _final(engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs and engine.state.epoch % val_interval:
+            evaluator.run(engine.state.epoch)
+
+    @trainer.on(Events.COMPLETED)
+    def _never_validated(engine: Engine) -> None:
+        if engine.state.best_epoch == 0:
+            log.warning("no validation result (no validation cases?): %s holds the last weights", output_dir / "model.pt")
+            checkpoints.save_weights(network, output_dir / "model.pt")
