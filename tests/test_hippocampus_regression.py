@@ -1,10 +1,14 @@
 """Real-data regression test of the shipped hippocampus model.
 
 Runs ``segpipe predict`` (a subprocess, the product path) with ``bundles/hippocampus_mri_3d``'s
-``models/model.pt`` on five cases of the held-out fold 0 (never trained on; see
-``data_manifests/hippocampus_fold0_test.json``) and requires the mean Dice of each class to stay
-within 0.02 of what the shipped model measured on them when it was committed. A change to
-preprocessing, the network, the predictor or the postprocessing that costs quality fails here.
+``models/model.pt`` on five shared cases and requires the mean Dice of each class to stay within
+0.02 of what the shipped model measured on them when it was committed. A change to preprocessing,
+the network, the predictor or the postprocessing that costs quality fails here.
+
+The shipped weights (0.5.0) were trained on all 208 shared cases, so these five are training cases:
+the floor guards the product path against regressions, it does not measure generalisation (the
+recipe's held-out Dice comes from cross-validation, see the bundle's docs/README.md). They are five
+cases of fold 0 (``data_manifests/hippocampus_fold0_test.json``), held out for 0.2.0-0.4.0.
 
 Needs ``../shared/data/Task04_Hippocampus`` (present in CI); skips, saying so, where it is absent.
 """
@@ -26,14 +30,14 @@ BUNDLE = ROOT / "bundles" / "hippocampus_mri_3d"
 DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 CASES = ["hippocampus_011", "hippocampus_036", "hippocampus_044", "hippocampus_046", "hippocampus_048"]
 # mean Dice of the shipped model on CASES through `segpipe predict` (measured when it was committed)
-MEASURED = {"anterior": 0.9309, "posterior": 0.9041}
+MEASURED = {"anterior": 0.9382, "posterior": 0.9182}
 TOLERANCE = 0.02
 
 pytestmark = pytest.mark.skipif(not (DATA / "dataset.json").is_file(),
                                 reason=f"no real hippocampus data at {DATA}: regression test skipped")
 
 
-def test_shipped_model_keeps_its_dice_on_held_out_cases(tmp_path):
+def test_shipped_model_keeps_its_dice_on_shared_cases(tmp_path):
     assert (BUNDLE / "models" / "model.pt").is_file(), "the bundle ships no models/model.pt"
     studies = tmp_path / "studies"
     studies.mkdir()
@@ -55,6 +59,6 @@ def test_shipped_model_keeps_its_dice_on_held_out_cases(tmp_path):
             dice[name].append(metrics[name]["dice"])
     for name, values in dice.items():
         floor = MEASURED[name] - TOLERANCE
-        assert np.mean(values) >= floor, (f"{name}: mean Dice {np.mean(values):.4f} on {len(CASES)} held-out cases "
+        assert np.mean(values) >= floor, (f"{name}: mean Dice {np.mean(values):.4f} on {len(CASES)} shared cases "
                                           f"fell below {floor:.4f} (shipped model measured {MEASURED[name]:.4f}): "
                                           f"per case {[round(v, 4) for v in values]}")

@@ -47,23 +47,31 @@ def export_run(run_id: str, tracking_uri: str, out_dir: Path) -> Path:
 
 def plot_curve(history: dict[str, list[dict]], path: Path, title: str, fold: str | None) -> None:
     """Training loss per epoch (left) and validation Dice of ``fold`` per validation epoch (right;
-    ``fold`` None: a run on every case, with no validation)."""
+    ``fold`` None: a run on every case, with no validation, so the right panel shows what the
+    wall-time budget did instead: learning rate and samples/s per epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(10, 4))
     loss = history.get("train_loss_epoch", [])
     ax_loss.plot([m["step"] for m in loss], [m["value"] for m in loss], marker=".")
     ax_loss.set(xlabel="epoch", ylabel="training loss (Dice + weighted CE)", title="training loss")
-    for key in CURVE_KEYS:
-        points = history.get(key, [])
-        ax_dice.plot([m["step"] for m in points], [m["value"] for m in points], marker="o", label=key)
-    dice_title = f"validation (fold {fold}, no TTA)" if fold is not None else "no validation cases"
-    ax_dice.set(xlabel="epoch", ylabel="Dice", title=dice_title)
-    ax_dice.legend()
-    ax_dice.grid(alpha=0.3)
+    if fold is not None:
+        for key in CURVE_KEYS:
+            points = history.get(key, [])
+            ax_right.plot([m["step"] for m in points], [m["value"] for m in points], marker="o", label=key)
+        ax_right.set(xlabel="epoch", ylabel="Dice", title=f"validation (fold {fold}, no TTA)")
+        ax_right.legend()
+    else:
+        lr, speed = history.get("lr", []), history.get("samples_per_s", [])
+        ax_right.plot([m["step"] for m in lr], [m["value"] for m in lr], marker=".", color="tab:blue")
+        ax_right.set(xlabel="epoch", ylabel="learning rate", title="no validation cases (trained on all)")
+        ax_speed = ax_right.twinx()
+        ax_speed.plot([m["step"] for m in speed], [m["value"] for m in speed], marker=".", color="tab:orange")
+        ax_speed.set_ylabel("samples/s", color="tab:orange")
+    ax_right.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
