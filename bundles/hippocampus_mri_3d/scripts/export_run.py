@@ -45,6 +45,10 @@ def export_run(run_id: str, tracking_uri: str, out_dir: Path) -> Path:
     return path
 
 
+def _xy(points: list[dict]) -> tuple[list, list]:
+    return [m["step"] for m in points], [m["value"] for m in points]
+
+
 def plot_curve(history: dict[str, list[dict]], path: Path, title: str, fold: str | None) -> None:
     """Training loss per epoch (left) and validation Dice of ``fold`` per validation epoch (right;
     ``fold`` None: a run on every case, with no validation, so the right panel shows what the
@@ -55,21 +59,18 @@ def plot_curve(history: dict[str, list[dict]], path: Path, title: str, fold: str
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(10, 4))
-    loss = history.get("train_loss_epoch", [])
-    ax_loss.plot([m["step"] for m in loss], [m["value"] for m in loss], marker=".")
+    ax_loss.plot(*_xy(history.get("train_loss_epoch", [])), marker=".")
     ax_loss.set(xlabel="epoch", ylabel="training loss (Dice + weighted CE)", title="training loss")
     if fold is not None:
         for key in CURVE_KEYS:
-            points = history.get(key, [])
-            ax_right.plot([m["step"] for m in points], [m["value"] for m in points], marker="o", label=key)
+            ax_right.plot(*_xy(history.get(key, [])), marker="o", label=key)
         ax_right.set(xlabel="epoch", ylabel="Dice", title=f"validation (fold {fold}, no TTA)")
         ax_right.legend()
     else:
-        lr, speed = history.get("lr", []), history.get("samples_per_s", [])
-        ax_right.plot([m["step"] for m in lr], [m["value"] for m in lr], marker=".", color="tab:blue")
+        ax_right.plot(*_xy(history.get("lr", [])), marker=".", color="tab:blue")
         ax_right.set(xlabel="epoch", ylabel="learning rate", title="no validation cases (trained on all)")
         ax_speed = ax_right.twinx()
-        ax_speed.plot([m["step"] for m in speed], [m["value"] for m in speed], marker=".", color="tab:orange")
+        ax_speed.plot(*_xy(history.get("samples_per_s", [])), marker=".", color="tab:orange")
         ax_speed.set_ylabel("samples/s", color="tab:orange")
     ax_right.grid(alpha=0.3)
     fig.suptitle(title)
