@@ -137,6 +137,36 @@ def flip_combinations(spatial_dims: int, axes: Sequence[int] | None = None) -> l
     return [c for k in range(len(dims) + 1) for c in itertools.combinations(dims, k)]
 
 
+def shift_offsets(spatial_dims: int, shift: int) -> list[tuple[int, int]]:
+    """(spatial axis, signed voxels) of every shifted pass of shift TTA: (0, 0) (no shift) first,
+    then +``shift`` and -``shift`` along each axis: 7 passes in 3D, 5 in 2D, 1 for ``shift`` 0."""
+    if shift < 0:
+        raise ValueError(f"tta_shift {shift}: must be 0 or more voxels")
+    return [(0, 0)] + [(a, s) for a in range(spatial_dims) for s in (shift, -shift) if shift]
+
+
+def shift_window(x: torch.Tensor, axis: int, s: int) -> torch.Tensor:
+    """``x`` (N, C, *spatial) with its content moved ``s`` voxels along spatial ``axis`` (towards
+    higher indices for ``s`` > 0), the uncovered side mirror-filled: same shape as ``x``."""
+    if s == 0:
+        return x
+    d, k, n = axis + 2, abs(s), x.shape[axis + 2]
+    if k >= n:
+        raise ValueError(f"tta_shift {k}: the window has only {n} voxels along axis {axis}")
+    spec = [0] * (2 * (x.ndim - 2))
+    spec[2 * (x.ndim - 3 - axis) + (0 if s > 0 else 1)] = k
+    return F.pad(x, spec, mode="reflect").narrow(d, 0 if s > 0 else k, n)
+
+
+def unshift_add(acc: torch.Tensor, count: torch.Tensor, p: torch.Tensor, axis: int, s: int) -> None:
+    """Add ``p``, predicted on ``shift_window(x, axis, s)``, back into ``acc`` at the voxels it
+    covers (all but the ``|s|`` moved out) and count them in ``count``."""
+    d, k, n = axis + 2, abs(s), acc.shape[axis + 2]
+    dst, src = (0, k) if s >= 0 else (k, 0)
+    acc.narrow(d, dst, n - k).add_(p.narrow(d, src, n - k))
+    count.narrow(d, dst, n - k).add_(1)
+
+
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -174,13 +204,17 @@ def compiled(network: torch.nn.Module) -> Callable[..., Any]:
 
 def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, channels_last: bool,
                      device: torch.device, amp: bool, batch_size: int = 0,
-                     tta_axes: Sequence[int] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                     tta_axes: Sequence[int] | None = None,
+                     tta_shift: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-window-batch function handed to sliding_window_inference: the network's logits,
     or with ``tta`` the mean of the softmax probabilities over every flip (flipped back).
     ``batch_size`` > 0 pads a short last batch to that size (a compiled network sees one shape).
-    ``tta_axes``: the spatial axes whose flips are averaged (None: all)."""
+    ``tta_axes``: the spatial axes whose flips are averaged (None: all). ``tta_shift`` > 0: with
+    ``tta``, each flip is also predicted with the window's content moved +-``tta_shift`` voxels
+    along each axis (mirror-filled) and moved back; each voxel averages the passes that cover it."""
     fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
     flips = flip_combinations(spatial_dims, tta_axes) if tta else [()]
+    shifts = shift_offsets(spatial_dims, int(tta_shift or 0))
 
     def run(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -203,8 +237,16 @@ def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, 
             acc = p if acc is None else acc.add_(p)
         return acc.div_(len(flips))
 
-    return run_tta if tta else run
+    def run_tta_shifts(x: torch.Tensor) -> torch.Tensor:
+        acc = run_tta(x)
+        count = acc.new_ones((1, 1, *acc.shape[2:]))
+        for axis, s in shifts[1:]:
+            unshift_add(acc, count, run_tta(shift_window(x, axis, s)), axis, s)
+        return acc.div_(count)
 
+    if tta and len(shifts) > 1:
+        return run_tta_shifts
+    return run_tta if tta else run
 
 def _module_device(network: Any, fallback: torch.device) -> torch.device:
     try:
@@ -219,7 +261,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
                   sigma_scale: float | Sequence[float] = 0.125, device: torch.device | str | None = None,
                   stitch_device: torch.device | str | None = None, amp: bool = True,
                   channels_last: bool | None = None, compile: bool = False,
-                  progress: bool = False, tta_axes: Sequence[int] | None = None) -> torch.Tensor:
+                  progress: bool = False, tta_axes: Sequence[int] | None = None,
+                  tta_shift: int = 0) -> torch.Tensor:
     """Overlap-tile prediction of ``inputs`` (N, C, *spatial). Returns (N, K, *spatial) float32 on
     the stitching device: the blended logits, or with ``tta`` the mean softmax probabilities over
     all flips. A MetaTensor input gives a MetaTensor output with the input's meta.
@@ -227,6 +270,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     ``margin``: mirrored context per side: "auto" (default) as much as adds no windows, up to a
     quarter of the ROI; None or "quarter": a quarter of the ROI; 0: none (see ``resolve_margin``).
     ``tta_axes``: with ``tta``, flip only these spatial axes (None: every axis).
+    ``tta_shift``: with ``tta``, also average each flip over the window moved +-this many voxels
+    along each axis (``window_predictor``): 1 + 2 x dims passes per flip; 0 (default) none.
     ``device``: where the network runs (default: its parameters' device).
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
     back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D.
@@ -247,7 +292,7 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     if compile:  # measured on CPU only (see BENCHMARKS.md); on CUDA, AMP is the lever
         network = compiled(network)
     fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, amp,
-                          batch_size=sw_batch_size if compile else 0, tta_axes=tta_axes)
+                          batch_size=sw_batch_size if compile else 0, tta_axes=tta_axes, tta_shift=tta_shift)
     out_device = torch.device(stitch_device) if stitch_device is not None else run_device
     with torch.inference_mode():
         padded = mirror_pad(x.float(), pads) if any(p for pair in pads for p in pair) else x.float()
@@ -280,12 +325,12 @@ class OverlapTileInferer(Inferer):
                  mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
                  device: torch.device | str | None = None, stitch_device: torch.device | str | None = None,
                  amp: bool = True, channels_last: bool | None = None, compile: bool = False,
-                 progress: bool = False, tta_axes: Sequence[int] | None = None) -> None:
+                 progress: bool = False, tta_axes: Sequence[int] | None = None, tta_shift: int = 0) -> None:
         super().__init__()
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, margin=margin, tta=tta,
                            sw_batch_size=sw_batch_size, mode=mode, sigma_scale=sigma_scale, device=device,
                            stitch_device=stitch_device, amp=amp, channels_last=channels_last,
-                           compile=compile, progress=progress, tta_axes=tta_axes)
+                           compile=compile, progress=progress, tta_axes=tta_axes, tta_shift=tta_shift)
 
     @property
     def outputs_probabilities(self) -> bool:

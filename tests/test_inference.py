@@ -19,6 +19,8 @@ from pipeline.inference import (
     mirror_pad,
     predict_tiles,
     resolve_margin,
+    shift_offsets,
+    shift_window,
     windows_per_axis,
 )
 from pipeline.postprocess import label_cleanup
@@ -264,6 +266,61 @@ def test_tta_axes_limit_the_flips():
     expected = (plain + torch.flip(torch.softmax(net(torch.flip(x, (2,))), 1), (2,))) / 2
     assert torch.allclose(predict_tiles(net, x, tta_axes=[0], **kw), expected, atol=1e-6)
     assert not torch.allclose(predict_tiles(net, x, **kw), expected, atol=1e-3)
+
+
+def test_shift_window_moves_content_and_mirrors_the_uncovered_side():
+    x = torch.arange(6.0).reshape(1, 1, 1, 1, 6)
+    assert shift_window(x, 2, 2).flatten().tolist() == [2, 1, 0, 1, 2, 3]
+    assert shift_window(x, 2, -2).flatten().tolist() == [2, 3, 4, 5, 4, 3]
+    assert shift_window(x, 0, 0) is x
+    with pytest.raises(ValueError, match="tta_shift 6"):
+        shift_window(x, 2, 6)
+    assert shift_offsets(3, 2) == [(0, 0), (0, 2), (0, -2), (1, 2), (1, -2), (2, 2), (2, -2)]
+    assert shift_offsets(2, 0) == [(0, 0)]
+    with pytest.raises(ValueError, match="tta_shift -1"):
+        shift_offsets(3, -1)
+
+
+def test_tta_shift_averages_shifted_passes_moved_back():
+    """Shift TTA is exact for a shift-equivariant network (a pointwise one: each voxel's output
+    depends on that voxel only, so every shifted pass moved back is the plain prediction), and
+    for a network that is not (a fixed ramp along one axis) equals the per-voxel mean over the
+    passes that cover each voxel, computed here by hand for 1D shifts along that axis."""
+    x = torch.rand(1, 1, 5, 6, 7, generator=torch.Generator().manual_seed(0))
+    kw = dict(roi_size=(5, 6, 7), margin=0, tta=True, sw_batch_size=1, mode="constant", tta_axes=[0])
+
+    def pointwise(t):
+        return torch.cat([t, 1 - 2 * t, t * t], dim=1)
+
+    plain = predict_tiles(pointwise, x, **kw)
+    assert torch.allclose(predict_tiles(pointwise, x, tta_shift=2, **kw), plain, atol=1e-6)
+
+    ramp = torch.linspace(-3, 3, 7)
+    calls = []
+
+    def ramped(t):  # position along the last axis matters: shifts change the prediction
+        calls.append(1)
+        return torch.cat([t + ramp, -(t + ramp)], dim=1)
+
+    def probs(t):
+        return torch.softmax(ramped(t), 1)
+
+    out = predict_tiles(ramped, x, tta_shift=1, **{**kw, "tta_axes": []})
+    assert len(calls) == 7  # no flips, 1 + 2 x 3 shifts
+    p0 = probs(x)
+    # away from the borders of axes 0 and 1, the 4 passes shifted along them give p0 back
+    acc, count = p0.clone() * 5, torch.full((7,), 5.0)
+    for s in (1, -1):
+        moved = probs(torch.roll(x, s, dims=4))  # interior voxels equal the mirror-filled shift
+        if s > 0:
+            acc[..., :6] += moved[..., 1:]
+            count[:6] += 1
+        else:
+            acc[..., 1:] += moved[..., :6]
+            count[1:] += 1
+    expected = acc / count
+    assert torch.allclose(out[..., 1:4, 1:5, 1:6], expected[..., 1:4, 1:5, 1:6], atol=1e-5)
+    assert not torch.allclose(out, p0, atol=1e-3)
 
 
 @pytest.mark.slow
