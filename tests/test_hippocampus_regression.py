@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "hippocampus_mri_3d"
 DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 CASES = ["hippocampus_011", "hippocampus_036", "hippocampus_044", "hippocampus_046", "hippocampus_048"]
-# mean Dice of the shipped model on CASES through `segpipe predict` (measured when it was committed)
-MEASURED = {"anterior": 0.9382, "posterior": 0.9182}
+# mean Dice of the shipped model on CASES through `segpipe predict` (measured when it was committed;
+# 0.5.1: with shift TTA, 0.9340 / 0.9112, against 0.9382 / 0.9182 with flips only on these training cases)
+MEASURED = {"anterior": 0.9340, "posterior": 0.9112}
 TOLERANCE = 0.02
 
 pytestmark = pytest.mark.skipif(not (DATA / "dataset.json").is_file(),
