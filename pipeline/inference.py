@@ -248,6 +248,7 @@ def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, 
         return run_tta_shifts
     return run_tta if tta else run
 
+
 def _module_device(network: Any, fallback: torch.device) -> torch.device:
     try:
         return next(network.parameters()).device
