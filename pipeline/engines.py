@@ -42,7 +42,13 @@ from monai.inferers import Inferer
 from pipeline import checkpoints
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, UsageError
-from pipeline.handlers import attach_epoch_log, attach_grad_clip, attach_time_budget, attach_validation
+from pipeline.handlers import (
+    attach_epoch_log,
+    attach_grad_clip,
+    attach_time_budget,
+    attach_validation,
+    attach_weight_average,
+)
 from pipeline.inference import cpu_has_bf16
 
 log = logging.getLogger(__name__)
@@ -201,6 +207,9 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) 
     attach_epoch_log(trainer, optimizer, math.prod(parser.get_parsed_content("roi_size")), ckpt_dir)
     attach_grad_clip(trainer, parser.get("grad_clip_norm"))
     attach_time_budget(trainer, optimizer, float(parser.get("time_budget_min", 0) or 0))
+    averaged = attach_weight_average(trainer, network, float(parser.get("ema_decay", 0) or 0), output_dir / "model_ema.pt")
+    if averaged is not None:
+        objects["ema"] = averaged
     if int(parser.get("early_stop_patience", 0) or 0) > 0:  # here: a bundle handler would be a circular reference
         EarlyStopHandler(int(parser["early_stop_patience"]), stopping_fn_from_metric("val_mean_dice"),
                          trainer=trainer).attach(evaluator)
@@ -251,7 +260,7 @@ def _summary(parser: Any, meta: dict, trainer: Engine, output_dir: Path, ckpt_di
         "checkpoint": str(checkpoints.latest_checkpoint(ckpt_dir)), "world_size": idist.get_world_size(),
         "device": str(trainer.state.device)}
     if tracker is not None:
-        for path, where in [(model, "model"), (output_dir / "val_cases.csv", "validation"),
+        for path, where in [(model, "model"), (output_dir / "model_ema.pt", "model"), (output_dir / "val_cases.csv", "validation"),
                             *[(p, "qc") for p in sorted((output_dir / "qc").glob("*.png"))]]:
             if path.is_file():
                 tracker.log_artifact(path, where)

@@ -146,3 +146,30 @@ def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Modu
         if engine.state.best_epoch == 0:
             log.warning("no validation result (no validation cases?): %s holds the last weights", output_dir / "model.pt")
             checkpoints.save_weights(network, output_dir / "model.pt")
+
+
+def attach_weight_average(trainer: Engine, network: torch.nn.Module, decay: float,
+                          path: Path) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``network``'s weights (torch's ``AveragedModel``; after
+    each iteration ``avg = decay * avg + (1 - decay) * w``, buffers too), written to ``path`` when
+    training completes. ``decay`` 0 turns it off (returns None). The caller adds the returned
+    module to the checkpointed objects so a resumed run keeps its average."""
+    if not decay:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise UsageError(f"ema_decay {decay}: must be in (0, 1), or 0 for off")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    averaged = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _update(engine: Engine) -> None:
+        averaged.update_parameters(network)
+
+    @trainer.on(Events.COMPLETED)
+    def _save(engine: Engine) -> None:
+        if idist.get_rank() == 0:
+            checkpoints.save_weights(averaged.module, path)
+            log.info("weight average (decay %g, %d updates): %s", decay, int(averaged.n_averaged), path)
+
+    return averaged

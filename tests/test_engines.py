@@ -96,7 +96,7 @@ def test_val_dice_rises(tmp_path: Path, data: Path, store: str) -> None:
 def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Path, store: str) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(data), "--epochs", "3",
-           "--tracking-uri", store, *_sets({**FAST, "output_dir": str(out), "val_interval": 2})]
+           "--tracking-uri", store, *_sets({**FAST, "output_dir": str(out), "val_interval": 2, "ema_decay": 0.9})]
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 120
@@ -115,10 +115,15 @@ def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Pat
     runs_before = len(client.search_runs([client.get_run(run_id).info.experiment_id]))
 
     s = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store,
-                     overrides={**FAST, "output_dir": str(out), "val_interval": 2})
+                     overrides={**FAST, "output_dir": str(out), "val_interval": 2, "ema_decay": 0.9})
     assert s["epochs"] == 3 and s["mlflow_run_id"] == run_id
-    state = torch.load(s["checkpoint"], weights_only=True)["trainer"]
+    saved = torch.load(s["checkpoint"], weights_only=True)
+    state = saved["trainer"]
     assert state["iteration"] == 3 * 2 and state["max_epochs"] == 3
+    assert saved["ema"]["n_averaged"].item() == 3 * 2  # the weight average resumed with the run, not from zero
+    ema = torch.load(out / "model_ema.pt", weights_only=True)
+    assert ema.keys() == torch.load(out / "model.pt", weights_only=True).keys()
+    assert "model_ema.pt" in [f.path.split("/")[-1] for f in MlflowClient(store).list_artifacts(run_id, "model")]
     assert [e for e, _ in list_checkpoints(out / "checkpoints")] == [2, 3]
     assert not list((out / "checkpoints").glob("tmp*"))
     client = MlflowClient(store)
