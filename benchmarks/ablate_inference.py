@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, default=ROOT / "data_manifests" / "hippocampus_fold0_test.json")
     ap.add_argument("--margins", nargs="+", default=["0", "auto", "quarter"])
     ap.add_argument("--tta", nargs="+", type=int, default=[1, 0], help="1 flip TTA on, 0 off")
-    ap.add_argument("--set", nargs="*", default=[], metavar="ID=JSON", help="more bundle overrides for every row")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="ID=JSON",
+                    help="more bundle overrides for every row (repeatable)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     extra = {k: json.loads(v) for k, _, v in (s.partition("=") for s in a.set)}
