@@ -260,7 +260,8 @@ def _summary(parser: Any, meta: dict, trainer: Engine, output_dir: Path, ckpt_di
         "checkpoint": str(checkpoints.latest_checkpoint(ckpt_dir)), "world_size": idist.get_world_size(),
         "device": str(trainer.state.device)}
     if tracker is not None:
-        for path, where in [(model, "model"), (output_dir / "model_ema.pt", "model"), (output_dir / "val_cases.csv", "validation"),
+        ema = [(output_dir / "model_ema.pt", "model")] if float(parser.get("ema_decay", 0) or 0) else []  # not a stale one
+        for path, where in [(model, "model"), *ema, (output_dir / "val_cases.csv", "validation"),
                             *[(p, "qc") for p in sorted((output_dir / "qc").glob("*.png"))]]:
             if path.is_file():
                 tracker.log_artifact(path, where)

@@ -1,7 +1,7 @@
 """Ignite handlers that ``pipeline.engines.train_bundle`` attaches around a bundle's trainer and
 evaluator: gradient clipping, the per-epoch log (timing, samples/s, a stop on a non-finite loss),
-a wall-time budget with a cosine learning rate, and validation bookkeeping (Dice per class, the
-saved ``model.pt``, per-case CSV and QC overlays)."""
+a wall-time budget with a cosine learning rate, validation bookkeeping (Dice per class, the
+saved ``model.pt``, per-case CSV and QC overlays) and an optional moving average of the weights."""
 
 from __future__ import annotations
 
