@@ -1,13 +1,24 @@
-"""Synthetic studies: CT and MR abdominal phantoms (3D) and touching cells (2D), written as an MSD dataset.
+"""Synthetic studies: CT and MR abdominal phantoms (3D), an adult-sized CT cohort in millimetres,
+two-channel MR and touching cells (2D), written as an MSD dataset. ``KINDS`` names them.
 
 Random parameters are drawn apart from the deterministic drawing, as in TorchIO: ``draw_anatomy``
 picks organ sizes, positions and rotations; ``anatomy_maps`` turns them into a tissue map and a
-label map for any shape; ``ct_phantom`` / ``mr_phantom`` add intensities, bias, blur and noise.
-Geometry is in normalised voxel coordinates (-1..1 per axis), so everything scales with the shape.
+label map for any shape; ``ct_phantom`` / ``mr_phantom`` / ``mr2ch_phantom`` add intensities, bias,
+blur and noise. Their geometry is in normalised voxel coordinates (-1..1 per axis), so everything
+scales with the shape (a 77 mm phantom at the default 96x96x32, 0.8x0.8x2.5 mm).
+
+The CT cohort (``ct-cohort``) is physical instead: ``draw_cohort_anatomy`` draws an adult abdomen in
+mm (body ~300x220 mm, liver, right/left kidneys in perirenal fat, spleen, a vertebral column with
+discs), ``draw_ct_study`` an acquisition (512x512 matrix at 0.6-0.9 mm, slices 1.5-5 mm, a 200-250
+mm scan range, table position, HU values, noise), ``cohort_geometry`` the voxel grid and
+``cohort_maps`` the drawing, painted in each organ's bounding box. ``shape`` (a fixed matrix over
+the same field of view) or ``voxel_scale`` (coarser voxels) make small versions for tests.
 
 Case ``i`` of a dataset depends only on ``(seed, i)``, so ``n=4`` and ``n=8`` share their first four
 cases. Every fifth case is a second study of the previous case's patient (same anatomy, shifted on
-the table, new noise), so patient-grouped splits have something to group.
+the table, new noise; for the cohort also a new acquisition), so patient-grouped splits have
+something to group. Multi-channel images are 4D (X, Y, Z, C) as in MSD BrainTumour, or one file per
+channel (``case_0000.nii.gz``, ``case_0001.nii.gz``, nnU-Net v2), the entry's "image" then a list.
 
 Example::
 
@@ -39,10 +50,22 @@ CT_SPACING = (0.8, 0.8, 2.5)
 CT_ORIGIN = (120.0, 95.0, -300.0)
 CELL_SPACING = (0.5, 0.5)
 CELL_ORIGIN = (32.0, 32.0)
-DEFAULT_SHAPES = {"ct3d": (96, 96, 32), "mr3d": (96, 96, 32), "cells2d": (128, 128)}
+DEFAULT_SHAPES = {"ct3d": (96, 96, 32), "mr3d": (96, 96, 32), "cells2d": (128, 128), "mr2ch": (96, 96, 32)}
+KINDS = {
+    "ct3d": "CT phantom in HU, 0.8x0.8x2.5 mm, 77 mm across; liver, kidney, spleen (default 96x96x32)",
+    "mr3d": "T1-like MR phantom of the ct3d anatomy, float32 with a bias field (default 96x96x32)",
+    "cells2d": "2D microscopy of touching cells: semantic and instance labels (default 128x128)",
+    "ct-cohort": "adult CT in mm: ~300 mm body, 512x512 at 0.6-0.9 mm, 1.5-5 mm slices varying per case; "
+                 "liver, kidney_right, spleen, kidney_left",
+    "mr2ch": "two-channel MR (T1-like, T2-like) of the ct3d anatomy: 4D (X,Y,Z,2) or one file per channel",
+}
+CHANNEL_LAYOUTS = ("4d", "files")
+COHORT_LABELS = {"0": "background", "1": "liver", "2": "kidney_right", "3": "spleen", "4": "kidney_left"}
+COHORT_MATRIX = 512
+MR2CH_CHANNELS = {"0": "T1", "1": "T2"}
 
-# tissue codes of ``anatomy_maps``; organs map to labels 1..3
-AIR, FAT, SOFT, BONE, LIVER, KIDNEY, SPLEEN = range(7)
+# tissue codes of ``anatomy_maps`` and ``cohort_maps``; organs map to labels 1..3 (cohort: 1..4)
+AIR, FAT, SOFT, BONE, LIVER, KIDNEY, SPLEEN, KIDNEY_L, DISC, MUSCLE = range(10)
 ORGAN_LABEL = {LIVER: 1, KIDNEY: 2, SPLEEN: 3}
 
 
@@ -187,13 +210,175 @@ def mr_phantom(shape: Sequence[int], rng: np.random.Generator, anatomy: dict[str
     tissue, label = anatomy_maps(shape, anatomy)
     u = rng.uniform
     values = np.array([0, u(380, 420), u(170, 190), u(90, 110), u(270, 290), u(130, 150), u(220, 240)], np.float32)
+    return _mr_image(tissue, values, rng, noise, bias, blur), label
+
+
+def _mr_image(tissue: np.ndarray, values: np.ndarray, rng: np.random.Generator, noise: float, bias: float,
+              blur: bool) -> np.ndarray:
+    """One MR contrast: tissue ``values``, blur, a multiplicative bias field and Rician noise."""
+    shape = tissue.shape
     image = values[tissue]
     if blur:
         image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0.3))
     image *= np.exp(smooth_field(shape, rng, bias))
     real = image + rng.normal(0, noise, shape).astype(np.float32)
     imag = rng.normal(0, noise, shape).astype(np.float32)
-    return np.sqrt(real**2 + imag**2).astype(np.float32), label
+    return np.sqrt(real**2 + imag**2).astype(np.float32)
+
+
+def mr2ch_phantom(shape: Sequence[int], rng: np.random.Generator, anatomy: dict[str, Any] | None = None,
+                  noise: float = 12.0, bias: float = 0.35, blur: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Two-channel MR of one anatomy: (image float32 (X, Y, Z, 2), label uint8 as ``mr_phantom``).
+    Channel 0 is T1-like (fat bright, liver > spleen > kidney), channel 1 T2-like (fat and kidney
+    bright, spleen > liver, muscle dark); each has its own bias field and Rician noise."""
+    anatomy = anatomy if anatomy is not None else draw_anatomy(rng)
+    tissue, label = anatomy_maps(shape, anatomy)
+    u = rng.uniform
+    t1 = np.array([0, u(380, 420), u(170, 190), u(90, 110), u(270, 290), u(130, 150), u(220, 240)], np.float32)
+    t2 = np.array([0, u(330, 370), u(70, 90), u(140, 160), u(90, 110), u(300, 340), u(220, 250)], np.float32)
+    return np.stack([_mr_image(tissue, v, rng, noise, bias, blur) for v in (t1, t2)], axis=-1), label
+
+
+def _half_extent(semi_axes: Sequence[float], angles_deg: Sequence[float]) -> np.ndarray:
+    """Half-size along each axis of a rotated ellipsoid's bounding box."""
+    return np.sqrt(((_rotation(angles_deg) * np.asarray(semi_axes)) ** 2).sum(axis=1))
+
+
+def draw_cohort_anatomy(rng: np.random.Generator) -> dict[str, Any]:
+    """Random adult abdomen in mm, patient frame (x -> patient left, y -> posterior, z -> superior, as
+    LPS), origin at the body's centre near the renal hila: body ~250-340 x 180-260 mm with 10-30 mm of
+    subcutaneous fat; liver 150-190 mm wide (~1.1-2.2 L) in the right upper quadrant; kidneys ~110x60x50
+    mm beside the spine, upper poles medial and posterior, the right one lower; spleen ~120x70x40 mm,
+    posterolateral on the left; vertebral bodies (discs every ~35 mm), spinal canal and arch in a
+    block of paraspinal muscle that liver and spleen stay out of."""
+    u = rng.uniform
+    inner, fat = [u(115, 140), u(80, 100)], u(10, 30)  # semi-axes inside the subcutaneous fat
+    vb_y, vb = inner[1] - u(50, 60), [u(20, 24), u(15, 18)]
+    spine = {"x": rng.normal(0, 2), "y": vb_y, "vb": vb, "canal_y": vb_y + vb[1] + 8, "canal_r": u(7, 9),
+             "arch": [u(22, 28), u(10, 13)], "disc_period": u(33, 38), "disc_mm": u(7, 10),
+             "muscle_y": vb_y + u(15, 25), "muscle": [u(50, 60), u(35, 45)]}  # psoas and back muscles
+    spine["disc_phase"] = u(0, spine["disc_period"])
+    liver_axes = [u(75, 95), u(55, 70), u(65, 80)]
+    liver = {"center": [liver_axes[0] - inner[0] - u(0, 20), -u(0, 15), u(50, 65)], "semi_axes": liver_axes,
+             "angles": [u(-10, 10), u(-10, 10), u(-15, 15)], "fat_mm": u(2, 5)}  # against the right wall
+    z_right = u(-25, -5)
+    kidneys = [{"center": [side * u(65, 78), vb_y + u(0, 10), z], "semi_axes": [u(27, 33), u(22, 27), u(50, 60)],
+                "angles": [-u(5, 15), -side * u(10, 20), -side * u(15, 35)], "fat_mm": u(6, 12)}
+               for side, z in ((-1, z_right), (1, z_right + u(10, 25)))]
+    spleen = {"center": [inner[0] - u(25, 35), vb_y - u(0, 15), u(45, 65)],
+              "semi_axes": [u(17, 23), u(30, 40), u(55, 65)], "angles": [-u(20, 40), 0.0, u(20, 40)], "fat_mm": u(2, 5)}
+    organs = [liver, spleen, *kidneys]
+    z_half = [float(_half_extent(o["semi_axes"], o["angles"])[2]) for o in organs]
+    return {"body": {"semi_axes": [inner[0] + fat, inner[1] + fat], "fat": fat}, "liver": liver,
+            "kidney_right": kidneys[0], "kidney_left": kidneys[1], "spleen": spleen, "spine": spine,
+            "top": max(o["center"][2] + h for o, h in zip(organs, z_half, strict=True)),
+            "bottom": min(o["center"][2] - h for o, h in zip(organs, z_half, strict=True))}
+
+
+def draw_ct_study(rng: np.random.Generator, anatomy: dict[str, Any]) -> dict[str, Any]:
+    """Random acquisition of ``anatomy``: the body's offset from the isocentre; in-plane spacing 0.6-0.9
+    mm (wide enough for the body to fit the 512 matrix), slices of 1.5, 2, 2.5, 3 or 5 mm; a 200-250 mm
+    scan range from 5-25 mm above the highest organ; table position; HU per tissue code (fat ~-100,
+    soft tissue ~40, bone ~700, liver ~60, kidneys 30-150 by contrast phase, spleen ~50, discs ~80,
+    muscle ~50); noise 10-18 HU at 2.5 mm (thinner slices noisier) and a 5-15 HU in-plane bias."""
+    u = rng.uniform
+    offset = [float(np.clip(rng.normal(0, 8), -20, 20)), float(np.clip(rng.normal(5, 10), -15, 25))]
+    need = max(2 * (a + abs(o)) for a, o in zip(anatomy["body"]["semi_axes"], offset, strict=True)) + 20
+    in_plane, thickness = u(max(0.6, need / COHORT_MATRIX), 0.9), float(rng.choice([1.5, 2.0, 2.5, 3.0, 5.0]))
+    top = anatomy["top"] + u(5, 25)
+    length = max(u(200, 250), top - anatomy["bottom"] + 10)
+    hu = [-1000, u(-110, -90), u(35, 45), u(650, 750), u(55, 65), u(30, 150), u(45, 55), 0.0, u(70, 90), u(40, 55)]
+    hu[KIDNEY_L] = hu[KIDNEY] + rng.normal(0, 3)
+    return {"offset": offset, "table_z": u(-350, -150), "spacing": [in_plane, in_plane, thickness],
+            "fov": [COHORT_MATRIX * in_plane, COHORT_MATRIX * in_plane, length], "top": top, "hu": hu,
+            "noise_hu": u(10, 18) * np.sqrt(2.5 / thickness), "bias_hu": u(5, 15)}
+
+
+def cohort_geometry(study: dict[str, Any], shape: Sequence[int] | None = None,
+                    voxel_scale: float = 1.0) -> tuple[tuple[int, ...], np.ndarray, list[np.ndarray]]:
+    """Voxel grid of ``study``: (shape, RAS affine of LPS-stored voxels, voxel-centre coordinates per axis
+    in the anatomy frame, mm, ascending). The study's spacing and matrix by default; ``shape`` fixes the
+    matrix over the same field of view, ``voxel_scale`` multiplies the spacing (coarser voxels)."""
+    fov = np.asarray(study["fov"], float)
+    if shape is None:
+        spacing = np.asarray(study["spacing"], float) * voxel_scale
+        shape = tuple(max(1, int(round(f / s))) for f, s in zip(fov, spacing, strict=True))
+    else:
+        shape = tuple(int(s) for s in shape)
+        spacing = fov / np.asarray(shape)
+    centre = np.array([0.0, 0.0, study["top"] - fov[2] / 2])  # isocentre in-plane; z in the anatomy frame
+    first = centre - (np.asarray(shape) - 1) / 2 * spacing
+    shift = [study["offset"][0], study["offset"][1], 0.0]
+    axes = [(f + np.arange(n) * s - d).astype(np.float32) for f, n, s, d in zip(first, shape, spacing, shift, strict=True)]
+    return shape, lps_affine(spacing, (-first[0], -first[1], first[2] + study["table_z"])), axes
+
+
+def _paint(tissue: np.ndarray, axes: list[np.ndarray], inner: np.ndarray, part: dict[str, Any], code: int,
+           onto: Sequence[int], grow: float = 0.0) -> None:
+    """Set ``code`` where the rotated ellipsoid ``part`` (mm, semi-axes grown by ``grow``) covers tissue
+    in ``onto`` inside the 2D ``inner`` mask, computed within its bounding box only."""
+    semi = np.asarray(part["semi_axes"], np.float32) + np.float32(grow)
+    rot, c = _rotation(part["angles"]).astype(np.float32), part["center"]
+    half = _half_extent(semi, part["angles"])
+    box = tuple(slice(*np.searchsorted(a, [ci - h, ci + h])) for a, ci, h in zip(axes, c, half, strict=True))
+    d = [(axes[j][box[j]] - c[j]).reshape([-1 if k == j else 1 for k in range(3)]) for j in range(3)]
+    q = sum(((rot[0, k] * d[0] + rot[1, k] * d[1] + rot[2, k] * d[2]) / semi[k]) ** 2 for k in range(3))
+    view = tissue[box]
+    view[(q <= 1) & inner[box[0], box[1], None] & np.isin(view, onto)] = code
+
+
+def cohort_maps(anatomy: dict[str, Any], axes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic drawing of a cohort anatomy on the grid ``axes`` (voxel-centre mm per axis, from
+    ``cohort_geometry``): (tissue codes, label uint8 1 liver, 2 kidney_right, 3 spleen, 4 kidney_left).
+    The body, spine and canal are z-invariant 2D maps (discs aside); organs lie in fat planes (kidneys
+    in perirenal fat) and kidneys are painted over liver and spleen where they meet."""
+    x, y = axes[0][:, None], axes[1][None, :]
+    (a, b), fat, sp = anatomy["body"]["semi_axes"], anatomy["body"]["fat"], anatomy["spine"]
+    inner = (x / (a - fat)) ** 2 + (y / (b - fat)) ** 2 <= 1
+    plane = np.where(inner, SOFT, np.where((x / a) ** 2 + (y / b) ** 2 <= 1, FAT, AIR)).astype(np.uint8)
+
+    def ellipse(cy: float, semi: Sequence[float]) -> np.ndarray:
+        return inner & (((x - sp["x"]) / semi[0]) ** 2 + ((y - cy) / semi[1]) ** 2 <= 1)
+
+    vb = ellipse(sp["y"], sp["vb"])
+    plane[ellipse(sp["muscle_y"], sp["muscle"])] = MUSCLE
+    plane[vb | ellipse(sp["canal_y"] + 6, sp["arch"])] = BONE
+    plane[ellipse(sp["canal_y"], [sp["canal_r"]] * 2)] = SOFT
+    tissue = np.repeat(plane[:, :, None], len(axes[2]), axis=2)
+    for k in np.flatnonzero((axes[2] - sp["disc_phase"]) % sp["disc_period"] < sp["disc_mm"]):
+        tissue[:, :, k][vb] = DISC
+    for part, code in ((anatomy["liver"], LIVER), (anatomy["spleen"], SPLEEN)):  # each in a fat plane
+        _paint(tissue, axes, inner, part, FAT, (SOFT,), grow=part["fat_mm"])
+        _paint(tissue, axes, inner, part, code, (SOFT, FAT))
+    kidneys = ((anatomy["kidney_right"], KIDNEY), (anatomy["kidney_left"], KIDNEY_L))
+    for part, _ in kidneys:  # perirenal fat
+        _paint(tissue, axes, inner, part, FAT, (SOFT,), grow=part["fat_mm"])
+    for part, code in kidneys:
+        _paint(tissue, axes, inner, part, code, (SOFT, FAT, LIVER, SPLEEN, MUSCLE))
+    lut = np.zeros(MUSCLE + 1, np.uint8)
+    lut[[LIVER, KIDNEY, SPLEEN, KIDNEY_L]] = [1, 2, 3, 4]
+    return tissue, lut[tissue]
+
+
+def ct_cohort_phantom(rng: np.random.Generator, anatomy: dict[str, Any] | None = None,
+                      study: dict[str, Any] | None = None, shape: Sequence[int] | None = None,
+                      voxel_scale: float = 1.0, blur: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Adult-sized CT study in HU: (image int16, label uint8 1 liver, 2 kidney_right, 3 spleen,
+    4 kidney_left, 4x4 RAS affine of LPS-stored voxels). Partial-volume blur, the study's in-plane bias
+    and Gaussian noise; ``shape`` / ``voxel_scale`` as in ``cohort_geometry``."""
+    anatomy = anatomy if anatomy is not None else draw_cohort_anatomy(rng)
+    study = study if study is not None else draw_ct_study(rng, anatomy)
+    shape, affine, axes = cohort_geometry(study, shape, voxel_scale)
+    tissue, label = cohort_maps(anatomy, axes)
+    image = np.asarray(study["hu"], np.float32)[tissue]
+    if blur:
+        image = ndimage.gaussian_filter(image, sigma=(0.5, 0.5, 0.4), truncate=2.0)
+    image += smooth_field(shape[:2], rng, study["bias_hu"])[:, :, None]
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise *= np.float32(study["noise_hu"])
+    image += noise
+    np.rint(image, out=image)  # in place: a 512x512x160 volume is 170 MB of float32
+    return np.clip(image, -1024, 3071, out=image).astype(np.int16), label, affine
 
 
 def cells_image(shape: Sequence[int], rng: np.random.Generator, fill: float = 0.45,
@@ -270,26 +455,41 @@ def patient_index(i: int) -> int:
     return i - (i + 4) // 5
 
 
-def _check_args(kind: str, n: int, shape: Sequence[int] | None) -> tuple[int, ...]:
-    if kind not in DEFAULT_SHAPES:
-        raise UsageError(f"synth: unknown kind {kind!r} (choose from {', '.join(DEFAULT_SHAPES)})")
+def _check_args(kind: str, n: int, shape: Sequence[int] | None, channel_layout: str = "4d",
+                voxel_scale: float = 1.0) -> tuple[int, ...] | None:
+    if kind not in KINDS:
+        raise UsageError(f"synth: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
     if n < 1:
         raise UsageError(f"synth: --n must be at least 1, got {n}")
+    if channel_layout not in CHANNEL_LAYOUTS or (channel_layout != "4d" and kind != "mr2ch"):
+        raise UsageError(f"synth: --channel-layout is one of {', '.join(CHANNEL_LAYOUTS)}, and 'files' is for "
+                         f"--kind mr2ch; got {channel_layout!r} for {kind}")
+    if not voxel_scale >= 1 or (voxel_scale != 1 and (kind != "ct-cohort" or shape)):
+        raise UsageError(f"synth: --voxel-scale is >= 1 and for --kind ct-cohort without --shape; got {voxel_scale}")
+    if shape is None and kind == "ct-cohort":
+        return None
     shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES[kind]))
-    dims = len(DEFAULT_SHAPES[kind])
+    dims = 2 if kind == "cells2d" else 3
     if len(shape) != dims or min(shape) < (8 if dims == 2 else 4) or min(shape[:2]) < 16:
         raise UsageError(f"synth: --shape for {kind} needs {dims} sizes, in-plane >= 16, got {list(shape)}")
     return shape
 
 
-def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[int] | None = None) -> Path:
-    """Write ``n`` synthetic studies of ``kind`` ("ct3d", "mr3d" or "cells2d") under ``out`` in the
-    Medical Segmentation Decathlon layout (imagesTr/, labelsTr/, for cells also instancesTr/) and
-    return the path of ``out/dataset.json``, whose paths are relative ("./imagesTr/ct_000.nii.gz").
-    Case ``i`` depends only on ``(seed, i)``."""
-    shape = _check_args(kind, n, shape)
+def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[int] | None = None,
+                  channel_layout: str = "4d", voxel_scale: float = 1.0) -> Path:
+    """Write ``n`` synthetic studies of ``kind`` (a key of ``KINDS``) under ``out`` in the Medical
+    Segmentation Decathlon layout (imagesTr/, labelsTr/, for cells also instancesTr/) and return the
+    path of ``out/dataset.json``, whose paths are relative ("./imagesTr/ct_000.nii.gz").
+    Case ``i`` depends only on ``(seed, i)``.
+
+    ``ct-cohort`` is realistic by default (512x512 matrix, spacing drawn per case; 1-4 s a case and
+    as long again to gzip); ``shape`` fixes the matrix over each case's field of view, ``voxel_scale``
+    (>= 1) multiplies the drawn spacing. ``mr2ch`` with ``channel_layout`` "4d" writes (X, Y, Z, 2)
+    images; "files" writes one file per channel (``mr2ch_000_0000.nii.gz``, ``mr2ch_000_0001.nii.gz``),
+    the entry's "image" then the list of them and its "id" the case (``mr2ch_000``)."""
+    shape = _check_args(kind, n, shape, channel_layout, voxel_scale)
     out = Path(out)
-    prefix = {"ct3d": "ct", "mr3d": "mr", "cells2d": "cells"}[kind]
+    prefix = {"ct3d": "ct", "mr3d": "mr", "cells2d": "cells", "ct-cohort": "ctc", "mr2ch": "mr2ch"}[kind]
     folders = ["imagesTr", "labelsTr"] + (["instancesTr"] if kind == "cells2d" else [])
     try:
         for f in folders:
@@ -299,36 +499,48 @@ def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[i
 
     training = []
     for i in range(n):
-        name = f"{prefix}_{i:03d}.nii.gz"
-        entry = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}",
-                 "patient": f"{prefix}_patient_{patient_index(i):03d}"}
+        stem, p = f"{prefix}_{i:03d}", patient_index(i)
+        name = f"{stem}.nii.gz"
+        entry = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}", "patient": f"{prefix}_patient_{p:03d}"}
         rng = np.random.default_rng([seed, i])
         if kind == "cells2d":
             image, label, instance = cells_image(shape, rng)
             affine = lps_affine(CELL_SPACING, CELL_ORIGIN)
             save_nifti(instance, affine, out / "instancesTr" / name)
             entry["instance"] = f"./instancesTr/{name}"
+        elif kind == "ct-cohort":  # a later study of a patient: same anatomy, a new acquisition
+            anatomy = draw_cohort_anatomy(np.random.default_rng([seed, p, 1_000_003]))
+            image, label, affine = ct_cohort_phantom(rng, anatomy, shape=shape, voxel_scale=voxel_scale)
         else:
-            p = patient_index(i)
             anatomy = draw_anatomy(np.random.default_rng([seed, p, 1_000_003]))
             if p != i:  # a later study of the same patient
                 anatomy = shift_anatomy(anatomy, rng)
-            make = ct_phantom if kind == "ct3d" else mr_phantom
+            make = {"ct3d": ct_phantom, "mr3d": mr_phantom, "mr2ch": mr2ch_phantom}[kind]
             image, label = make(shape, rng, anatomy)
             affine = lps_affine(CT_SPACING, CT_ORIGIN)
-        save_nifti(image, affine, out / "imagesTr" / name)
+        if channel_layout == "files":
+            names = [f"{stem}_{c:04d}.nii.gz" for c in range(image.shape[-1])]
+            for c, channel_file in enumerate(names):
+                save_nifti(np.ascontiguousarray(image[..., c]), affine, out / "imagesTr" / channel_file)
+            entry["image"], entry["id"] = [f"./imagesTr/{f}" for f in names], stem
+        else:
+            save_nifti(image, affine, out / "imagesTr" / name)
         save_nifti(label, affine, out / "labelsTr" / name)
         training.append(entry)
 
+    grid = f"shape {list(shape)}" if shape else f"spacing drawn per case, voxel scale {voxel_scale:g}"
     manifest = {
         "name": f"segpipe-{kind}",
-        "description": f"segpipe synthetic {kind} studies (seed {seed}, shape {list(shape)}); not real patients",
+        "description": f"segpipe synthetic {kind} studies (seed {seed}, {grid}); not real patients",
         "reference": "segpipe pipeline.synthetic",
         "licence": "CC0",
         "release": "0.1",
-        "tensorImageSize": "2D" if kind == "cells2d" else "3D",
-        "modality": {"0": {"ct3d": "CT", "mr3d": "MR", "cells2d": "microscopy"}[kind]},
-        "labels": CELL_LABELS if kind == "cells2d" else CT_LABELS,
+        "tensorImageSize": "2D" if kind == "cells2d" else "4D" if kind == "mr2ch" and channel_layout == "4d" else "3D",
+        "modality": MR2CH_CHANNELS if kind == "mr2ch" else
+        {"0": {"ct3d": "CT", "ct-cohort": "CT", "mr3d": "MR", "cells2d": "microscopy"}[kind]},
+        **({"channel_names": MR2CH_CHANNELS} if kind == "mr2ch" else {}),
+        **({"file_ending": ".nii.gz"} if channel_layout == "files" else {}),
+        "labels": CELL_LABELS if kind == "cells2d" else COHORT_LABELS if kind == "ct-cohort" else CT_LABELS,
         "numTraining": n,
         "numTest": 0,
         "training": training,
@@ -336,7 +548,7 @@ def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[i
     }
     path = out / "dataset.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("wrote %d %s studies of shape %s to %s", n, kind, list(shape), out)
+    log.info("wrote %d %s studies (%s) to %s", n, kind, grid, out)
     return path
 
 

@@ -10,14 +10,24 @@ from scipy import ndimage
 
 from pipeline.errors import InputError, UsageError
 from pipeline.synthetic import (
+    AIR,
+    CHANNEL_LAYOUTS,
+    COHORT_LABELS,
+    KINDS,
     cells_image,
+    cohort_geometry,
+    cohort_maps,
     ct_phantom,
     draw_anatomy,
+    draw_cohort_anatomy,
+    draw_ct_study,
     lps_affine,
     mr_phantom,
     patient_index,
     write_dataset,
 )
+
+COHORT_SHAPE = (64, 64, 40)  # the cohort's real field of view on a small matrix: ~5-7 mm voxels
 
 
 def _entries(manifest: Path) -> list[dict]:
@@ -184,3 +194,171 @@ def test_in_memory_generators_scale_with_shape():
         assert all(f > 0.002 for f in fractions) and fractions[0] > fractions[1]
     image, semantic, instance = cells_image((48, 80), rng)
     assert image.shape == semantic.shape == instance.shape == (48, 80) and instance.max() > 5
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """6 ct-cohort studies (5 patients) on a 64x64x40 matrix over each study's real field of view."""
+    return write_dataset("ct-cohort", 6, tmp_path_factory.mktemp("cohort"), seed=0, shape=COHORT_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def mr2ch(tmp_path_factory) -> dict[str, Path]:
+    """3 mr2ch studies of 32x32x12 in each channel layout, same seed."""
+    return {layout: write_dataset("mr2ch", 3, tmp_path_factory.mktemp(f"mr2ch_{layout}"), seed=0,
+                                  shape=(32, 32, 12), channel_layout=layout) for layout in CHANNEL_LAYOUTS}
+
+
+def _cohort_case(manifest: Path, e: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    img = _load(manifest, e["image"])
+    return np.asarray(img.dataobj), np.asarray(_load(manifest, e["label"]).dataobj), img.affine
+
+
+def _anatomy_of(seed: int, i: int) -> dict:
+    return draw_cohort_anatomy(np.random.default_rng([seed, patient_index(i), 1_000_003]))
+
+
+def test_kinds_name_every_kind_in_one_line():
+    assert set(KINDS) == {"ct3d", "mr3d", "cells2d", "ct-cohort", "mr2ch"}
+    assert all(d and "\n" not in d for d in KINDS.values())
+    assert CHANNEL_LAYOUTS[0] == "4d"
+
+
+def test_cohort_default_acquisitions_are_realistic():
+    """The realistic default (512 matrix) from the drawn parameters and one full-resolution slice."""
+    in_plane, slices, widths, depths = set(), set(), [], []
+    for i in range(24):
+        anatomy = _anatomy_of(0, i)
+        study = draw_ct_study(np.random.default_rng([0, i]), anatomy)
+        shape, affine, axes = cohort_geometry(study)
+        zooms = np.abs(np.diag(affine)[:3])
+        assert shape[:2] == (512, 512) and zooms[0] == zooms[1] and 0.6 <= zooms[0] <= 0.9
+        assert 1.5 <= zooms[2] <= 5 and 200 <= shape[2] * zooms[2] <= 260
+        assert nib.aff2axcodes(affine) == ("L", "P", "S")
+        width, depth = (2 * a for a in anatomy["body"]["semi_axes"])
+        assert 512 * zooms[0] > width + 2 * abs(study["offset"][0]) and 512 * zooms[1] > depth
+        in_plane.add(round(float(zooms[0]), 3))
+        slices.add(float(zooms[2]))
+        widths.append(width)
+        depths.append(depth)
+    assert len(in_plane) >= 20 and len(slices) >= 3  # spacing varies between cases, as in a real cohort
+    assert 250 < min(widths) and max(widths) < 345 and 280 < np.mean(widths) < 315
+    assert 180 < min(depths) and max(depths) < 265 and 205 < np.mean(depths) < 240
+    # one slice at full resolution, through the kidneys: the body is ~300 mm across in the voxels too
+    anatomy = _anatomy_of(0, 0)
+    shape, affine, axes = cohort_geometry(draw_ct_study(np.random.default_rng([0, 0]), anatomy))
+    z = np.float32(anatomy["kidney_left"]["center"][2])
+    tissue, label = cohort_maps(anatomy, [axes[0], axes[1], np.array([z], np.float32)])
+    assert tissue.shape == (512, 512, 1) and {2, 4} <= set(np.unique(label).tolist())
+    xs = np.flatnonzero((tissue != AIR).any(axis=(1, 2)))
+    measured = (xs[-1] - xs[0] + 1) * affine[0, 0]
+    assert abs(abs(measured) - 2 * anatomy["body"]["semi_axes"][0]) < 2 * abs(affine[0, 0])
+
+
+def test_cohort_files_geometry_and_manifest(cohort):
+    manifest = json.loads(cohort.read_text())
+    assert manifest["labels"] == COHORT_LABELS and manifest["modality"] == {"0": "CT"}
+    assert manifest["tensorImageSize"] == "3D" and manifest["numTraining"] == 6
+    assert len({e["patient"] for e in manifest["training"]}) == 5
+    zooms = set()
+    for i, e in enumerate(manifest["training"]):
+        image, label, affine = _cohort_case(cohort, e)
+        img = _load(cohort, e["image"])
+        assert image.shape == label.shape == COHORT_SHAPE and image.dtype == np.int16 and label.dtype == np.uint8
+        assert nib.aff2axcodes(affine) == ("L", "P", "S") and int(img.header["sform_code"]) == 1
+        zooms.add(tuple(np.round(img.header.get_zooms(), 3)))
+        assert set(np.unique(label).tolist()) == {0, 1, 2, 3, 4}
+        # body width in mm from the mask and the affine (RAS x of the outermost body voxels)
+        ras_x = nib.affines.apply_affine(affine, np.argwhere(image > -500))[:, 0]
+        width = ras_x.max() - ras_x.min() + abs(affine[0, 0])
+        drawn = 2 * _anatomy_of(0, i)["body"]["semi_axes"][0]
+        assert 240 < width < 350 and abs(width - drawn) < 1.5 * abs(affine[0, 0]), (width, drawn)
+    assert len(zooms) == 6  # each study its own field of view, so its own spacing
+
+
+def test_cohort_organs_adult_sized_on_their_sides(cohort):
+    volumes = []
+    for e in _entries(cohort):
+        image, label, affine = _cohort_case(cohort, e)
+        ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+        liver, kidney_r, spleen, kidney_l = (float((label == k).sum() * ml) for k in (1, 2, 3, 4))
+        assert 800 < liver < 2500 and 80 < kidney_r < 300 and 80 < kidney_l < 300 and 60 < spleen < 350
+        volumes.append([liver, kidney_r, spleen, kidney_l])
+        # RAS +x points to the patient's right (LPS +x to the left): the right kidney and the liver
+        # have the larger RAS x, the left kidney and the spleen the smaller
+        ras = {k: nib.affines.apply_affine(affine, np.argwhere(label == k)).mean(axis=0) for k in (1, 2, 3, 4)}
+        body_x = nib.affines.apply_affine(affine, np.argwhere(image > -500))[:, 0].mean()
+        assert ras[2][0] > body_x + 30 > body_x - 30 > ras[4][0]
+        assert ras[1][0] > body_x > ras[3][0]
+        assert ras[1][2] > ras[2][2] and ras[3][2] > ras[4][2]  # liver and spleen above the kidneys
+        assert ras[2][1] < ras[1][1] + 40  # kidneys posterior (RAS y smaller) or level with the liver
+        # Hounsfield units
+        assert abs(np.median(image[:3, :3]) + 1000) < 40 and image.max() > 500  # air, spine
+        hu = [float(np.median(image[label == k])) for k in (1, 2, 3, 4)]
+        assert 40 < hu[0] < 80 and 15 < hu[1] < 165 and 30 < hu[2] < 70 and abs(hu[1] - hu[3]) < 25, hu
+    # cases 0 and 1 are two studies of one patient: same organs, another acquisition
+    np.testing.assert_allclose(volumes[0], volumes[1], rtol=0.1)
+
+
+def test_cohort_voxel_scale_keeps_the_drawn_spacing_ratios(tmp_path):
+    manifest = write_dataset("ct-cohort", 3, tmp_path, seed=2, voxel_scale=6)
+    spacings = []
+    for e in _entries(manifest):
+        img = _load(manifest, e["image"])
+        sx, sy, sz = np.asarray(img.header.get_zooms()) / 6
+        assert sx == pytest.approx(sy) and 0.6 <= sx <= 0.9 and 1.5 <= sz <= 5
+        assert abs(img.shape[0] - 512 / 6) < 1 and 200 <= img.shape[2] * sz * 6 <= 265
+        spacings.append((round(float(sx), 4), float(sz)))
+    assert len(set(spacings)) == 3
+
+
+def test_cohort_and_mr2ch_deterministic_per_seed_and_case(tmp_path, cohort, mr2ch):
+    for kind, first, kw in (("ct-cohort", cohort, {"shape": COHORT_SHAPE}), ("mr2ch", mr2ch["files"],
+                                                                              {"shape": (32, 32, 12), "channel_layout": "files"})):
+        again = write_dataset(kind, 2, tmp_path / kind, seed=0, **kw)
+        other = write_dataset(kind, 1, tmp_path / f"{kind}_other", seed=1, **kw)
+        for a, b in zip(_entries(first)[:2], _entries(again), strict=True):
+            assert a == b
+            for rel in [*np.atleast_1d(a["image"]), a["label"]]:
+                assert (first.parent / rel).read_bytes() == (again.parent / rel).read_bytes()
+        rel = np.atleast_1d(_entries(first)[0]["image"])[0]
+        assert (first.parent / rel).read_bytes() != (other.parent / rel).read_bytes()
+
+
+def test_mr2ch_4d_two_contrasts(mr2ch):
+    manifest = json.loads(mr2ch["4d"].read_text())
+    assert manifest["tensorImageSize"] == "4D" and manifest["labels"]["2"] == "kidney"
+    assert manifest["modality"] == manifest["channel_names"] == {"0": "T1", "1": "T2"}
+    for e in manifest["training"]:
+        img = _load(mr2ch["4d"], e["image"])
+        assert img.shape == (32, 32, 12, 2) and img.get_data_dtype() == np.float32
+        assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+        image, label = np.asarray(img.dataobj), np.asarray(_load(mr2ch["4d"], e["label"]).dataobj)
+        assert set(np.unique(label).tolist()) == {0, 1, 2, 3} and image.min() >= 0
+        t1, t2 = ([float(np.median(image[..., c][label == k])) for k in (1, 2, 3)] for c in (0, 1))
+        assert t1[0] > t1[2] > t1[1] and t2[1] > t2[2] > t2[0], (t1, t2)  # liver, kidney, spleen
+
+
+def test_mr2ch_one_file_per_channel(mr2ch):
+    four_d, files = json.loads(mr2ch["4d"].read_text()), json.loads(mr2ch["files"].read_text())
+    assert files["tensorImageSize"] == "3D" and files["file_ending"] == ".nii.gz"
+    assert files["modality"] == files["channel_names"] == {"0": "T1", "1": "T2"}
+    for a, b in zip(four_d["training"], files["training"], strict=True):
+        assert b["id"] == f"mr2ch_{b['label'][-10:-7]}" and b["patient"] == a["patient"] and b["label"] == a["label"]
+        assert b["image"] == [f"./imagesTr/{b['id']}_0000.nii.gz", f"./imagesTr/{b['id']}_0001.nii.gz"]
+        stacked = np.asarray(_load(mr2ch["4d"], a["image"]).dataobj)
+        for c, rel in enumerate(b["image"]):
+            img = _load(mr2ch["files"], rel)
+            assert img.shape == (32, 32, 12) and np.allclose(img.affine, lps_affine())
+            np.testing.assert_array_equal(np.asarray(img.dataobj), stacked[..., c])
+        assert (mr2ch["4d"].parent / a["label"]).read_bytes() == (mr2ch["files"].parent / b["label"]).read_bytes()
+    assert len(list((mr2ch["files"].parent / "imagesTr").iterdir())) == 6
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("ct3d", {"channel_layout": "files"}), ("mr2ch", {"channel_layout": "nifti"}), ("mr3d", {"voxel_scale": 2}),
+    ("ct-cohort", {"voxel_scale": 0.5}), ("ct-cohort", {"voxel_scale": 2, "shape": (64, 64, 40)}),
+    ("ct-cohort", {"shape": (64, 64)})])
+def test_new_options_only_where_they_apply(tmp_path, kind, kwargs):
+    with pytest.raises(UsageError):
+        write_dataset(kind, 1, tmp_path, **kwargs)
