@@ -1,0 +1,447 @@
+"""Planning rules (issue #17): a dataset fingerprint -> ``plan.json``, the decisions a bundle needs, as data.
+
+``make_plan(fingerprint, manifest, device, budget_min)`` is a pure function of ``fingerprint.json``
+(:mod:`pipeline.fingerprint`), the manifest's labels and modalities, the device ("cpu"/"cuda") and a
+wall-time budget; each decision has a ``rationale`` sentence naming the fingerprint figure it came
+from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwise:
+
+1. Spacing: the median; for anisotropic data (coarsest axis > 3x the others in spacing, < 1/3 in
+   voxels) that axis at the 10th percentile of its spacings (:func:`pipeline.fingerprint.target_spacing`).
+   Spacings > 10x apart between cases: planned for the median, with a warning.
+2. Patch: the median image at target spacing (at most 256^3 / 2048^2 voxels in the spacing's aspect
+   ratio), padded to multiples of 2**poolings per axis; while over the device budget, the axis
+   largest relative to the median shape shrinks. Budgets are voxels per iteration (batch x patch,
+   ``ITERATION_VOXELS``), a patch at most half. cuda: nnU-Net's 8 GB references (2 x 128^3 in 3D,
+   12 x 512^2 in 2D). cpu: 2^18 = 64^3 in 3D, so patches up to 2^17 (~50^3): the hippocampus
+   recipe (40x56x40, batch 2, 16 wide) ran 3.2-3.6 samples/s on a 2-core CPU (~3e5 voxels/s), so a
+   patch at the cap still trains >= 2 samples/s, >= 3,000 samples in 30 min, past where that recipe
+   stopped gaining (BENCHMARKS session 5); 2D cpu: 3x (a 3x3 kernel costs a third of a 3x3x3).
+3. Depth (``get_pool_and_conv_props``): pool an axis while its feature map stays >= 4 voxels and its
+   spacing is < 2x the finest (fine axes first when anisotropic); kernel 1 along axes still > 2x
+   coarser than the finest, else 3; DynUNet's per-level ``kernel_size``/``strides`` (first level 1s).
+4. Width: 32 filters doubling, at most 320 (3D) / 512 (2D); 16 on cpu, where 32-wide cost 2.7x per
+   sample and scored 0.8761 vs 0.8786 in 28.5 min (BENCHMARKS session 4). Batch: budget / patch,
+   at most 5% of the dataset's voxels, at least 2.
+5. 2D for 2D data, single-slice volumes, and anisotropic data whose coarse axis has < 8 voxels at
+   target spacing (a 3D net could not pool it once: a 2D net with a few slices of context at 3D
+   cost). Slices then run across the coarse axis, which keeps its spacing (``pixdim`` 0 there).
+6. Normalisation per channel: CT clipped to the foreground 0.5/99.5 percentiles and z-scored with
+   the foreground mean/sd (one ``ScaleIntensityRanged`` does both exactly); other modalities
+   per-image z-score (``NormalizeIntensityd`` channel-wise).
+7. Loss: boundary-weighted Dice+CE, w0 10, sigma = 0.1 x the smallest class's median equivalent
+   diameter (the U-Net paper: sigma ~5 px for cells ~10x that), clamped to 1-5 voxels (5 px: the
+   paper's); the border term on background only for one foreground class (the paper's cells),
+   everywhere when several classes can touch.
+8. A third of the patches centred on foreground (nnU-Net's 33%); flips along every axis but those a
+   label name gives a side (left/right: RAS axis 0, anterior/posterior: 1, superior/inferior: 2);
+   rotation +-30 deg and scaling 0.7-1.4 on 20% of patches, in-plane only (+-180 deg about the
+   coarse axis) for anisotropic 3D data.
+9. Schedule: AdamW 2e-3, cosine over the wall-time budget (``time_budget_min``), ``max_epochs`` a
+   cap, validation interval for about 6 validations in the budget.
+10. Inference: window = patch, overlap 0.5, flip TTA on the training flip axes, mirror margin 0 when
+    the patch covers the median image (hippocampus: "auto" cost 0.0014 Dice), else "auto".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError, UsageError
+from pipeline.evaluation import json_safe
+from pipeline.fingerprint import ANISOTROPY_THRESHOLD, _is_ct
+from pipeline.fingerprint import target_spacing as nnunet_target_spacing
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+MIN_FEATURE_MAP = 4  # nnU-Net: no bottleneck edge under 4 voxels
+MIN_BATCH = 2
+MAX_DATASET_FRACTION = 0.05  # nnU-Net: one batch sees at most 5% of the dataset's voxels
+ITERATION_VOXELS = {("cpu", 3): 2**18, ("cpu", 2): 3 * 2**18,
+                    ("cuda", 3): 2 * 128**3, ("cuda", 2): 12 * 512**2}
+INITIAL_PATCH = {3: 256**3, 2: 2048**2}  # nnU-Net's starting volume, before clipping to the median shape
+BASE_FEATURES = {"cpu": 16, "cuda": 32}
+MAX_FEATURES = {3: 320, 2: 512}
+#: training voxels/s in 3D (2D: 3x), only for the validation interval. cpu: measured (hippocampus,
+#: 2-core, compiled, 16 wide); cuda: assumed (nnU-Net-like 32-wide 3D with AMP on one recent GPU)
+THROUGHPUT = {"cpu": 3.0e5, "cuda": 1.0e7}
+VALIDATIONS = 6
+NUM_FOLDS = 5
+SIGMA_FRACTION, SIGMA_MAX_VOXELS, W0 = 0.1, 5.0, 10.0
+SIDES = ({"left", "right", "l", "r", "lt", "rt"},
+         {"anterior", "posterior", "ant", "post", "front", "back", "ventral", "dorsal"},
+         {"superior", "inferior", "sup", "inf", "upper", "lower", "cranial", "caudal", "top", "bottom"})
+NNUNET_INTENSITY = {"blur_prob": 0.2, "contrast_prob": 0.15, "lowres_prob": 0.25, "gamma_prob": 0.3}
+
+
+def _get(d: dict, path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(d, dict) or key not in d:
+            raise InputError(f"fingerprint: missing field {path!r} (rerun `segpipe fingerprint`)")
+        d = d[key]
+    return d
+
+
+def _r(x: Any, nd: int = 4) -> Any:
+    return [_r(v, nd) for v in x] if isinstance(x, (list, tuple, np.ndarray)) else round(float(x), nd)
+
+
+def check_inputs(fingerprint: dict, manifest: dict) -> tuple[list[str], list[dict], list[str]]:
+    """(label names, channels [{index, name, modality}], warnings). InputError naming the field for
+    labels not consecutive from 0 or found but not named, differing channel counts, 2D mixed with 3D."""
+    raw = manifest.get("labels") or _get(fingerprint, "dataset.labels")
+    try:
+        keys = sorted(int(k) for k in raw)
+    except (TypeError, ValueError):
+        raise InputError(f"labels: keys must be label values ('0', '1', ...), got {list(raw)}") from None
+    if keys != list(range(len(keys))) or len(keys) < 2:
+        raise InputError(f"labels: values {keys} must be consecutive from 0, with a foreground class")
+    names = [str(raw.get(str(k), raw.get(k))) for k in keys]
+    if unknown := fingerprint.get("dataset", {}).get("labels_not_in_manifest"):
+        raise InputError(f"labels: values {unknown} occur in the label images but the manifest names none")
+    if not (cases := _get(fingerprint, "cases")):
+        raise InputError("fingerprint: field 'cases' is empty")
+    for i, c in enumerate(cases):
+        if missing := [f for f in ("spacing", "shape", "intensity", "label_voxels") if f not in c]:
+            raise InputError(f"fingerprint: cases[{i}] lacks {missing} (rerun `segpipe fingerprint`)")
+    for field, what in (("spacing", "spatial dimensions (a mix of 2D and 3D)"), ("intensity", "channels")):
+        n0 = len(cases[0][field])
+        if bad := [i for i, c in enumerate(cases) if len(c[field]) != n0]:
+            i = bad[0]
+            raise InputError(f"cases[{i}].{field}: {len(cases[i][field])} {what}, cases[0] has {n0}")
+    raw = manifest.get("channel_names") or manifest.get("modality") or _get(fingerprint, "dataset.modality")
+    modality, n = {str(k): str(v) for k, v in raw.items()}, len(cases[0]["intensity"])
+    if sorted(modality) != [str(i) for i in range(n)]:
+        raise InputError(f"modality: the manifest names channels {sorted(modality)}, the images have {n}")
+    channels = [{"index": i, "name": m, "modality": "CT" if _is_ct(m) else "other"}
+                for i, m in ((i, modality[str(i)]) for i in range(n))]
+    warnings = [f"class {name!r} (label {c['label']}) is absent from every label image"
+                for name, c in _get(fingerprint, "dataset.classes").items()
+                if c.get("label") and not c.get("cases_present")]
+    spacings = np.array([c["spacing"] for c in cases], float)
+    warnings += [f"spacing along axis {a} differs {r:.0f}-fold between cases ({spacings[:, a].min():g}-"
+                 f"{spacings[:, a].max():g} mm): planned for the median"
+                 for a, r in enumerate(spacings.max(0) / spacings.min(0)) if r > 10]
+    for w in warnings:
+        log.warning("%s", w)
+    return names, channels, warnings
+
+
+def target_spacing(fingerprint: dict) -> tuple[list[float], bool, list[float], str]:
+    """Rule 1: (target spacing, anisotropic, median shape at target spacing, rationale)."""
+    cases = _get(fingerprint, "cases")
+    spacings = np.array([c["spacing"] for c in cases], float)
+    shapes = np.array([c["shape"] for c in cases], float)
+    target, aniso = nnunet_target_spacing(spacings, shapes)
+    median_shape = np.median(shapes * spacings / np.array(target), axis=0)
+    why = f"median spacing {_r(np.median(spacings, 0), 3)} mm over {len(cases)} cases"
+    if aniso:
+        k = int(np.argmax(np.median(spacings, 0)))
+        why += (f"; anisotropic (axis {k} > {ANISOTROPY_THRESHOLD:g}x coarser, < 1/3 of the voxels): "
+                f"axis {k} at the 10th percentile of its spacings, {target[k]:.3g} mm")
+    return [float(t) for t in target], aniso, [float(x) for x in median_shape], why
+
+
+def dimensionality(target: list[float], median_shape: list[float], tensor_image_size: str | None = None
+                   ) -> tuple[int, int | None, str]:
+    """Rule 5: (spatial_dims, slice_axis or None, rationale)."""
+    if len(target) == 2:
+        return 2, None, "2D images"
+    k = int(np.argmin(median_shape)) if min(median_shape) <= 1 else int(np.argmax(target))
+    ratio, slices = target[k] / min(target), median_shape[k]
+    if slices <= 1:
+        return 2, k, f"2D: a single slice along axis {k} (median {slices:.3g} voxels)"
+    if ratio > ANISOTROPY_THRESHOLD and slices < 2 * MIN_FEATURE_MAP:
+        return 2, k, (f"2D slices across axis {k}: {target[k]:.3g} mm is {ratio:.1f}x the finest spacing and "
+                      f"the median image has {slices:.1f} < {2 * MIN_FEATURE_MAP} voxels along it, too few "
+                      "to pool once")
+    if str(tensor_image_size).upper() == "2D":
+        raise InputError(f"tensorImageSize: '2D', but the cases are 3D (median shape {_r(median_shape, 1)})")
+    return 3, None, f"3D: the median image at target spacing has {slices:.1f} voxels along coarsest axis {k}"
+
+
+def pool_and_conv(spacing: list[float], patch: list[float]
+                  ) -> tuple[list[int], list, list, list[int], list[int]]:
+    """nnU-Net's ``get_pool_and_conv_props``: (poolings per axis, strides and kernel sizes per level
+    in DynUNet's format, the patch padded to multiples of 2**poolings, those multiples)."""
+    dim, sp, size = len(spacing), list(spacing), list(patch)
+    strides, kernels, npool, kernel = [[1] * dim], [], [0] * dim, [1] * dim
+    while valid := [i for i in range(dim) if size[i] >= 2 * MIN_FEATURE_MAP]:
+        finest = min(sp[i] for i in valid)
+        valid = [i for i in valid if sp[i] / finest < 2]
+        if len(valid) == 1 and size[valid[0]] < 3 * MIN_FEATURE_MAP:
+            break
+        kernel = [3 if kernel[d] == 3 or sp[d] / min(sp) < 2 else 1 for d in range(dim)]
+        strides.append([2 if i in valid else 1 for i in range(dim)])
+        kernels.append(kernel)
+        for i in valid:
+            npool[i], sp[i], size[i] = npool[i] + 1, sp[i] * 2, math.ceil(size[i] / 2)
+    kernels.append([3] * dim)
+    div = [2**n for n in npool]
+    return npool, strides, kernels, [int(math.ceil(p / d) * d) for p, d in zip(patch, div, strict=True)], div
+
+
+def patch_and_topology(spacing: list[float], median_shape: list[float], device: str, n_cases: int
+                       ) -> tuple[dict, str]:
+    """Rules 2-4: roi_size, the DynUNet topology and widths, and the batch size, within the device budget."""
+    dim = len(spacing)
+    inv = 1 / np.array(spacing)
+    start = np.round(inv * (INITIAL_PATCH[dim] / np.prod(inv)) ** (1 / dim))
+    npool, strides, kernels, patch, div = pool_and_conv(spacing, np.minimum(start, median_shape).tolist())
+    budget, shrunk = ITERATION_VOXELS[(device, dim)], set()
+    while np.prod(patch, dtype=float) > budget / MIN_BATCH:
+        axis = int(np.argmax(np.array(patch) / np.array(median_shape)))
+        trial = list(patch)
+        trial[axis] -= div[axis]  # nnU-Net: step by the divisor the smaller patch will have
+        patch[axis] -= pool_and_conv(spacing, trial)[4][axis]
+        shrunk.add(axis)
+        npool, strides, kernels, patch, div = pool_and_conv(spacing, patch)
+    if len(strides) < 2:
+        raise InputError(f"dataset.median_shape_at_target_spacing: {_r(median_shape, 1)} is too small for a "
+                         f"U-Net (no axis of {2 * MIN_FEATURE_MAP} voxels or more)")
+    voxels, dataset_voxels = int(np.prod(patch)), float(np.prod(median_shape)) * n_cases
+    cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * dataset_voxels // voxels))
+    batch = max(MIN_BATCH, min(budget // voxels, cap))
+    levels = len(strides)
+    filters = [min(MAX_FEATURES[dim], BASE_FEATURES[device] * 2**i) for i in range(levels)]
+    net = {"name": "dynunet", "spatial_dims": dim, "filters": filters, "kernel_size": kernels,
+           "strides": strides, "upsample_kernel_size": strides[1:], "deep_supervision": levels >= 3,
+           "deep_supr_num": max(1, min(2, levels - 2)), "res_block": False}
+    why = (f"median image at target spacing {_r(median_shape, 1)} voxels; patch {patch} = {voxels} voxels, "
+           f"multiples of {div} ({npool} poolings per axis, feature maps >= {MIN_FEATURE_MAP} voxels); "
+           f"{device} {dim}D budget {budget} voxels per iteration "
+           + (f"(shrunk along axes {sorted(shrunk)})" if shrunk else "(not reached: patch = median image)")
+           + f"; batch {batch} = budget / patch, at most 5% of the {dataset_voxels:.3g} dataset voxels "
+           f"({cap}), >= {MIN_BATCH}; filters {filters}: {BASE_FEATURES[device]} doubling, at most "
+           f"{MAX_FEATURES[dim]}"
+           + (" (16 on cpu: 32-wide cost 2.7x per sample, 0.0025 Dice less in 28.5 min)"
+              if device == "cpu" else ""))
+    return {"roi_size": patch, "pools_per_axis": npool, "batch_size": int(batch), "patch_voxels": voxels,
+            "iteration_voxels_budget": budget, "network": net}, why
+
+
+def normalisation(channels: list[dict], intensity: dict[str, dict]) -> tuple[dict, str]:
+    """Rule 6: the scheme and parameters per channel, and MONAI transforms applying them to "image"."""
+    schemes, whys = [], []
+    for ch in channels:
+        if ch["modality"] != "CT":
+            schemes.append({**ch, "scheme": "zscore_per_image", "nonzero": False})
+            whys.append(f"channel {ch['index']} {ch['name']!r}: per-image z-score (not CT)")
+            continue
+        if sum(c["name"] == ch["name"] for c in channels) > 1:
+            raise InputError(f"modality: channels share the name {ch['name']!r}; the fingerprint pools "
+                             "intensities by name, so give each CT channel its own")
+        st = intensity.get(ch["name"]) or {}
+        keys = ("percentile_00_5", "percentile_99_5", "mean", "std")
+        lo, hi, mean, sd = (st.get(k, math.nan) for k in keys)
+        if not all(math.isfinite(v) for v in (lo, hi, mean, sd)):
+            raise InputError(f"dataset.intensity.{ch['name']}: no foreground statistics for CT channel "
+                             f"{ch['index']}")
+        sd = max(sd, 1e-8)
+        schemes.append({**ch, "scheme": "ct", "clip": _r([lo, hi]), "mean": _r(mean), "std": _r(sd)})
+        whys.append(f"channel {ch['index']} {ch['name']!r} (CT): clip to the foreground 0.5/99.5 percentiles "
+                    f"[{lo:.4g}, {hi:.4g}], z-score with the foreground mean {mean:.4g} and sd {sd:.4g}")
+
+    def op(s: dict, key: str) -> dict:
+        if s["scheme"] != "ct":
+            return {"_target_": "NormalizeIntensityd", "keys": key, "nonzero": False, "channel_wise": True}
+        (lo, hi), m, sd = s["clip"], s["mean"], s["std"]  # (x - m) / sd on [lo, hi], clipped: exact
+        return {"_target_": "ScaleIntensityRanged", "keys": key, "a_min": lo, "a_max": hi,
+                "b_min": _r((lo - m) / sd, 6), "b_max": _r((hi - m) / sd, 6), "clip": True}
+
+    if len(schemes) == 1 or all(s["scheme"] != "ct" for s in schemes):
+        transforms = [op(schemes[0], "image")]
+    else:  # one scheme per channel: split the channels into keys, normalise each, concatenate them again
+        keys = [f"image_{i}" for i in range(len(schemes))]
+        split = {"_target_": "SplitDimd", "keys": "image", "dim": 0, "keepdim": True, "update_meta": False,
+                 "output_postfixes": [str(i) for i in range(len(schemes))]}
+        transforms = [split,
+                      *[op(s, k) for s, k in zip(schemes, keys, strict=True)],
+                      {"_target_": "ConcatItemsd", "keys": keys, "name": "image", "dim": 0},
+                      {"_target_": "DeleteItemsd", "keys": keys}]
+    return {"channels": schemes, "transforms": transforms}, "; ".join(whys)
+
+
+def object_diameters(cases: list[dict], labels: list[str]) -> dict[str, float]:
+    """Median equivalent diameter (mm) per foreground class: the sphere (circle for 2D data) of its
+    voxels x voxel volume per case. One object per class and case is assumed unless a case carries
+    ``label_objects`` {label: count} (TODO fingerprint phase: connected components per class)."""
+    out = {}
+    for k, name in enumerate(labels[1:], start=1):
+        d = []
+        for c in cases:
+            n = c["label_voxels"].get(str(k), 0) / max(1, (c.get("label_objects") or {}).get(str(k), 1))
+            vol = n * float(np.prod(c["spacing"]))
+            if n > 0:
+                d.append((6 * vol / math.pi) ** (1 / 3) if len(c["spacing"]) == 3
+                         else math.sqrt(4 * vol / math.pi))
+        if d:
+            out[name] = float(np.median(d))
+    return out
+
+
+def loss_sigma(diameters: dict[str, float], spacing: list[float]) -> tuple[float, str]:
+    """Rule 7: sigma (mm) = SIGMA_FRACTION x the smallest class's median equivalent diameter,
+    clamped to [1, SIGMA_MAX_VOXELS] voxels of the finest spacing the network sees."""
+    lo, hi = min(spacing), SIGMA_MAX_VOXELS * min(spacing)
+    if not diameters:
+        return hi, f"no object sizes in the fingerprint: sigma {hi:.3g} mm ({SIGMA_MAX_VOXELS:g} voxels)"
+    name, d = min(diameters.items(), key=lambda kv: kv[1])
+    sigma = round(min(hi, max(lo, SIGMA_FRACTION * d)), 3)
+    return sigma, (f"smallest class {name!r}: median equivalent diameter {d:.3g} mm; sigma "
+                   f"{SIGMA_FRACTION:g} x {d:.3g} mm within [{lo:.3g}, {hi:.3g}] mm "
+                   f"(1-{SIGMA_MAX_VOXELS:g} voxels) = {sigma:.3g} mm; w0 {W0:g}")
+
+
+def sided_axes(labels: list[str]) -> dict[int, list[str]]:
+    """RAS axes a label name gives a side on: left/right 0, anterior/posterior 1, superior/inferior 2."""
+    out: dict[int, list[str]] = {}
+    for name in labels:
+        words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", name).lower()))
+        for axis, side in enumerate(SIDES):
+            if words & side:
+                out.setdefault(axis, []).append(name)
+    return out
+
+
+def augmentation(labels: list[str], spatial_dims: int, slice_axis: int | None, anisotropic_axis: int | None,
+                 roi_size: list[int], device: str) -> tuple[dict, str]:
+    """Rule 8: flips, rotation, scaling (per axis of the network's input) and intensity augmentation."""
+    axes = [a for a in range(3) if a != slice_axis] if slice_axis is not None else list(range(spatial_dims))
+    sided = sided_axes(labels)
+    flips = [i for i, a in enumerate(axes) if a not in sided]
+    why = f"flip axes {flips}" + "".join(f"; none along RAS axis {a} ({n})"
+                                         for a, n in sided.items() if a in axes)
+    scale = [[-0.3, 0.4]] * spatial_dims
+    if spatial_dims == 2:  # nnU-Net: +-180 deg, +-15 deg for elongated patches
+        rot = [math.radians(15) if max(roi_size) / min(roi_size) > 1.5 else math.pi]
+        why += f"; rotation +-{math.degrees(rot[0]):.0f} deg"
+    elif anisotropic_axis is not None:
+        rot = [math.pi if a == anisotropic_axis else 0.0 for a in range(3)]
+        scale = [[0.0, 0.0] if a == anisotropic_axis else [-0.3, 0.4] for a in range(3)]
+        why += f"; anisotropic: rotation +-180 deg about axis {anisotropic_axis} only, no scaling along it"
+    else:
+        rot = [math.radians(30)] * 3
+        why += "; rotation +-30 deg about each axis"
+    cuda = device == "cuda"
+    why += "; scaling 0.7-1.4, on 20% of patches; " + (
+        "nnU-Net's intensity augmentation" if cuda else
+        "noise and scale/shift only (nnU-Net's blur/contrast/low-res/gamma trained slower in the CPU budget)")
+    return {"flip_axes": flips, "flip_prob": 0.5, "affine_prob": 0.2, "rotate_range": _r(rot),
+            "scale_range": scale,
+            "noise_prob": 0.1, "intensity_prob": 0.5,
+            **{k: v if cuda else 0.0 for k, v in NNUNET_INTENSITY.items()}}, why
+
+
+def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, batch_size: int,
+             spatial_dims: int) -> tuple[dict, str]:
+    """Rule 9: optimiser, learning rate, wall-time budget, epoch cap and validation interval."""
+    rate = THROUGHPUT[device] * (3 if spatial_dims == 2 else 1) / patch_voxels  # samples/s
+    train = max(1, round(n_cases * (NUM_FOLDS - 1) / NUM_FOLDS))
+    epochs = 60 * budget_min / (math.ceil(train / batch_size) * batch_size / rate)
+    interval = max(1, round(epochs / VALIDATIONS))
+    out = {"optimizer": "AdamW", "learning_rate": 2e-3, "weight_decay": 1e-5,
+           "lr_schedule": "cosine_wall_time",
+           "time_budget_min": float(budget_min), "max_epochs": max(100, math.ceil(10 * epochs)),
+           "val_interval": interval, "estimated_epochs": round(epochs, 1), "num_folds": NUM_FOLDS,
+           "grad_clip_norm": 12.0, "model_selection": "last", "compile": True, "amp": True}
+    why = (f"{budget_min:g} min at about {rate:.3g} samples/s ({THROUGHPUT[device]:.3g} voxels/s, {device} "
+           f"estimate) over {train} training cases ({NUM_FOLDS} folds) is about {epochs:.0f} epochs: "
+           f"validation every {interval} (about {max(1, int(epochs // interval))} validations); max_epochs "
+           f"{out['max_epochs']} (10x) only a cap; AdamW 2e-3, cosine over wall time (the CPU hippocampus "
+           "recipe; nnU-Net's SGD 1e-2 with a poly schedule is tuned for 250k steps, a budget of minutes "
+           "gives thousands)")
+    return out, why
+
+
+def inference(roi_size: list[int], median_shape: list[float], flip_axes: list[int], slice_axis: int | None
+              ) -> tuple[dict, str]:
+    """Rule 10: window, overlap, mirror margin and TTA axes."""
+    covers = all(r >= m for r, m in zip(roi_size, median_shape, strict=True))
+    out = {"inferer": "SliceInferer" if slice_axis is not None else "OverlapTileInferer",
+           "slice_axis": slice_axis,
+           "roi_size": roi_size, "overlap": 0.5, "margin": 0 if covers else "auto", "tta": bool(flip_axes),
+           "tta_axes": flip_axes, "tta_shift": 0, "sw_batch_size": 4, "val_overlap": 0.25}
+    why = (f"window = patch {roi_size}, overlap 0.5, flip TTA on {flip_axes}; margin "
+           + ("0: the patch covers the median image (hippocampus: 'auto' cost 0.0014 Dice)" if covers
+              else "'auto': mirrored context at the image borders within the last window's slack"))
+    return out, why
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def make_plan(fingerprint: dict, manifest: dict, device: str = "cpu", budget_min: float = 30.0,
+              name: str | None = None) -> dict[str, Any]:
+    """The plan: every decision a bundle needs, each with a rationale (rules: the module docstring)."""
+    if device not in DEVICES:
+        raise UsageError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    if not (isinstance(budget_min, (int, float)) and budget_min > 0):
+        raise UsageError(f"--budget-min {budget_min!r}: must be a positive number of minutes")
+    labels, channels, warnings = check_inputs(fingerprint, manifest)
+    cases, classes = fingerprint["cases"], _get(fingerprint, "dataset.classes")
+    target, aniso, median_shape, why_spacing = target_spacing(fingerprint)
+    dims, slice_axis, why_dims = dimensionality(target, median_shape, manifest.get("tensorImageSize"))
+    keep = [a for a in range(len(target)) if a != slice_axis]
+    net_spacing, net_shape = [target[a] for a in keep], [median_shape[a] for a in keep]
+    topo, why_patch = patch_and_topology(net_spacing, net_shape, device, len(cases))
+    net = {**topo.pop("network"), "in_channels": len(channels), "out_channels": len(labels)}
+    batch, roi = topo.pop("batch_size"), topo["roi_size"]
+    norm, why_norm = normalisation(channels, _get(fingerprint, "dataset.intensity"))
+    sigma, why_sigma = loss_sigma(object_diameters(cases, labels), net_spacing)
+    flat = dims == 3 and max(target) / min(target) > ANISOTROPY_THRESHOLD
+    aniso_axis = int(np.argmax(target)) if flat else None
+    aug, why_aug = augmentation(labels, dims, slice_axis, aniso_axis, roi, device)
+    sched, why_sched = schedule(device, budget_min, len(cases), topo["patch_voxels"], batch, dims)
+    infer, why_infer = inference(roi, net_shape, aug["flip_axes"], slice_axis)
+    crop = roi[:slice_axis] + [1] + roi[slice_axis:] if slice_axis is not None else list(roi)
+    n_fg = len(labels) - 1
+    rare = min(((c.get("voxel_fraction") or 0.0, n) for n, c in classes.items() if c.get("label")),
+               default=(0.0, "-"))
+    plan = {
+        "plan_version": 1,
+        "name": name or f"{_slug(str(manifest.get('name', 'dataset')))}_{_slug(channels[0]['name'])}_{dims}d",
+        "manifest": fingerprint.get("manifest"), "n_cases": len(cases), "device": device,
+        "budget_min": float(budget_min), "spatial_dims": dims, "slice_axis": slice_axis,
+        "labels": labels, "out_channels": len(labels), "channels": channels, "in_channels": len(channels),
+        "spacing": {"target": _r(target, 5),
+                    "pixdim": [0.0 if a == slice_axis else _r(t, 5) for a, t in enumerate(target)],
+                    "anisotropic": aniso, "median_shape_at_target": _r(median_shape, 2),
+                    "axcodes": "RAS"[:len(target)]},
+        "patch": {**topo, "crop_size": crop},
+        "network": net,
+        "normalisation": norm,
+        "loss": {"name": "boundary_weighted_dice_ce", "w0": W0, "sigma_mm": sigma,
+                 "border_on": "background" if n_fg == 1 else "all", "class_weights": None, "lambda_dice": 1.0,
+                 "lambda_ce": 1.0, "dice_include_background": False, "batch_dice": True},
+        "sampling": {"batch_size": batch, "num_samples": 1, "pos_neg": [1, 2]},
+        "augmentation": aug, "schedule": sched, "inference": infer, "warnings": warnings,
+        "rationale": {
+            "spacing": why_spacing, "dimensionality": why_dims, "patch_network_batch": why_patch,
+            "normalisation": why_norm,
+            "loss": why_sigma + ("; border term on background only (one foreground class: the paper's cells)"
+                                 if n_fg == 1 else f"; border term everywhere ({n_fg} classes may touch)"),
+            "sampling": (f"pos/neg 1:2, a third of the patches centred on foreground (nnU-Net's 33%); the "
+                         f"rarest class {rare[1]!r} is {100 * rare[0]:.2g}% of the voxels"),
+            "augmentation": why_aug, "schedule": why_sched, "inference": why_infer},
+    }
+    log.info("planned %s: %dD, spacing %s, patch %s, batch %d, filters %s", plan["name"], dims,
+             plan["spacing"]["pixdim"], roi, batch, net["filters"])
+    return plan
+
+
+def write_plan(plan: dict, path: Path) -> Path:
+    """Write ``plan`` as JSON to ``path`` (a folder, or one without a suffix, gets ``plan.json``)."""
+    path = Path(path)
+    path = path / "plan.json" if path.is_dir() or not path.suffix else path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(plan), indent=2))
+    return path

@@ -1,0 +1,378 @@
+"""Planning rules (pipeline.plan) on fingerprints built in memory: one or more tests per rule.
+
+Fingerprints are made by the fingerprint module's own ``dataset_fingerprint`` from constructed
+per-case records and small intensity samples, so they have exactly the fields ``fingerprint.json``
+has; no files are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai import transforms as mt
+from monai.networks.nets import DynUNet
+
+from pipeline import plan as P
+from pipeline.errors import InputError, UsageError
+from pipeline.fingerprint import dataset_fingerprint, intensity_stats, target_spacing
+
+HIPPO_MANIFEST = {"name": "Hippocampus", "tensorImageSize": "3D", "modality": {"0": "MRI"},
+                  "labels": {"0": "background", "1": "Anterior", "2": "Posterior"}}
+# four shapes whose medians are the real Task04 fingerprint's (35, 50.5, 36), cycled over 208 cases
+HIPPO_SHAPES = [[34, 50, 35], [35, 50, 36], [35, 51, 36], [36, 52, 37]]
+
+
+def make_fp(spacings: list, shapes: list, manifest: dict, voxels: list[dict] | None = None,
+            means: list[float] | None = None, seed: int = 0) -> dict:
+    """A fingerprint dict of ``len(shapes)`` cases (spacings cycled); 1% of each image per foreground
+    class unless ``voxels`` gives label_voxels per case (cycled); channel c's foreground intensities
+    are N(means[c], 100)."""
+    rng = np.random.default_rng(seed)
+    n_ch = len(manifest["modality"])
+    means = means or [100.0 * (c + 1) for c in range(n_ch)]
+    cases, samples = [], []
+    for i, shape in enumerate(shapes):
+        s = [rng.normal(means[c], 100.0, 300) for c in range(n_ch)]
+        n = int(np.prod(shape))
+        lv = (dict(voxels[i % len(voxels)]) if voxels
+              else {str(k): n // 100 for k in range(1, len(manifest["labels"]))})
+        lv["0"] = n - sum(lv.values())
+        cases.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz",
+                      "spacing": list(spacings[i % len(spacings)]), "shape": list(shape),
+                      "foreground_fraction": 1 - lv["0"] / n,
+                      "intensity": [intensity_stats(x) for x in s], "label_voxels": lv})
+        samples.append(s)
+    return {"manifest": "dataset.json", **dataset_fingerprint(cases, samples, manifest), "cases": cases}
+
+
+@pytest.fixture(scope="module")
+def hippo() -> dict:
+    """The hippocampus numbers: 208 cases at 1 mm, median shape 35x50.5x36, classes of 1730/1590 voxels."""
+    return make_fp([[1.0, 1.0, 1.0]], HIPPO_SHAPES * 52, HIPPO_MANIFEST, voxels=[{"1": 1730, "2": 1590}])
+
+
+def forward_shape(plan: dict, train: bool = False) -> tuple[int, ...]:
+    """Output shape of a real MONAI DynUNet built from the plan, for one patch of roi_size."""
+    n = plan["network"]
+    net = DynUNet(n["spatial_dims"], n["in_channels"], n["out_channels"], kernel_size=n["kernel_size"],
+                  strides=n["strides"], upsample_kernel_size=n["upsample_kernel_size"], filters=n["filters"],
+                  deep_supervision=n["deep_supervision"], deep_supr_num=n["deep_supr_num"],
+                  res_block=n["res_block"])
+    net.train(train)
+    with torch.no_grad():
+        return tuple(net(torch.zeros(1, n["in_channels"], *plan["patch"]["roi_size"])).shape)
+
+
+# -- the CPU reference: the shipped hippocampus bundle -------------------------------------------------
+
+def test_hippocampus_cpu_plan_is_the_shipped_recipe(hippo: dict):
+    plan = P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)
+    # bundles/hippocampus_mri_3d: pixdim 1 mm, roi 40x56x40, DynUNet 16-128 plain blocks, batch 2,
+    # deep_supr_num 2, per-image z-score, AdamW 2e-3, validation every 6 epochs, margin 0, flip TTA
+    assert plan["name"] == "hippocampus_mri_3d" and plan["spatial_dims"] == 3 and plan["slice_axis"] is None
+    assert plan["spacing"]["pixdim"] == [1.0, 1.0, 1.0] and plan["spacing"]["anisotropic"] is False
+    assert plan["patch"]["roi_size"] == [40, 56, 40]
+    net = plan["network"]
+    assert net["filters"] == [16, 32, 64, 128] and net["res_block"] is False
+    assert net["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 3 and net["kernel_size"] == [[3, 3, 3]] * 4
+    assert net["deep_supervision"] and net["deep_supr_num"] == 2
+    assert plan["sampling"]["batch_size"] == 2
+    assert plan["normalisation"]["transforms"] == [
+        {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": False, "channel_wise": True}]
+    s = plan["schedule"]
+    assert (s["optimizer"], s["learning_rate"], s["time_budget_min"]) == ("AdamW", 2e-3, 30.0)
+    assert s["val_interval"] == 6
+    assert plan["inference"]["roi_size"] == [40, 56, 40] and plan["inference"]["margin"] == 0
+    assert plan["labels"] == ["background", "Anterior", "Posterior"] and plan["out_channels"] == 3
+    assert plan["channels"] == [{"index": 0, "name": "MRI", "modality": "other"}] and plan["in_channels"] == 1
+    # training mode: the main output and 2 deep-supervision heads, each at the patch's shape
+    assert forward_shape(plan, train=True) == (1, 3, 3, 40, 56, 40)
+
+
+def test_hippocampus_cuda_plan_is_nnunet_like(hippo: dict):
+    plan = P.make_plan(hippo, HIPPO_MANIFEST, "cuda", 30)
+    assert plan["patch"]["roi_size"] == [40, 56, 40] and plan["network"]["filters"] == [32, 64, 128, 256]
+    # the budget would allow 46 patches; 5% of the dataset's voxels: 0.05 * 63630 * 208 / 89600 = 7.4
+    assert plan["sampling"]["batch_size"] == 7
+    assert plan["augmentation"]["gamma_prob"] > 0  # nnU-Net's intensity augmentation on a GPU
+
+
+# -- rule 1: target spacing ------------------------------------------------------------------------------
+
+def test_target_spacing_reuses_the_fingerprint_rule():
+    spacings = [[0.7, 0.7, z] for z in (3.0, 4.0, 5.0, 5.0, 6.0)]
+    fp = make_fp(spacings, [[200, 200, 30]] * 5, {**HIPPO_MANIFEST, "modality": {"0": "MR"}})
+    target, aniso, median_shape, why = P.target_spacing(fp)
+    expected, _ = target_spacing(np.array(spacings), np.array([[200, 200, 30]] * 5, float))
+    assert aniso and target == expected and target[2] == pytest.approx(np.percentile([3, 4, 5, 5, 6], 10))
+    assert median_shape[2] == pytest.approx(np.median([30 * z / target[2] for z in (3, 4, 5, 5, 6)]))
+    assert "10th percentile" in why and "3.4 mm" in why
+    plan = P.make_plan(fp, {**HIPPO_MANIFEST, "modality": {"0": "MR"}}, "cpu", 30)
+    assert plan["spacing"]["pixdim"] == [0.7, 0.7, 3.4]
+
+
+def test_spacings_differing_tenfold_warn_and_plan_for_the_median(caplog: pytest.LogCaptureFixture):
+    fp = make_fp([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 12.0]], [[64, 64, 64]] * 3, HIPPO_MANIFEST)
+    with caplog.at_level(logging.WARNING, logger="pipeline.plan"):
+        plan = P.make_plan(fp, HIPPO_MANIFEST, "cpu", 30)
+    assert plan["spacing"]["pixdim"] == [1.0, 1.0, 1.0]
+    assert any("12-fold" in w and "axis 2" in w for w in plan["warnings"]) and "12-fold" in caplog.text
+
+
+# -- rules 2-3: patch size and topology --------------------------------------------------------------------
+
+@pytest.mark.parametrize("device, cap", [("cpu", 2**17), ("cuda", 128**3)])
+def test_patch_fits_the_device_budget_and_keeps_the_aspect_ratio(device: str, cap: int):
+    median = [400.0, 200.0, 100.0]
+    topo, why = P.patch_and_topology([1.0, 1.0, 1.0], median, device, 100)
+    roi, pools = topo["roi_size"], topo["pools_per_axis"]
+    assert np.prod(roi) <= cap and np.prod(roi) > cap / 3  # shrunk, but not further than needed
+    assert all(r % 2**p == 0 and r / 2**p >= P.MIN_FEATURE_MAP for r, p in zip(roi, pools, strict=True))
+    ratios = np.array(roi) / np.array(median)  # the axis largest relative to the median shrinks first
+    assert ratios.max() / ratios.min() < 1.5 and roi[0] > roi[1] > roi[2]
+    assert "shrunk" in why and str(cap * 2) in why
+
+
+def test_small_images_keep_the_median_shape_padded_to_the_pooling_divisor():
+    topo, _ = P.patch_and_topology([1.0, 1.0, 1.0], [35.0, 50.5, 36.0], "cpu", 208)
+    assert topo["roi_size"] == [40, 56, 40] and topo["pools_per_axis"] == [3, 3, 3]  # 35 -> 18 -> 9 -> 5 < 8
+
+
+def test_anisotropic_topology_pools_fine_axes_first_with_kernel_1_along_the_coarse_axis():
+    topo, _ = P.patch_and_topology([0.7, 0.7, 3.0], [40.0, 40.0, 10.0], "cpu", 50)
+    net = topo["network"]
+    # 0.7 -> 1.4 -> 2.8 mm in-plane before the 3 mm axis is within 2x of the finest and pools too
+    assert net["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2]] and topo["roi_size"] == [40, 40, 10]
+    assert net["kernel_size"] == [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]]
+    assert net["upsample_kernel_size"] == net["strides"][1:]
+    plan = {"network": {**net, "in_channels": 1, "out_channels": 2}, "patch": topo}
+    assert forward_shape(plan) == (1, 2, *topo["roi_size"])
+
+
+def test_pool_and_conv_is_nnunets_rule():
+    npool, strides, kernels, patch, div = P.pool_and_conv([1.0, 1.0, 4.0], [100.0, 100.0, 20.0])
+    # x/y pool alone (1 -> 2 -> 4 mm) until they match z; then each axis pools while it has >= 8 voxels
+    assert strides == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]
+    assert kernels == [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+    assert npool == [4, 4, 2] and div == [16, 16, 4] and patch == [112, 112, 20]
+
+
+# -- rule 4: width and batch -----------------------------------------------------------------------------
+
+def test_features_double_from_16_on_cpu_and_32_on_cuda_capped_per_dimension():
+    cuda3d = P.patch_and_topology([1.0, 1.0, 1.0], [300.0] * 3, "cuda", 100)[0]["network"]["filters"]
+    assert cuda3d == [32, 64, 128, 256, 320, 320]
+    cuda2d = P.patch_and_topology([0.5, 0.5], [1024.0, 1024.0], "cuda", 100)[0]["network"]["filters"]
+    assert cuda2d[:5] == [32, 64, 128, 256, 512] and max(cuda2d) == 512
+    cpu3d = P.patch_and_topology([1.0, 1.0, 1.0], [300.0] * 3, "cpu", 100)[0]["network"]["filters"]
+    assert cpu3d[0] == 16 and all(b == 2 * a for a, b in zip(cpu3d, cpu3d[1:], strict=False))
+
+
+def test_batch_size_from_the_budget_capped_at_5_percent_of_the_data_and_at_least_2():
+    many = P.patch_and_topology([0.5, 0.5], [64.0, 64.0], "cpu", 100_000)[0]
+    assert many["batch_size"] == P.ITERATION_VOXELS[("cpu", 2)] // (64 * 64)  # budget-bound: 192
+    few = P.patch_and_topology([0.5, 0.5], [64.0, 64.0], "cpu", 100)[0]
+    assert few["batch_size"] == 5  # 5% of 100 images of 64x64
+    tiny = P.patch_and_topology([0.5, 0.5], [64.0, 64.0], "cpu", 4)[0]
+    assert tiny["batch_size"] == 2
+
+
+# -- rule 5: 2D plans ------------------------------------------------------------------------------------
+
+def test_2d_dataset_gets_a_2d_plan():
+    manifest = {"name": "Cells", "tensorImageSize": "2D", "modality": {"0": "microscopy"},
+                "labels": {"0": "background", "1": "cell"}}
+    fp = make_fp([[0.5, 0.5]], [[64, 64], [64, 72], [60, 64]] * 4, manifest)
+    plan = P.make_plan(fp, manifest, "cpu", 10)
+    assert plan["spatial_dims"] == 2 and plan["slice_axis"] is None
+    assert plan["spacing"]["pixdim"] == [0.5, 0.5]
+    assert plan["patch"]["roi_size"] == [64, 64] and plan["network"]["strides"][0] == [1, 1]
+    assert plan["augmentation"]["rotate_range"] == [round(math.pi, 4)]
+    assert plan["augmentation"]["flip_axes"] == [0, 1]
+    assert plan["loss"]["border_on"] == "background"  # one foreground class: the paper's setting
+    assert forward_shape(plan) == (1, 2, 64, 64)
+
+
+def test_too_anisotropic_for_3d_gets_2d_slices_across_the_coarse_axis():
+    fp = make_fp([[0.7, 0.7, 8.0]], [[200, 200, 6]] * 5, HIPPO_MANIFEST)
+    plan = P.make_plan(fp, HIPPO_MANIFEST, "cpu", 30)
+    assert plan["spatial_dims"] == 2 and plan["slice_axis"] == 2 and plan["network"]["spatial_dims"] == 2
+    assert plan["spacing"]["pixdim"] == [0.7, 0.7, 0.0]  # Spacingd keeps the slice spacing
+    assert plan["patch"]["crop_size"] == [*plan["patch"]["roi_size"], 1]
+    assert plan["inference"]["inferer"] == "SliceInferer" and plan["inference"]["slice_axis"] == 2
+    assert "too few to pool once" in plan["rationale"]["dimensionality"]
+
+
+def test_single_slice_volumes_are_2d_and_a_2d_manifest_with_3d_cases_is_refused():
+    fp = make_fp([[1.0, 1.0, 1.0]], [[64, 64, 1]] * 3, HIPPO_MANIFEST)
+    plan = P.make_plan(fp, HIPPO_MANIFEST, "cpu", 30)
+    assert plan["spatial_dims"] == 2 and plan["slice_axis"] == 2 and plan["patch"]["roi_size"] == [64, 64]
+    fp3 = make_fp([[1.0, 1.0, 1.0]], [[64, 64, 64]] * 3, HIPPO_MANIFEST)
+    with pytest.raises(InputError, match="tensorImageSize"):
+        P.make_plan(fp3, {**HIPPO_MANIFEST, "tensorImageSize": "2D"}, "cpu", 30)
+
+
+# -- rule 6: normalisation -------------------------------------------------------------------------------
+
+def _apply(specs: list[dict], image: np.ndarray) -> np.ndarray:
+    ops = [getattr(mt, s["_target_"])(**{k: v for k, v in s.items() if k != "_target_"}) for s in specs]
+    return np.asarray(mt.Compose(ops)({"image": torch.as_tensor(image)})["image"])
+
+
+def test_ct_is_clipped_to_foreground_percentiles_then_z_scored_with_foreground_statistics():
+    manifest = {**HIPPO_MANIFEST, "modality": {"0": "CT"}}
+    fp = make_fp([[1.0, 1.0, 1.0]], [[32, 32, 32]] * 4, manifest, means=[40.0])
+    plan = P.make_plan(fp, manifest, "cpu", 30)
+    st = fp["dataset"]["intensity"]["CT"]
+    (spec,) = plan["normalisation"]["transforms"]
+    assert spec["_target_"] == "ScaleIntensityRanged" and spec["clip"] is True
+    assert [spec["a_min"], spec["a_max"]] == [round(st[k], 4) for k in ("percentile_00_5", "percentile_99_5")]
+    image = np.random.default_rng(1).normal(40, 400, (1, 8, 8, 8)).astype(np.float32)
+    expected = (np.clip(image, st["percentile_00_5"], st["percentile_99_5"]) - st["mean"]) / st["std"]
+    out = _apply(plan["normalisation"]["transforms"], image)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    assert "-" in plan["rationale"]["normalisation"] and "0.5/99.5" in plan["rationale"]["normalisation"]
+
+
+def test_mr_channels_get_per_image_z_score_each():
+    manifest = {**HIPPO_MANIFEST, "modality": {"0": "T1", "1": "T2"}}
+    plan = P.make_plan(make_fp([[1.0, 1.0, 1.0]], [[32, 32, 32]] * 4, manifest), manifest, "cpu", 30)
+    assert [c["scheme"] for c in plan["normalisation"]["channels"]] == ["zscore_per_image"] * 2
+    out = _apply(plan["normalisation"]["transforms"], np.random.default_rng(2).normal(7, 3, (2, 6, 6, 6)))
+    np.testing.assert_allclose(out.reshape(2, -1).mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(out.reshape(2, -1).std(1), 1, atol=1e-4)
+
+
+def test_mixed_channels_get_one_scheme_each():
+    manifest = {**HIPPO_MANIFEST, "modality": {"0": "CT", "1": "PET"}}
+    fp = make_fp([[1.0, 1.0, 1.0]], [[32, 32, 32]] * 4, manifest, means=[40.0, 5.0])
+    plan = P.make_plan(fp, manifest, "cpu", 30)
+    assert [c["scheme"] for c in plan["normalisation"]["channels"]] == ["ct", "zscore_per_image"]
+    image = np.random.default_rng(3).normal(40, 400, (2, 6, 6, 6)).astype(np.float32)
+    out = _apply(plan["normalisation"]["transforms"], image)
+    st = fp["dataset"]["intensity"]["CT"]
+    assert out.shape == image.shape
+    expected = (np.clip(image[0], st["percentile_00_5"], st["percentile_99_5"]) - st["mean"]) / st["std"]
+    np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose([out[1].mean(), out[1].std()], [0, 1], atol=1e-4)
+
+
+# -- rule 7: the boundary-weighted loss's sigma -------------------------------------------------------------
+
+def test_sigma_is_a_tenth_of_the_smallest_class_diameter(hippo: dict):
+    plan = P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)
+    d = (6 * 1590 / math.pi) ** (1 / 3)  # Posterior: 1590 voxels of 1 mm^3 -> 14.5 mm sphere
+    assert plan["loss"]["sigma_mm"] == pytest.approx(0.1 * d, abs=1e-3) and plan["loss"]["w0"] == 10.0
+    assert plan["loss"]["border_on"] == "all" and "Posterior" in plan["rationale"]["loss"]
+
+
+def test_sigma_is_clamped_to_1_and_5_voxels_and_uses_object_counts():
+    assert P.loss_sigma({"tiny": 2.0}, [0.8, 0.8, 2.0])[0] == 0.8
+    assert P.loss_sigma({"liver": 150.0}, [0.8, 0.8, 2.0])[0] == 4.0
+    assert P.loss_sigma({}, [1.0, 1.0])[0] == 5.0
+    cases = [{"spacing": [0.5, 0.5], "label_voxels": {"1": 4000}, "label_objects": {"1": 10}}]
+    (d,) = P.object_diameters(cases, ["background", "cell"]).values()
+    assert d == pytest.approx(math.sqrt(4 * 400 * 0.25 / math.pi))  # 10 cells of 400 pixels
+
+
+# -- rule 8: sampling and augmentation -------------------------------------------------------------------
+
+def test_a_third_of_patches_are_centred_on_foreground(hippo: dict):
+    assert P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)["sampling"]["pos_neg"] == [1, 2]
+
+
+@pytest.mark.parametrize("names, sided", [
+    (["background", "liver", "spleen"], {}),
+    (["background", "left_parotid", "right_parotid"], {0: ["left_parotid", "right_parotid"]}),
+    (["background", "Lung_L", "Lung_R"], {0: ["Lung_L", "Lung_R"]}),
+    (["background", "LeftKidney"], {0: ["LeftKidney"]}),
+    (["background", "Anterior", "Posterior"], {1: ["Anterior", "Posterior"]}),
+    (["background", "superior vena cava"], {2: ["superior vena cava"]}),
+])
+def test_label_names_with_a_side_forbid_flips_along_that_axis(names: list[str], sided: dict):
+    assert P.sided_axes(names) == sided
+    aug, why = P.augmentation(names, 3, None, None, [64, 64, 64], "cpu")
+    assert aug["flip_axes"] == [a for a in range(3) if a not in sided]
+
+
+def test_flip_axes_of_a_2d_plan_from_3d_data_are_in_the_network_axes():
+    aug, _ = P.augmentation(["background", "left lung", "right lung"], 2, 2, None, [64, 64], "cpu")
+    assert aug["flip_axes"] == [1]  # RAS axis 1 is the second axis of the slice
+
+
+def test_anisotropic_3d_data_rotate_in_plane_only():
+    fp = make_fp([[0.7, 0.7, 3.0]], [[160, 160, 24]] * 5, HIPPO_MANIFEST)
+    plan = P.make_plan(fp, HIPPO_MANIFEST, "cpu", 30)
+    aug = plan["augmentation"]
+    assert plan["spatial_dims"] == 3 and aug["rotate_range"] == [0.0, 0.0, round(math.pi, 4)]
+    assert aug["scale_range"][2] == [0.0, 0.0] and aug["scale_range"][0] == [-0.3, 0.4]
+    iso = P.augmentation(["background", "a"], 3, None, None, [64, 64, 64], "cpu")[0]
+    assert iso["rotate_range"] == [round(math.radians(30), 4)] * 3 and iso["affine_prob"] == 0.2
+
+
+# -- rule 9: schedule ------------------------------------------------------------------------------------
+
+def test_schedule_fits_the_budget_with_several_validations(hippo: dict):
+    long = P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)["schedule"]
+    short = P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 6)["schedule"]
+    for s in (long, short):
+        assert 4 <= s["estimated_epochs"] / s["val_interval"] <= 8
+        assert s["max_epochs"] >= 10 * s["estimated_epochs"] and s["lr_schedule"] == "cosine_wall_time"
+    assert short["time_budget_min"] == 6.0 and short["val_interval"] < long["val_interval"]
+
+
+# -- rule 10: inference ----------------------------------------------------------------------------------
+
+def test_inference_window_is_the_patch_with_the_training_flips():
+    manifest = {**HIPPO_MANIFEST, "labels": {"0": "bg", "1": "left eye"}}
+    plan = P.make_plan(make_fp([[1.0, 1.0, 1.0]], [[300, 300, 300]] * 3, manifest), manifest, "cpu", 30)
+    inf = plan["inference"]
+    assert inf["roi_size"] == plan["patch"]["roi_size"] and inf["overlap"] == 0.5
+    assert inf["tta_axes"] == plan["augmentation"]["flip_axes"] == [1, 2]
+    assert inf["margin"] == "auto"  # the image is larger than the patch
+
+
+# -- bad input and the plan as a file ---------------------------------------------------------------------
+
+def test_bad_input_is_named(hippo: dict, caplog: pytest.LogCaptureFixture):
+    with pytest.raises(InputError, match="labels: values \\[0, 2\\]"):
+        P.make_plan(hippo, {**HIPPO_MANIFEST, "labels": {"0": "bg", "2": "b"}}, "cpu", 30)
+    bad = json.loads(json.dumps(hippo))
+    bad["cases"][1]["intensity"].append(bad["cases"][1]["intensity"][0])
+    with pytest.raises(InputError, match=r"cases\[1\]\.intensity: 2 channels"):
+        P.make_plan(bad, HIPPO_MANIFEST, "cpu", 30)
+    bad = json.loads(json.dumps(hippo))
+    bad["cases"][3]["spacing"], bad["cases"][3]["shape"] = [1.0, 1.0], [35, 50]
+    with pytest.raises(InputError, match=r"cases\[3\]\.spacing: .*mix of 2D and 3D"):
+        P.make_plan(bad, HIPPO_MANIFEST, "cpu", 30)
+    bad = json.loads(json.dumps(hippo))
+    bad["dataset"]["labels_not_in_manifest"] = ["3"]
+    with pytest.raises(InputError, match="the manifest names none"):
+        P.make_plan(bad, HIPPO_MANIFEST, "cpu", 30)
+    with pytest.raises(InputError, match="missing field 'cases'"):
+        P.make_plan({"dataset": hippo["dataset"]}, HIPPO_MANIFEST, "cpu", 30)
+    with pytest.raises(UsageError, match="--device"):
+        P.make_plan(hippo, HIPPO_MANIFEST, "tpu", 30)
+    with pytest.raises(UsageError, match="--budget-min"):
+        P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 0)
+    absent = json.loads(json.dumps(hippo))
+    absent["dataset"]["classes"]["Posterior"]["cases_present"] = 0
+    with caplog.at_level(logging.WARNING, logger="pipeline.plan"):
+        plan = P.make_plan(absent, HIPPO_MANIFEST, "cpu", 30)
+    assert "absent from every label" in plan["warnings"][0] and "Posterior" in caplog.text
+
+
+def test_plan_is_json_with_a_rationale_per_decision(hippo: dict, tmp_path: Path):
+    plan = P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)
+    out = P.write_plan(plan, tmp_path / "bundle")
+    assert out == tmp_path / "bundle" / "plan.json" and json.loads(out.read_text()) == plan
+    assert set(plan["rationale"]) == {"spacing", "dimensionality", "patch_network_batch", "normalisation",
+                                      "loss", "sampling", "augmentation", "schedule", "inference"}
+    assert all(any(ch.isdigit() for ch in why) for why in plan["rationale"].values())
+    assert "35.0, 50.5, 36.0" in plan["rationale"]["patch_network_batch"]
