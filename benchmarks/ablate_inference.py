@@ -1,6 +1,6 @@
 """Inference ablation on held-out cases: mirror margin (0, "auto", "quarter") x flip TTA.
 
-Each setting runs ``pipeline.batch.predict`` (the bundle's own inference config, one override
+Each setting runs ``pipeline.predict.predict`` (the bundle's own inference config, one override
 set per row) on a manifest of unseen cases, then ``pipeline.evaluation.evaluate`` against their
 labels, and prints one markdown table row: per-class Dice and HD95, the mean Dice, and the
 predict wall time. ``--model`` evaluates other weights with the same configs (e.g. an ablation
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(bundle: Path, model: Path | None, manifest: Path, margin: str, tta: bool, tmp: Path,
         extra: dict | None = None) -> dict:
-    from pipeline.batch import predict
     from pipeline.evaluation import evaluate
+    from pipeline.predict import predict
 
     margin_value: int | str = int(margin) if margin.isdigit() else margin
     overrides = {"margin": margin_value, "tta": tta, **({"model_path": str(model)} if model else {}), **(extra or {})}

@@ -1,9 +1,9 @@
-"""Batch prediction throughput: ``pipeline.batch.predict`` against a plain loop.
+"""Batch prediction throughput: ``pipeline.predict.predict`` against a plain loop.
 
 A folder of phantom CT studies (``pipeline.synthetic.write_dataset("ct3d", n, dir)``) and the
 phantom_ct_3d bundle with random weights (a copy in a temp folder) are segmented
 
-- ``pipeline``: ``pipeline.batch.predict`` (reader and writer threads, bounded queues),
+- ``pipeline``: ``pipeline.predict.predict`` (reader and writer threads, bounded queues),
 - ``loop``: the same model, preprocessing, inferer and writer called study after study
   (read -> preprocess -> predict -> invert -> save), nothing in the background,
 
@@ -45,20 +45,20 @@ def make_bundle(dst: Path) -> Path:
 
 def run_one(mode: str, bundle: Path, studies: Path, out: Path) -> dict:
     """One timed run in this process: returns studies, seconds and peak RSS in MiB."""
-    from pipeline import batch, batch_io
+    from pipeline import predict, predict_io
 
     t0 = time.perf_counter()
     if mode == "pipeline":
-        rows = batch.predict(bundle, studies, out, progress=False)
+        rows = predict.predict(bundle, studies, out, progress=False)
         n = sum(r["status"] == "ok" for r in rows)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        model = batch.load_model(bundle, None, None)
+        model = predict.load_model(bundle, None, None)
         n = 0
         with tempfile.TemporaryDirectory() as scratch:
-            for s in batch_io.list_studies(studies):
-                data = batch.read_study(s, model, Path(scratch))
-                batch.write_study(s, data, batch.run_model(model, data["image"]), model, out)
+            for s in predict_io.list_studies(studies):
+                data = predict.read_study(s, model, Path(scratch))
+                predict.write_study(s, data, predict.run_model(model, data["image"]), model)
                 n += 1
     seconds = time.perf_counter() - t0
     return {"mode": mode, "studies": n, "seconds": seconds,

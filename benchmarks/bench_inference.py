@@ -32,7 +32,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-from pipeline.inference import cpu_has_bf16, predict_tiles
+from pipeline.amp import cpu_has_bf16
+from pipeline.inference import predict_tiles
 from pipeline.synthetic import ct_phantom
 
 log = logging.getLogger("bench_inference")
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--no-cl", action="store_true", help="also ours at margin 0 without channels-last")
     ap.add_argument("--quarter", action="store_true", help="also ours with a quarter-ROI margin")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours with the precision policy (bf16 on CPUs that compute it natively); --no-amp: fp32")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     shape, roi = ((128, 128, 64), 64) if a.quick else ((256, 256, 128), 96)
@@ -97,30 +100,30 @@ def main() -> None:
 
     methods: dict[str, Callable[[], torch.Tensor]] = {
         "monai": monai("monai", a.sw_batch_size),
-        "ours m=0": lambda: predict_tiles(nets["ours m=0"], x, rois, margin=0, sw_batch_size=a.sw_batch_size),
-        "ours": lambda: predict_tiles(nets["ours"], x, rois, sw_batch_size=a.sw_batch_size),
+        "ours m=0": lambda: predict_tiles(nets["ours m=0"], x, rois, amp=a.amp, margin=0, sw_batch_size=a.sw_batch_size),
+        "ours": lambda: predict_tiles(nets["ours"], x, rois, amp=a.amp, sw_batch_size=a.sw_batch_size),
     }
     if not a.no_monai_bs1:
         methods["monai bs1"] = monai("monai bs1", 1)
     if a.quarter:
-        methods["ours quarter"] = lambda: predict_tiles(nets["ours quarter"], x, rois, margin="quarter",
+        methods["ours quarter"] = lambda: predict_tiles(nets["ours quarter"], x, rois, amp=a.amp, margin="quarter",
                                                         sw_batch_size=a.sw_batch_size)
     if a.no_cl:
-        methods["ours noCL"] = lambda: predict_tiles(nets["ours noCL"], x, rois, margin=0,
+        methods["ours noCL"] = lambda: predict_tiles(nets["ours noCL"], x, rois, amp=a.amp, margin=0,
                                                      sw_batch_size=a.sw_batch_size, channels_last=False)
     if a.compile:  # one compiled network (same shapes) for both margins
-        methods["ours+c m=0"] = lambda: predict_tiles(nets["compiled"], x, rois, margin=0,
+        methods["ours+c m=0"] = lambda: predict_tiles(nets["compiled"], x, rois, amp=a.amp, margin=0,
                                                       sw_batch_size=a.sw_batch_size, compile=True)
-        methods["ours+c"] = lambda: predict_tiles(nets["compiled"], x, rois, sw_batch_size=a.sw_batch_size,
+        methods["ours+c"] = lambda: predict_tiles(nets["compiled"], x, rois, amp=a.amp, sw_batch_size=a.sw_batch_size,
                                                   compile=True)
     crop = x[..., :roi, :roi, :roi]
     for k in methods:  # warm-up on one window: oneDNN primitives, channels-last weights, compilation
         if k.startswith("ours+c"):
             t0 = time.perf_counter()
-            predict_tiles(nets["compiled"], crop, rois, margin=0, sw_batch_size=a.sw_batch_size, compile=True)
+            predict_tiles(nets["compiled"], crop, rois, amp=a.amp, margin=0, sw_batch_size=a.sw_batch_size, compile=True)
             log.info("%s: compiled in %.1f s (not counted below)", k, time.perf_counter() - t0)
         elif k.startswith("ours"):
-            predict_tiles(nets[k], crop, rois, margin=0, channels_last=False if k == "ours noCL" else None)
+            predict_tiles(nets[k], crop, rois, amp=a.amp, margin=0, channels_last=False if k == "ours noCL" else None)
         else:
             with torch.no_grad():
                 nets[k](crop)

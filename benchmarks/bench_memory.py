@@ -1,12 +1,12 @@
 """Resident memory of batch prediction: flat over many studies, bounded on one large volume.
 
-- ``flat``: ``pipeline.batch.predict`` over N small phantom CT studies (default 200 of 64x64x24)
+- ``flat``: ``pipeline.predict.predict`` over N small phantom CT studies (default 200 of 64x64x24)
   with the phantom_ct_3d bundle and its shipped weights; a thread samples the process's
   resident set (VmRSS) every 20 ms against the number of masks written. Prints RSS after
   10, 25, 50, 100, ... studies, the peak, and the growth from the 25th study to the last (flat
   means it does not grow with the number of studies).
 - ``large``: one CT-sized phantom (default 512x512x300, 0.8x0.8x2.5 mm, LPS) predicted through
-  ``pipeline.batch.predict`` in a fresh subprocess; prints wall time and the subprocess's peak
+  ``pipeline.predict.predict`` in a fresh subprocess; prints wall time and the subprocess's peak
   RSS (``ru_maxrss``: the volume is written by the parent, so its generation is not counted).
 
     .venv/bin/python benchmarks/bench_memory.py                  # both parts
@@ -49,7 +49,7 @@ def eager_bundle(dst: Path) -> Path:
 
 
 def flat(n: int, shape: tuple[int, ...], tmp: Path) -> dict:
-    from pipeline.batch import predict
+    from pipeline.predict import predict
     from pipeline.synthetic import write_dataset
 
     write_dataset("ct3d", n, tmp / "ds", seed=0, shape=shape)
@@ -91,7 +91,7 @@ def large(shape: tuple[int, ...], tmp: Path) -> dict:
     write_dataset("ct3d", 1, tmp / "big", seed=0, shape=shape)
     log.info("wrote the %s phantom in %.0f s", shape, time.perf_counter() - t0)
     bundle = eager_bundle(tmp / "bundle")
-    code = ("import json,resource,sys,time;from pathlib import Path;from pipeline.batch import predict;"
+    code = ("import json,resource,sys,time;from pathlib import Path;from pipeline.predict import predict;"
             "t=time.perf_counter();rows=predict(Path(sys.argv[1]),Path(sys.argv[2]),Path(sys.argv[3]),progress=False);"
             "print(json.dumps({'wall_s':round(time.perf_counter()-t,1),'status':rows[0]['status'],"
             "'error':rows[0]['error'],'peak_mb':round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)}))")

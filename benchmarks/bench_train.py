@@ -38,7 +38,8 @@ def run_one(name: str, manifest: str, epochs: int, workdir: str) -> dict:
     """Train configuration ``name``; return its per-epoch averages and peak memory."""
     import torch
 
-    from pipeline.engines import cpu_has_bf16, train_bundle
+    from pipeline.amp import cpu_has_bf16
+    from pipeline.train import train_bundle
 
     out = Path(workdir) / name.replace(",", "").replace(" ", "_")
     overrides = {**CONFIGS[name], "output_dir": str(out), "val_interval": 1000, "num_folds": 4}

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,5 @@ def get(parser: Any, id: str, bundle_dir: Path | str = "") -> Any:
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
-        lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
-        reason = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+        reason = f"{type(root).__name__}: {first_line(root)}" if str(root).strip() else type(root).__name__
         raise InputError(f"{bundle_dir or 'bundle'}: cannot build {id!r}: {reason}") from e

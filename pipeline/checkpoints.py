@@ -22,7 +22,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from pipeline.errors import InputError, SegpipeError
+from pipeline.errors import InputError, SegpipeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first_line(e)[:120]})") from e
     check_compatible(state["model"], objects["model"], path)
     for key in BEST_KEYS:
         if key not in trainer.state_dict_user_keys and key in state.get("trainer", {}):
@@ -120,6 +120,6 @@ def write_errors(path: Path) -> Iterator[None]:
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "inline_container" not in str(e):  # not torch's zip writer
             raise
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)[:160]
         raise SegpipeError(f"{path}: cannot write ({reason}); is the disk full or a file-size limit set? "
                            "the earlier checkpoints are intact") from e

@@ -52,7 +52,8 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from pipeline.manifest import validate, write_splits
+    from pipeline.manifest import write_splits
+    from pipeline.validation import validate_manifest as validate
 
     problems = validate(Path(a.manifest), allow_outside=a.allow_outside)
     for p in problems:
@@ -91,7 +92,7 @@ def _cmd_weightmap(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     overrides = _parse_set(a.set)
     _check_device(a.device)
-    from pipeline.engines import train_bundle
+    from pipeline.train import train_bundle
 
     summary = train_bundle(
         Path(a.bundle),
@@ -111,7 +112,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     overrides = _parse_set(a.set)
     _check_device(a.device)
-    from pipeline.batch import predict
+    from pipeline.predict import predict
 
     rows = predict(
         Path(a.bundle),

@@ -26,11 +26,11 @@ def run_demo(out: Path, epochs: int | None = None, bundle: Path = BUNDLE,
              echo: Callable[[str], None] = log.info) -> int:
     """Run the demo into ``out``; return the exit code (0 ok, 1 a stage failed). Progress and the
     summary go to ``echo`` (the CLI passes ``print``; the default is the log)."""
-    from pipeline.batch import predict
-    from pipeline.engines import train_bundle
     from pipeline.evaluation import evaluate
-    from pipeline.manifest import validate
+    from pipeline.predict import predict
     from pipeline.synthetic import write_dataset
+    from pipeline.train import train_bundle
+    from pipeline.validation import validate_manifest as validate
 
     out = Path(out).resolve()
     t0 = time.perf_counter()

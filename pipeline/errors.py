@@ -15,3 +15,10 @@ class UsageError(SegpipeError):
     """Bad command-line use or bundle/config reference; exit code 2."""
 
     exit_code = 2
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries wrap causes in pages of
+    text), or its type name when it has none."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

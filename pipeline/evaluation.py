@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.fileio import read_label
 from pipeline.studies import study_id
 
 log = logging.getLogger(__name__)
@@ -99,25 +100,6 @@ def _union_box(p: np.ndarray, r: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, p.shape, strict=True))
 
 
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Integer label array (spatial dims only), affine and spacing of a NIfTI mask."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001 - any reader failure is this file's problem
-        raise InputError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim not in (2, 3):
-        raise InputError(f"{path}: expected a 2D or 3D label map, got shape {data.shape}")
-    if np.issubdtype(data.dtype, np.floating):
-        data = np.rint(data)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
-    return data.astype(np.int64, copy=False), np.asarray(img.affine, dtype=float), zooms
-
-
 def _find_prediction(pred_dir: Path, sid: str) -> Path | None:
     for ext in (".nii.gz", ".nii"):
         if (pred_dir / f"{sid}{ext}").is_file():
@@ -127,8 +109,8 @@ def _find_prediction(pred_dir: Path, sid: str) -> Path | None:
 
 def _evaluate_case(pred_path: Path, ref_path: Path, labels: Mapping[Any, str], tolerance_mm: float,
                    affine_tol: float) -> dict[str, dict[str, Any]]:
-    pred, pred_affine, _ = _load(pred_path)
-    ref, ref_affine, spacing = _load(ref_path)
+    pred, pred_affine, _ = read_label(pred_path)
+    ref, ref_affine, spacing = read_label(ref_path)
     if pred.shape != ref.shape:
         raise InputError(f"{pred_path}: shape {pred.shape} differs from reference {ref_path} shape {ref.shape}")
     if not np.allclose(pred_affine, ref_affine, atol=affine_tol, rtol=0):

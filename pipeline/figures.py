@@ -8,29 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.fileio import read_label
 from pipeline.weightmap import boundary_weight_map
 
 log = logging.getLogger(__name__)
 
 #: more distinct values than this and the file is taken for an image, not a label
 MAX_LABELS = 1000
-
-
-def _load_label(label_path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(label_path))
-    except FileNotFoundError:
-        raise InputError(f"{label_path}: no such file") from None
-    except Exception as e:  # nibabel raises several types for unreadable files
-        raise InputError(f"{label_path}: not a readable image ({e})") from None
-    if len(img.shape) not in (2, 3):
-        raise InputError(f"{label_path}: a label must be 2D or 3D, got shape {img.shape}")
-    data = np.asanyarray(img.dataobj)
-    if np.unique(data).size > MAX_LABELS:
-        raise InputError(f"{label_path}: over {MAX_LABELS} distinct values; an image, not a label?")
-    return data, tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
 
 
 def weightmap_figure(label_path: Path, out_png: Path, w0: float = 10.0, sigma: float = 5.0,
@@ -49,7 +33,7 @@ def weightmap_figure(label_path: Path, out_png: Path, w0: float = 10.0, sigma: f
     from matplotlib.figure import Figure
 
     label_path, out_png = Path(label_path), Path(out_png)
-    label, spacing = _load_label(label_path)
+    label, _, spacing = read_label(label_path, max_values=MAX_LABELS)
     index = label.shape[-1] // 2 if slice_index is None else slice_index
     if label.ndim == 3 and not -label.shape[2] <= index < label.shape[2]:
         raise InputError(f"{label_path}: slice {index} is outside 0..{label.shape[2] - 1}")

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 from pipeline.evaluation import json_safe
+from pipeline.fileio import read_label
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,12 @@ def case_fingerprint(image_path: Path, label_path: Path, rng: np.random.Generato
         img = nib.load(str(image_path))
         image = img.get_fdata(dtype=np.float32)
     except Exception as e:  # noqa: BLE001 - any reader failure is this file's problem
-        raise InputError(f"{image_path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
-    try:
-        label = np.asanyarray(nib.load(str(label_path)).dataobj)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{label_path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
-    while label.ndim > 2 and label.shape[-1] == 1:
-        label = label[..., 0]
+        raise InputError(f"{image_path}: cannot read as NIfTI ({type(e).__name__}: {first_line(e)})") from None
+    label, _, _ = read_label(label_path)
     ndim = label.ndim
     if image.shape[:ndim] != label.shape:
         raise InputError(f"{label_path}: shape {label.shape} differs from image {image_path} "
                          f"shape {image.shape[:ndim]}")
-    label = np.rint(label).astype(np.int64) if np.issubdtype(label.dtype, np.floating) else label
     channels = image.reshape(*label.shape, -1)  # spatial dims + one axis of channels (modalities)
     order = _ras_order(img.affine, ndim)
     zooms = img.header.get_zooms()

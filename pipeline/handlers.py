@@ -1,7 +1,13 @@
-"""Ignite handlers that ``pipeline.engines.train_bundle`` attaches around a bundle's trainer and
-evaluator: gradient clipping, the per-epoch log (timing, samples/s, a stop on a non-finite loss),
-a wall-time budget with a cosine learning rate, validation bookkeeping (Dice per class, the
-saved ``model.pt``, per-case CSV and QC overlays) and an optional moving average of the weights."""
+"""Ignite handlers around a bundle's trainer and evaluator.
+
+- ``ModelSaver``: the one writer of ``model.pt``; bundles list it in ``validate#handlers``, so
+  ``python -m monai.bundle run`` uses it too.
+- attached by ``pipeline.train.train_bundle``: gradient clipping, the per-epoch record (timing,
+  samples/s, a stop on a non-finite loss; logged by ``pipeline.handlers.epochs``, which
+  ``segpipe train`` shows only with ``--verbose``), a wall-time budget with a cosine learning
+  rate, validation bookkeeping (Dice per class, one log line per validation, per-case CSV and QC
+  overlays) and an optional moving average of the weights.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from pipeline import checkpoints, qc
 from pipeline.errors import SegpipeError, UsageError
 
 log = logging.getLogger(__name__)
+epochs_log = logging.getLogger(f"{__name__}.epochs")
 
 
 def attach_grad_clip(trainer: Engine, max_norm: float | None) -> None:
@@ -74,8 +81,8 @@ def attach_epoch_log(trainer: Engine, optimizer: torch.optim.Optimizer, roi_voxe
             "train_loss_epoch": acc["loss"] / max(acc["n"], 1), "lr": acc["lr"], "epoch_time_s": seconds,
             "samples_per_s": samples / seconds, "voxels_per_s": samples * roi_voxels / seconds,
             "data_wait_fraction": data_t.value() / seconds})
-        log.log(logging.INFO if idist.get_rank() == 0 else logging.DEBUG, "epoch %d/%d: %s", engine.state.epoch, engine.state.max_epochs,
-                 ", ".join(f"{k} {v:.4g}" for k, v in engine.state.epoch_log.items()))
+        epochs_log.log(logging.INFO if idist.get_rank() == 0 else logging.DEBUG, "epoch %d/%d: %s", engine.state.epoch,
+                      engine.state.max_epochs, ", ".join(f"{k} {v:.4g}" for k, v in engine.state.epoch_log.items()))
 
 
 def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minutes: float,
@@ -107,15 +114,56 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
             engine.terminate_epoch()
 
 
-def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Module, label_names: list[str],
-                      output_dir: Path, val_interval: int, qc_cases: int, keep: str = "best") -> None:
-    """After each validation: Dice per class into the epoch log; on a new best mean Dice save
-    ``model.pt``, the per-case CSV and QC overlays. The last epoch is always validated.
-    ``keep="last"`` saves them after every validation instead, so ``model.pt`` is the last
-    weights (and the "best" figures of the summary are theirs): for validation cases that are
-    also the test set (no model selection on them)."""
-    if keep not in ("best", "last"):
-        raise UsageError(f"model_selection {keep!r}: choose 'best' or 'last'")
+class ModelSaver:
+    """Evaluator handler, the one writer of ``model.pt``: after each validation the network's
+    weights go to ``path`` (a plain state_dict, atomically, rank 0: ``checkpoints.save_weights``)
+    when ``metric`` is the best so far (``selection`` "best") or always ("last": the last
+    weights, for validation cases that are also the test set, so nothing is selected on them).
+    Every bundle lists it in ``validate#handlers``, so ``segpipe train`` and ``python -m
+    monai.bundle run`` write ``model.pt`` alike; ``saved_now`` says whether the last validation
+    wrote it, ``best``/``best_epoch`` what is in it.
+
+    Example (train.json)::
+
+        {"_target_": "pipeline.handlers.ModelSaver", "network": "@network",
+         "path": "$@output_dir + '/model.pt'", "selection": "@model_selection"}
+    """
+
+    def __init__(self, network: torch.nn.Module, path: str | Path, selection: str = "best",
+                 metric: str = "val_mean_dice") -> None:
+        if selection not in ("best", "last"):
+            raise UsageError(f"model_selection {selection!r}: choose 'best' or 'last'")
+        self.network, self.path, self.selection, self.metric = network, Path(path), selection, metric
+        self.best, self.best_epoch, self.saved_now = -math.inf, 0, False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = engine.state.metrics.get(self.metric)
+        self.saved_now = value is not None and (self.selection == "last" or value > self.best)
+        if self.saved_now:
+            self.best, self.best_epoch = float(value), int(engine.state.epoch)
+            self.save()
+
+    def save(self) -> Path:
+        return checkpoints.save_weights(self.network, self.path)
+
+
+def find_model_saver(handlers: list) -> ModelSaver:
+    """The bundle's ``ModelSaver`` among the evaluator handlers (UsageError when it has none)."""
+    found = [h for h in handlers if isinstance(h, ModelSaver)]
+    if len(found) != 1:
+        raise UsageError(f"validate#handlers must list one pipeline.handlers.ModelSaver (found {len(found)})")
+    return found[0]
+
+
+def attach_validation(trainer: Engine, evaluator: Engine, saver: ModelSaver, label_names: list[str],
+                      output_dir: Path, val_interval: int, qc_cases: int) -> None:
+    """After each validation: Dice per class into the epoch log and one line in the log (Dice
+    per class, best so far); when ``saver`` wrote ``model.pt``, the per-case CSV and QC overlays
+    of those weights. The last epoch is always validated; a run without validation cases saves
+    its last weights."""
     qc.attach_case_collector(evaluator, qc_cases)
     trainer.state.best_val_mean_dice, trainer.state.best_epoch, trainer.state.best_val_dice = -1.0, 0, {}
 
@@ -124,17 +172,20 @@ def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Modu
         report = qc.summarize(engine, label_names)
         if not report["metrics"]:
             return
-        value = report["metrics"]["val_mean_dice"]
-        if value > trainer.state.best_val_mean_dice or keep == "last":
-            trainer.state.best_val_mean_dice, trainer.state.best_epoch = value, trainer.state.epoch
-            trainer.state.best_val_dice = {k[len("val_dice_"):]: v for k, v in report["metrics"].items()
-                                           if k.startswith("val_dice_")}
-            checkpoints.save_weights(network, output_dir / "model.pt")
+        dice = {k[len("val_dice_"):]: v for k, v in report["metrics"].items() if k.startswith("val_dice_")}
+        if saver.saved_now:
+            trainer.state.best_val_mean_dice, trainer.state.best_epoch = saver.best, saver.best_epoch
+            trainer.state.best_val_dice = dice
             if idist.get_rank() == 0:
                 qc.write_case_csv(output_dir / "val_cases.csv", report)
                 qc.write_overlays(output_dir / "qc", engine.state.qc, label_names)
         report["metrics"]["best_val_mean_dice"] = trainer.state.best_val_mean_dice
         trainer.state.epoch_log.update(report["metrics"])
+        if idist.get_rank() == 0:
+            log.info("epoch %d/%d validation: Dice %s; mean %.4f (%s %.4f, epoch %d)", trainer.state.epoch,
+                     trainer.state.max_epochs, ", ".join(f"{k} {v:.4f}" for k, v in dice.items()),
+                     report["metrics"]["val_mean_dice"], "best" if saver.selection == "best" else "saved",
+                     trainer.state.best_val_mean_dice, trainer.state.best_epoch)
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _final(engine: Engine) -> None:
@@ -144,8 +195,8 @@ def attach_validation(trainer: Engine, evaluator: Engine, network: torch.nn.Modu
     @trainer.on(Events.COMPLETED)
     def _never_validated(engine: Engine) -> None:
         if engine.state.best_epoch == 0:
-            log.warning("no validation result (no validation cases?): %s holds the last weights", output_dir / "model.pt")
-            checkpoints.save_weights(network, output_dir / "model.pt")
+            log.warning("no validation result (no validation cases?): %s holds the last weights", saver.path)
+            saver.save()
 
 
 def attach_weight_average(trainer: Engine, network: torch.nn.Module, decay: float,

@@ -9,8 +9,9 @@ the ROI (MONAI would pad them with zeros).
 
 Speed on CPU: ``torch.inference_mode``, channels-last 3D windows and weights, several windows per
 network call, and opt-in ``compile`` (torch.compile with inductor freezing: the largest gain
-measured, see BENCHMARKS.md; the bundle's inference.json turns it on). bf16 autocast is
-used on CPUs that compute bf16 natively (AVX512-BF16 / AMX) and fp16 AMP on CUDA; elsewhere fp32.
+measured, see BENCHMARKS.md). ``amp`` asks ``pipeline.amp`` for the autocast dtype of the
+device the network runs on (bf16 on CPUs that compute it natively and on recent GPUs, fp16 on
+older GPUs, fp32 otherwise); the default is fp32.
 On CUDA the stitched volume lives on the GPU unless that runs out of memory; then the call is
 repeated with stitching on the CPU.
 
@@ -23,11 +24,9 @@ evaluators (validation during training, ``configs/inference.json``) use the same
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -36,21 +35,10 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
+from pipeline.amp import autocast, autocast_dtype
+from pipeline.errors import first_line
+
 log = logging.getLogger(__name__)
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX); plain AVX512 is not enough."""
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        flags = set()
-    if {"avx512_bf16", "amx_bf16"} & flags:
-        return True
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
 
 
 def _scan_interval(roi: int, overlap: float) -> int:
@@ -167,14 +155,6 @@ def unshift_add(acc: torch.Tensor, count: torch.Tensor, p: torch.Tensor, axis: i
     count.narrow(d, dst, n - k).add_(1)
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if amp and device.type == "cpu" and cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def compiled(network: torch.nn.Module) -> Callable[..., Any]:
     """``torch.compile`` with inductor freezing (weights folded in as constants: for a network
     whose weights no longer change, e.g. batch prediction), built once per network and kept on
@@ -194,7 +174,7 @@ def compiled(network: torch.nn.Module) -> Callable[..., Any]:
             if fn is network:
                 raise
             log.warning("torch.compile failed (%s); running %s eagerly",
-                        (str(e).strip().splitlines() or [type(e).__name__])[0], type(network).__name__)
+                        first_line(e), type(network).__name__)
             fn = network
             return network(x)
 
@@ -203,7 +183,7 @@ def compiled(network: torch.nn.Module) -> Callable[..., Any]:
 
 
 def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, channels_last: bool,
-                     device: torch.device, amp: bool, batch_size: int = 0,
+                     device: torch.device, dtype: torch.dtype | None, batch_size: int = 0,
                      tta_axes: Sequence[int] | None = None,
                      tta_shift: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-window-batch function handed to sliding_window_inference: the network's logits,
@@ -222,7 +202,7 @@ def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, 
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
         if channels_last:
             x = x.contiguous(memory_format=fmt)
-        with _autocast(device, amp):
+        with autocast(device, dtype):
             y = network(x)
         y = y[:n] if isinstance(y, torch.Tensor) else y
         if isinstance(y, (list, tuple)):  # deep supervision heads: the full-resolution one
@@ -260,7 +240,7 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
                   overlap: float | Sequence[float] = 0.5, margin: int | str | Sequence[int] | None = "auto",
                   tta: bool = False, sw_batch_size: int = 4, mode: str = "gaussian",
                   sigma_scale: float | Sequence[float] = 0.125, device: torch.device | str | None = None,
-                  stitch_device: torch.device | str | None = None, amp: bool = True,
+                  stitch_device: torch.device | str | None = None, amp: bool = False,
                   channels_last: bool | None = None, compile: bool = False,
                   progress: bool = False, tta_axes: Sequence[int] | None = None,
                   tta_shift: int = 0) -> torch.Tensor:
@@ -277,7 +257,9 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
     back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D.
     ``compile``: on CPU, run the network through ``compiled`` (weights frozen at the first call:
-    for fixed weights only, e.g. batch prediction; not for validation during training)."""
+    for fixed weights only, e.g. batch prediction; not for validation during training).
+    ``amp``: autocast the windows with ``pipeline.amp.autocast_dtype`` for the run device
+    (default False: fp32)."""
     spatial_dims = inputs.ndim - 2
     meta_src = inputs if isinstance(inputs, MetaTensor) else None
     x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
@@ -292,7 +274,7 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     compile = compile and run_device.type == "cpu" and isinstance(network, torch.nn.Module)
     if compile:  # measured on CPU only (see BENCHMARKS.md); on CUDA, AMP is the lever
         network = compiled(network)
-    fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, amp,
+    fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, autocast_dtype(run_device, amp),
                           batch_size=sw_batch_size if compile else 0, tta_axes=tta_axes, tta_shift=tta_shift)
     out_device = torch.device(stitch_device) if stitch_device is not None else run_device
     with torch.inference_mode():
@@ -325,7 +307,7 @@ class OverlapTileInferer(Inferer):
                  margin: int | str | Sequence[int] | None = "auto", tta: bool = False, sw_batch_size: int = 4,
                  mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
                  device: torch.device | str | None = None, stitch_device: torch.device | str | None = None,
-                 amp: bool = True, channels_last: bool | None = None, compile: bool = False,
+                 amp: bool = False, channels_last: bool | None = None, compile: bool = False,
                  progress: bool = False, tta_axes: Sequence[int] | None = None, tta_shift: int = 0) -> None:
         super().__init__()
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, margin=margin, tta=tta,
@@ -341,34 +323,3 @@ class OverlapTileInferer(Inferer):
                  **kwargs: Any) -> torch.Tensor:
         return predict_tiles(network, inputs, **{**self.kwargs, **kwargs})
 
-
-def invert_to_labels(probs: torch.Tensor, image: MetaTensor, preprocessing: Any,
-                     keep_probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Class probabilities (K, *spatial) in the preprocessed grid -> labels (1, *source) uint8 in
-    the source geometry: ``monai.transforms.Invertd`` undoes the preprocessing (resampling with
-    bilinear interpolation of the probabilities, reorientation) and the argmax is taken there.
-
-    Memory: the channels are inverted one at a time with a running maximum, so the source-sized
-    arrays alive at once are one probability channel, the running maximum and the uint8 labels,
-    not K float32 channels plus an int64 argmax (a 512x512x300 CT: ~0.7 GB instead of ~1.9 GB
-    for 4 classes). The result equals the argmax of the whole inverted stack (first maximum wins,
-    as in ``torch.argmax``). ``keep_probabilities`` inverts the whole stack at once instead and
-    returns it too (for ``save_probabilities``)."""
-    from monai.transforms import Invertd
-
-    invert = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)
-    probs = probs if isinstance(probs, MetaTensor) else MetaTensor(probs)  # Invertd skips plain tensors
-    if keep_probabilities:
-        inverted = invert({"image": image, "pred": probs})["pred"]
-        return torch.argmax(inverted, dim=0, keepdim=True).to(torch.uint8), inverted
-
-    def channel(c: int) -> torch.Tensor:
-        return torch.as_tensor(invert({"image": image, "pred": probs[c:c + 1]})["pred"])
-
-    best = channel(0)
-    labels = torch.zeros(best.shape, dtype=torch.uint8)
-    for c in range(1, probs.shape[0]):
-        p = channel(c)
-        labels[p > best] = c
-        torch.maximum(best, p, out=best)
-    return labels, None

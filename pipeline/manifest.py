@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, UsageError
+from pipeline.fileio import atomic_path
 from pipeline.studies import is_nifti, study_id
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,9 @@ def write_splits(path: Path, k: int = 5, seed: int = 0) -> Path:
     path = Path(path)
     splits = compute_splits(path, k, seed)
     out = path.parent / SPLITS_FILE
-    tmp = out.with_name(f".{SPLITS_FILE}.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(splits, indent=1) + "\n")
-        os.replace(tmp, out)  # readers (e.g. other ranks) never see half a file
+        with atomic_path(out) as tmp:  # readers (e.g. other ranks) never see half a file
+            tmp.write_text(json.dumps(splits, indent=1) + "\n")
     except OSError as e:
         raise InputError(f"{out}: cannot write splits ({e.strerror or e})") from None
     log.info("wrote %d-fold splits of %d cases (seed %d) to %s", k, splits["n"], seed, out)
@@ -230,10 +230,3 @@ def datalist(manifest: Path | str, role: str = "train", fold: int = 0, folds: in
 
 def _item(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in _SPLIT_KEYS}
-
-
-def validate(path: Path, allow_outside: bool = False) -> list[str]:
-    """Every problem of the manifest and its files, one line each (see pipeline.validation)."""
-    from pipeline.validation import validate_manifest
-
-    return validate_manifest(Path(path), allow_outside)

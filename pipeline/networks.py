@@ -7,8 +7,8 @@
   are assembled here from the same MONAI blocks, so both give identical layers.
 - ``resunet``: MONAI ``UNet`` with residual units (strided convolutions instead of pooling).
 - ``dynunet``: MONAI ``DynUNet`` (nnU-Net style) with optional deep supervision; in training mode
-  its output is ``[B, 1 + deep_supr_num, C, *spatial]``: wrap the loss with
-  ``deep_supervision_loss``.
+  its output is ``[B, 1 + deep_supr_num, C, *spatial]``, which
+  ``pipeline.losses.BoundaryWeightedDiceCELoss`` takes as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.losses import DeepSupervisionLoss
 from monai.networks.layers import Conv
 from monai.networks.nets import BasicUNet, DynUNet, UNet
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
@@ -115,15 +114,3 @@ def count_parameters(net: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
-
-def deep_supervision_loss(loss: nn.Module, weight_mode: str = "exp") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Loss for DynUNet's stacked deep-supervision output ``[B, S, C, ...]`` (plain ``[B, C, ...]``
-    passes through): MONAI's ``DeepSupervisionLoss`` over the unbound scales."""
-    ds = DeepSupervisionLoss(loss, weight_mode=weight_mode)
-
-    def _loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if pred.ndim == target.ndim + 1:
-            return ds(list(torch.unbind(pred, dim=1)), target)
-        return ds(pred, target)
-
-    return _loss

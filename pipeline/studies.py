@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
+from pipeline.fileio import write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,11 @@ def study_id(path: Path | str) -> str:
     return name
 
 
-def check_image_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> None:
-    """Raise InputError (one line: the file and the problem) unless ``path`` is a NIfTI file or a
-    DICOM series folder whose header can be loaded: present, readable, not truncated, with positive
-    finite spacing and at most ``max_voxels`` voxels."""
-    read_header(path, max_voxels)
-
-
 def read_header(path: Path | str, max_voxels: int = MAX_VOXELS) -> dict[str, Any]:
-    """``{"shape", "affine" (RAS, 4x4), "pixdim", "dtype", "format"}`` from the header alone;
-    InputError when ``check_image_header`` would refuse the file."""
+    """``{"shape", "affine" (RAS, 4x4), "pixdim", "dtype", "format"}`` from the header alone.
+    InputError (one line: the file and the problem) unless ``path`` is a NIfTI file or a DICOM
+    series folder whose header can be loaded: present, readable, not truncated, with positive
+    finite spacing and at most ``max_voxels`` voxels."""
     path = Path(path)
     if path.is_dir():
         return _dicom_header(path, max_voxels)
@@ -125,8 +121,7 @@ def _nib_load(path: Path) -> Any:
     except PermissionError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     except Exception as e:  # nibabel raises many kinds for a file that is not an image
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a readable NIfTI image ({first})") from None
+        raise InputError(f"{path}: not a readable NIfTI image ({first_line(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI image (nibabel reads it as {type(img).__name__})")
     return img
@@ -268,18 +263,12 @@ def read_dicom_series(folder: Path | str) -> Any:
 def dicom_series_to_nifti(folder: Path | str, out_file: Path | str) -> Path:
     """Write the DICOM series in ``folder`` as a NIfTI file whose affine maps voxels to RAS
     millimetres (SimpleITK's LPS direction and origin converted), qform and sform both set."""
-    import nibabel as nib
     import SimpleITK as sitk
 
     img = read_dicom_series(folder)
     affine = lps_to_ras_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
     data = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))  # (z, y, x) -> (x, y, z)
-    nii = nib.Nifti1Image(data, affine)
-    nii.set_qform(affine, code=1)
-    nii.set_sform(affine, code=1)
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nii, str(out_file))
+    out_file = write_nifti(data, out_file, affine=affine)
     log.debug("wrote %s from DICOM series %s", out_file, folder)
     return out_file
 

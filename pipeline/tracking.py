@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class RunTracker:
             self._warned = True
             log.warning("MLflow tracking at %s failed (%s: %s); training goes on, records are kept in %s "
                         "and sent at the end if the server is back", self.uri, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "", self.journal)
+                        first_line(e)[:200], self.journal)
             return False
 
     def _send(self, records: list[dict[str, Any]]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 from pipeline.manifest import parse_manifest
 from pipeline.studies import is_nifti, read_dicom_series, read_header
 
@@ -96,8 +96,7 @@ def _check_file(path: str, kind: str, expect: dict[str, Any], out: list[str]) ->
     try:
         values = _voxels(path, header)
     except Exception as e:  # noqa: BLE001 - corrupt data behind a good header
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        out.append(f"{kind} {path}: cannot read voxel data ({first})")
+        out.append(f"{kind} {path}: cannot read voxel data ({first_line(e)})")
         return None
     found = label_value_problems(values, expect["labels"]) if kind == "label" else _finite_problem(values)
     out += [f"{kind} {path}: {p}" for p in found]

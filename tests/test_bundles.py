@@ -177,7 +177,8 @@ def _mr_as_hippocampus(root: Path) -> Path:
 
 
 def _check_run_outputs(out: Path, n_pred: int) -> None:
-    assert len(list((out / "predictions").glob("*_seg.nii.gz"))) == n_pred
+    masks = [p for p in (out / "predictions").glob("*.nii.gz") if not p.name.endswith("_probs.nii.gz")]
+    assert len(masks) == n_pred  # <id>.nii.gz, as segpipe predict names them
     summary = (out / "evaluate" / "mean_dice_summary.csv").read_text()
     assert summary.startswith("class,mean") and "class0" in summary
 
@@ -192,7 +193,7 @@ def test_cells_2d_monai_bundle_run(tmp_path):
     r = _bundle_run(BUNDLES / "cells_2d", ["common.json", "train.json"], max_epochs=1, val_interval=1,
                     num_workers=0, roi_size=[32, 32], **common)
     assert "val_mean_dice" in r.stdout + r.stderr
-    assert (out / "model.pt").is_file()  # the best model, by validate#handlers' CheckpointSaver
+    assert (out / "model.pt").is_file()  # the best model, by validate#handlers' ModelSaver
     for configs in (["common.json", "inference.json"], ["common.json", "evaluate.json"]):
         _bundle_run_here(BUNDLES / "cells_2d", configs, model_path=str(out / "model.pt"), roi_size=[32, 32], **common)
     _check_run_outputs(out, 4)
@@ -202,8 +203,8 @@ def test_cells_2d_monai_bundle_run(tmp_path):
 def test_hippocampus_one_epoch_on_real_cases(tmp_path):
     """The bundle as configured (z-score, 1 mm, ROI 40x56x40, torch.compile) for one epoch on five real cases
     (data_manifests/hippocampus_example.json: 4 train, 1 validation), then segpipe predict."""
-    from pipeline.batch import predict
-    from pipeline.engines import train_bundle
+    from pipeline.predict import predict
+    from pipeline.train import train_bundle
 
     bundle = BUNDLES / "hippocampus_mri_3d"
     summary = train_bundle(bundle, manifest=HIPPO_EXAMPLE, epochs=1, device="cpu",

@@ -165,25 +165,27 @@ class ThresholdNet(torch.nn.Module):
         return torch.cat([1 - fg, fg], dim=1) * 10
 
 
-def _model(spacing: list[float], tta: bool = False) -> dict:
-    parser = load_bundle(BUNDLE, ("common.json", "inference.json"), {"pixdim": spacing})
-    return {"network": ThresholdNet(), "device": torch.device("cpu"),
-            "preprocessing": get(parser, "preprocessing"), "cleanup": label_cleanup(None),
-            "inferer": OverlapTileInferer((16, 16, 8), tta=tta, sw_batch_size=2),
-            "label_names": ["background", "fg"], "max_voxels": 10**7, "save_probabilities": "float32",
-            "in_channels": 1, "spatial_dims": 3}
+def _model(spacing: list[float], out: Path, tta: bool = False) -> dict:
+    """The phantom bundle's inference path (preprocessing, inferer, postprocessing writing into
+    ``out``) around an analytic network, in fp32."""
+    parser = load_bundle(BUNDLE, ("common.json", "inference.json"), {
+        "pixdim": spacing, "roi_size": [16, 16, 8], "sw_batch_size": 2, "tta": tta, "amp": False,
+        "save_probabilities": "float32", "prediction_dir": str(out)})
+    return {"network": ThresholdNet(), "device": torch.device("cpu"), "label_names": ["background", "fg"],
+            "max_voxels": 10**7, "in_channels": 1, "spatial_dims": 3,
+            **{k: get(parser, k) for k in ("preprocessing", "inferer", "postprocessing")}}
 
 
 @pytest.mark.parametrize("kind", sorted(AFFINES))
 def test_mask_returns_to_source_geometry_exactly(tmp_path: Path, kind: str) -> None:
-    from pipeline.batch import read_study, run_model, write_study
+    from pipeline.predict import read_study, run_model, write_study
 
     src, expected = _source(tmp_path, kind)
     spacing = [float(s) for s in nib.load(str(src)).header.get_zooms()]
-    model = _model(spacing, tta=(kind == "oblique"))
+    model = _model(spacing, tmp_path, tta=(kind == "oblique"))
     data = read_study({"id": kind, "image": str(src)}, model, tmp_path)
     assert nib.aff2axcodes(data["image"].affine) == ("R", "A", "S") != nib.aff2axcodes(nib.load(str(src)).affine)
-    row = write_study({"id": kind, "image": str(src)}, data, run_model(model, data["image"]), model, tmp_path)
+    row = write_study({"id": kind, "image": str(src)}, data, run_model(model, data["image"]), model)
     a, b = nib.load(str(src)), nib.load(row["output"])
     assert b.shape == a.shape and b.get_data_dtype() == np.uint8
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-6)
@@ -196,12 +198,12 @@ def test_mask_returns_to_source_geometry_exactly(tmp_path: Path, kind: str) -> N
 
 
 def test_resampled_prediction_keeps_source_shape_and_affine(tmp_path: Path) -> None:
-    from pipeline.batch import read_study, run_model, write_study
+    from pipeline.predict import read_study, run_model, write_study
 
     src, expected = _source(tmp_path, "oblique", noise=False)
-    model = _model([1.6, 1.6, 2.5])
+    model = _model([1.6, 1.6, 2.5], tmp_path)
     data = read_study({"id": "o", "image": str(src)}, model, tmp_path)
-    row = write_study({"id": "o", "image": str(src)}, data, run_model(model, data["image"]), model, tmp_path)
+    row = write_study({"id": "o", "image": str(src)}, data, run_model(model, data["image"]), model)
     a, b = nib.load(str(src)), nib.load(row["output"])
     assert b.shape == a.shape
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-6)
@@ -210,11 +212,11 @@ def test_resampled_prediction_keeps_source_shape_and_affine(tmp_path: Path) -> N
 
 
 def test_channelwise_inversion_equals_inverting_the_whole_stack(tmp_path: Path) -> None:
-    from pipeline.batch import read_study
-    from pipeline.inference import invert_to_labels
+    from pipeline.postprocess import invert_to_labels
+    from pipeline.predict import read_study
 
     src, _ = _source(tmp_path, "oblique")
-    model = _model([1.6, 1.6, 2.5])
+    model = _model([1.6, 1.6, 2.5], tmp_path)
     data = read_study({"id": "o", "image": str(src)}, model, tmp_path)
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(4, *data["image"].shape[1:]) * 3, dim=0)

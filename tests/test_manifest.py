@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InputError, UsageError
-from pipeline.manifest import datalist, load_manifest, validate, write_splits
+from pipeline.manifest import datalist, load_manifest, write_splits
+from pipeline.validation import validate_manifest as validate
 
 TASK04 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus" / "dataset.json"
 

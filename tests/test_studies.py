@@ -15,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.errors import InputError
-from pipeline.manifest import validate
-from pipeline.studies import check_image_header, dicom_series_to_nifti, find_studies, read_header
+from pipeline.studies import dicom_series_to_nifti, find_studies, read_header
+from pipeline.validation import validate_manifest as validate
 
 SPACING = (0.7, 0.8, 2.5)
 ORIGIN = (10.0, -20.0, 30.0)
@@ -106,7 +106,7 @@ def test_find_studies_lists_nifti_files_and_dicom_series_folders(tmp_path):
         {"id": "sub_b", "image": str(root / "sub/b.nii")},
     ]
     for study in found:
-        check_image_header(study["image"])
+        read_header(study["image"])
 
 
 def _mixed(folder):
@@ -144,7 +144,7 @@ def test_mixed_and_incomplete_series_are_refused(tmp_path, make):
         find_studies(tmp_path)
     assert str(e.value).startswith(f"{folder}: ") and "\n" not in str(e.value)
     with pytest.raises(InputError, match=problem):
-        check_image_header(folder)
+        read_header(folder)
 
 
 def test_dicom_series_entries_validate_against_nifti_labels(tmp_path):
@@ -173,6 +173,6 @@ def test_single_slice_series_and_voxel_cap(tmp_path):
     header = read_header(folder)
     assert header["shape"] == (7, 6, 1) and header["format"] == "dicom"
     with pytest.raises(InputError, match=r"header claims 42 voxels \(7, 6, 1\), more than the limit of 40"):
-        check_image_header(folder, max_voxels=40)
+        read_header(folder, max_voxels=40)
     with pytest.raises(InputError, match="no DICOM series in folder"):
-        check_image_header(tmp_path)
+        read_header(tmp_path)

@@ -20,10 +20,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoints import list_checkpoints
-from pipeline.engines import train_bundle
 from pipeline.errors import UsageError
 from pipeline.synthetic import write_dataset
 from pipeline.tracking import RunTracker, serve_ui, server_command
+from pipeline.train import train_bundle
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
 FAST = {"pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12], "network_def#features": [8, 16, 32, 8],

@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.manifest import validate
-from pipeline.studies import check_image_header
+from pipeline.studies import read_header
+from pipeline.validation import validate_manifest as validate
 
 AFFINE = np.array([[0.0, -0.9, 0.1, 30.0], [1.2, 0.0, 0.0, -12.5], [0.0, 0.05, 2.5, 7.0], [0, 0, 0, 1]])
 SHAPE = (10, 9, 6)
@@ -238,12 +238,12 @@ def test_unreadable_file_is_reported(tmp_path):
     assert problems == [f"training[0] case_0: image {image}: cannot read (Permission denied)"]
 
 
-def test_check_image_header_refuses_with_one_line(tmp_path):
+def test_read_header_refuses_with_one_line(tmp_path):
     manifest = make_dataset(tmp_path, n=1)
     path = manifest.parent / IMG
-    check_image_header(path)
+    read_header(path)
     with pytest.raises(Exception, match=r"more than the limit of 100; refusing to allocate") as e:
-        check_image_header(path, max_voxels=100)
+        read_header(path, max_voxels=100)
     assert str(e.value).startswith(f"{path}: header claims 540 voxels")
 
 

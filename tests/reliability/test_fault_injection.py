@@ -23,12 +23,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_engines import FAST as ENGINE_FAST  # tests/ is on sys.path, as for test_studies
-from test_engines import _sets
+from test_train import FAST as ENGINE_FAST  # tests/ is on sys.path, as for test_studies
+from test_train import _sets
 
 from pipeline.checkpoints import list_checkpoints
-from pipeline.engines import train_bundle
 from pipeline.synthetic import write_dataset
+from pipeline.train import train_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "phantom_ct_3d"

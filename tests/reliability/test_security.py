@@ -11,9 +11,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from pipeline.batch_io import load_weights
 from pipeline.checkpoints import resume
 from pipeline.errors import InputError
+from pipeline.predict_io import load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,19 +7,22 @@ The bundle (common.json + train.json) defines a standard MONAI workflow (``train
 'configs/train.json']" --bundle_root B --dataset_dir D [--tracking mlflow]`` trains and validates
 it as plain MONAI. ``train_bundle`` (``segpipe train``) adds, programmatically:
 
-- the manifest validated first (``pipeline.manifest.validate``), the process group when started
-  by ``torchrun`` (gloo on CPU, nccl on GPU; ``DistributedSampler`` in ``pipeline.data.loader``);
+- the manifest validated first (``pipeline.validation.validate_manifest``), the process group when started
+  by ``torchrun`` (gloo on CPU, nccl on GPU; ``DistributedSampler`` in ``pipeline.loaders.loader``);
 - atomic checkpoints every ``checkpoint_interval`` epochs and ``--resume`` (``pipeline.checkpoints``);
-- the best weights by validation mean Dice as ``output_dir/model.pt`` (plain state_dict); copy it
-  into the bundle's ``models/`` with ``--set export=true`` or ``export_model`` once you accept it;
+- the best weights by validation mean Dice as ``output_dir/model.pt`` (plain state_dict, written
+  by the bundle's ``pipeline.handlers.ModelSaver``); copy it into the bundle's ``models/`` with
+  ``--set export=true`` or ``export_model`` once you accept it;
 - a stop on a non-finite loss naming epoch and iteration; gradient clipping (``grad_clip_norm``);
   early stopping (``early_stop_patience`` > 0); validation after the last epoch;
 - per-epoch timing, samples/s, voxels/s and data-wait fraction; Dice per class, the per-case CSV
   and QC overlays (``pipeline.qc``); MLflow tracking on rank 0 (``pipeline.tracking``).
 
-AMP: one ``amp`` switch. CUDA: bf16 autocast where the GPU has it, else fp16 with MONAI's
-GradScaler. CPU: bf16 autocast only on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 otherwise
-(the ``amp_dtype`` id can force a dtype, e.g. ``--set 'amp_dtype=$torch.bfloat16'``).
+Settings: every id in ``TRAIN_IDS`` is declared in every bundle (there are no defaults in
+Python), so any of them can be ``--set`` on any bundle. Precision: ``pipeline.amp`` (the bundle's
+``amp`` switch; ``amp_dtype`` is the policy's choice, recorded in MLflow; ``--set
+'amp_dtype=$torch.bfloat16'`` forces one). Console: a progress bar per epoch and one line per
+validation; ``verbose`` adds Ignite's and MONAI's own lines and the per-epoch record.
 """
 
 from __future__ import annotations
@@ -30,71 +33,45 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import EarlyStopHandler, stopping_fn_from_metric
-from monai.inferers import Inferer
+from monai.handlers import EarlyStopHandler, from_engine, stopping_fn_from_metric
 
 from pipeline import checkpoints
+from pipeline.amp import grad_scaler
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, UsageError
 from pipeline.handlers import (
+    ModelSaver,
     attach_epoch_log,
     attach_grad_clip,
     attach_time_budget,
     attach_validation,
     attach_weight_average,
+    find_model_saver,
 )
-from pipeline.inference import cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
 
-# -- AMP and compile ----------------------------------------------------------------------------
-def amp_dtype(device: torch.device | str, amp: bool) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device``, or None for fp32; the choice is logged."""
-    device = torch.device(device)
-    if not amp:
-        return None
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        log.info("AMP on %s: %s autocast%s", device, dtype, " with grad scaling" if dtype == torch.float16 else "")
-        return dtype
-    if device.type == "cpu" and cpu_has_bf16():
-        log.info("AMP on CPU: bf16 autocast (native bf16 instructions)")
-        return torch.bfloat16
-    log.info("AMP requested but %s has no native bf16 (AVX512-BF16/AMX): training in fp32", device)
-    return None
+#: the ids ``train_bundle`` reads from common.json + train.json; every bundle declares all of them
+TRAIN_IDS = (
+    "device", "amp", "amp_dtype", "manifest", "output_dir", "label_names", "roi_size", "network", "optimizer",
+    "lr_scheduler", "max_epochs", "val_interval", "model_selection", "qc_cases", "grad_clip_norm",
+    "time_budget_min", "ema_decay", "early_stop_patience", "checkpoint_interval", "export", "initialize",
+    "finalize", "train#trainer", "validate#evaluator", "validate#handlers",
+)
+#: loggers whose INFO lines only ``verbose`` shows: Ignite's engines, MONAI's StatsHandler, the per-epoch record
+CHATTY_LOGGERS = ("ignite", "StatsHandler", "pipeline.handlers.epochs")
 
 
-def cuda_amp(device: torch.device | str, dtype: torch.dtype | None) -> bool:
-    """Whether MONAI's own AMP (CUDA autocast + GradScaler) is on."""
-    return dtype is not None and torch.device(device).type == "cuda"
-
-
-class _AutocastInferer(Inferer):
-    def __init__(self, inferer: Inferer, device_type: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inferer, self.device_type, self.dtype = inferer, device_type, dtype
-
-    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.inferer(inputs, network, *args, **kwargs)
-        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
-
-
-def autocast_inferer(inferer: Inferer, device: torch.device | str, dtype: torch.dtype | None) -> Inferer:
-    """``inferer`` under CPU autocast when ``dtype`` is set on a CPU device (MONAI's engines
-    autocast only on CUDA); unchanged otherwise."""
-    if dtype is None or torch.device(device).type != "cpu":
-        return inferer
-    return _AutocastInferer(inferer, "cpu", dtype)
-
-
+# -- compile and memory layout -------------------------------------------------------------------
 def channels_last(network: torch.nn.Module, spatial_dims: int, enabled: bool = True) -> torch.nn.Module:
     """``network`` with channels-last weights (in place): several times faster 3D convolutions on
     CPU (oneDNN) and faster AMP convolutions on GPU; state_dicts load either way."""
@@ -143,7 +120,7 @@ def _init_distributed() -> bool:
 
 
 def _check_manifest(manifest: Path) -> None:
-    from pipeline.manifest import validate
+    from pipeline.validation import validate_manifest as validate
 
     problems = validate(Path(manifest))
     if problems:
@@ -154,8 +131,11 @@ def _check_manifest(manifest: Path) -> None:
 
 def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | None = None, resume: bool = False,
                  tracking_uri: str | None = None, device: str | None = None, amp: bool | None = None,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the bundle in ``bundle_dir``; return a summary (best Dice, per class, paths, run id)."""
+                 overrides: dict[str, Any] | None = None, verbose: bool = False,
+                 progress: bool = False) -> dict[str, Any]:
+    """Train the bundle in ``bundle_dir``; return a summary (best Dice, per class, paths, run id).
+    ``progress``: a progress bar per epoch (the CLI turns it on for a terminal); ``verbose``: also
+    Ignite's and MONAI's own log lines and the per-epoch record."""
     t0 = time.perf_counter()
     started = _init_distributed()
     try:
@@ -163,13 +143,39 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
             device = f"cuda:{idist.get_local_rank()}"
         parser = load_bundle(bundle_dir, ("common.json", "train.json"),
                              _overrides(manifest, epochs, device, amp, overrides))
+        missing = [k for k in TRAIN_IDS if k not in parser]
+        if missing:
+            raise UsageError(f"{bundle_dir}: common.json + train.json lack the id(s) {', '.join(missing)}")
         _check_manifest(Path(parser.get_parsed_content("manifest")))
-        summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri)
+        with _console(verbose, progress and idist.get_rank() == 0) as bar:
+            summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         return summary
     finally:
         if started:
             idist.finalize()
+
+
+@contextmanager
+def _console(verbose: bool, progress: bool) -> Iterator[Any]:
+    """Quiet the chatty loggers unless ``verbose``; with ``progress`` yield a progress bar for
+    the epochs and route console logging through it (so log lines do not tear the bar)."""
+    levels = {name: logging.getLogger(name).level for name in CHATTY_LOGGERS}
+    if not verbose:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        if progress:
+            from ignite.handlers import ProgressBar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                yield ProgressBar(persist=False, bar_format="{desc} [{n_fmt}/{total_fmt}] {bar:20} {elapsed}<{remaining} {postfix}")
+        else:
+            yield None
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:
@@ -183,50 +189,60 @@ def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:
     idist.barrier()
 
 
-def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) -> dict[str, Any]:
+def _setting(parser: Any, id: str) -> Any:
+    """A declared setting, resolved (references and expressions evaluated)."""
+    return parser.get_parsed_content(id)
+
+
+def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None) -> dict[str, Any]:
     from pipeline.tracking import attach_tracker, bundle_params, git_commit, open_tracker
 
     meta = bundle_metadata(bundle_dir)
-    output_dir = Path(parser.get_parsed_content("output_dir")).resolve()
+    output_dir = Path(_setting(parser, "output_dir")).resolve()
     ckpt_dir = output_dir / "checkpoints"
     _prepare_output(output_dir, ckpt_dir, resume)
-    parser.get_parsed_content("initialize")
+    _setting(parser, "initialize")
     network = get(parser, "network", bundle_dir)
     trainer = get(parser, "train#trainer", bundle_dir)
     check_compile(trainer)
     evaluator = get(parser, "validate#evaluator", bundle_dir)
-    optimizer, max_epochs = get(parser, "optimizer", bundle_dir), int(parser.get_parsed_content("max_epochs"))
+    saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
+    optimizer, max_epochs = get(parser, "optimizer", bundle_dir), int(_setting(parser, "max_epochs"))
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": get(parser, "lr_scheduler", bundle_dir),
                "trainer": trainer}
-    if trainer.amp:  # MONAI makes a new GradScaler in run(); use one that checkpoints hold
-        objects["scaler"] = scaler = torch.amp.GradScaler("cuda")
+    if trainer.amp:  # MONAI makes a new GradScaler in run(); use one that checkpoints hold (off for bf16)
+        objects["scaler"] = scaler = grad_scaler(trainer.state.device, _setting(parser, "amp_dtype"))
         trainer.add_event_handler(Events.STARTED, lambda e: setattr(e, "scaler", scaler))
-    label_names = list(parser.get_parsed_content("label_names"))
-    attach_validation(trainer, evaluator, network, label_names, output_dir, int(parser["val_interval"]),
-                      int(parser.get("qc_cases", 3)), str(parser.get("model_selection", "best")))
-    attach_epoch_log(trainer, optimizer, math.prod(parser.get_parsed_content("roi_size")), ckpt_dir)
-    attach_grad_clip(trainer, parser.get("grad_clip_norm"))
-    attach_time_budget(trainer, optimizer, float(parser.get("time_budget_min", 0) or 0))
-    averaged = attach_weight_average(trainer, network, float(parser.get("ema_decay", 0) or 0), output_dir / "model_ema.pt")
+    label_names = list(_setting(parser, "label_names"))
+    attach_validation(trainer, evaluator, saver, label_names, output_dir, int(_setting(parser, "val_interval")),
+                      int(_setting(parser, "qc_cases")))
+    attach_epoch_log(trainer, optimizer, math.prod(_setting(parser, "roi_size")), ckpt_dir)
+    attach_grad_clip(trainer, _setting(parser, "grad_clip_norm"))
+    attach_time_budget(trainer, optimizer, float(_setting(parser, "time_budget_min") or 0))
+    ema_decay = float(_setting(parser, "ema_decay") or 0)
+    averaged = attach_weight_average(trainer, network, ema_decay, output_dir / "model_ema.pt")
     if averaged is not None:
         objects["ema"] = averaged
-    if int(parser.get("early_stop_patience", 0) or 0) > 0:  # here: a bundle handler would be a circular reference
-        EarlyStopHandler(int(parser["early_stop_patience"]), stopping_fn_from_metric("val_mean_dice"),
-                         trainer=trainer).attach(evaluator)
+    patience = int(_setting(parser, "early_stop_patience") or 0)
+    if patience > 0:  # here: a bundle handler would be a circular reference
+        EarlyStopHandler(patience, stopping_fn_from_metric("val_mean_dice"), trainer=trainer).attach(evaluator)
     if resume:
         last = checkpoints.latest_checkpoint(ckpt_dir)
         if last is None:
             log.warning("--resume: no checkpoint in %s; starting from epoch 0", ckpt_dir)
         else:
             checkpoints.resume(last, objects, trainer, max_epochs)
-    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, int(parser.get("checkpoint_interval", 1)))
+            saver.best, saver.best_epoch = trainer.state.best_val_mean_dice, trainer.state.best_epoch
+    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, int(_setting(parser, "checkpoint_interval")))
+    if bar is not None:
+        bar.attach(trainer, output_transform=lambda out: {"loss": float(from_engine(["loss"], first=True)(out))})
 
     tracker = None
     if idist.get_rank() == 0:
         tracker = open_tracker(tracking_uri, meta.get("name", bundle_dir.name), output_dir / "metrics.jsonl",
                                ckpt_dir / "mlflow_run.json", resume,
                                run_name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        manifest = Path(parser.get_parsed_content("manifest"))
+        manifest = Path(_setting(parser, "manifest"))
         tracker.set_tags({"bundle": meta.get("name"), "bundle_version": meta.get("version"),
                           "git_commit": git_commit(), "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
                           "device": str(trainer.state.device), "world_size": idist.get_world_size()})
@@ -245,13 +261,13 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None) 
             if tracker is not None:
                 tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
-    parser.get_parsed_content("finalize")
-    return _summary(parser, meta, trainer, output_dir, ckpt_dir, tracker, bundle_dir)
+    _setting(parser, "finalize")
+    return _summary(parser, meta, trainer, saver, output_dir, ckpt_dir, tracker, bundle_dir)
 
 
-def _summary(parser: Any, meta: dict, trainer: Engine, output_dir: Path, ckpt_dir: Path, tracker: Any,
-             bundle_dir: Path) -> dict[str, Any]:
-    model = output_dir / "model.pt"
+def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output_dir: Path, ckpt_dir: Path,
+             tracker: Any, bundle_dir: Path) -> dict[str, Any]:
+    model = saver.path
     summary: dict[str, Any] = {
         "bundle": meta.get("name"), "version": meta.get("version"), "epochs": trainer.state.epoch,
         "best_val_mean_dice": trainer.state.best_val_mean_dice, "best_epoch": trainer.state.best_epoch,
@@ -260,13 +276,13 @@ def _summary(parser: Any, meta: dict, trainer: Engine, output_dir: Path, ckpt_di
         "checkpoint": str(checkpoints.latest_checkpoint(ckpt_dir)), "world_size": idist.get_world_size(),
         "device": str(trainer.state.device)}
     if tracker is not None:
-        ema = [(output_dir / "model_ema.pt", "model")] if float(parser.get("ema_decay", 0) or 0) else []  # not a stale one
+        ema = [(output_dir / "model_ema.pt", "model")] if float(_setting(parser, "ema_decay") or 0) else []  # not a stale one
         for path, where in [(model, "model"), *ema, (output_dir / "val_cases.csv", "validation"),
                             *[(p, "qc") for p in sorted((output_dir / "qc").glob("*.png"))]]:
             if path.is_file():
                 tracker.log_artifact(path, where)
         summary.update(tracker.finish())
-    if parser.get("export") and summary["model_path"] and idist.get_rank() == 0:
+    if _setting(parser, "export") and summary["model_path"] and idist.get_rank() == 0:
         summary["exported"] = str(export_model(model, bundle_dir))
     return summary
 

@@ -1,17 +1,18 @@
 """Batch prediction: one model, many studies, bounded background reading and writing, resumable.
 
 ``predict(bundle_dir, input, output_dir)`` reads the bundle's ``common.json`` + ``inference.json``
-(ids ``network_def``, ``preprocessing``, ``inferer``, ``postprocess``, ``model_path``,
-``label_names``, ``max_voxels``, ``save_probabilities``), loads the weights once and segments
-every study of ``input`` into ``output_dir/<study_id>.nii.gz`` (uint8, the source geometry),
-keeping ``output_dir/report.csv`` current.
+(the ids in ``PREDICT_IDS``), loads the weights once and segments every study of ``input`` into
+``output_dir/<study_id>.nii.gz`` (uint8, the source geometry), keeping ``output_dir/report.csv``
+current. The masks are written by the bundle's own ``postprocessing`` (``pipeline.postprocess``),
+with ``prediction_dir`` set to ``output_dir``: ``python -m monai.bundle run`` with the bundle's
+``inference.json`` writes the same files.
 
 Pipeline: one reader thread checks headers and runs the deterministic preprocessing of the next
-``prefetch`` studies while the current one runs on the device; one writer thread inverts the
-preprocessing (``Invertd``), post-processes and writes masks. Both queues are bounded, so memory
+``prefetch`` studies while the current one runs on the device; one writer thread runs the
+post-processing (back to the source geometry, labels, clean-up, the mask file). Both queues are bounded, so memory
 does not grow with the number of studies. A failing study becomes a ``failed`` row with a
 one-line reason; the rest go on. Existing outputs are skipped (they are complete: see
-``batch_io``), so a killed run is resumed by running the same command again.
+``predict_io``), so a killed run is resumed by running the same command again.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import batch_io
+from pipeline import predict_io
 from pipeline.bundle import get, load_bundle
-from pipeline.errors import InputError, SegpipeError
+from pipeline.errors import InputError, SegpipeError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,14 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     """Segment every study of ``input`` (NIfTI file, folder of NIfTI/DICOM studies, or manifest)
     of this shard; return one row per study (``status`` ok, failed or skipped)."""
     output_dir = Path(output_dir)
-    batch_io.check_output_dir(output_dir)
-    shard_i, shard_n = batch_io.parse_shard(shard)
-    studies = batch_io.take_shard(batch_io.list_studies(Path(input)), shard_i, shard_n)  # a bad input fails fast
-    model = load_model(bundle_dir, overrides, device)
-    batch_io.clean_stale_temps(output_dir)
+    predict_io.check_output_dir(output_dir)
+    shard_i, shard_n = predict_io.parse_shard(shard)
+    studies = predict_io.take_shard(predict_io.list_studies(Path(input)), shard_i, shard_n)  # a bad input fails fast
+    model = load_model(bundle_dir, overrides, device, output_dir)
+    predict_io.clean_stale_temps(output_dir)
     log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
 
-    earlier = batch_io.read_report(output_dir)
+    earlier = predict_io.read_report(output_dir)
     rows: list[dict[str, Any]] = []
     todo = []
     for s in studies:
@@ -62,7 +63,7 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
             todo.append(s)
     names = model["label_names"]
     if rows:
-        batch_io.write_report(output_dir, rows, names)
+        predict_io.write_report(output_dir, rows, names)
     bar = _progress_bar(len(studies), progress, initial=len(rows))
     with tempfile.TemporaryDirectory(prefix="segpipe-") as scratch, \
             ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
@@ -77,7 +78,7 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
 
         def finish(row: dict[str, Any]) -> None:
             rows.append(row)
-            batch_io.write_report(output_dir, [row], names)
+            predict_io.write_report(output_dir, [row], names)
             bar.update(1)
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows), refresh=False)
 
@@ -97,7 +98,7 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
             except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch
                 finish(_failed(s, t0, e))
                 continue
-            writes.append((s, t0, writer.submit(write_study, s, data, pred, model, output_dir)))
+            writes.append((s, t0, writer.submit(write_study, s, data, pred, model)))
             drain(limit=1)  # at most one finished prediction waits to be written
         drain(limit=0)
     bar.close()
@@ -107,46 +108,52 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     return rows
 
 
-def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str | None) -> dict[str, Any]:
-    """Everything a study needs from the bundle, built once: network with weights, preprocessing,
-    inferer, postprocessing and limits."""
-    from pipeline.postprocess import label_cleanup
+#: the ids of common.json + inference.json that segpipe predict reads (every bundle declares them)
+PREDICT_IDS = ("device", "network_def", "model_path", "preprocessing", "inferer", "postprocessing",
+               "prediction_dir", "label_names", "max_voxels", "in_channels", "spatial_dims")
 
+
+def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str | None,
+               output_dir: Path | None = None) -> dict[str, Any]:
+    """Everything a study needs from the bundle, built once: network with weights, preprocessing,
+    inferer, the bundle's own ``postprocessing`` (writing into ``output_dir``) and limits."""
+    overrides = dict(overrides or {})
+    if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per rank
+    if device is not None:
+        overrides["device"] = f"$torch.device('{device}')"
+    if output_dir is not None:
+        overrides["prediction_dir"] = str(Path(output_dir).resolve())
     parser = load_bundle(Path(bundle_dir), CONFIGS, overrides)
-    dev = torch.device(device) if device else torch.device(get(parser, "device", bundle_dir))
-    if device is None and dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
+    missing = [k for k in PREDICT_IDS if k not in parser]
+    if missing:
+        raise UsageError(f"{bundle_dir}: the inference configs lack id(s) {', '.join(missing)}")
+    dev = torch.device(get(parser, "device", bundle_dir))
     network = get(parser, "network_def", bundle_dir)
-    batch_io.load_weights(network, Path(get(parser, "model_path", bundle_dir)))
-    network = network.to(dev).eval()
-    opt = {k: parser.get(k) for k in ("max_voxels", "save_probabilities", "in_channels", "spatial_dims")}
+    predict_io.load_weights(network, Path(get(parser, "model_path", bundle_dir)))
     return {
-        "network": network, "device": dev,
-        "preprocessing": get(parser, "preprocessing", bundle_dir),
-        "inferer": get(parser, "inferer", bundle_dir),
-        "cleanup": label_cleanup(parser.get("postprocess")),
+        "network": network.to(dev).eval(), "device": dev,
+        **{k: get(parser, k, bundle_dir) for k in ("preprocessing", "inferer", "postprocessing")},
         "label_names": list(get(parser, "label_names", bundle_dir)),
-        "max_voxels": int(opt["max_voxels"] or 2**31),
-        "save_probabilities": opt["save_probabilities"] or False,
-        "in_channels": int(opt["in_channels"] or 1), "spatial_dims": int(opt["spatial_dims"] or 3),
+        **{k: int(parser.get_parsed_content(k)) for k in ("max_voxels", "in_channels", "spatial_dims")},
     }
 
 
 def read_study(study: dict[str, str], model: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """Check the header (refusing before any voxel is read), convert DICOM, preprocess; refuse
     NaN or Inf voxels left after preprocessing."""
-    from pipeline.studies import check_image_header, dicom_series_to_nifti, read_header
+    from pipeline.studies import dicom_series_to_nifti, read_header
 
     path = Path(study["image"])
     header = read_header(path, model["max_voxels"])
     if path.is_dir():
         path = dicom_series_to_nifti(path, scratch / f"{study['id']}.nii.gz")
-        check_image_header(path, model["max_voxels"])
+        read_header(path, model["max_voxels"])
     check_shape(path, header["shape"], model["spatial_dims"], model["in_channels"])
     try:
         data = model["preprocessing"]({"image": str(path)})
     except Exception as e:  # noqa: BLE001 - MONAI wraps the cause in pages of text
-        raise InputError(f"{path}: cannot preprocess ({_first_line(e)})") from None
+        raise InputError(f"{path}: cannot preprocess ({first_line(e)})") from None
     if not bool(torch.isfinite(data["image"]).all()):  # NaN would spread through every tile it reaches
         raise InputError(f"{path}: non-finite voxels (NaN or Inf) in the preprocessed image; refusing to predict")
     data["source"] = path
@@ -169,24 +176,15 @@ def run_model(model: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
     return pred.cpu() if pred.device.type != "cpu" else pred
 
 
-def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor, model: dict[str, Any],
-                output_dir: Path) -> dict[str, Any]:
-    """Probabilities -> source geometry (Invertd) -> argmax -> clean-up -> NIfTI; volume columns."""
-    from pipeline.inference import invert_to_labels
-
-    probs = pred if model["inferer"].outputs_probabilities else torch.softmax(pred, dim=0)
-    labels, inverted = invert_to_labels(probs, data["image"], model["preprocessing"],
-                                        keep_probabilities=bool(model["save_probabilities"]))
-    labels = model["cleanup"](labels)[0]
-    source = Path(data["source"])
-    out = batch_io.write_mask(labels.numpy().astype(np.uint8), source, output_dir / f"{study['id']}.nii.gz")
-    if model["save_probabilities"]:
-        dtype = "float32" if model["save_probabilities"] == "float32" else "float16"
-        batch_io.write_probabilities(inverted.numpy(), source, output_dir / f"{study['id']}_probs.nii.gz", dtype)
-    voxel_ml = float(abs(np.linalg.det(np.asarray(data["image"].meta["original_affine"])[:3, :3]))) / 1000
+def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor, model: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's ``postprocessing`` (``pipeline.postprocess``: back to the source geometry,
+    labels, clean-up, ``<id>.nii.gz`` in the output folder given to ``load_model``), then the
+    volume columns."""
     from pipeline.postprocess import label_volumes
 
-    return {"output": str(out), **label_volumes(labels, model["label_names"], voxel_ml)}
+    d = model["postprocessing"]({"image": data["image"], "pred": pred, "id": study["id"]})
+    voxel_ml = float(abs(np.linalg.det(np.asarray(data["image"].meta["original_affine"])[:3, :3]))) / 1000
+    return {"output": d["output"], **label_volumes(d["pred"], model["label_names"], voxel_ml)}
 
 
 def _row(study: dict[str, str], t0: float, fut: Future, output_dir: Path) -> dict[str, Any]:
@@ -199,15 +197,9 @@ def _row(study: dict[str, str], t0: float, fut: Future, output_dir: Path) -> dic
 
 
 def _failed(study: dict[str, str], t0: float, e: BaseException) -> dict[str, Any]:
-    msg = str(e) if isinstance(e, SegpipeError) else f"{study['image']}: {type(e).__name__}: {_first_line(e)}"
-    return {"study_id": study["id"], "input": study["image"], "output": "", "status": "failed",
-            "error": msg.splitlines()[0] if msg else type(e).__name__,
+    msg = first_line(e) if isinstance(e, SegpipeError) else f"{study['image']}: {type(e).__name__}: {first_line(e)}"
+    return {"study_id": study["id"], "input": study["image"], "output": "", "status": "failed", "error": msg,
             "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _progress_bar(total: int, enabled: bool, initial: int = 0) -> Any:

@@ -16,10 +16,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.amp import autocast_dtype, autocast_inferer, cpu_has_bf16
 from pipeline.checkpoints import list_checkpoints
-from pipeline.engines import amp_dtype, autocast_inferer, cpu_has_bf16, train_bundle
 from pipeline.errors import InputError, SegpipeError
 from pipeline.synthetic import write_dataset
+from pipeline.train import train_bundle
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
 # 6 phantoms of 32x32x12 at native spacing: 4 train, 2 validation; 2 iterations per epoch
@@ -175,8 +176,8 @@ def test_bad_manifest_stops_before_training(tmp_path: Path, data: Path, store: s
 
 
 def test_amp_policy_and_cpu_autocast() -> None:
-    assert amp_dtype("cpu", False) is None
-    assert amp_dtype("cpu", True) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert autocast_dtype("cpu", False) is None
+    assert autocast_dtype("cpu", True) == (torch.bfloat16 if cpu_has_bf16() else None)
     net = torch.nn.Conv3d(1, 2, 3, padding=1)
     x = torch.rand(1, 1, 8, 8, 8)
     plain = autocast_inferer(lambda i, n: n(i), "cpu", None)
@@ -191,8 +192,8 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_clear_error(monkeypatch)
     first step with the fix named (hippocampus_mri_3d trains compiled by default)."""
     from types import SimpleNamespace
 
-    from pipeline.engines import check_compile
     from pipeline.errors import UsageError
+    from pipeline.train import check_compile
 
     cpu, gpu = (SimpleNamespace(compile=True, state=SimpleNamespace(device=torch.device(d))) for d in ("cpu", "cuda"))
     if shutil.which("g++"):
@@ -207,7 +208,7 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_clear_error(monkeypatch)
 
 def test_export_copies_weights_into_a_bundle_models_folder(tmp_path: Path) -> None:
     from pipeline.checkpoints import save_weights
-    from pipeline.engines import export_model
+    from pipeline.train import export_model
 
     net = torch.nn.Conv3d(1, 2, 3)
     weights = save_weights(net, tmp_path / "run" / "model.pt")
@@ -241,7 +242,7 @@ def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path, data: Pa
 def test_persistent_cache_stops_at_the_first_random_transform(tmp_path: Path, data: Path) -> None:
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandSpatialCropd
 
-    from pipeline.data import cached_dataset, loader
+    from pipeline.loaders import cached_dataset, loader
     from pipeline.manifest import datalist
 
     items = datalist(data, "all")[:2]

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batch import predict
-from pipeline.batch_io import parse_shard
 from pipeline.bundle import get, load_bundle
 from pipeline.errors import InputError, UsageError
+from pipeline.predict import predict
+from pipeline.predict_io import parse_shard
 from pipeline.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Files around batch prediction: which studies, shards, weights, atomic outputs and report.csv.
 
 Completeness rule: a mask is written to a hidden temp name in the output folder
-(``.tmp-<pid>-<id>.nii.gz``) and renamed with ``os.replace``, so an existing ``<id>.nii.gz``
+(``.tmp-<pid>-<id>.nii.gz``, ``pipeline.fileio.atomic_path``) and renamed with ``os.replace``, so an existing ``<id>.nii.gz``
 is always complete; temp files of processes that no longer run are deleted at the next start.
 ``report.csv`` is merged and rewritten the same way under a lock, so several shards writing to
 one folder keep each other's rows.
@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError, UsageError, first_line
+from pipeline.fileio import atomic_path, write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def load_weights(network: Any, path: Path) -> Any:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike
-        raise InputError(f"{path}: cannot load weights ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise InputError(f"{path}: cannot load weights ({first_line(e)})") from None
     for key in ("network", "model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -102,7 +103,7 @@ def load_weights(network: Any, path: Path) -> Any:
         network.load_state_dict(obj, strict=True)
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not fit the bundle's network_def "
-                         f"({str(e).strip().splitlines()[0]})") from None
+                         f"({first_line(e)})") from None
     return network
 
 
@@ -147,43 +148,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_mask(labels: np.ndarray, source: Path, out_file: Path) -> Path:
-    """Write ``labels`` (source voxel grid) as uint8 NIfTI with the source's affine, qform/sform
-    and their codes, atomically: temp name in the same folder, then os.replace."""
-    img = _like_source(np.asarray(labels, dtype=np.uint8), source)
-    img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
-    return _atomic_save(img, out_file)
+def _geometry(source: Path, affine: np.ndarray | None) -> dict[str, Any]:
+    """Copy a NIfTI source's header geometry; for another source (a DICOM series folder read
+    by MONAI) use ``affine``, the source grid's RAS affine."""
+    from pipeline.studies import is_nifti
+
+    if is_nifti(source) or affine is None:
+        return {"like": source}
+    return {"affine": affine}
 
 
-def write_probabilities(probs: np.ndarray, source: Path, out_file: Path, dtype: str = "float16") -> Path:
+def write_mask(labels: np.ndarray, source: Path, out_file: Path, affine: np.ndarray | None = None) -> Path:
+    """Write ``labels`` (source voxel grid) as a uint8 NIfTI label map with the source's affine,
+    qform/sform and their codes, atomically (see ``pipeline.fileio``)."""
+    return write_nifti(np.asarray(labels, dtype=np.uint8), out_file, labels=True, **_geometry(source, affine))
+
+
+def write_probabilities(probs: np.ndarray, source: Path, out_file: Path, dtype: str = "float16",
+                        affine: np.ndarray | None = None) -> Path:
     """Write (K, *spatial) probabilities as a NIfTI with the channels in the last dimension."""
-    return _atomic_save(_like_source(np.moveaxis(np.asarray(probs, dtype=dtype), 0, -1), source), out_file)
-
-
-def _like_source(data: np.ndarray, source: Path) -> Any:
-    """A Nifti1Image of ``data`` with the source's header geometry: affine, qform, sform, codes."""
-    import nibabel as nib
-
-    src = nib.load(str(source))
-    img = nib.Nifti1Image(data, src.affine, header=src.header.copy())
-    img.set_data_dtype(data.dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.set_qform(*src.get_qform(coded=True))
-    img.set_sform(*src.get_sform(coded=True))
-    return img
-
-
-def _atomic_save(img: Any, out_file: Path) -> Path:
-    import nibabel as nib
-
-    out_file = Path(out_file)
-    tmp = out_file.with_name(f".tmp-{os.getpid()}-{out_file.name}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_file
+    return write_nifti(np.moveaxis(np.asarray(probs, dtype=dtype), 0, -1), out_file, **_geometry(source, affine))
 
 
 # ---------------------------------------------------------------- report.csv
@@ -209,13 +193,11 @@ def write_report(out_dir: Path, rows: Sequence[dict[str, Any]], label_names: Seq
             merged[r["study_id"]] = {k: _cell(v) for k, v in r.items()}
         extra = sorted({k for r in merged.values() for k in r} - set(BASE_COLUMNS) - set(volume_cols))
         columns = BASE_COLUMNS + volume_cols + extra
-        tmp = out_dir / f".tmp-{os.getpid()}-{REPORT}"
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(out_dir / REPORT) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=columns, restval="")
             w.writeheader()
             for sid in sorted(merged):
                 w.writerow(merged[sid])
-        os.replace(tmp, out_dir / REPORT)
     return out_dir / REPORT
 
 
