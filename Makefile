@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP := $(VENV)/.segpipe-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-all lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests benchmarks
 	$(PY) -m pytest -q -m "not slow" tests
+
+# the slow tier too: compiled training on real data, kill-and-resume loops, bundle runs as processes
+test-all: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests benchmarks

@@ -1,3 +1,27 @@
-"""segpipe: 3D medical-image segmentation on MONAI."""
+"""segpipe: 3D medical-image segmentation on MONAI.
+
+The stages, each a ``segpipe`` command, and the modules that serve them (``segpipe X`` lives in
+``X.py`` where there is one module; each stage leaves one readable file for the next):
+
+=================  =============================================  ==================================
+stage              modules                                        leaves
+=================  =============================================  ==================================
+``synth``          synthetic                                      studies + ``dataset.json``
+``validate``       manifest, validation, studies                  every problem, one line each;
+                                                                  ``splits.json`` (``--folds``)
+``fingerprint``    fingerprint                                    ``fingerprint.json``
+``plan``           plan                                           ``plan.json``
+``train``          train, handlers, loaders, transforms,          ``model.pt``, checkpoints,
+                   weightmap, losses, networks, checkpoints,      ``val_cases.csv``, an MLflow run
+                   tracking, qc, amp
+``predict``        predict, predict_io, inference, postprocess    ``<id>.nii.gz`` + ``report.csv``
+``evaluate``       evaluation                                     ``metrics.csv``, summary JSON
+``ui`` / ``demo``  tracking / demo                                the MLflow UI / the whole path
+=================  =============================================  ==================================
+
+Shared by all: ``cli`` (the command), ``bundle`` (the one place bundles are parsed), ``errors``
+(one-line errors and exit codes), ``fileio`` (atomic writes, NIfTI labels), ``amp`` (the one
+precision policy), ``figures`` (the weight-map figure).
+"""
 
 __version__ = "0.1.0"

@@ -46,7 +46,8 @@ def _check_device(device: str | None) -> None:
 def _cmd_synth(a: argparse.Namespace) -> int:
     from pipeline.synthetic import write_dataset
 
-    manifest = write_dataset(a.kind, a.n, Path(a.out), seed=a.seed, shape=a.shape)
+    manifest = write_dataset(a.kind, a.n, Path(a.out), seed=a.seed, shape=a.shape, channel_layout=a.channel_layout,
+                             voxel_scale=a.voxel_scale)
     print(f"wrote {a.n} {a.kind} studies and {manifest}")
     return 0
 
@@ -103,6 +104,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         device=a.device,
         amp=a.amp,
         overrides=overrides,
+        verbose=a.verbose,
+        progress=sys.stderr.isatty(),
     )
     if summary:
         print(json.dumps(summary, indent=2, default=str))
@@ -144,7 +147,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(Path(a.out), epochs=a.epochs, echo=print)
+    return run_demo(Path(a.out), epochs=a.epochs, echo=print, verbose=a.verbose, progress=sys.stderr.isatty())
 
 
 def _cmd_ui(a: argparse.Namespace) -> int:
@@ -160,12 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("synth", help="write synthetic phantom studies and their dataset.json")
-    s.add_argument("--kind", required=True, choices=["ct3d", "mr3d", "cells2d"])
+    from pipeline.synthetic import CHANNEL_LAYOUTS, KINDS
+
+    s = sub.add_parser("synth", help="write synthetic phantom studies and their dataset.json",
+                       epilog="kinds: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()))
+    s.add_argument("--kind", required=True, choices=list(KINDS))
     s.add_argument("--n", type=int, default=4, help="number of studies (default 4)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shape", type=int, nargs="+", default=None, help="volume shape (voxels)")
+    s.add_argument("--channel-layout", choices=CHANNEL_LAYOUTS, default="4d",
+                   help="mr2ch: one 4D file per case (MSD) or one file per channel (nnU-Net v2)")
+    s.add_argument("--voxel-scale", type=float, default=1.0,
+                   help="ct-cohort: multiply each case's drawn spacing (coarser, smaller volumes for tests)")
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("validate", help="check every entry of a manifest (dataset.json)")
@@ -199,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
+    s.add_argument("--verbose", action="store_true",
+                   help="also Ignite's and MONAI's own log lines and the per-epoch record")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("predict", help="segment one study, a folder or a manifest")
@@ -222,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="synthesise, validate, train, predict and evaluate end to end")
     s.add_argument("--out", default="demo_out")
     s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--verbose", action="store_true", help="the training's full log (see train --verbose)")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("ui", help="start the MLflow UI on the project's store")

@@ -23,9 +23,10 @@ TEST_SEED = 1000
 
 
 def run_demo(out: Path, epochs: int | None = None, bundle: Path = BUNDLE,
-             echo: Callable[[str], None] = log.info) -> int:
+             echo: Callable[[str], None] = log.info, verbose: bool = False, progress: bool = False) -> int:
     """Run the demo into ``out``; return the exit code (0 ok, 1 a stage failed). Progress and the
-    summary go to ``echo`` (the CLI passes ``print``; the default is the log)."""
+    summary go to ``echo`` (the CLI passes ``print``; the default is the log); ``verbose`` and
+    ``progress`` are ``train_bundle``'s (progress bars for training and prediction)."""
     from pipeline.evaluation import evaluate
     from pipeline.predict import predict
     from pipeline.synthetic import write_dataset
@@ -45,14 +46,14 @@ def run_demo(out: Path, epochs: int | None = None, bundle: Path = BUNDLE,
         raise InputError(f"{train_manifest}: the synthetic manifest failed validation")
     echo(f"[2/5] validated {train_manifest}")
 
-    summary = train_bundle(bundle, manifest=train_manifest, epochs=epochs,
+    summary = train_bundle(bundle, manifest=train_manifest, epochs=epochs, verbose=verbose, progress=progress,
                            overrides={"output_dir": str(out / "train")})
     echo(f"[3/5] trained {bundle.name}: best validation mean Dice "
           f"{summary.get('best_val_mean_dice', float('nan')):.3f} in {summary.get('wall_s', 0):.0f} s")
 
     weights = Path(summary["model_path"])
     rows = predict(bundle, out / "data" / "test" / "imagesTr", out / "masks", overrides={"model_path": str(weights)},
-                   progress=True)
+                   progress=progress)
     failed = [r for r in rows if r["status"] == "failed"]
     echo(f"[4/5] predicted {len(rows) - len(failed)} held-out studies into {out / 'masks'}")
     if failed:

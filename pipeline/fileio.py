@@ -75,7 +75,7 @@ def write_nifti(array: np.ndarray, path: Path | str, affine: np.ndarray | None =
                 like: Path | str | None = None, labels: bool = False) -> Path:
     """Write ``array`` as NIfTI atomically. Geometry from ``like`` (a NIfTI file: its affine,
     qform and sform with their codes, so viewers place both alike) or else ``affine`` (qform and
-    sform both set to it, code 1 = scanner). ``labels`` marks the file as a label map
+    sform both set to it, code 1 = scanner, millimetres). ``labels`` marks the file as a label map
     (NIFTI_INTENT_LABEL, no scaling). The data type is the array's."""
     import nibabel as nib
 
@@ -89,6 +89,7 @@ def write_nifti(array: np.ndarray, path: Path | str, affine: np.ndarray | None =
         img = nib.Nifti1Image(array, affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
     else:
         raise ValueError("write_nifti needs a source image (like) or an affine")
     img.set_data_dtype(array.dtype)

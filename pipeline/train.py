@@ -68,7 +68,7 @@ TRAIN_IDS = (
     "finalize", "train#trainer", "validate#evaluator", "validate#handlers",
 )
 #: loggers whose INFO lines only ``verbose`` shows: Ignite's engines, MONAI's StatsHandler, the per-epoch record
-CHATTY_LOGGERS = ("ignite", "StatsHandler", "pipeline.handlers.epochs")
+CHATTY_LOGGERS = ("ignite", "monai.handlers.StatsHandler", "pipeline.handlers.epochs")
 
 
 # -- compile and memory layout -------------------------------------------------------------------
@@ -156,26 +156,34 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
             idist.finalize()
 
 
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 @contextmanager
 def _console(verbose: bool, progress: bool) -> Iterator[Any]:
-    """Quiet the chatty loggers unless ``verbose``; with ``progress`` yield a progress bar for
-    the epochs and route console logging through it (so log lines do not tear the bar)."""
-    levels = {name: logging.getLogger(name).level for name in CHATTY_LOGGERS}
-    if not verbose:
-        for name in CHATTY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    """Quiet the chatty loggers unless ``verbose`` (a level for their children, a filter for
+    themselves: MONAI resets StatsHandler's level when a bundle builds one); with ``progress``
+    yield a progress bar for the epochs and route console logging through it (so log lines do
+    not tear the bar)."""
+    loggers = [] if verbose else [logging.getLogger(name) for name in CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+        lg.addFilter(_below_warning)
     try:
         if progress:
             from ignite.handlers import ProgressBar
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             with logging_redirect_tqdm():
-                yield ProgressBar(persist=False, bar_format="{desc} [{n_fmt}/{total_fmt}] {bar:20} {elapsed}<{remaining} {postfix}")
+                yield ProgressBar(persist=False, bar_format="{desc}[{n_fmt}/{total_fmt}] {bar:20} {elapsed}<{remaining}{postfix}")
         else:
             yield None
     finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+            lg.removeFilter(_below_warning)
 
 
 def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:

@@ -97,18 +97,53 @@ def test_standard_ids(name):
     assert train["run"] == ["$@train#trainer.run()"]
 
 
-@pytest.mark.parametrize("name", ["cells_2d", "hippocampus_mri_3d", "phantom_ct_3d"])
-def test_no_block_duplicated_between_workflow_configs(name):
-    """An id defined with the same content in two of train/inference/evaluate is a copied block:
-    it belongs in common.json. Ids defined in common.json are not redefined elsewhere."""
-    cfg = _configs(name)
-    common = cfg["common.json"]
+def _blocks(obj, path: str = ""):
+    """``(id path, block)`` for every nested block of a config: an object with at least three
+    entries, or a list holding at least two objects (a transform chain, a handler list)."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for key, value in items:
+        here = f"{path}#{key}" if path else str(key)
+        big = (isinstance(value, dict) and len(value) >= 3) or (
+            isinstance(value, list) and sum(isinstance(v, dict) for v in value) >= 2)
+        if big:
+            yield here, value
+        yield from _blocks(value, here)
+
+
+def copied_blocks(configs: dict[str, dict]) -> list[str]:
+    """Blocks with the same content in two configs (at any depth): each belongs in common.json,
+    defined once and referenced. Top-level entry points (``ENTRY_IDS``) exist once per config."""
+    seen: dict[str, str] = {}
     copied = []
-    for i, a in enumerate(WORKFLOW_CONFIGS):
-        for b in WORKFLOW_CONFIGS[i + 1:]:
-            copied += [f"{k} ({a}, {b})" for k in cfg[a] if k not in ENTRY_IDS and k in cfg[b] and cfg[a][k] == cfg[b][k]]
-        copied += [f"{k} (common.json, {a})" for k in cfg[a] if k in common and k not in ENTRY_IDS]
-    assert not copied, f"{name}: copied blocks: {', '.join(copied)}"
+    for name, content in configs.items():
+        top = {k: v for k, v in content.items() if k not in ENTRY_IDS}
+        for path, block in _blocks(top):
+            key = json.dumps(block, sort_keys=True)
+            where = f"{name}:{path}"
+            if key in seen and seen[key].split(":")[0] != name:
+                copied.append(f"{where} = {seen[key]}")
+            seen.setdefault(key, where)
+        for k in top:  # a top-level id of common.json redefined in a workflow config
+            if name != "common.json" and k in configs.get("common.json", {}):
+                copied.append(f"{name}:{k} redefines common.json:{k}")
+    return copied
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_block_duplicated_between_configs(name):
+    """A block (nested ones too) defined with the same content in two of common/train/inference/
+    evaluate is a copy: it belongs in common.json once."""
+    cfg = _configs(name)
+    found = copied_blocks({f: cfg[f] for f in ["common.json", *WORKFLOW_CONFIGS]})
+    assert not found, f"{name}: copied blocks: {'; '.join(found)}"
+
+
+def test_copied_block_check_looks_inside_nested_blocks():
+    handler = {"_target_": "CheckpointLoader", "load_path": "@model_path", "load_dict": {"model": "@network"}}
+    configs = {"common.json": {"x": 1}, "train.json": {"validate": {"handlers": [handler, {"_target_": "A"}]}},
+               "evaluate.json": {"handlers": ["@y", handler]}}
+    assert copied_blocks(configs) == ["evaluate.json:handlers#1 = train.json:validate#handlers#0"]
+    assert copied_blocks({"common.json": {"x": 1}, "train.json": {"x": 2}}) == ["train.json:x redefines common.json:x"]
 
 
 def _strings(obj):
@@ -200,22 +235,23 @@ def test_cells_2d_monai_bundle_run(tmp_path):
 
 
 @pytest.mark.skipif(not (HIPPO_DATA / "dataset.json").is_file(), reason="no ../shared/data/Task04_Hippocampus")
-def test_hippocampus_one_epoch_on_real_cases(tmp_path):
-    """The bundle as configured (z-score, 1 mm, ROI 40x56x40, torch.compile) for one epoch on five real cases
+@pytest.mark.parametrize("compile", [pytest.param(True, marks=pytest.mark.slow), False], ids=["compiled", "eager"])
+def test_hippocampus_one_epoch_on_real_cases(tmp_path, mlflow_store, compile):
+    """The bundle as configured (z-score, 1 mm, ROI 40x56x40, nnU-Net's Dice term; torch.compile as
+    shipped in the slow tier: compiling costs about 50 s) for one epoch on five real cases
     (data_manifests/hippocampus_example.json: 4 train, 1 validation), then segpipe predict."""
     from pipeline.predict import predict
     from pipeline.train import train_bundle
 
     bundle = BUNDLES / "hippocampus_mri_3d"
-    summary = train_bundle(bundle, manifest=HIPPO_EXAMPLE, epochs=1, device="cpu",
-                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    summary = train_bundle(bundle, manifest=HIPPO_EXAMPLE, epochs=1, device="cpu", tracking_uri=mlflow_store,
                            overrides={"output_dir": str(tmp_path / "train"), "val_interval": 1, "num_workers": 0,
-                                      "features": [8, 16, 32, 64]})
+                                      "features": [8, 16, 32, 64], "compile": compile})
     assert summary["epochs"] == 1 and set(summary["val_dice"]) == {"anterior", "posterior"}
     from mlflow.tracking import MlflowClient  # the shipped recipe: compiled, nnU-Net's Dice term
 
     params = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
-    assert (params["compile"], params["dice_include_background"], params["batch_dice"]) == ("True", "False", "True")
+    assert (params["compile"], params["dice_include_background"], params["batch_dice"]) == (str(compile), "False", "True")
     case = HIPPO_DATA / "imagesTr" / "hippocampus_011.nii.gz"
     rows = predict(bundle, case, tmp_path / "masks", device="cpu", progress=False,
                    overrides={"model_path": summary["model_path"], "features": [8, 16, 32, 64]})
@@ -258,14 +294,14 @@ def test_monai_bundle_run_cli(tmp_path, name, ct_dataset, cells_dataset):
     assert any("mean_dice" in r.data.metrics for r in runs)
 
 
-def test_cells_2d_segpipe_train_and_predict_with_shipped_weights(tmp_path):
+def test_cells_2d_segpipe_train_and_predict_with_shipped_weights(tmp_path, mlflow_store):
     """``segpipe train`` runs the bundle; ``segpipe predict`` works on a fresh clone with the
     shipped models/model.pt and segments held-out synthetic cells well."""
     from pipeline.cli import main
 
     data = write_dataset("cells2d", 3, tmp_path / "data", seed=1000, shape=(64, 64))
     assert main(["train", str(BUNDLES / "cells_2d"), "--manifest", str(data), "--epochs", "1", "--device", "cpu",
-                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", "num_folds=2",
+                 "--tracking-uri", mlflow_store, "--set", "num_folds=2",
                  "--set", f"output_dir={tmp_path / 'train'}", "--set", "val_interval=1", "--set", "num_workers=0",
                  "--set", "roi_size=[32, 32]"]) == 0
     assert (tmp_path / "train" / "model.pt").is_file()
@@ -278,3 +314,56 @@ def test_cells_2d_segpipe_train_and_predict_with_shipped_weights(tmp_path):
         ref = np.asarray(nib.load(tmp_path / "data" / "labelsTr" / f"cells_{i:03d}.nii.gz").dataobj) > 0
         dice.append(2 * (pred & ref).sum() / (pred.sum() + ref.sum()))
     assert np.mean(dice) > 0.85, dice
+
+
+# -- settings: every id the code reads is declared in every bundle ------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_every_setting_the_code_reads_is_declared(name):
+    """``TRAIN_IDS`` (segpipe train) and ``PREDICT_IDS`` (segpipe predict) are all declared, so
+    any of them can be ``--set`` on any bundle (e.g. a time budget on every bundle)."""
+    from pipeline.predict import PREDICT_IDS
+    from pipeline.train import TRAIN_IDS
+
+    train = load_bundle(BUNDLES / name, ("common.json", "train.json"), {"time_budget_min": 1})
+    assert [k for k in TRAIN_IDS if k not in train] == []
+    assert train.get_parsed_content("time_budget_min") == 1
+    infer = load_bundle(BUNDLES / name, ("common.json", "inference.json"))
+    assert [k for k in PREDICT_IDS if k not in infer] == []
+
+
+def test_train_refuses_a_bundle_that_lacks_a_setting(tmp_path, ct_dataset):
+    from pipeline.errors import UsageError
+    from pipeline.train import train_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(BUNDLES / "phantom_ct_3d" / "configs", bundle / "configs")
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    del train["model_selection"]
+    (bundle / "configs" / "train.json").write_text(json.dumps(train))
+    with pytest.raises(UsageError, match="lack the id.*model_selection"):
+        train_bundle(bundle, manifest=ct_dataset, epochs=1, overrides={"output_dir": str(tmp_path / "run")})
+    assert not (tmp_path / "run").exists()
+
+
+# -- one post-processing path: segpipe predict and monai.bundle run write the same masks ---------
+def test_segpipe_predict_and_monai_bundle_run_write_identical_masks(tmp_path, ct_dataset):
+    """Same bundle (shipped weights), same studies: ``segpipe predict`` and ``python -m
+    monai.bundle run`` with inference.json write the same files, voxel for voxel, with the same
+    geometry (both routes run the bundle's own ``postprocessing``, in its own precision)."""
+    from pipeline.predict import predict
+
+    bundle, studies = BUNDLES / "phantom_ct_3d", ct_dataset.parent / "imagesTr"
+    rows = predict(bundle, studies, tmp_path / "segpipe", device="cpu", progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    _bundle_run_here(bundle, ["common.json", "inference.json"], input=str(studies),
+                     prediction_dir=str(tmp_path / "bundle"))
+    ours = sorted(p.name for p in (tmp_path / "segpipe").glob("*.nii.gz"))
+    assert ours == sorted(p.name for p in (tmp_path / "bundle").glob("*.nii.gz")) == [f"{r['study_id']}.nii.gz" for r in rows]
+    for name in ours:
+        a, b = nib.load(tmp_path / "segpipe" / name), nib.load(tmp_path / "bundle" / name)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        assert a.get_data_dtype() == b.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(a.affine, b.affine)
+        assert (int(a.header["qform_code"]), int(a.header["sform_code"])) == (int(b.header["qform_code"]),
+                                                                               int(b.header["sform_code"]))
+        assert np.asarray(a.dataobj).any()  # the shipped model finds organs: not two empty masks

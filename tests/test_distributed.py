@@ -13,16 +13,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.synthetic import write_dataset
-
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
 FAST = {"pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12], "network_def#features": [8, 16, 32, 8],
         "num_workers": 0, "num_folds": 3, "batch_size": 2, "num_samples": 1, "val_interval": 1}
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
-def test_two_process_torchrun_trains_and_logs_once(tmp_path: Path) -> None:
-    data = write_dataset("ct3d", 6, tmp_path / "data", seed=0, shape=(32, 32, 12))  # 4 train, 2 val
+def test_two_process_torchrun_trains_and_logs_once(tmp_path: Path, ct6_dataset: Path) -> None:
+    data = ct6_dataset  # 4 train, 2 val; a store of its own: it counts the experiment's runs
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [a for k, v in {**FAST, "output_dir": str(out)}.items() for a in ("--set", f"{k}={json.dumps(v)}")]

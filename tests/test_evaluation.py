@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.evaluation import case_metrics, evaluate
-from pipeline.synthetic import save_nifti
+from pipeline.fileio import write_nifti
 
 SPACING = (2.0, 1.0, 0.5)  # mm along array axes 0, 1, 2
 # non-identity, axis-permuting affine with those voxel sizes (columns: axis 0 -> -y, 1 -> z, 2 -> x)
@@ -65,8 +63,8 @@ def _dataset(root: Path, n: int = 4) -> Path:
         ref = cube()
         if i == 0:
             ref[9:11, 9:11, 9:11] = 2
-        save_nifti(ref, AFFINE, root / "labelsTr" / f"case_{i}.nii.gz")
-        save_nifti(ref.astype(np.int16) * 50, AFFINE, root / "imagesTr" / f"case_{i}.nii.gz")
+        write_nifti(ref, root / "labelsTr" / f"case_{i}.nii.gz", affine=AFFINE)
+        write_nifti(ref.astype(np.int16) * 50, root / "imagesTr" / f"case_{i}.nii.gz", affine=AFFINE)
         entries.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
     manifest = {"name": "cubes", "modality": {"0": "CT"}, "labels": LABELS, "numTraining": n, "training": entries}
     (root / "dataset.json").write_text(json.dumps(manifest))
@@ -81,12 +79,12 @@ def evaluated(tmp_path: Path):
     pred.mkdir()
     perfect = cube()
     perfect[9:11, 9:11, 9:11] = 2
-    save_nifti(perfect, AFFINE, pred / "case_0.nii.gz")
-    save_nifti(cube((2, 0, 0)), AFFINE, pred / "case_1.nii.gz")
+    write_nifti(perfect, pred / "case_0.nii.gz", affine=AFFINE)
+    write_nifti(cube((2, 0, 0)), pred / "case_1.nii.gz", affine=AFFINE)
     moved = AFFINE.copy()
     moved[0, 3] += 5.0
-    save_nifti(cube(), moved, pred / "case_3.nii.gz")
-    save_nifti(cube(), AFFINE, pred / "stray.nii.gz")
+    write_nifti(cube(), pred / "case_3.nii.gz", affine=moved)
+    write_nifti(cube(), pred / "stray.nii.gz", affine=AFFINE)
     return manifest, pred
 
 
@@ -119,8 +117,8 @@ def test_geometry_shape_mismatch_and_nothing_to_evaluate(tmp_path: Path):
     manifest = _dataset(tmp_path / "ref", n=2)
     pred = tmp_path / "pred"
     pred.mkdir()
-    save_nifti(cube(shape=(12, 12, 13)), AFFINE, pred / "case_0.nii.gz")
-    save_nifti(cube(), AFFINE, pred / "case_1.nii.gz")
+    write_nifti(cube(shape=(12, 12, 13)), pred / "case_0.nii.gz", affine=AFFINE)
+    write_nifti(cube(), pred / "case_1.nii.gz", affine=AFFINE)
     summary = evaluate(pred, manifest, out_csv=tmp_path / "out" / "m.csv")
     assert "shape (12, 12, 13) differs" in summary["errors"]["case_0"]
     assert (tmp_path / "out" / "metrics_summary.json").is_file()
@@ -148,11 +146,15 @@ def test_mlflow_logging_read_back(evaluated, tmp_path: Path):
         evaluate(pred, manifest, run_id="0" * 32, tracking_uri=uri)
 
 
-def test_cli_exit_codes(evaluated, tmp_path: Path):
+def test_cli_exit_codes(evaluated, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """In-process: ``main`` returns the exit code that ``python -m pipeline`` exits with
+    (test_cli.py checks that mapping in a real process)."""
+    from pipeline.cli import main
+
     manifest, pred = evaluated
-    cmd = [sys.executable, "-m", "pipeline", "evaluate", "--ref", str(manifest)]
-    ok = subprocess.run(cmd + ["--pred", str(pred), "--out", str(tmp_path / "m.csv")], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["missing"] == ["case_2"] and (tmp_path / "m.csv").is_file()
-    bad = subprocess.run(cmd + ["--pred", str(tmp_path / "nowhere")], capture_output=True, text=True)
-    assert bad.returncode == 1 and "prediction folder not found" in bad.stderr
+    cmd = ["evaluate", "--ref", str(manifest)]
+    assert main(cmd + ["--pred", str(pred), "--out", str(tmp_path / "m.csv")]) == 0
+    assert json.loads(capsys.readouterr().out)["missing"] == ["case_2"] and (tmp_path / "m.csv").is_file()
+    assert main(cmd + ["--pred", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert "prediction folder not found" in err and len(err.strip().splitlines()) == 1

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
+from pipeline.fileio import write_nifti
 from pipeline.fingerprint import suggest_roi, target_spacing, write_fingerprint
-from pipeline.synthetic import save_nifti
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "Task04_Hippocampus" / "dataset.json"
 
@@ -50,8 +50,8 @@ def _aniso_dataset(root: Path) -> Path:
         label = np.zeros((8, 40, 40), np.uint8)
         label[2:6, 10:30, 10:20] = 1
         label[2:6, 10:30, 20:30] = 2
-        save_nifti(label, affine, root / "labelsTr" / f"mr_{i}.nii.gz")
-        save_nifti(label.astype(np.float32) * 100 + 7, affine, root / "imagesTr" / f"mr_{i}.nii.gz")
+        write_nifti(label, root / "labelsTr" / f"mr_{i}.nii.gz", affine=affine)
+        write_nifti(label.astype(np.float32) * 100 + 7, root / "imagesTr" / f"mr_{i}.nii.gz", affine=affine)
         entries.append({"image": f"./imagesTr/mr_{i}.nii.gz", "label": f"./labelsTr/mr_{i}.nii.gz"})
     manifest = {"name": "aniso", "modality": {"0": "MR"}, "labels": {"0": "background", "1": "a", "2": "b"},
                 "training": entries}
@@ -74,7 +74,7 @@ def test_anisotropic_permuted_axes(tmp_path: Path):
 
 def test_image_label_shape_mismatch(tmp_path: Path):
     manifest = _aniso_dataset(tmp_path / "d")
-    save_nifti(np.zeros((8, 40, 41), np.uint8), np.eye(4), tmp_path / "d" / "labelsTr" / "mr_1.nii.gz")
+    write_nifti(np.zeros((8, 40, 41), np.uint8), tmp_path / "d" / "labelsTr" / "mr_1.nii.gz", affine=np.eye(4))
     with pytest.raises(InputError, match=r"mr_1.nii.gz: shape \(8, 40, 41\) differs"):
         write_fingerprint(manifest)
 

@@ -15,17 +15,14 @@ from pipeline.synthetic import (
     COHORT_LABELS,
     KINDS,
     cells_image,
-    cohort_geometry,
-    cohort_maps,
     ct_phantom,
     draw_anatomy,
-    draw_cohort_anatomy,
-    draw_ct_study,
     lps_affine,
     mr_phantom,
     patient_index,
     write_dataset,
 )
+from pipeline.synthetic_cohort import cohort_geometry, cohort_maps, draw_cohort_anatomy, draw_ct_study
 
 COHORT_SHAPE = (64, 64, 40)  # the cohort's real field of view on a small matrix: ~5-7 mm voxels
 

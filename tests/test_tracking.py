@@ -21,7 +21,6 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoints import list_checkpoints
 from pipeline.errors import UsageError
-from pipeline.synthetic import write_dataset
 from pipeline.tracking import RunTracker, serve_ui, server_command
 from pipeline.train import train_bundle
 
@@ -63,8 +62,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset("ct3d", 6, tmp_path_factory.mktemp("ct6"), seed=0, shape=(32, 32, 12))
+def data(ct6_dataset: Path) -> Path:
+    return ct6_dataset
 
 
 @pytest.fixture(scope="module")

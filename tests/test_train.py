@@ -16,10 +16,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.amp import autocast_dtype, autocast_inferer, cpu_has_bf16
 from pipeline.checkpoints import list_checkpoints
 from pipeline.errors import InputError, SegpipeError
-from pipeline.synthetic import write_dataset
 from pipeline.train import train_bundle
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
@@ -32,8 +30,8 @@ FAST = {**TINY, "pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12]}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset("ct3d", 6, tmp_path_factory.mktemp("ct6"), seed=0, shape=(32, 32, 12))
+def data(ct6_dataset: Path) -> Path:
+    return ct6_dataset
 
 
 def _sets(overrides: dict) -> list[str]:
@@ -41,9 +39,9 @@ def _sets(overrides: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One MLflow SQLite store for the module: creating its tables costs seconds per store."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+def store(mlflow_store: str) -> str:
+    """The session's MLflow store (runs are found by id)."""
+    return mlflow_store
 
 
 def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path, store: str) -> None:
@@ -173,18 +171,6 @@ def test_bad_manifest_stops_before_training(tmp_path: Path, data: Path, store: s
         train_bundle(BUNDLE, manifest=bad / "dataset.json", epochs=1, tracking_uri=store,
                      overrides={**FAST, "output_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
-
-
-def test_amp_policy_and_cpu_autocast() -> None:
-    assert autocast_dtype("cpu", False) is None
-    assert autocast_dtype("cpu", True) == (torch.bfloat16 if cpu_has_bf16() else None)
-    net = torch.nn.Conv3d(1, 2, 3, padding=1)
-    x = torch.rand(1, 1, 8, 8, 8)
-    plain = autocast_inferer(lambda i, n: n(i), "cpu", None)
-    bf16 = autocast_inferer(lambda i, n: n(i), "cpu", torch.bfloat16)
-    with torch.no_grad():
-        ref, low = plain(x, net), bf16(x, net)
-    assert low.dtype == torch.float32 and torch.allclose(ref, low, atol=0.05) and not torch.equal(ref, low)
 
 
 def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_clear_error(monkeypatch) -> None:

@@ -22,8 +22,9 @@ import numpy as np
 from test_studies import volume, write_series  # the DICOM writer of the studies tests
 
 from pipeline.errors import InputError
+from pipeline.fileio import write_nifti
 from pipeline.studies import read_header
-from pipeline.synthetic import CT_LABELS, ct_phantom, save_nifti
+from pipeline.synthetic import CT_LABELS, ct_phantom
 
 SHAPE = (16, 16, 8)
 SPACING = (0.8, 0.8, 2.5)
@@ -47,7 +48,7 @@ def phantom(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarray:
 
 def nii(path: Path, data: np.ndarray, aff: np.ndarray = RAS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_nifti(np.asarray(data), aff, path)
+    return write_nifti(np.asarray(data), path, affine=aff)
 
 
 def patch_header(path: Path, offset: int, fmt: str, *values: Any) -> Path:

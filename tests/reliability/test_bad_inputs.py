@@ -6,9 +6,9 @@ train: the `error:` line; predict: the study's report.csv `error`), exit code 1,
 and no partial output. The valid-but-odd kinds (one voxel thick, smaller than the ROI, oblique,
 LPS) validate clean and predict a mask in the source geometry (same shape and affine).
 
-Cost: validate runs once per kind in its own process (it is cheap); predict runs once, in one
-process, over a folder holding every image kind and two good studies; train and predict on a
-manifest run in-process (the first call pays the imports), refused before any work starts.
+Cost: validate runs in-process for every kind (and once as a real process); predict runs once,
+in one process, over a folder holding every image kind and two good studies; train and predict
+on a manifest run in-process (the first call pays the imports), refused before any work starts.
 """
 
 from __future__ import annotations
@@ -52,22 +52,34 @@ def test_the_corpus_has_at_least_25_kinds() -> None:
     assert len(KINDS) >= 25
 
 
-# ---------------------------------------------------------------- validate: one process per kind
+# ---------------------------------------------------------------- validate: every kind, in-process
 
 
 @pytest.mark.parametrize("name", KINDS)
-def test_validate(name: str, tmp_path: Path) -> None:
+def test_validate(name: str, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    """``segpipe validate`` through ``main`` in this process (``main`` returns the process's exit
+    code; test_validate_process checks a real process once)."""
     if AS_ROOT and name == "unreadable":
         pytest.skip(ROOT_SKIP)
     manifest, bad = build(name, tmp_path / "ds")
-    r = run_cli("validate", str(manifest))
-    assert no_traceback(r.stdout, r.stderr), r.stderr
+    rc = main(["validate", str(manifest)])
+    out, err = capsys.readouterr()
+    assert no_traceback(out, err, caplog.text), err
     if not KINDS[name].problem:
-        assert (r.returncode, r.stdout.strip()) == (0, f"{manifest}: ok"), r.stdout + r.stderr
+        assert (rc, out.strip()) == (0, f"{manifest}: ok"), out + err
         return
-    assert r.returncode == 1, r.stdout + r.stderr
-    [line] = r.stdout.splitlines()
+    assert rc == 1, out + err
+    [line] = out.splitlines()
     assert str(bad) in line and KINDS[name].problem in line, line
+    assert [ln for ln in err.splitlines() if not INFO.match(ln)] == [f"{manifest}: 1 problem(s)"]
+
+
+def test_validate_process(tmp_path: Path) -> None:
+    manifest, bad = build("truncated_gz", tmp_path / "ds")
+    r = run_cli("validate", str(manifest))
+    assert r.returncode == 1 and no_traceback(r.stdout, r.stderr), r.stderr
+    [line] = r.stdout.splitlines()
+    assert str(bad) in line and KINDS["truncated_gz"].problem in line, line
     assert [ln for ln in r.stderr.splitlines() if not INFO.match(ln)] == [f"{manifest}: 1 problem(s)"]
 
 

@@ -38,8 +38,8 @@ SHAPE = (24, 24, 8)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset("ct3d", 6, tmp_path_factory.mktemp("ct6"), seed=0, shape=(32, 32, 12))
+def data(ct6_dataset: Path) -> Path:
+    return ct6_dataset
 
 
 class _Watched:
@@ -91,7 +91,7 @@ def test_training_killed_five_times_resumes_and_finishes(tmp_path: Path, data: P
     every checkpoint stays readable and the last resume finishes with the right epoch count."""
     out, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(data), "--epochs", str(EPOCHS),
-           "--tracking-uri", store, *_sets({**FAST, "output_dir": str(out)})]
+           "--tracking-uri", store, "--verbose", *_sets({**FAST, "output_dir": str(out)})]  # engine lines mark moments
     rng = random.Random(0)
     ckpt = out / "checkpoints"
 
@@ -218,10 +218,10 @@ def test_disk_full_during_batch_is_one_line_per_study_and_no_corrupt_file(bundle
     assert "too large" in (r.stdout + r.stderr).lower(), r.stderr[-2000:]
 
 
-def test_disk_full_during_training_keeps_the_last_good_checkpoint(tmp_path: Path, data: Path) -> None:
+def test_disk_full_during_training_keeps_the_last_good_checkpoint(tmp_path: Path, data: Path, mlflow_store: str) -> None:
     """Checkpoints cannot be written beyond the first epoch: training stops with one line, exit 1,
     and nothing torn is left under a checkpoint name."""
-    out, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, store = tmp_path / "run", mlflow_store
     cmd = [sys.executable, "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(data), "--epochs", "2",
            "--tracking-uri", store, *_sets({**FAST, "output_dir": str(out)})]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -237,8 +237,8 @@ def test_disk_full_during_training_keeps_the_last_good_checkpoint(tmp_path: Path
         assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith("tmp")]
 
 
-def test_two_trainings_with_one_seed_give_the_same_dice(tmp_path: Path, data: Path) -> None:
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_two_trainings_with_one_seed_give_the_same_dice(tmp_path: Path, data: Path, mlflow_store: str) -> None:
+    store = mlflow_store
     a, b = (train_bundle(BUNDLE, manifest=data, epochs=2, tracking_uri=store,
                          overrides={**FAST, "output_dir": str(tmp_path / name)}) for name in ("a", "b"))
     assert a["val_dice"].keys() == b["val_dice"].keys()
