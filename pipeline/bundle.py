@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, UsageError, first_line
+from pipeline.errors import InputError, SegpipeError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -68,5 +68,7 @@ def get(parser: Any, id: str, bundle_dir: Path | str = "") -> Any:
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
+        if isinstance(root, SegpipeError):  # already one line naming the file (e.g. missing weights)
+            raise root from e
         reason = f"{type(root).__name__}: {first_line(root)}" if str(root).strip() else type(root).__name__
         raise InputError(f"{bundle_dir or 'bundle'}: cannot build {id!r}: {reason}") from e

@@ -112,6 +112,32 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_crossval(a: argparse.Namespace) -> int:
+    overrides = _parse_set(a.set)
+    _check_device(a.device)
+    from pipeline.crossval import crossval, export_ensemble
+
+    result = crossval(Path(a.bundle), Path(a.manifest), folds=a.folds, fold_ids=a.fold, epochs=a.epochs,
+                      output_dir=Path(a.output) if a.output else None, tracking_uri=a.tracking_uri,
+                      device=a.device, overrides=overrides, verbose=a.verbose, progress=sys.stderr.isatty())
+    s = result["summary"]
+    print(f"out-of-fold: {result['cases_scored']} of {result['cases_total']} cases, mean Dice {s['mean_dice']:.4f} ("
+          + ", ".join(f"{c} {v['mean']:.4f} +- {v['sd']:.4f}" for c, v in s["dice"].items())
+          + f"); post-processing: {result['postprocessing']['chosen']}")
+    if a.export:
+        for path in export_ensemble(Path(a.bundle), Path(result["output_dir"])):
+            print(f"exported {path}")
+    return 0
+
+
+def _cmd_export_ensemble(a: argparse.Namespace) -> int:
+    from pipeline.crossval import export_ensemble
+
+    for path in export_ensemble(Path(a.bundle), Path(a.crossval), folds=a.fold):
+        print(f"exported {path}")
+    return 0
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     overrides = _parse_set(a.set)
     _check_device(a.device)
@@ -212,6 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", action="store_true",
                    help="also Ignite's and MONAI's own log lines and the per-epoch record")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("crossval", help="k-fold cross-validation: folds, out-of-fold Dice, post-processing")
+    s.add_argument("bundle", help="bundle folder")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    s.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable)")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--output", default=None, help="folder (default: the bundle's output_dir/crossval)")
+    s.add_argument("--export", action="store_true", help="copy the fold weights into the bundle afterwards")
+    s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--device", default=None)
+    s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
+    s.add_argument("--verbose", action="store_true")
+    s.set_defaults(func=_cmd_crossval)
+
+    s = sub.add_parser("export-ensemble", help="copy a cross-validation's fold weights into the bundle")
+    s.add_argument("bundle", help="bundle folder")
+    s.add_argument("--crossval", required=True, help="the cross-validation folder (holds crossval.json)")
+    s.add_argument("--fold", type=int, action="append", help="export only this fold (repeatable)")
+    s.set_defaults(func=_cmd_export_ensemble)
 
     s = sub.add_parser("predict", help="segment one study, a folder or a manifest")
     s.add_argument("bundle", help="bundle folder (weights in models/model.pt)")

@@ -13,7 +13,10 @@ masks under the same names.
   source grid, inverting one channel at a time with a running argmax (bounded memory).
 - :func:`label_cleanup`: the bundle's ``postprocess`` id names the labels to clean:
   ``{"keep_largest": [1, 3], "fill_holes": [1]}`` keeps only the largest connected component of
-  labels 1 and 3 and fills the holes of label 1. Empty lists (the default) change nothing.
+  labels 1 and 3 and fills the holes of label 1; ``{"keep_largest_foreground": true}`` keeps the
+  largest connected component of all foreground labels taken together (nnU-Net's first
+  candidate). Empty lists (the default) change nothing; ``segpipe crossval`` chooses on
+  out-of-fold data.
 - :func:`label_volumes`: voxel counts and volumes in mL per label (``report.csv``).
 """
 
@@ -36,16 +39,26 @@ def label_cleanup(options: Mapping[str, Sequence[int]] | None) -> Callable[[Any]
     """A callable on a (1, *spatial) label map applying ``options`` (see the module docstring);
     the identity when no labels are named. Unknown option names are a ValueError (typos)."""
     options = dict(options or {})
-    unknown = set(options) - {"keep_largest", "fill_holes"}
+    unknown = set(options) - {"keep_largest", "fill_holes", "keep_largest_foreground"}
     if unknown:
-        raise ValueError(f"postprocess: unknown option(s) {sorted(unknown)}; use keep_largest, fill_holes")
+        raise ValueError(f"postprocess: unknown option(s) {sorted(unknown)}; use keep_largest, "
+                         "keep_largest_foreground, fill_holes")
     steps: list[Callable] = []
+    if options.get("keep_largest_foreground"):
+        steps.append(_largest_foreground)
     if options.get("keep_largest"):
         steps.append(KeepLargestConnectedComponent(applied_labels=list(options["keep_largest"]),
                                                    is_onehot=False, independent=True))
     if options.get("fill_holes"):
         steps.append(FillHoles(applied_labels=list(options["fill_holes"])))
     return Compose(steps) if steps else (lambda x: x)
+
+
+def _largest_foreground(labels: torch.Tensor) -> torch.Tensor:
+    """Zero every foreground voxel outside the largest connected component of all foreground."""
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, independent=True)(
+        (torch.as_tensor(labels) > 0).to(torch.uint8))
+    return labels * torch.as_tensor(keep).to(labels.dtype)
 
 
 def label_volumes(labels: torch.Tensor | Any, names: Sequence[str], voxel_ml: float) -> dict[str, float | int]:

@@ -109,14 +109,15 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
 
 
 #: the ids of common.json + inference.json that segpipe predict reads (every bundle declares them)
-PREDICT_IDS = ("device", "network_def", "model_path", "preprocessing", "inferer", "postprocessing",
+PREDICT_IDS = ("device", "predictor", "folds", "preprocessing", "inferer", "postprocessing",
                "prediction_dir", "label_names", "max_voxels", "in_channels", "spatial_dims")
 
 
 def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str | None,
                output_dir: Path | None = None) -> dict[str, Any]:
-    """Everything a study needs from the bundle, built once: network with weights, preprocessing,
-    inferer, the bundle's own ``postprocessing`` (writing into ``output_dir``) and limits."""
+    """Everything a study needs from the bundle, built once: the ``predictor`` (one network with
+    its weights, or a fold ensemble: ``pipeline.ensemble``), preprocessing, inferer, the bundle's
+    own ``postprocessing`` (writing into ``output_dir``) and limits."""
     overrides = dict(overrides or {})
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per rank
@@ -128,11 +129,8 @@ def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str |
     missing = [k for k in PREDICT_IDS if k not in parser]
     if missing:
         raise UsageError(f"{bundle_dir}: the inference configs lack id(s) {', '.join(missing)}")
-    dev = torch.device(get(parser, "device", bundle_dir))
-    network = get(parser, "network_def", bundle_dir)
-    predict_io.load_weights(network, Path(get(parser, "model_path", bundle_dir)))
     return {
-        "network": network.to(dev).eval(), "device": dev,
+        "network": get(parser, "predictor", bundle_dir), "device": torch.device(get(parser, "device", bundle_dir)),
         **{k: get(parser, k, bundle_dir) for k in ("preprocessing", "inferer", "postprocessing")},
         "label_names": list(get(parser, "label_names", bundle_dir)),
         **{k: int(parser.get_parsed_content(k)) for k in ("max_voxels", "in_channels", "spatial_dims")},

@@ -132,10 +132,11 @@ def _check_manifest(manifest: Path) -> None:
 def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | None = None, resume: bool = False,
                  tracking_uri: str | None = None, device: str | None = None, amp: bool | None = None,
                  overrides: dict[str, Any] | None = None, verbose: bool = False,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the bundle in ``bundle_dir``; return a summary (best Dice, per class, paths, run id).
     ``progress``: a progress bar per epoch (the CLI turns it on for a terminal); ``verbose``: also
-    Ignite's and MONAI's own log lines and the per-epoch record."""
+    Ignite's and MONAI's own log lines and the per-epoch record; ``tags``: more MLflow tags (e.g.
+    ``mlflow.parentRunId`` for a cross-validation fold)."""
     t0 = time.perf_counter()
     started = _init_distributed()
     try:
@@ -148,7 +149,7 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
             raise UsageError(f"{bundle_dir}: common.json + train.json lack the id(s) {', '.join(missing)}")
         _check_manifest(Path(parser.get_parsed_content("manifest")))
         with _console(verbose, progress and idist.get_rank() == 0) as bar:
-            summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar)
+            summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         return summary
     finally:
@@ -202,7 +203,8 @@ def _setting(parser: Any, id: str) -> Any:
     return parser.get_parsed_content(id)
 
 
-def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None) -> dict[str, Any]:
+def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None,
+         tags: dict[str, Any] | None = None) -> dict[str, Any]:
     from pipeline.tracking import attach_tracker, bundle_params, git_commit, open_tracker
 
     meta = bundle_metadata(bundle_dir)
@@ -253,7 +255,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         manifest = Path(_setting(parser, "manifest"))
         tracker.set_tags({"bundle": meta.get("name"), "bundle_version": meta.get("version"),
                           "git_commit": git_commit(), "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
-                          "device": str(trainer.state.device), "world_size": idist.get_world_size()})
+                          "device": str(trainer.state.device), "world_size": idist.get_world_size(), **(tags or {})})
         tracker.log_params(bundle_params(parser))
         config_path = output_dir / "config_resolved.json"
         parser.export_config_file(parser.get(), str(config_path), indent=2)

@@ -1,0 +1,297 @@
+"""`segpipe crossval`: k-fold cross-validation of a bundle, out-of-fold estimates, the ensemble.
+
+``crossval(bundle, manifest, folds=5)`` trains every fold of the manifest's patient-grouped
+split (``splits.json`` beside the manifest when present, else the same split computed from the
+bundle's seed; it is recorded in the output folder) with ``pipeline.train.train_bundle`` into
+``OUT/fold_<k>`` (``OUT`` is the bundle's ``output_dir`` + ``/crossval`` unless given). Each fold
+resumes on its own: a rerun skips finished folds and continues an interrupted one, and ``--fold
+K`` runs one fold alone (a cluster's scheduler, or several GPUs, run folds side by side).
+
+Then every validation case is predicted by the model that did not see it (``OUT/oof/<id>.nii.gz``,
+the bundle's own inference path) and scored against its label: ``OUT/crossval.json`` holds Dice
+and HD95 per case, per fold and over all cases (mean, sd), and the post-processing chosen on
+those out-of-fold masks as nnU-Net does: keeping the largest connected component of all
+foreground, then of each class, is switched on only where it raises the out-of-fold mean Dice.
+
+MLflow: one parent run (``crossval-<bundle>``) with a nested child run per fold (the folds'
+training runs); the out-of-fold summary is logged on the parent. ``export_ensemble`` copies the
+fold weights into the bundle (``models/fold_<k>.pt``), lists them in its metadata and makes them
+the bundle's default predictor (``folds`` in common.json) with the chosen post-processing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError, UsageError
+from pipeline.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+SPLITS_FILE = "splits.json"
+RESULT_FILE = "crossval.json"
+
+
+# -- the split --------------------------------------------------------------------------------------
+def fold_cases(manifest: Path, folds: int, seed: int) -> list[list[str]]:
+    """The validation case ids of each fold, as training will see them (``pipeline.manifest.datalist``).
+    Refused in one line: fewer patients than folds, or a ``splits.json`` beside the manifest that
+    does not cover exactly the manifest's cases."""
+    from pipeline.manifest import datalist, load_manifest
+
+    entries = load_manifest(manifest)["training"]
+    groups = {e.get("patient") or f"id:{e['id']}" for e in entries}
+    if folds < 2:
+        raise UsageError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if folds > len(groups):
+        raise UsageError(f"--folds {folds}: {manifest} has only {len(groups)} patients")
+    saved = Path(manifest).parent / SPLITS_FILE
+    if saved.is_file():
+        ids = {e["id"] for e in entries}
+        try:
+            listed = {i for fold in json.loads(saved.read_text())["folds"] for part in fold.values() for i in part}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{saved}: not a splits file ({e})") from None
+        missing, extra = sorted(ids - listed), sorted(listed - ids)
+        if missing or extra:
+            what = f"case {missing[0]} missing" if missing else f"case {extra[0]} not in the manifest"
+            raise InputError(f"{saved}: does not match {manifest} ({what}; {len(missing)} missing, {len(extra)} extra)")
+    return [[e["id"] for e in datalist(manifest, "val", k, folds, seed)] for k in range(folds)]
+
+
+# -- the folds ---------------------------------------------------------------------------------------
+def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[int] | None = None,
+             epochs: int | None = None, output_dir: Path | None = None, tracking_uri: str | None = None,
+             device: str | None = None, overrides: dict[str, Any] | None = None, verbose: bool = False,
+             progress: bool = False) -> dict[str, Any]:
+    """Train the chosen folds (all by default), predict their validation cases, score every
+    out-of-fold case there is so far; return (and write) the ``crossval.json`` summary."""
+    from pipeline.bundle import bundle_metadata, load_bundle
+    from pipeline.tracking import open_tracker
+    from pipeline.train import train_bundle
+
+    bundle_dir, manifest = Path(bundle_dir), Path(manifest).resolve()
+    overrides = dict(overrides or {})
+    parser = load_bundle(bundle_dir, ("common.json", "train.json"), overrides)
+    seed = int(parser.get_parsed_content("seed"))
+    cases = fold_cases(manifest, folds, seed)
+    chosen = list(range(folds)) if not fold_ids else sorted(set(fold_ids))
+    bad = [k for k in chosen if not 0 <= k < folds]
+    if bad:
+        raise UsageError(f"--fold {bad[0]}: the split has folds 0..{folds - 1}")
+    out = Path(output_dir or Path(parser.get_parsed_content("output_dir")) / "crossval").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _record_split(out, manifest, folds, seed, cases)
+
+    name = bundle_metadata(bundle_dir).get("name", bundle_dir.name)
+    parent = open_tracker(tracking_uri, name, out / "metrics.jsonl", out / "mlflow_run.json", resume=True,
+                          run_name=f"crossval-{name}")
+    parent.set_tags({"crossval": "parent", "folds": folds, "manifest": str(manifest), "bundle": name})
+    parent.flush()
+    for k in chosen:
+        log.info("fold %d of %d: %d validation cases -> %s", k, folds, len(cases[k]), out / f"fold_{k}")
+        train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True, tracking_uri=parent.uri,
+                     device=device, verbose=verbose, progress=progress,
+                     overrides={**overrides, "fold": k, "num_folds": folds, "output_dir": str(out / f"fold_{k}")},
+                     tags={"mlflow.parentRunId": parent.run_id, "fold": k})
+        predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
+    result = score(out, manifest, cases, name)
+    parent.log_metrics(_flat_metrics(result), step=0)
+    parent.log_artifact(out / RESULT_FILE, "crossval")
+    result["mlflow"], result["output_dir"] = parent.finish(), str(out)
+    return result
+
+
+def _record_split(out: Path, manifest: Path, folds: int, seed: int, cases: list[list[str]]) -> None:
+    """The split this cross-validation uses, in its folder (refused if a rerun's split differs)."""
+    record = {"manifest": str(manifest), "k": folds, "seed": seed, "val": cases}
+    f = out / SPLITS_FILE
+    if f.is_file():
+        old = json.loads(f.read_text())
+        if old.get("val") != cases or old.get("k") != folds:
+            raise InputError(f"{f}: this folder holds a cross-validation with another split (k={old.get('k')}); "
+                             "use another output folder")
+        return
+    with atomic_path(f) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[str], device: str | None,
+                 overrides: dict[str, Any]) -> None:
+    """Predict fold ``k``'s validation cases with its own model into ``out/oof`` (finished masks
+    are skipped, so this resumes too)."""
+    from pipeline.bundle import load_bundle
+    from pipeline.manifest import load_manifest
+    from pipeline.predict import CONFIGS, predict
+
+    weights = out / f"fold_{k}" / "model.pt"
+    if not weights.is_file():
+        raise InputError(f"{weights}: fold {k} has no trained weights")
+    m = load_manifest(manifest)
+    wanted = set(ids)
+    fold_manifest = out / f"fold_{k}" / "validation.json"
+    entries = [{key: e[key] for key in ("id", "image", "label") if e.get(key)} for e in m["training"] if e["id"] in wanted]
+    with atomic_path(fold_manifest) as tmp:
+        tmp.write_text(json.dumps({"labels": m["labels"], "training": entries, "allow_outside": True}, indent=1))
+    inference = load_bundle(bundle_dir, CONFIGS)
+    shared = {key: v for key, v in overrides.items() if key in inference}  # training-only ids do not apply
+    rows = predict(bundle_dir, fold_manifest, out / "oof", device=device, progress=False,
+                   overrides={**shared, "model_path": str(weights), "folds": []})
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise InputError(f"fold {k}: {len(failed)} out-of-fold prediction(s) failed, first: {failed[0]['error']}")
+
+
+# -- scoring and post-processing ----------------------------------------------------------------------
+CANDIDATES = ("none", "largest_foreground", "largest_per_class")
+
+
+def postprocess_options(candidate: str, n_classes: int) -> dict[str, Any]:
+    """The ``postprocess`` id (``pipeline.postprocess.label_cleanup``) of a candidate."""
+    fg = list(range(1, n_classes))
+    return {"none": {}, "largest_foreground": {"keep_largest_foreground": True},
+            "largest_per_class": {"keep_largest": fg}}[candidate]
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
+    out = []
+    for c in range(1, n_classes):
+        p, r = pred == c, ref == c
+        denom = int(p.sum()) + int(r.sum())
+        out.append(1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom)
+    return out
+
+
+def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[str, Any]:
+    """Dice and HD95 of every out-of-fold mask there is; the post-processing candidates' mean
+    Dice; write ``out/crossval.json``."""
+    import torch
+
+    from pipeline.evaluation import case_metrics, json_safe
+    from pipeline.fileio import read_label
+    from pipeline.manifest import load_manifest
+    from pipeline.postprocess import label_cleanup
+
+    m = load_manifest(manifest)
+    labels = m["labels"]
+    names = [labels[str(i)] for i in range(len(labels))]
+    refs = {e["id"]: e["label"] for e in m["training"]}
+    per_case: dict[str, Any] = {}
+    candidates = {c: [] for c in CANDIDATES}
+    for k, ids in enumerate(cases):
+        for sid in ids:
+            mask = out / "oof" / f"{sid}.nii.gz"
+            if not mask.is_file():
+                continue
+            pred, _, _ = read_label(mask)
+            ref, _, spacing = read_label(refs[sid])
+            metrics = case_metrics(pred, ref, spacing, labels)
+            per_case[sid] = {"fold": k, "dice": {n: metrics[n]["dice"] for n in names[1:]},
+                             "hd95_mm": {n: metrics[n]["hd95_mm"] for n in names[1:]}}
+            tensor = torch.as_tensor(pred.astype(np.int64))[None]
+            for c in CANDIDATES:
+                cleaned = label_cleanup(postprocess_options(c, len(names)))(tensor)
+                candidates[c].append(float(np.mean(_dice(np.asarray(cleaned[0]), ref, len(names)))))
+    means = {c: float(np.mean(v)) if v else math.nan for c, v in candidates.items()}
+    best = max(CANDIDATES, key=lambda c: (means[c] > means["none"] + 1e-6, means[c]))  # none unless one gains
+    result = {
+        "bundle": name, "manifest": str(manifest), "folds": len(cases), "cases_scored": len(per_case),
+        "cases_total": sum(map(len, cases)),
+        "summary": _summary(per_case.values(), names[1:]),
+        "per_fold": {str(k): _summary([v for v in per_case.values() if v["fold"] == k], names[1:])
+                     for k in range(len(cases))},
+        "postprocessing": {"mean_dice": means, "chosen": best,
+                           "postprocess": postprocess_options(best, len(names))},
+        "cases": per_case,
+    }
+    with atomic_path(out / RESULT_FILE) as tmp:
+        tmp.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    log.info("cross-validation of %s: %d of %d cases scored, out-of-fold mean Dice %.4f; post-processing: %s",
+             name, result["cases_scored"], result["cases_total"], result["summary"]["mean_dice"], best)
+    return result
+
+
+def _summary(rows: Any, classes: list[str]) -> dict[str, Any]:
+    rows = list(rows)
+    out: dict[str, Any] = {"n": len(rows)}
+    for metric in ("dice", "hd95_mm"):
+        out[metric] = {}
+        for c in classes:
+            v = np.array([r[metric][c] for r in rows], dtype=float)
+            v = v[np.isfinite(v)]
+            out[metric][c] = {"mean": float(v.mean()) if v.size else math.nan,
+                              "sd": float(v.std()) if v.size else math.nan}
+    means = [out["dice"][c]["mean"] for c in classes]
+    out["mean_dice"] = float(np.mean(means)) if rows else math.nan
+    return out
+
+
+def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    s = result["summary"]
+    flat = {"oof_mean_dice": s["mean_dice"], "oof_cases": float(result["cases_scored"])}
+    for c, v in s["dice"].items():
+        flat[f"oof_dice_{c}"] = v["mean"]
+    for c, v in s["hd95_mm"].items():
+        flat[f"oof_hd95_{c}"] = v["mean"]
+    for k, v in result["per_fold"].items():
+        flat[f"fold{k}_mean_dice"] = v["mean_dice"]
+    return {k: v for k, v in flat.items() if isinstance(v, float) and math.isfinite(v)}
+
+
+# -- the ensemble into the bundle ---------------------------------------------------------------------
+def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | None = None) -> list[Path]:
+    """Copy the folds' ``model.pt`` into ``bundle/models/fold_<k>.pt``, check they are one
+    network, list them in ``metadata.json`` (with the out-of-fold summary) and make them the
+    bundle's default predictor (``folds`` in common.json) with the chosen post-processing
+    (``postprocess`` in inference.json). Nothing is written unless every fold is there and fits."""
+    from pipeline.bundle import get, load_bundle
+    from pipeline.predict_io import load_weights
+
+    bundle_dir, crossval_dir = Path(bundle_dir), Path(crossval_dir)
+    result_file = crossval_dir / RESULT_FILE
+    if not result_file.is_file():
+        raise InputError(f"{result_file}: no cross-validation result; run segpipe crossval first")
+    result = json.loads(result_file.read_text())
+    chosen = sorted(set(folds)) if folds else list(range(int(result["folds"])))
+    sources = [crossval_dir / f"fold_{k}" / "model.pt" for k in chosen]
+    network = get(load_bundle(bundle_dir, ("common.json", "inference.json")), "network_def")
+    for src in sources:
+        load_weights(network, src)  # missing, or another network: one line naming the file
+    dests = []
+    for k, src in zip(chosen, sources, strict=True):
+        dest = bundle_dir / "models" / f"fold_{k}.pt"
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        dests.append(dest)
+    meta_file = bundle_dir / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["ensemble"] = {"folds": chosen, "weights": [f"models/fold_{k}.pt" for k in chosen],
+                        "crossval": {"mean_dice": result["summary"]["mean_dice"], "cases": result["cases_scored"],
+                                     "dice": {c: v["mean"] for c, v in result["summary"]["dice"].items()},
+                                     "postprocessing": result["postprocessing"]["chosen"]}}
+    with atomic_path(meta_file) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    _set_config_value(bundle_dir / "configs" / "common.json", "folds", chosen)
+    _set_config_value(bundle_dir / "configs" / "inference.json", "postprocess",
+                      {"keep_largest": [], "fill_holes": [], **result["postprocessing"]["postprocess"]})
+    log.info("exported folds %s of %s into %s", chosen, crossval_dir, bundle_dir / "models")
+    return dests
+
+
+def _set_config_value(path: Path, key: str, value: Any) -> None:
+    """Replace the one-line top-level ``"key": ...`` entry of a config, keeping its layout."""
+    text = path.read_text()
+    pattern = re.compile(rf'^(  "{re.escape(key)}": ).*?(,?)$', re.MULTILINE)
+    new, n = pattern.subn(lambda mt: f"{mt.group(1)}{json.dumps(value)}{mt.group(2)}", text, count=1)
+    if n != 1 or json.loads(new).get(key) != value:
+        raise UsageError(f"{path}: cannot set {key!r} (expected a one-line top-level entry)")
+    with atomic_path(path) as tmp:
+        tmp.write_text(new)

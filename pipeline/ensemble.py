@@ -1,0 +1,77 @@
+"""The predictor network of a bundle: one set of weights, or a fold ensemble.
+
+Every bundle's ``common.json`` declares
+
+    "folds": [],                          # [] = the single model_path; [0, 2] = models/fold_0.pt, fold_2.pt
+    "weights": "$pipeline.ensemble.weight_paths(@bundle_root, @model_path, @folds)",
+    "predictor": {"_target_": "pipeline.ensemble.load_predictor", "network_def": "@network_def",
+                  "paths": "@weights", "device": "@device"}
+
+and both ``segpipe predict`` and the bundle's ``inference.json``/``evaluate.json`` run
+``@predictor``: ``--set folds=[0]`` picks a subset of a shipped ensemble, ``--set model_path=...``
+(with ``folds`` empty) a single file.
+
+An ensemble averages the softmax probabilities of its members, window by window: its forward
+returns ``log(mean_k softmax(net_k(x)))``, which the inferer treats as logits; since those
+probabilities sum to one, ``softmax`` of it is exactly the members' mean, so flip TTA around it
+averages over folds x flips, and memory grows with the window batch, not with the volume or the
+number of folds (the stitched output is one accumulator, as for one network).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FOLD_WEIGHTS = "models/fold_{}.pt"
+
+
+def weight_paths(bundle_root: str | Path, model_path: str | Path, folds: Sequence[int]) -> list[str]:
+    """``[model_path]`` when ``folds`` is empty, else the bundle's ``models/fold_<k>.pt`` files."""
+    if not folds:
+        return [str(model_path)]
+    return [str(Path(bundle_root) / FOLD_WEIGHTS.format(int(k))) for k in folds]
+
+
+class Ensemble(nn.Module):
+    """Members' softmax probabilities averaged, returned as log-probabilities (see the module
+    docstring); deep-supervision heads (training mode) are not supported: eval only."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = None
+        for net in self.members:
+            out = net(x)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            p = torch.softmax(out.float(), dim=1)
+            mean = p if mean is None else mean.add_(p)
+        assert mean is not None
+        return mean.div_(len(self.members)).clamp_min_(torch.finfo(torch.float32).tiny).log_()
+
+
+def load_predictor(network_def: nn.Module, paths: Sequence[str | Path], device: torch.device | str = "cpu") -> nn.Module:
+    """``network_def`` with the weights of ``paths[0]``, or an ``Ensemble`` of copies of it with
+    each file's weights; on ``device``, in eval mode. A missing file, or weights of another
+    network, is an InputError naming the file (``predict_io.load_weights``)."""
+    import copy
+
+    from pipeline.predict_io import load_weights
+
+    if not paths:
+        raise ValueError("load_predictor needs at least one weights file")
+    members = [load_weights(network_def if i == 0 else copy.deepcopy(network_def), Path(p))
+               for i, p in enumerate(paths)]
+    if len(members) > 1:
+        log.info("fold ensemble of %d models: %s", len(members), ", ".join(Path(p).name for p in paths))
+    net: Any = members[0] if len(members) == 1 else Ensemble(members)
+    return net.to(device).eval()

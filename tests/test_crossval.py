@@ -1,0 +1,140 @@
+"""segpipe crossval: a real 2-fold cross-validation of tiny phantoms (folds, out-of-fold masks and
+Dice, MLflow parent and children, resume), bad input, the fold ensemble in prediction."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from test_train import FAST  # tests/ is on sys.path
+
+from pipeline.crossval import crossval, export_ensemble, fold_cases
+from pipeline.ensemble import Ensemble
+from pipeline.errors import InputError, UsageError
+from pipeline.manifest import load_manifest
+from pipeline.predict import predict
+
+BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
+SMALL = {**FAST, "val_interval": 1}
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory: pytest.TempPathFactory, ct6_dataset: Path, mlflow_store: str) -> dict:
+    """Fold 1 alone for one epoch first (an interrupted cross-validation), then all folds for two."""
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    first = crossval(BUNDLE, ct6_dataset, folds=2, fold_ids=[1], epochs=1, output_dir=out, tracking_uri=mlflow_store,
+                     overrides=SMALL)
+    result = crossval(BUNDLE, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store,
+                      overrides=SMALL)
+    return {"out": out, "first": first, "result": result}
+
+
+def test_every_case_is_predicted_by_the_fold_that_did_not_train_on_it(cv: dict, ct6_dataset: Path) -> None:
+    out, result = cv["out"], cv["result"]
+    ids = {e["id"] for e in load_manifest(ct6_dataset)["training"]}
+    folds = fold_cases(ct6_dataset, 2, 0)
+    assert sorted(sum(folds, [])) == sorted(ids) and not set(folds[0]) & set(folds[1])
+    assert cv["first"]["cases_scored"] == len(folds[1])  # after fold 1 alone: its cases only
+    assert result["cases_scored"] == result["cases_total"] == len(ids)
+    saved = json.loads((out / "crossval.json").read_text())
+    assert set(saved["cases"]) == ids
+    for k, fold in enumerate(folds):
+        assert {c for c, v in saved["cases"].items() if v["fold"] == k} == set(fold)
+        assert (out / f"fold_{k}" / "model.pt").is_file()
+    for sid in ids:  # masks in the source geometry of each study
+        mask, src = nib.load(out / "oof" / f"{sid}.nii.gz"), nib.load(ct6_dataset.parent / "imagesTr" / f"{sid}.nii.gz")
+        assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
+    s = saved["summary"]
+    assert set(s["dice"]) == {"liver", "kidney", "spleen"} and 0 <= s["mean_dice"] <= 1
+    assert {"mean", "sd"} <= set(s["dice"]["liver"]) and set(saved["per_fold"]) == {"0", "1"}
+    assert saved["postprocessing"]["chosen"] in saved["postprocessing"]["mean_dice"]
+
+
+def test_the_interrupted_fold_resumed_and_mlflow_has_one_parent_and_two_children(cv: dict, mlflow_store: str) -> None:
+    out, result = cv["out"], cv["result"]
+    ckpts = sorted(p.name for p in (out / "fold_1" / "checkpoints").glob("checkpoint_*.pt"))
+    assert ckpts == ["checkpoint_1.pt", "checkpoint_2.pt"]  # epoch 1 from the first call, 2 from the resume
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(result["mlflow"]["mlflow_run_id"])
+    assert cv["first"]["mlflow"]["mlflow_run_id"] == parent.info.run_id  # the rerun continued the parent
+    assert parent.data.metrics["oof_mean_dice"] == pytest.approx(result["summary"]["mean_dice"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]  # fold 1's run continued, not a third
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_a_rerun_skips_finished_folds(cv: dict, ct6_dataset: Path, mlflow_store: str) -> None:
+    out = cv["out"]
+    before = {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoints/*.pt")}
+    again = crossval(BUNDLE, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store, overrides=SMALL)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoints/*.pt")} == before
+    assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
+
+
+def test_bad_input_is_one_line_and_trains_nothing(tmp_path: Path, ct6_dataset: Path, mlflow_store: str) -> None:
+    kw = {"output_dir": tmp_path / "cv", "tracking_uri": mlflow_store, "overrides": SMALL, "epochs": 1}
+    with pytest.raises(UsageError, match="--fold 2: the split has folds 0..1"):
+        crossval(BUNDLE, ct6_dataset, folds=2, fold_ids=[2], **kw)
+    with pytest.raises(UsageError, match="--folds 6: .* has only 5 patients"):
+        crossval(BUNDLE, ct6_dataset, folds=6, **kw)
+    data = tmp_path / "data"
+    shutil.copytree(ct6_dataset.parent, data)
+    ids = [e["id"] for e in load_manifest(data / "dataset.json")["training"]]
+    splits = {"k": 2, "seed": 0, "folds": [{"train": ids[2:-1], "val": ids[:2]}, {"train": ids[:2], "val": ids[2:-1]}]}
+    (data / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(InputError, match=f"does not match .*case {ids[-1]} missing"):
+        crossval(BUNDLE, data / "dataset.json", folds=2, **kw)
+    assert not list((tmp_path / "cv").glob("fold_*"))
+
+
+def test_ensemble_averages_member_probabilities() -> None:
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits: list[float]) -> None:
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits.view(1, -1, 1, 1, 1).expand(x.shape[0], -1, *x.shape[2:])
+
+    a, b = Fixed([2.0, 0.0, -1.0]), Fixed([-1.0, 3.0, 0.5])
+    x = torch.zeros(2, 1, 3, 4, 5)
+    got = torch.softmax(Ensemble([a, b])(x), dim=1)
+    want = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_dataset: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"  # the phantom bundle as the folds were trained: the FAST network and grid
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*", "*.pt"))
+    common = json.loads((bundle / "configs" / "common.json").read_text())
+    common.update(features=FAST["network_def#features"], pixdim=FAST["pixdim"], roi_size=FAST["roi_size"])
+    (bundle / "configs" / "common.json").write_text(json.dumps(common, indent=2))
+    with pytest.raises(InputError, match="weights do not fit"):  # into the shipped bundle's network: refused
+        export_ensemble(BUNDLE, cv["out"])
+    exported = export_ensemble(bundle, cv["out"])
+    assert [p.name for p in exported] == ["fold_0.pt", "fold_1.pt"]
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["ensemble"]["weights"] == ["models/fold_0.pt", "models/fold_1.pt"]
+    assert json.loads((bundle / "configs" / "common.json").read_text())["folds"] == [0, 1]
+    studies = ct6_dataset.parent / "imagesTr"
+    rows = predict(bundle, studies, tmp_path / "both", device="cpu", progress=False)
+    assert all(r["status"] == "ok" for r in rows)
+    predict(bundle, studies, tmp_path / "fold0", device="cpu", progress=False, overrides={"folds": [0]})
+    predict(bundle, studies, tmp_path / "single", device="cpu", progress=False,
+            overrides={"folds": [], "model_path": str(cv["out"] / "fold_0" / "model.pt")})
+    for r in rows:
+        name = f"{r['study_id']}.nii.gz"
+        a, b = (np.asarray(nib.load(tmp_path / d / name).dataobj) for d in ("fold0", "single"))
+        np.testing.assert_array_equal(a, b)
+    # a fold file of another network in the bundle: one line naming it
+    other = torch.nn.Conv3d(1, 2, 3).state_dict()
+    torch.save(other, bundle / "models" / "fold_1.pt")
+    with pytest.raises(InputError, match=r"fold_1\.pt: weights do not fit"):
+        predict(bundle, studies, tmp_path / "bad", device="cpu", progress=False)
