@@ -4,9 +4,13 @@
 ``fingerprint.json`` beside the manifest with three parts:
 
 - ``cases``: per study spacing and shape, foreground intensity statistics per channel (mean, std,
-  min, max, median, 0.5 and 99.5 percentiles) and voxel counts per label;
+  min, max, median, 0.5 and 99.5 percentiles), voxel counts per label and ``label_objects``, the
+  connected components per label (face-connected, at least ``MIN_OBJECT_FRACTION`` of the label's
+  largest component in that case: a speck of label noise is not an object);
 - ``dataset``: median/min/max spacing and shape, anisotropy, pooled foreground intensity statistics
-  per modality (from up to 10,000 voxels sampled per case, as nnU-Net does), class frequencies;
+  per channel (from up to 10,000 voxels sampled per case, as nnU-Net does) in ``channels`` (by
+  channel index, with its name) and ``intensity`` (by name; a repeated name gets `` (channel c)``),
+  class frequencies;
 - ``suggested``: bundle ids to override, e.g.
   ``segpipe train BUNDLE --set pixdim=[1,1,1] --set roi_size=[40,56,40]``.
 
@@ -28,11 +32,13 @@ import numpy as np
 from pipeline.errors import InputError, first_line
 from pipeline.evaluation import json_safe
 from pipeline.fileio import read_label
+from pipeline.manifest import image_files
 
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_CASE = 10_000  # foreground voxels per case pooled for the dataset intensity statistics
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's: low-res axis spacing > 3x the others (and 3x fewer voxels)
+MIN_OBJECT_FRACTION = 0.05  # a component counts as an object from 5% of its label's largest one
 
 
 def intensity_stats(values: np.ndarray) -> dict[str, float]:
@@ -59,19 +65,51 @@ def _ras_order(affine: np.ndarray, ndim: int) -> list[int]:
     return order
 
 
-def case_fingerprint(image_path: Path, label_path: Path, rng: np.random.Generator) -> tuple[dict, list[np.ndarray]]:
-    """Statistics of one study and its sampled foreground intensities per channel (read once each)."""
+def _read_image(image: Path | list[Path]) -> tuple[np.ndarray, Any]:
+    """The voxels of one image file, or of one file per channel stacked on a last axis, and the
+    (first) file's nibabel image for its geometry."""
     import nibabel as nib
 
-    try:
-        img = nib.load(str(image_path))
-        image = img.get_fdata(dtype=np.float32)
-    except Exception as e:  # noqa: BLE001 - any reader failure is this file's problem
-        raise InputError(f"{image_path}: cannot read as NIfTI ({type(e).__name__}: {first_line(e)})") from None
+    arrays, first = [], None
+    for f in image_files(image):
+        try:
+            img = nib.load(str(f))
+            arrays.append(img.get_fdata(dtype=np.float32))
+        except Exception as e:  # noqa: BLE001 - any reader failure is this file's problem
+            raise InputError(f"{f}: cannot read as NIfTI ({type(e).__name__}: {first_line(e)})") from None
+        first = first or img
+    if len(arrays) == 1:
+        return arrays[0], first
+    if len({a.shape for a in arrays}) != 1:
+        raise InputError(f"{image_files(image)[1]}: channel files of one image differ in shape "
+                         f"{[a.shape for a in arrays]}")
+    return np.stack(arrays, axis=-1), first
+
+
+def label_objects(label: np.ndarray) -> dict[str, int]:
+    """Objects per foreground label: face-connected components of at least ``MIN_OBJECT_FRACTION``
+    of that label's largest component (searched within the label's bounding box)."""
+    from scipy import ndimage
+
+    out = {}
+    for value, box in enumerate(ndimage.find_objects(label.astype(np.int64, copy=False)), start=1):
+        if box is None:
+            continue
+        components, n = ndimage.label(label[box] == value)
+        sizes = np.bincount(components.ravel())[1:]
+        out[str(value)] = int((sizes >= MIN_OBJECT_FRACTION * sizes.max()).sum()) if n else 0
+    return out
+
+
+def case_fingerprint(image_path: Path | list[Path], label_path: Path, rng: np.random.Generator
+                     ) -> tuple[dict, list[np.ndarray]]:
+    """Statistics of one study and its sampled foreground intensities per channel (read once each).
+    ``image_path`` is one file or a list of files, one per channel."""
+    image, img = _read_image(image_path)
     label, _, _ = read_label(label_path)
     ndim = label.ndim
     if image.shape[:ndim] != label.shape:
-        raise InputError(f"{label_path}: shape {label.shape} differs from image {image_path} "
+        raise InputError(f"{label_path}: shape {label.shape} differs from image {image_files(image_path)[0]} "
                          f"shape {image.shape[:ndim]}")
     channels = image.reshape(*label.shape, -1)  # spatial dims + one axis of channels (modalities)
     order = _ras_order(img.affine, ndim)
@@ -86,11 +124,13 @@ def case_fingerprint(image_path: Path, label_path: Path, rng: np.random.Generato
         samples.append(rng.choice(values, take, replace=False) if take < values.size else values)
     ids, counts = np.unique(label, return_counts=True)
     record = {
-        "image": str(image_path), "label": str(label_path),
+        "image": [str(f) for f in image_path] if isinstance(image_path, list) else str(image_path),
+        "label": str(label_path),
         "spacing": [round(float(zooms[a]), 6) for a in order], "shape": [int(label.shape[a]) for a in order],
         "foreground_fraction": n_fg / label.size,
         "intensity": stats,
         "label_voxels": {str(int(i)): int(n) for i, n in zip(ids, counts, strict=True)},
+        "label_objects": label_objects(label),
     }
     return record, samples
 
@@ -139,12 +179,15 @@ def dataset_fingerprint(cases: list[dict], samples: list[list[np.ndarray]], mani
     resampled = np.median(shapes * spacings / np.array(target), axis=0)
     roi, divisor = suggest_roi(resampled.tolist(), cap=cap)
 
-    modality = {str(k): str(v) for k, v in (manifest.get("modality") or {"0": "unknown"}).items()}
+    names = manifest.get("channel_names") or manifest.get("modality") or {"0": "unknown"}
+    modality = {str(k): str(v) for k, v in names.items()}
     n_channels = len(samples[0])
-    intensity = {}
+    channels, intensity = [], {}
     for c in range(n_channels):
         name = modality.get(str(c), f"channel_{c}")
-        intensity[name] = intensity_stats(np.concatenate([s[c] for s in samples]))
+        stats = intensity_stats(np.concatenate([s[c] for s in samples]))
+        channels.append({"index": c, "name": name, **stats})
+        intensity[name if name not in intensity else f"{name} (channel {c})"] = stats
 
     labels = {str(k): str(v) for k, v in (manifest.get("labels") or {}).items()}
     total = sum(sum(c["label_voxels"].values()) for c in cases)
@@ -164,7 +207,7 @@ def dataset_fingerprint(cases: list[dict], samples: list[list[np.ndarray]], mani
     suggested: dict[str, Any] = {"pixdim": [round(t, 5) for t in target], "roi_size": roi}
     first = modality.get("0", "unknown")
     if _is_ct(first):
-        ct = intensity[first]
+        ct = channels[0]
         suggested.update(a_min=round(ct["percentile_00_5"], 1), a_max=round(ct["percentile_99_5"], 1))
     else:
         suggested["normalization"] = "zscore"
@@ -178,6 +221,7 @@ def dataset_fingerprint(cases: list[dict], samples: list[list[np.ndarray]], mani
             "median_shape_at_target_spacing": [round(float(s), 2) for s in resampled],
             "anisotropy": {"ratio": float(median_spacing.max() / median_spacing.min()), "anisotropic": aniso,
                            "low_res_axis": int(np.argmax(median_spacing)), "threshold": ANISOTROPY_THRESHOLD},
+            "channels": channels,
             "intensity": intensity,
             "classes": classes,
         },
@@ -207,7 +251,8 @@ def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, s
     rng = np.random.default_rng(seed)
     cases, samples = [], []
     for e in tqdm(entries, desc="fingerprint", unit="case", disable=len(entries) < 20):
-        record, s = case_fingerprint(Path(e["image"]), Path(e["label"]), rng)
+        image = [Path(f) for f in e["image"]] if isinstance(e["image"], list) else Path(e["image"])
+        record, s = case_fingerprint(image, Path(e["label"]), rng)
         cases.append(record)
         samples.append(s)
     if len({len(s) for s in samples}) != 1:

@@ -3,9 +3,13 @@
 A manifest is read as MSD writes it — ``labels`` {"0": "background", ...}, ``training``
 [{image, label}], ``test`` [path or {image}], ``modality`` or ``channel_names`` — so real MSD
 datasets load unchanged; nnU-Net v2's ``labels`` {"background": 0, ...} is accepted too.
+An entry's ``image`` is one file (channels, if several, on its last axis: MSD's 4D images) or a
+list of files, one per channel in channel order (nnU-Net v2's ``case_0000.nii.gz``,
+``case_0001.nii.gz``); MONAI's ``LoadImaged`` stacks such a list into channels.
 Entries may carry ``patient`` (grouping for splits), ``fold`` (pinning an entry to a fold),
-``id`` (default: the file name without ``.nii``/``.nii.gz``) and any other keys, which datalists
-pass on (NIfTI paths among them, e.g. cells' ``instance``, resolved like ``image``). Relative paths are resolved against the manifest's folder; a path that leaves that
+``id`` (default: the file name without ``.nii``/``.nii.gz``, and without ``_0000`` for a list)
+and any other keys, which datalists pass on (NIfTI paths among them, e.g. cells' ``instance``,
+resolved like ``image``). Relative paths are resolved against the manifest's folder; a path that leaves that
 folder (``..``, an absolute path elsewhere, a symlink pointing out) is refused unless the manifest
 says ``"allow_outside": true`` or the caller passes ``allow_outside=True``.
 
@@ -24,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,22 @@ log = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.json"
 _SPLIT_KEYS = ("patient", "fold")  # split bookkeeping, not passed on in datalists
+_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net v2: case_0000.nii.gz is channel 0 of case
+
+
+def image_files(image: str | list[str] | None) -> list[str]:
+    """The file(s) of an entry's ``image``: one path, or one per channel (a list), as a list."""
+    if image is None:
+        return []
+    return [str(p) for p in image] if isinstance(image, (list, tuple)) else [str(image)]
+
+
+def channel_layout_id(image: str | list[str]) -> str:
+    """The default id of an ``image``: the file name without its NIfTI suffix; for a list of
+    channel files, the first one's without ``_0000`` (nnU-Net v2's channel suffix)."""
+    if isinstance(image, (list, tuple)):
+        return _CHANNEL_SUFFIX.sub("", study_id(image[0]))
+    return study_id(image)
 
 
 def load_manifest(path: Path, allow_outside: bool = False) -> dict[str, Any]:
@@ -105,34 +126,50 @@ def _msd_labels(path: Path, labels: Any) -> dict[str, str]:
 
 def _entry(root: Path, role: str, i: int, entry: Any, keys: tuple[str, ...], allow: bool,
            problems: list[str]) -> dict[str, Any]:
-    """One entry with its paths resolved; a problem line for each missing or refused path."""
+    """One entry with its paths resolved; a problem line for each missing or refused path. An
+    ``image`` may be a list of paths (one file per channel): each is resolved and checked."""
     e = {"image": entry} if role == "test" and isinstance(entry, str) else dict(entry) if isinstance(entry, dict) else {}
     image = e.get("image")
-    e["id"] = str(e.get("id") or (study_id(image) if isinstance(image, str) else f"#{i}"))
+    named = isinstance(image, str) or (isinstance(image, list) and image and all(isinstance(p, str) for p in image))
+    e["id"] = str(e.get("id") or (channel_layout_id(image) if named else f"#{i}"))
     where = f"{role}[{i}] {e['id']}"
     if not isinstance(entry, (dict, str)):
         problems.append(f"{where}: entry must be an object with {' and '.join(keys)}, got {entry!r:.60}")
     extra = [k for k, v in e.items() if k not in keys and isinstance(v, str) and is_nifti(v)]
     for key in (*keys, *extra):
         value = e.get(key)
+        if key == "image" and isinstance(value, list):
+            if not value or not all(isinstance(v, str) and v for v in value):
+                problems.append(f"{where}: 'image' list must hold one file path per channel, got {value!r:.60}")
+                e[key] = None
+                continue
+            paths = [_resolve(root, v, key, where, allow, problems) for v in value]
+            e[key] = None if None in paths else paths
+            continue
         if not isinstance(value, str) or not value:
             if isinstance(entry, (dict, str)):
                 problems.append(f"{where}: {key!r} must be a file path string, got {value!r:.60}")
             e[key] = None
             continue
-        p = Path(value).expanduser()
-        full = Path(os.path.normpath(p if p.is_absolute() else root / p))
-        if not allow:
-            try:
-                target = full.resolve()
-            except (OSError, RuntimeError):  # a symlink loop: it cannot be read, and read_header says why
-                target = full
-            if not target.is_relative_to(root):
-                problems.append(f"{where}: {key} {value!r} resolves to {target}, outside the manifest's "
-                                f"folder {root} (set \"allow_outside\": true to allow)")
-                full = None
-        e[key] = None if full is None else str(full)
+        e[key] = _resolve(root, value, key, where, allow, problems)
     return e
+
+
+def _resolve(root: Path, value: str, key: str, where: str, allow: bool, problems: list[str]) -> str | None:
+    """``value`` as an absolute path string (relative ones against ``root``); None, with a
+    problem line, when it leaves ``root`` and ``allow`` is not set."""
+    p = Path(value).expanduser()
+    full = Path(os.path.normpath(p if p.is_absolute() else root / p))
+    if not allow:
+        try:
+            target = full.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: it cannot be read, and read_header says why
+            target = full
+        if not target.is_relative_to(root):
+            problems.append(f"{where}: {key} {value!r} resolves to {target}, outside the manifest's "
+                            f"folder {root} (set \"allow_outside\": true to allow)")
+            return None
+    return str(full)
 
 
 def _group_splits(path: Path | str, entries: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, list]]:
@@ -185,9 +222,8 @@ def write_splits(path: Path, k: int = 5, seed: int = 0) -> Path:
     return out
 
 
-def _read_splits(path: Path, k: int, seed: int, ids: set[str]) -> list[dict] | None:
-    """The folds of ``splits.json`` beside the manifest when it matches k, seed and the ids."""
-    f = path.parent / SPLITS_FILE
+def _read_splits(f: Path, k: int, seed: int, ids: set[str]) -> list[dict] | None:
+    """The folds of the splits file ``f`` when it matches k, seed and the ids."""
     if not f.is_file():
         return None
     try:
@@ -203,11 +239,23 @@ def _read_splits(path: Path, k: int, seed: int, ids: set[str]) -> list[dict] | N
     return folds
 
 
+def saved_or_computed_splits(path: Path, k: int = 5, seed: int = 0) -> dict[str, Any]:
+    """The splits ``datalist`` uses for this manifest: ``splits.json`` beside it when that matches
+    k, seed and the ids (it may have been edited by hand), else ``compute_splits``."""
+    path = Path(path)
+    splits = compute_splits(path, k, seed)
+    ids = {i for fo in splits["folds"] for i in fo["val"]}
+    saved = _read_splits(path.parent / SPLITS_FILE, k, seed, ids)
+    return {**splits, "folds": saved} if saved is not None else splits
+
+
 def datalist(manifest: Path | str, role: str = "train", fold: int = 0, folds: int = 5,
-             seed: int = 0) -> list[dict[str, Any]]:
+             seed: int = 0, splits: Path | str | None = None) -> list[dict[str, Any]]:
     """Items ``{"image", "label", "id", ...extra entry keys}`` (absolute paths) for a role:
     "train"/"val" of ``fold`` of ``folds``, "all" (every training entry) or "test". With
-    ``folds <= 1``, "train" is every training entry and "val" is empty."""
+    ``folds <= 1``, "train" is every training entry and "val" is empty. The folds come from
+    ``splits`` (a splits file, e.g. a planned bundle's own) or else ``splits.json`` beside the
+    manifest, when it matches k, seed and the ids; otherwise they are computed the same way."""
     path = Path(manifest)
     data = load_manifest(path)
     if role == "test":
@@ -221,7 +269,8 @@ def datalist(manifest: Path | str, role: str = "train", fold: int = 0, folds: in
         return []
     if not 0 <= fold < folds:
         raise UsageError(f"fold {fold} is not in 0..{folds - 1}")
-    split = _read_splits(path, folds, seed, {e["id"] for e in entries})
+    split = _read_splits(Path(splits) if splits else path.parent / SPLITS_FILE, folds, seed,
+                         {e["id"] for e in entries})
     if split is None:
         split = _group_splits(path, entries, folds, seed)
     wanted = set(split[fold][role])

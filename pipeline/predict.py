@@ -46,7 +46,12 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     output_dir = Path(output_dir)
     predict_io.check_output_dir(output_dir)
     shard_i, shard_n = predict_io.parse_shard(shard)
-    studies = predict_io.take_shard(predict_io.list_studies(Path(input)), shard_i, shard_n)  # a bad input fails fast
+    from pipeline.validation import bundle_contract, check_contract
+
+    if Path(input).suffix.lower() == ".json":  # a manifest: its labels and channels are the bundle's
+        check_contract(Path(bundle_dir), Path(input))
+    channels = bundle_contract(Path(bundle_dir))[1]  # folders group <case>_0000.nii.gz.. when > 1
+    studies = predict_io.take_shard(predict_io.list_studies(Path(input), channels), shard_i, shard_n)  # fails fast
     model = load_model(bundle_dir, overrides, device, output_dir)
     predict_io.clean_stale_temps(output_dir)
     log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
@@ -137,30 +142,42 @@ def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str |
     }
 
 
-def read_study(study: dict[str, str], model: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    """Check the header (refusing before any voxel is read), convert DICOM, preprocess; refuse
-    NaN or Inf voxels left after preprocessing."""
+def read_study(study: dict[str, Any], model: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """Check the header(s) (refusing before any voxel is read), convert DICOM, preprocess; refuse
+    NaN or Inf voxels left after preprocessing. ``study["image"]`` is one file or folder, or a
+    list of files, one per channel; a study listed with a ``problem`` fails with it."""
     from pipeline.studies import dicom_series_to_nifti, read_header
 
-    path = Path(study["image"])
-    header = read_header(path, model["max_voxels"])
-    if path.is_dir():
-        path = dicom_series_to_nifti(path, scratch / f"{study['id']}.nii.gz")
-        read_header(path, model["max_voxels"])
-    check_shape(path, header["shape"], model["spatial_dims"], model["in_channels"])
+    if study.get("problem"):
+        raise InputError(study["problem"])
+    files = study["image"] if isinstance(study["image"], list) else [study["image"]]
+    # a 2D network run slice by slice (pipeline.slice_inference) takes volumes of one more dimension
+    dims = model["spatial_dims"] + (getattr(model["inferer"], "slice_axis", None) is not None)
+    paths = []
+    for i, f in enumerate(files):
+        path = Path(f)
+        header = read_header(path, model["max_voxels"])
+        if path.is_dir():
+            path = dicom_series_to_nifti(path, scratch / f"{study['id']}_{i:04d}.nii.gz")
+            read_header(path, model["max_voxels"])
+        check_shape(path, header["shape"], dims, model["in_channels"] if len(files) == 1 else 1)
+        paths.append(path)
+    if len(paths) != 1 and len(paths) != model["in_channels"]:
+        raise InputError(f"{paths[0]}: {len(paths)} channel files, the bundle expects {model['in_channels']}")
     try:
-        data = model["preprocessing"]({"image": str(path)})
+        data = model["preprocessing"]({"image": str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]})
     except Exception as e:  # noqa: BLE001 - MONAI wraps the cause in pages of text
-        raise InputError(f"{path}: cannot preprocess ({first_line(e)})") from None
+        raise InputError(f"{paths[0]}: cannot preprocess ({first_line(e)})") from None
     if not bool(torch.isfinite(data["image"]).all()):  # NaN would spread through every tile it reaches
-        raise InputError(f"{path}: non-finite voxels (NaN or Inf) in the preprocessed image; refusing to predict")
-    data["source"] = path
+        raise InputError(f"{paths[0]}: non-finite voxels (NaN or Inf) in the preprocessed image; refusing to predict")
+    data["source"] = paths[0]
     return data
 
 
 def check_shape(path: Path, shape: tuple[int, ...], spatial_dims: int, in_channels: int) -> None:
     """NIfTI shapes are (x, y[, z][, channels...]): refuse an image with fewer dimensions than
-    the bundle (a 2D image for a 3D bundle) or the wrong number of channels, naming the file."""
+    the bundle (a 2D image for a 3D bundle) or the wrong number of channels, naming the file
+    (a file of a one-file-per-channel list must have one)."""
     if len(shape) < spatial_dims:
         raise InputError(f"{path}: {len(shape)}D image {list(shape)} given to a {spatial_dims}D bundle")
     channels = int(np.prod(shape[spatial_dims:], dtype=np.int64))

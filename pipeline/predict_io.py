@@ -35,9 +35,11 @@ _TMP = re.compile(r"^\.tmp-(\d+)-.*")
 # ---------------------------------------------------------------- studies and shards
 
 
-def list_studies(input_path: Path) -> list[dict[str, str]]:
+def list_studies(input_path: Path, channels: int = 1) -> list[dict[str, Any]]:
     """``[{"id", "image"}]`` sorted by id for a NIfTI file, a DICOM series folder, a folder of
-    studies or a manifest (its ``test`` entries, else its ``training`` images)."""
+    studies or a manifest (its ``test`` entries, else its ``training`` images). An ``image`` is a
+    list of files, one per channel, where a manifest lists them so or, with ``channels`` > 1, where
+    a folder holds ``<case>_0000.nii.gz`` .. (``pipeline.studies.find_studies``)."""
     from pipeline.studies import find_studies, is_nifti, study_id
 
     p = Path(input_path)
@@ -48,11 +50,12 @@ def list_studies(input_path: Path) -> list[dict[str, str]]:
 
         m = load_manifest(p)
         entries = m.get("test") or m.get("training") or []
-        studies = [{"id": str(e["id"]), "image": str(e["image"])} for e in entries]
+        studies = [{"id": str(e["id"]), "image": e["image"] if isinstance(e["image"], list) else str(e["image"])}
+                   for e in entries]
     elif p.is_file():
         studies = [{"id": study_id(p) if is_nifti(p) else p.name, "image": str(p.absolute())}]
     else:
-        studies = find_studies(p, strict=False)  # a refused DICOM folder fails as its own study
+        studies = find_studies(p, strict=False, channels=int(channels))  # a bad study fails as its own
         if not studies and not any(c.is_dir() for c in p.iterdir()):
             studies = [{"id": p.name, "image": str(p.absolute())}]  # e.g. an empty DICOM folder
     if not studies:

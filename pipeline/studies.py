@@ -12,6 +12,8 @@ spacing, is refused; a slice missing at either end of a series leaves no trace a
 
     >>> find_studies(Path("incoming"))        # doctest: +SKIP
     [{'id': 'case_001', 'image': '/abs/incoming/case_001.nii.gz'}, {'id': 'ct_head', 'image': ...}]
+    >>> find_studies(Path("mr"), channels=2)  # doctest: +SKIP
+    [{'id': 'case', 'image': ['/abs/mr/case_0000.nii.gz', '/abs/mr/case_0001.nii.gz']}]
 """
 
 from __future__ import annotations
@@ -273,35 +275,75 @@ def dicom_series_to_nifti(folder: Path | str, out_file: Path | str) -> Path:
     return out_file
 
 
-def find_studies(folder: Path | str, strict: bool = True) -> list[dict[str, str]]:
+def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> list[dict[str, Any]]:
     """Manifest-like entries ``{"id", "image"}`` for every NIfTI file and DICOM series folder under
     ``folder`` (recursively, hidden names skipped), sorted by id. The id is the path below
     ``folder`` without the NIfTI suffix, ``/`` replaced by ``_`` (a top-level file: its name).
     A mixed or incomplete DICOM folder raises InputError; with ``strict=False`` it is listed as a
-    study instead, so batch work reports it as that study's failure and goes on with the rest."""
+    study instead, so batch work reports it as that study's failure and goes on with the rest.
+
+    ``channels`` > 1 (a multi-channel bundle): NIfTI files named ``<case>_0000.nii.gz`` ..
+    ``<case>_<channels-1>.nii.gz`` in one folder (nnU-Net v2's one file per channel) are one study
+    ``<case>`` whose ``image`` is that list in channel order; a case with missing or extra channel
+    files raises InputError, or with ``strict=False`` is listed with a ``problem`` for batch work
+    to report. Other files stay one study each (e.g. 4D images with the channels inside)."""
     import SimpleITK as sitk
 
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    found: dict[str, str] = {}
+    found: dict[str, dict[str, Any]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         names = [n for n in filenames if not n.startswith(".")]
-        studies = [here / n for n in names if is_nifti(n)]
-        if len(studies) < len(names) and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(here)):
+        studies: list[Path | list[Path]] = [here / n for n in names if is_nifti(n)]
+        if channels > 1:
+            studies = _group_channel_files(studies, channels, strict)
+        if len([n for n in names if is_nifti(n)]) < len(names) and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(here)):
             try:
                 dicom_series_files(here)  # refuse mixed or incomplete series here, by folder name
             except InputError:
                 if strict:
                     raise
             studies.append(here)
-        for path in studies:
+        for study in studies:
+            path = study[0] if isinstance(study, list) else study
             rel = path.relative_to(root)
-            sid = "_".join((*rel.parts[:-1], study_id(rel))) if rel.parts else root.name
+            stem = _channel_case(study_id(rel))[0] if isinstance(study, list) else study_id(rel)
+            sid = "_".join((*rel.parts[:-1], stem)) if rel.parts else root.name
             if sid in found:
-                raise InputError(f"{path}: study id {sid!r} is also {found[sid]}")
-            found[sid] = str(path.absolute())
+                raise InputError(f"{path}: study id {sid!r} is also {found[sid]['image']}")
+            image = [str(p.absolute()) for p in study] if isinstance(study, list) else str(study.absolute())
+            found[sid] = {"id": sid, "image": image}
+            if isinstance(study, list) and [_channel_case(study_id(p))[1] for p in study] != list(range(channels)):
+                found[sid]["problem"] = (f"{path.parent}: case {stem!r} has channel files "
+                                         f"{', '.join(p.name for p in study)}; a {channels}-channel bundle "
+                                         f"needs {stem}_0000 .. {stem}_{channels - 1:04d}")
     log.debug("found %d studies under %s", len(found), root)
-    return [{"id": sid, "image": found[sid]} for sid in sorted(found)]
+    return [found[sid] for sid in sorted(found)]
+
+
+def _channel_case(stem: str) -> tuple[str, int | None]:
+    """``("case", 1)`` for ``case_0001``; ``(stem, None)`` for a name without a channel suffix."""
+    head, sep, tail = stem.rpartition("_")
+    return (head, int(tail)) if sep and head and len(tail) == 4 and tail.isdigit() else (stem, None)
+
+
+def _group_channel_files(files: list[Path], channels: int, strict: bool) -> list[Path | list[Path]]:
+    """Files named ``<case>_<NNNN>`` grouped per case in channel order (one file per channel); a
+    group that is not exactly channels 0..``channels``-1 raises InputError when ``strict``."""
+    groups: dict[str, dict[int, Path]] = {}
+    out: list[Path | list[Path]] = []
+    for f in sorted(files):
+        case, index = _channel_case(study_id(f))
+        if index is None:
+            out.append(f)
+        else:
+            groups.setdefault(case, {})[index] = f
+    for case, by_index in groups.items():
+        if sorted(by_index) != list(range(channels)) and strict:
+            raise InputError(f"{next(iter(by_index.values())).parent}: case {case!r} has channel files "
+                             f"{sorted(by_index)}, a {channels}-channel bundle needs 0..{channels - 1}")
+        out.append([by_index[i] for i in sorted(by_index)])
+    return out

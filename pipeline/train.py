@@ -56,6 +56,7 @@ from pipeline.handlers import (
     attach_weight_average,
     find_model_saver,
 )
+from pipeline.validation import check_contract
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
         if missing:
             raise UsageError(f"{bundle_dir}: common.json + train.json lack the id(s) {', '.join(missing)}")
         _check_manifest(Path(parser.get_parsed_content("manifest")))
+        check_contract(Path(bundle_dir), Path(parser.get_parsed_content("manifest")))
         with _console(verbose, progress and idist.get_rank() == 0) as bar:
             summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -4,20 +4,27 @@ Per file: the header checks of ``pipeline.studies.read_header`` (missing, unread
 NIfTI/DICOM, empty, truncated, bad spacing, absurd voxel count), then the dimensionality the
 manifest expects (``tensorImageSize``; a last axis of as many channels as ``modality`` /
 ``channel_names`` is fine), then the voxel values, read once: NaN or Inf voxels; for labels also
-non-integer values, values not declared in ``labels`` and all-background masks. Per training
-entry: image and label must share spatial shape and affine (within ``AFFINE_ATOL`` mm /
-``AFFINE_RTOL``). Lines read ``training[3] case_004: label /abs/labelsTr/case_004.nii.gz: problem``.
+non-integer values, values not declared in ``labels`` and all-background masks. An image given as
+a list of files (one per channel) must list one file per declared channel, each without a channel
+axis, all of one shape and affine. Per training entry: image and label must share spatial shape
+and affine (within ``AFFINE_ATOL`` mm / ``AFFINE_RTOL``). Lines read
+``training[3] case_004: label /abs/labelsTr/case_004.nii.gz: problem``.
+
+``check_contract(bundle_dir, manifest)``: the manifest's label names and channel count against
+the bundle's ``configs/metadata.json`` (``network_data_format``), one line naming both sides.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError, first_line
+from pipeline.bundle import bundle_metadata
+from pipeline.errors import InputError, UsageError, first_line
 from pipeline.manifest import parse_manifest
 from pipeline.studies import is_nifti, read_dicom_series, read_header
 
@@ -54,7 +61,8 @@ def validate_manifest(path: Path, allow_outside: bool = False) -> list[str]:
 def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
     """Problems of one resolved entry (paths already refused by the manifest are None: skipped)."""
     out: list[str] = []
-    image = _check_file(entry["image"], "image", expect, out) if entry.get("image") else None
+    image = (_check_channel_files(entry["image"], expect, out) if isinstance(entry.get("image"), list)
+             else _check_file(entry["image"], "image", expect, out) if entry.get("image") else None)
     label = _check_file(entry["label"], "label", expect, out) if entry.get("label") else None
     n = expect["spatial"]
     for key in _extra_paths(entry):
@@ -67,14 +75,35 @@ def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
             out.append(f"{key} {entry[key]} shape {extra['shape'][:n]} != image shape {image['shape'][:n]}")
     if image is None or label is None:
         return out
+    image_file = entry["image"][0] if isinstance(entry["image"], list) else entry["image"]
     if image["shape"][:n] != label["shape"][:n]:
-        out.append(f"image {entry['image']} shape {image['shape'][:n]} != label {entry['label']} "
+        out.append(f"image {image_file} shape {image['shape'][:n]} != label {entry['label']} "
                    f"shape {label['shape'][:n]}")
     elif not np.allclose(image["affine"], label["affine"], rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
         diff = float(np.abs(image["affine"] - label["affine"]).max())
-        out.append(f"image {entry['image']} and label {entry['label']} affines differ "
+        out.append(f"image {image_file} and label {entry['label']} affines differ "
                    f"(by up to {diff:.4g} mm)")
     return out
+
+
+def _check_channel_files(files: list[str], expect: dict[str, Any], out: list[str]) -> dict[str, Any] | None:
+    """The first channel file's header, or None after adding the problems of the list to ``out``:
+    one file per declared channel, each one channel, all of one shape and affine."""
+    if len(files) != expect["channels"]:
+        out.append(f"image {files[0]}: {len(files)} file(s) in the image list, one per channel, but the "
+                   f"manifest's modality/channel_names declare {expect['channels']}")
+    headers = [_check_file(f, "image", {**expect, "channels": 1}, out) for f in files]
+    if None in headers:
+        return None
+    n = expect["spatial"]
+    for f, h in zip(files[1:], headers[1:], strict=True):
+        if h["shape"][:n] != headers[0]["shape"][:n]:
+            out.append(f"image {f}: shape {h['shape'][:n]} differs from channel 0 {files[0]} "
+                       f"shape {headers[0]['shape'][:n]}")
+        elif not np.allclose(h["affine"], headers[0]["affine"], rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+            out.append(f"image {f}: affine differs from channel 0 {files[0]} (by up to "
+                       f"{float(np.abs(h['affine'] - headers[0]['affine']).max()):.4g} mm)")
+    return headers[0] if len(files) == expect["channels"] else None
 
 
 def _extra_paths(entry: dict[str, Any]) -> list[str]:
@@ -161,3 +190,45 @@ def _unique_ints(a: np.ndarray) -> list[int]:
         counts = np.bincount(a.ravel().astype(np.int32) - lo)
         return [int(v) + lo for v in np.flatnonzero(counts)]
     return [int(v) for v in np.unique(a)]
+
+
+# ---------------------------------------------------------------- the bundle's contract
+
+
+def _label_key(name: str) -> str:
+    """Label names compare without case and separators ("Anterior" = "anterior", "kidney_right" = "Kidney Right")."""
+    return re.sub(r"[^a-z0-9]+", "", str(name).lower())
+
+
+def manifest_contract(manifest: dict[str, Any]) -> tuple[list[str], int]:
+    """(label names in label order, channel count) a loaded manifest declares."""
+    labels = [manifest["labels"][k] for k in sorted(manifest["labels"], key=int)]
+    return labels, len(manifest.get("channel_names") or manifest.get("modality") or {}) or 1
+
+
+def bundle_contract(bundle_dir: Path) -> tuple[list[str], int]:
+    """(label names, input channel count) of a bundle's ``configs/metadata.json``."""
+    meta = bundle_metadata(bundle_dir)
+    try:
+        fmt = meta["network_data_format"]
+        pred, image = fmt["outputs"]["pred"], fmt["inputs"]["image"]
+        labels = [str(v) for _, v in sorted(pred["channel_def"].items(), key=lambda kv: int(kv[0]))]
+        return labels, int(image["num_channels"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{bundle_dir}/configs/metadata.json: no network_data_format contract "
+                         f"(outputs.pred.channel_def, inputs.image.num_channels): {first_line(e)}") from None
+
+
+def check_contract(bundle_dir: Path, manifest: Path) -> None:
+    """InputError, one line naming both sides, when the manifest's label names (in order, without
+    case or separators) or count, or its channel count, differ from the bundle's metadata."""
+    data, _ = parse_manifest(Path(manifest), allow_outside=True)  # labels and modality only
+    labels, channels = manifest_contract(data)
+    want_labels, want_channels = bundle_contract(Path(bundle_dir))
+    where = f"bundle {Path(bundle_dir).name} (configs/metadata.json)"
+    if [_label_key(x) for x in labels] != [_label_key(x) for x in want_labels]:
+        raise InputError(f"{manifest}: labels {labels} ({len(labels)}) do not match {where} labels "
+                         f"{want_labels} ({len(want_labels)}); plan a bundle for this dataset: segpipe plan")
+    if channels != want_channels:
+        raise InputError(f"{manifest}: {channels} channel(s) (modality/channel_names) do not match {where} "
+                         f"{want_channels} input channel(s); plan a bundle for this dataset: segpipe plan")

@@ -109,3 +109,28 @@ def test_cli(ct_dataset: Path, tmp_path: Path):
     assert "suggested pixdim: [0.8, 0.8, 2.5]" in ok.stdout and (tmp_path / "fp.json").is_file()
     bad = subprocess.run(cmd + [str(tmp_path / "none.json")], capture_output=True, text=True)
     assert bad.returncode == 1 and "no such manifest" in bad.stderr
+
+
+def test_one_file_per_channel_and_4d_images_fingerprint_alike(tmp_path: Path):
+    from pipeline.synthetic import write_dataset
+
+    fps = {}
+    for layout in ("4d", "files"):
+        m = write_dataset("mr2ch", 2, tmp_path / layout, seed=0, shape=(24, 24, 6), channel_layout=layout)
+        fps[layout] = json.loads(write_fingerprint(m).read_text())
+    a, b = fps["4d"], fps["files"]
+    assert [c["intensity"] for c in a["cases"]] == [c["intensity"] for c in b["cases"]]
+    assert len(a["cases"][0]["intensity"]) == 2 and isinstance(b["cases"][0]["image"], list)
+    assert a["dataset"]["channels"] == b["dataset"]["channels"]
+    assert [c["name"] for c in a["dataset"]["channels"]] == ["T1", "T2"]
+
+
+def test_label_objects_count_components_and_ignore_specks():
+    from pipeline.fingerprint import label_objects
+
+    label = np.zeros((30, 30, 10), np.uint8)
+    label[2:8, 2:8, 2:8] = 1
+    label[20:26, 20:26, 2:8] = 1  # a second object of class 1
+    label[15, 15, 5] = 1  # a one-voxel speck: < 5% of the largest component
+    label[10:14, 2:6, 2:6] = 2
+    assert label_objects(label) == {"1": 2, "2": 1}

@@ -250,3 +250,26 @@ def test_shipped_example_manifest_reaches_outside_only_because_it_says_so(tmp_pa
     doc["test"] = [str((example.parent / t).resolve()) for t in doc["test"]]
     (tmp_path / "no_flag.json").write_text(json.dumps(doc))
     assert len(validate(tmp_path / "no_flag.json")) == 11  # 5 images, 5 labels, 1 test image
+
+
+def test_an_image_may_be_a_list_of_channel_files(tmp_path):
+    entry = {"image": ["./imagesTr/c_0000.nii.gz", "imagesTr/c_0001.nii.gz"], "label": "./labelsTr/c.nii.gz"}
+    m = write_manifest(tmp_path / "d", [entry], test=[{"image": ["imagesTs/t_0000.nii.gz", "imagesTs/t_0001.nii.gz"]}])
+    data = load_manifest(m)
+    (tr,), (ts,) = data["training"], data["test"]
+    assert tr["id"] == "c" and tr["image"] == [str(tmp_path / "d/imagesTr/c_0000.nii.gz"),
+                                                str(tmp_path / "d/imagesTr/c_0001.nii.gz")]
+    assert ts["id"] == "t" and len(ts["image"]) == 2
+    assert datalist(m, "all")[0]["image"] == tr["image"]
+
+
+@pytest.mark.parametrize("image, problem", [
+    ([], "'image' list must hold one file path per channel"),
+    (["./imagesTr/c_0000.nii.gz", 3], "'image' list must hold one file path per channel"),
+    (["./imagesTr/c_0000.nii.gz", "../c_0001.nii.gz"], "outside the manifest's folder"),
+])
+def test_bad_channel_lists_are_named(tmp_path, image, problem):
+    m = write_manifest(tmp_path / "d", [{"image": image, "label": "./labelsTr/c.nii.gz"}])
+    with pytest.raises(InputError, match=problem) as e:
+        load_manifest(m)
+    assert str(e.value).startswith(f"{m}: training[0]") and "\n" not in str(e.value)

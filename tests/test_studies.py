@@ -176,3 +176,30 @@ def test_single_slice_series_and_voxel_cap(tmp_path):
         read_header(folder, max_voxels=40)
     with pytest.raises(InputError, match="no DICOM series in folder"):
         read_header(tmp_path)
+
+
+# -- one file per channel (nnU-Net v2 layout) --------------------------------------------------------------
+
+def _channel_files(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 5.0], [0, 0, 2.5, -3.0], [0, 0, 0, 1]])
+    for n in names:
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), affine), folder / n)
+
+
+def test_channel_files_are_one_study_for_a_multi_channel_bundle(tmp_path):
+    _channel_files(tmp_path, ["a_0001.nii.gz", "a_0000.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz", "c.nii.gz"])
+    two = find_studies(tmp_path, channels=2)
+    assert [s["id"] for s in two] == ["a", "b", "c"]
+    assert two[0]["image"] == [str(tmp_path / "a_0000.nii.gz"), str(tmp_path / "a_0001.nii.gz")]  # channel order
+    assert two[2]["image"] == str(tmp_path / "c.nii.gz") and not any("problem" in s for s in two)
+    one = find_studies(tmp_path)  # a one-channel bundle: every file is a study, as before
+    assert [s["id"] for s in one] == ["a_0000", "a_0001", "b_0000", "b_0001", "c"]
+
+
+def test_a_case_missing_a_channel_file_is_refused_or_listed_with_its_problem(tmp_path):
+    _channel_files(tmp_path, ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0002.nii.gz"])
+    with pytest.raises(InputError, match=r"case 'b' has channel files \[0, 2\], a 2-channel bundle needs 0..1"):
+        find_studies(tmp_path, channels=2)
+    a, b = find_studies(tmp_path, strict=False, channels=2)
+    assert "problem" not in a and "b_0000.nii.gz, b_0002.nii.gz" in b["problem"] and str(tmp_path) in b["problem"]

@@ -269,3 +269,46 @@ def test_cli_exit_codes_and_one_line_per_defect(tmp_path):
 def test_synthetic_datasets_validate_clean(ct_dataset, cells_dataset):
     assert validate(ct_dataset) == []
     assert validate(cells_dataset) == []
+
+
+# -- one file per channel, and the bundle's contract ------------------------------------------------------
+
+def _per_file(tmp_path: Path) -> Path:
+    from pipeline.synthetic import write_dataset
+
+    return write_dataset("mr2ch", 2, tmp_path / "mr", seed=0, shape=(24, 24, 6), channel_layout="files")
+
+
+def test_channel_file_lists_validate_and_each_defect_is_one_line_naming_the_file(tmp_path):
+    manifest = _per_file(tmp_path)
+    assert validate(manifest) == []
+    doc = json.loads(manifest.read_text())
+    doc["training"][0]["image"] = doc["training"][0]["image"][:1]  # one channel file of two
+    second = tmp_path / "mr" / doc["training"][1]["image"][1]
+    img = nib.load(second)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :5], img.affine), second)  # a slice short
+    manifest.write_text(json.dumps(doc))
+    first, other = validate(manifest)
+    assert first.startswith("training[0] mr2ch_000: image ") and "1 file(s) in the image list" in first
+    assert other.startswith("training[1] mr2ch_001: image ") and str(second.resolve()) in other
+    assert "differs from channel 0" in other
+
+
+def test_contract_refuses_other_labels_or_channels_in_one_line_naming_both_sides(tmp_path, ct_dataset):
+    from pipeline.errors import InputError
+    from pipeline.validation import check_contract
+
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    check_contract(bundles / "phantom_ct_3d", ct_dataset)  # same labels: fine
+    with pytest.raises(InputError) as e:
+        check_contract(bundles / "hippocampus_mri_3d", ct_dataset)
+    line = str(e.value)
+    assert "\n" not in line and str(ct_dataset) in line and "hippocampus_mri_3d" in line
+    assert "['background', 'liver', 'kidney', 'spleen'] (4)" in line and "['background', 'anterior', 'posterior'] (3)" in line
+    doc = json.loads(ct_dataset.read_text())
+    (tmp_path / "ct").mkdir()
+    two = tmp_path / "ct" / "dataset.json"
+    two.write_text(json.dumps({**doc, "training": [], "modality": {"0": "CT", "1": "PET"},
+                               "labels": {"0": "Background", "1": "Liver", "2": "kidney", "3": "SPLEEN"}}))
+    with pytest.raises(InputError, match=r"2 channel\(s\) .* do not match bundle phantom_ct_3d .* 1 input channel"):
+        check_contract(bundles / "phantom_ct_3d", two)  # label names match without case; channels do not
