@@ -1,4 +1,5 @@
-"""Thin MONAI transforms for what MONAI lacks: the U-Net boundary weight map.
+"""Thin MONAI transforms for what MONAI lacks: the U-Net boundary weight map, and left-right flips
+that swap lateral labels (a flipped left parotid is a right parotid).
 
 The logic is one function, :func:`weight_map_like`; ``BoundaryWeightMap`` (array) and
 ``BoundaryWeightMapd`` (dictionary) wrap it, MONAI's pattern.
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple_rep
 
 from pipeline.weightmap import boundary_weight_map, check_label, class_weight_map
@@ -120,4 +121,69 @@ class BoundaryWeightMapd(MapTransform):
         d = dict(data)
         for key, weight_key in self.key_iterator(d, self.weight_keys):
             d[weight_key] = self.converter(d[key])
+        return d
+
+
+# -- lateral labels --------------------------------------------------------------------------------
+SIDES = {"left": "L", "l": "L", "lt": "L", "right": "R", "r": "R", "rt": "R"}
+
+
+def lateral_pairs(label_names: Sequence[str]) -> list[tuple[int, int]]:
+    """``(left, right)`` label indices whose names differ only by a side word: left/right, l/r or
+    lt/rt, in any case, as a separate word (``left_parotid``/``right_parotid``,
+    ``Kidney_L``/``Kidney_R``, ``parotid lt``/``parotid rt``).
+
+    >>> lateral_pairs(["background", "brainstem", "left_parotid", "right_parotid", "Kidney_R", "kidney_l"])
+    [(2, 3), (5, 4)]
+    """
+    import re
+
+    sides: dict[tuple[str, ...], dict[str, int]] = {}
+    for index, name in enumerate(label_names):
+        words = [w for w in re.split(r"[\s_\-.]+", str(name).lower()) if w]
+        marked = [i for i, w in enumerate(words) if w in SIDES]
+        if len(marked) != 1:
+            continue
+        key = tuple("*" if i == marked[0] else w for i, w in enumerate(words))
+        sides.setdefault(key, {})[SIDES[words[marked[0]]]] = index
+    return sorted((s["L"], s["R"]) for s in sides.values() if {"L", "R"} <= set(s))
+
+
+def swap_labels(label: torch.Tensor | np.ndarray, pairs: Sequence[Sequence[int]]) -> torch.Tensor | np.ndarray:
+    """``label`` with the values of each ``(a, b)`` pair exchanged (a copy)."""
+    out = label.clone() if isinstance(label, torch.Tensor) else np.array(label, copy=True)
+    for a, b in pairs:
+        out[label == a], out[label == b] = b, a
+    return out
+
+
+class RandLateralFlipd(RandomizableTransform, MapTransform):
+    """Dictionary transform: with probability ``prob`` flip every key along ``spatial_axis`` (the
+    patient's left-right axis: 0 after ``Orientationd(axcodes="RAS")``) and swap the ``pairs`` of
+    lateral labels in ``label_keys``, so a flipped left organ keeps being called what it now is.
+    For training augmentation (not recorded for inversion). With no pairs it is a plain flip.
+
+    Example::
+
+        RandLateralFlipd(["image", "label", "weight"], pairs=lateral_pairs(names), prob=0.5)
+    """
+
+    def __init__(self, keys: KeysCollection, pairs: Sequence[Sequence[int]] = (), label_keys: KeysCollection = "label",
+                 prob: float = 0.5, spatial_axis: int = 0, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.pairs = [tuple(int(v) for v in p) for p in pairs]
+        self.label_keys = set(ensure_tuple_rep(label_keys, 1) if isinstance(label_keys, str) else label_keys)
+        self.spatial_axis = int(spatial_axis)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            flipped = torch.flip(torch.as_tensor(d[key]), dims=[self.spatial_axis + 1])
+            if key in self.label_keys and self.pairs:
+                flipped = swap_labels(flipped, self.pairs)
+            d[key] = flipped if isinstance(d[key], torch.Tensor) else flipped.numpy()
         return d

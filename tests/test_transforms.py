@@ -82,3 +82,36 @@ def test_bad_shapes_raise():
         weight_map_like(np.ones((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="non-integer"):
         BoundaryWeightMapd(keys="label")({"label": torch.rand(1, 8, 8)})
+
+
+# -- lateral labels -----------------------------------------------------------------------------
+def test_lateral_pairs_from_label_names():
+    from pipeline.transforms import lateral_pairs
+
+    assert lateral_pairs(["background", "brainstem", "spinal_cord", "left_parotid", "right_parotid", "mandible"]) == [(3, 4)]
+    assert lateral_pairs(["background", "liver", "kidney_right", "spleen", "kidney_left"]) == [(4, 2)]
+    assert lateral_pairs(["bg", "Parotid L", "Parotid R", "Lens-lt", "Lens-rt"]) == [(1, 2), (3, 4)]
+    assert lateral_pairs(["background", "anterior", "posterior"]) == []
+    assert lateral_pairs(["background", "left_lung", "heart"]) == []  # a side without its partner
+    assert lateral_pairs(["bg", "lung", "liver"]) == []  # "l" inside a word is not a side
+
+
+def test_lateral_flip_swaps_pairs_so_left_stays_left():
+    """A left organ (label 1) at low x and a right one (label 2) at high x, RAS axis 0 pointing to
+    the patient's right: after the flip the image is mirrored, and the swap keeps label 1 on the
+    left (low x), where the flipped image now shows the other organ."""
+    from pipeline.transforms import RandLateralFlipd
+
+    label = torch.zeros(1, 10, 4, 3, dtype=torch.uint8)
+    label[0, 1:3], label[0, 7:9], label[0, 5, 0, 0] = 1, 2, 3  # 3: a midline label, not a pair
+    image = torch.arange(10, dtype=torch.float32).view(1, 10, 1, 1).expand(1, 10, 4, 3).clone()
+    weight = torch.rand(1, 10, 4, 3)
+    out = RandLateralFlipd(["image", "label", "weight"], pairs=[(1, 2)], prob=1.0)(
+        {"image": image, "label": label, "weight": weight})
+    assert torch.equal(out["image"], torch.flip(image, [1])) and torch.equal(out["weight"], torch.flip(weight, [1]))
+    assert out["label"][0, 1:3].eq(1).all() and out["label"][0, 7:9].eq(2).all()  # left stays left
+    assert out["label"][0, 4, 0, 0] == 3 and out["label"].eq(3).sum() == 1  # the midline label only mirrored
+    same = RandLateralFlipd(["image", "label"], pairs=[(1, 2)], prob=0.0)({"image": image, "label": label})
+    assert torch.equal(same["label"], label) and torch.equal(same["image"], image)
+    plain = RandLateralFlipd(["label"], pairs=[], prob=1.0)({"label": label})
+    assert torch.equal(plain["label"], torch.flip(label, [1]))  # no pairs: a plain flip
