@@ -80,6 +80,20 @@ def _cmd_fingerprint(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from pipeline.plan_bundle import plan_bundle
+
+    plan = plan_bundle(Path(a.manifest), Path(a.out), name=a.name, device=a.device, budget_min=a.budget_min)
+    net = plan["network"]
+    print(f"wrote bundle {plan['name']} to {a.out}: {plan['spatial_dims']}D, pixdim {plan['spacing']['pixdim']}, "
+          f"patch {plan['patch']['roi_size']}, batch {plan['sampling']['batch_size']}, filters {net['filters']}, "
+          f"{plan['schedule']['time_budget_min']:g} min on {plan['device']}")
+    for w in plan["warnings"]:
+        print(f"  warning: {w}")
+    print(f"next: segpipe train {a.out}")
+    return 0
+
+
 def _cmd_weightmap(a: argparse.Namespace) -> int:
     from pipeline.figures import weightmap_figure
 
@@ -216,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifest")
     s.add_argument("--out", default=None, help="output file (default: beside the manifest)")
     s.set_defaults(func=_cmd_fingerprint)
+
+    s = sub.add_parser("plan", help="plan a complete bundle for a dataset (fingerprint -> decisions -> configs)")
+    s.add_argument("manifest")
+    s.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
+    s.add_argument("--name", default=None, help="bundle name (default: from the manifest's name)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where it will train (default: cuda if this machine has a GPU, else cpu)")
+    s.add_argument("--budget-min", type=float, default=30.0, help="training wall-time budget in minutes (30)")
+    s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("weightmap", help="render a label slice and its U-Net boundary weight map")
     s.add_argument("label", help="label NIfTI")

@@ -34,8 +34,33 @@ ENTRY_IDS = {"run", "initialize", "finalize", "imports", "+imports"}
 # phantom_ct_3d's common/train/inference are owned elsewhere; these ids are still duplicated there
 
 
-def _configs(name: str) -> dict[str, dict]:
-    folder = BUNDLES / name / "configs"
+# bundles written by `segpipe plan` from synthetic data (planned once per session): the static checks
+# hold for them too. mr2ch_files: 3D, two channels, one file per channel; ct_slices: a 2D network on
+# thin 3D volumes (slice by slice)
+PLANNED = {"planned_mr2ch_files": ("mr2ch", (32, 32, 10), {"channel_layout": "files"}),
+           "planned_ct_slices": ("ct3d", (40, 40, 5), {})}
+STATIC = [*NAMES, *PLANNED]
+
+
+@pytest.fixture(scope="session")
+def planned_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from pipeline.plan_bundle import plan_bundle
+
+    root, out = tmp_path_factory.mktemp("planned"), {}
+    for name, (kind, shape, extra) in PLANNED.items():
+        manifest = write_dataset(kind, 5, root / f"{name}_data", seed=0, shape=shape, **extra)
+        plan_bundle(manifest, root / name, device="cpu", budget_min=1)
+        out[name] = root / name
+    return out
+
+
+def _folder(name: str, request: pytest.FixtureRequest) -> Path:
+    """A shipped bundle's folder, or a planned one's."""
+    return request.getfixturevalue("planned_bundles")[name] if name in PLANNED else BUNDLES / name
+
+
+def _configs(folder: Path) -> dict[str, dict]:
+    folder = folder / "configs"
     return {f: json.loads((folder / f).read_text()) for f in ["common.json", *WORKFLOW_CONFIGS, "metadata.json"]}
 
 
@@ -68,9 +93,10 @@ def _random_weights(bundle: Path, path: Path) -> Path:
 
 
 # -- static checks ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_metadata_contract(name):
-    cfg = _configs(name)
+@pytest.mark.parametrize("name", STATIC)
+def test_metadata_contract(name, request):
+    folder = _folder(name, request)
+    cfg = _configs(folder)
     meta = cfg["metadata.json"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
     assert meta["version"] in meta["changelog"]
@@ -82,13 +108,13 @@ def test_metadata_contract(name):
     assert pred["num_channels"] == common["out_channels"] == len(common["label_names"])
     assert list(pred["channel_def"].values()) == common["label_names"]
     for f in ("configs/logging.conf", "docs/README.md", "LICENSE"):
-        assert (BUNDLES / name / f).is_file(), f"{name}: no {f}"
-    assert "Apache License" in (BUNDLES / name / "LICENSE").read_text()
+        assert (folder / f).is_file(), f"{name}: no {f}"
+    assert "Apache License" in (folder / "LICENSE").read_text()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_standard_ids(name):
-    cfg = _configs(name)
+@pytest.mark.parametrize("name", STATIC)
+def test_standard_ids(name, request):
+    cfg = _configs(_folder(name, request))
     common, train, infer, evaluate = (cfg[f] for f in ["common.json", *WORKFLOW_CONFIGS])
     assert {"bundle_root", "dataset_dir", "manifest", "output_dir", "network_def", "preprocessing"} <= set(common)
     assert {"trainer", "handlers"} <= set(train["train"]) and {"evaluator", "handlers"} <= set(train["validate"])
@@ -129,11 +155,11 @@ def copied_blocks(configs: dict[str, dict]) -> list[str]:
     return copied
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_no_block_duplicated_between_configs(name):
+@pytest.mark.parametrize("name", STATIC)
+def test_no_block_duplicated_between_configs(name, request):
     """A block (nested ones too) defined with the same content in two of common/train/inference/
     evaluate is a copy: it belongs in common.json once."""
-    cfg = _configs(name)
+    cfg = _configs(_folder(name, request))
     found = copied_blocks({f: cfg[f] for f in ["common.json", *WORKFLOW_CONFIGS]})
     assert not found, f"{name}: copied blocks: {'; '.join(found)}"
 
@@ -162,16 +188,17 @@ ABSOLUTE = re.compile(r"""^\$?\s*(['"]?)(/|~|[A-Za-z]:[\\/])""")
 PATH_IDS = ["bundle_root", "dataset_dir", "manifest", "output_dir", "model_path", "prediction_dir", "eval_dir"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_no_absolute_paths(name):
+@pytest.mark.parametrize("name", STATIC)
+def test_no_absolute_paths(name, request):
     """No absolute path in any config, and every path id resolves under ``bundle_root`` (or under
     ``dataset_dir``/``output_dir`` that do), so overriding those ids moves everything."""
-    for f, content in _configs(name).items():
+    folder = _folder(name, request)
+    for f, content in _configs(folder).items():
         if f != "metadata.json":
             bad = [s for s in _strings(content) if ABSOLUTE.search(s)]
             assert not bad, f"{name}/{f}: absolute paths {bad}"
     for configs in (["common.json", c] for c in WORKFLOW_CONFIGS):
-        parser = load_bundle(BUNDLES / name, configs)
+        parser = load_bundle(folder, configs)
         parser["bundle_root"] = "BUNDLE_ROOT"
         for key in PATH_IDS:
             if key in parser:
@@ -185,11 +212,11 @@ def test_absolute_path_check_can_fail():
         assert not ABSOLUTE.search(good), good
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_verify_net_in_out(name):
+@pytest.mark.parametrize("name", STATIC)
+def test_verify_net_in_out(name, request):
     from monai.bundle import verify_net_in_out
 
-    folder = BUNDLES / name / "configs"
+    folder = _folder(name, request) / "configs"
     verify_net_in_out(net_id="network_def", meta_file=str(folder / "metadata.json"),
                       config_file=str(folder / "common.json"), device="cpu")
     with pytest.raises(ValueError, match="channel"):  # it does check: a wrong contract fails
@@ -317,17 +344,18 @@ def test_cells_2d_segpipe_train_and_predict_with_shipped_weights(tmp_path, mlflo
 
 
 # -- settings: every id the code reads is declared in every bundle ------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_every_setting_the_code_reads_is_declared(name):
+@pytest.mark.parametrize("name", STATIC)
+def test_every_setting_the_code_reads_is_declared(name, request):
     """``TRAIN_IDS`` (segpipe train) and ``PREDICT_IDS`` (segpipe predict) are all declared, so
     any of them can be ``--set`` on any bundle (e.g. a time budget on every bundle)."""
     from pipeline.predict import PREDICT_IDS
     from pipeline.train import TRAIN_IDS
 
-    train = load_bundle(BUNDLES / name, ("common.json", "train.json"), {"time_budget_min": 1})
+    folder = _folder(name, request)
+    train = load_bundle(folder, ("common.json", "train.json"), {"time_budget_min": 1})
     assert [k for k in TRAIN_IDS if k not in train] == []
     assert train.get_parsed_content("time_budget_min") == 1
-    infer = load_bundle(BUNDLES / name, ("common.json", "inference.json"))
+    infer = load_bundle(folder, ("common.json", "inference.json"))
     assert [k for k in PREDICT_IDS if k not in infer] == []
 
 

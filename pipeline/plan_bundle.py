@@ -1,0 +1,356 @@
+"""``segpipe plan``: a manifest -> a complete MONAI bundle, with nothing to edit by hand.
+
+``plan_bundle(manifest, out)`` validates the manifest (every problem refused, the first one named),
+fingerprints it (:mod:`pipeline.fingerprint`), turns the fingerprint into decisions
+(:func:`pipeline.plan.make_plan`) and writes them as a bundle in the conventions of the shipped
+ones (``bundles/hippocampus_mri_3d``: DynUNet, the boundary-weighted loss, the overlap-tile
+predictor, every id ``segpipe train``/``predict`` read declared)::
+
+    out/configs/metadata.json   labels and channels from the manifest, the input/output contract,
+                                version, changelog, the fingerprint's sha256
+    out/configs/common.json     shared ids: paths, network, deterministic transforms, inferer
+    out/configs/train.json, inference.json, evaluate.json, logging.conf
+    out/docs/README.md          every decision with the fingerprint figure it came from
+    out/LICENSE, out/models/    (weights land in models/model.pt when training ends: export)
+    out/plan.json, out/fingerprint.json, out/splits.json
+
+Everything is written into a hidden folder beside ``out`` and renamed onto it at the end, so an
+error leaves no partial bundle; an existing non-empty ``out`` is refused (never overwritten).
+Paths in the configs are relative to ``bundle_root``: ``dataset_dir`` points from the bundle to
+the manifest's folder, and the training split is the bundle's own ``splits.json`` (the one beside
+the manifest when it matches, else the same patient-grouped split computed afresh).
+
+The config-writing functions are pure: ``bundle_configs(plan, dataset_dir, manifest_name)``.
+README, metadata and licence texts: :mod:`pipeline.plan_docs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, UsageError
+from pipeline.evaluation import json_safe
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILES = ("common.json", "train.json", "inference.json", "evaluate.json")
+TARGET_PREFIX = {"OverlapTileInferer": "pipeline.inference.", "SliceTileInferer": "pipeline.slice_inference."}
+
+
+def _inferer(plan: dict[str, Any], **ids: str) -> dict[str, Any]:
+    """The plan's inferer as a config block over ``ids`` (``roi_size`` and the like: references)."""
+    kind = plan["inference"]["inferer"]
+    block = {"_target_": TARGET_PREFIX[kind] + kind, "roi_size": "@roi_size", **ids}
+    if plan["slice_axis"] is not None:
+        block["slice_axis"] = "@slice_axis"
+    return block
+
+
+def common_config(plan: dict[str, Any], dataset_dir: str, manifest_name: str) -> dict[str, Any]:
+    """common.json: paths, the contract's ids, network, deterministic transforms and the inferer."""
+    net, inf, slices = plan["network"], plan["inference"], plan["slice_axis"] is not None
+    imports = ["$import torch", "$import monai", "$import pipeline", "$import pipeline.networks",
+               "$import pipeline.manifest", "$import pipeline.inference", "$import pipeline.ensemble"]
+    return {
+        "imports": imports + (["$import pipeline.slice_inference"] if slices else []),
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/runs'",
+        "dataset_dir": f"$@bundle_root + '/{dataset_dir}'",
+        "manifest": f"$@dataset_dir + '/{manifest_name}'",
+        "splits_file": "$@bundle_root + '/splits.json'",
+        "model_path": "$@bundle_root + '/models/model.pt'",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "amp": plan["schedule"]["amp"],
+        "seed": 0,
+        "fold": 0,
+        "num_folds": plan["schedule"]["num_folds"],
+        "spatial_dims": plan["spatial_dims"],
+        **({"slice_axis": plan["slice_axis"]} if slices else {}),
+        "in_channels": plan["in_channels"],
+        "label_names": plan["labels"],
+        "out_channels": plan["out_channels"],
+        "axcodes": plan["spacing"]["axcodes"],
+        "pixdim": plan["spacing"]["pixdim"],
+        "roi_size": plan["patch"]["roi_size"],
+        "features": net["filters"],
+        "kernel_size": net["kernel_size"],
+        "strides": net["strides"],
+        "deep_supervision": net["deep_supervision"],
+        "deep_supr_num": net["deep_supr_num"],
+        "res_block": net["res_block"],
+        "network_def": {"_target_": "pipeline.networks.build_network", "name": net["name"],
+                        "spatial_dims": "@spatial_dims", "in_channels": "@in_channels",
+                        "out_channels": "@out_channels", "filters": "@features", "kernel_size": "@kernel_size",
+                        "strides": "@strides", "upsample_kernel_size": "$@strides[1:]",
+                        "deep_supervision": "@deep_supervision", "deep_supr_num": "@deep_supr_num",
+                        "res_block": "@res_block"},
+        "network": "$@network_def.to(@device)",
+        "image_keys": ["image", "label"],
+        "deterministic_transforms": [
+            {"_target_": "LoadImaged", "keys": "@image_keys", "allow_missing_keys": True},
+            {"_target_": "EnsureChannelFirstd", "keys": "@image_keys", "allow_missing_keys": True},
+            {"_target_": "Orientationd", "keys": "@image_keys", "axcodes": "@axcodes", "allow_missing_keys": True},
+            {"_target_": "Spacingd", "keys": "@image_keys", "pixdim": "@pixdim", "mode": ["bilinear", "nearest"],
+             "allow_missing_keys": True},
+            *plan["normalisation"]["transforms"],
+        ],
+        "preprocessing": {"_target_": "Compose", "transforms": "@deterministic_transforms"},
+        "overlap": inf["overlap"],
+        "margin": inf["margin"],
+        "tta": inf["tta"],
+        "tta_axes": inf["tta_axes"],
+        "tta_shift": inf["tta_shift"],
+        "sw_batch_size": inf["sw_batch_size"],
+        "inferer": _inferer(plan, overlap="@overlap", margin="@margin", tta="@tta", tta_axes="@tta_axes",
+                            tta_shift="@tta_shift", sw_batch_size="@sw_batch_size", amp="@amp"),
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "folds": [],
+        "weights": "$pipeline.ensemble.weight_paths(@bundle_root, @model_path, @folds)",
+        "predictor": {"_target_": "pipeline.ensemble.load_predictor", "network_def": "@network_def",
+                      "paths": "@weights", "device": "@device"},
+        "metric_postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True, "to_onehot": "@out_channels"},
+            {"_target_": "AsDiscreted", "keys": "label", "to_onehot": "@out_channels"}]},
+        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+    }
+
+
+def _random_transforms(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    crop = {"_target_": "RandCropByPosNegLabeld", "keys": "@crop_keys", "label_key": "label",
+            "spatial_size": "@crop_size", "pos": "$@pos_neg[0]", "neg": "$@pos_neg[1]",
+            "num_samples": "@num_samples"}
+    squeeze = [{"_target_": "SqueezeDimd", "keys": "@crop_keys", "dim": "$@slice_axis + 1"}]
+    affine = {"_target_": "RandAffined", "keys": "@crop_keys", "prob": "@affine_prob",
+              "rotate_range": "@rotate_range_rad", "scale_range": "@scale_range",
+              "mode": ["bilinear", "nearest", "bilinear"], "padding_mode": "border"}
+    return [crop, *(squeeze if plan["slice_axis"] is not None else []), affine]
+
+
+def train_config(plan: dict[str, Any]) -> dict[str, Any]:
+    """train.json: the schedule, sampling, augmentation, loss, trainer and validation."""
+    s, aug, loss, smp = plan["schedule"], plan["augmentation"], plan["loss"], plan["sampling"]
+    intensity = [
+        {"_target_": "RandGaussianNoised", "keys": "image", "prob": "@noise_prob", "std": 0.1},
+        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": "@intensity_prob"},
+        {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": "@intensity_prob"},
+        {"_target_": "RandGaussianSmoothd", "keys": "image", "sigma_x": [0.5, 1.0], "sigma_y": [0.5, 1.0],
+         "sigma_z": [0.5, 1.0], "prob": "@blur_prob"},
+        {"_target_": "RandScaleIntensityFixedMeand", "keys": "image", "factors": 0.25, "preserve_range": True,
+         "prob": "@contrast_prob"},
+        {"_target_": "RandSimulateLowResolutiond", "keys": "image", "zoom_range": [0.5, 1.0],
+         "prob": "@lowres_prob"},
+        {"_target_": "RandAdjustContrastd", "keys": "image", "gamma": [0.7, 1.5], "retain_stats": True,
+         "prob": "@gamma_prob"}]
+    cached = {"_target_": "pipeline.loaders.cached_dataset", "cache_dir": "@cache_dir", "cache_rate": "@cache_rate",
+              "num_workers": "@num_workers"}
+    return {
+        "+imports": ["$import ignite.distributed as idist", "$import pipeline.amp", "$import pipeline.losses",
+                     "$import pipeline.transforms", "$import pipeline.loaders"],
+        "max_epochs": s["max_epochs"], "time_budget_min": s["time_budget_min"], "val_interval": s["val_interval"],
+        "model_selection": s["model_selection"], "batch_size": smp["batch_size"], "num_samples": smp["num_samples"],
+        "pos_neg": smp["pos_neg"], "epoch_length": s["epoch_length"], "drop_last": s["drop_last"],
+        "learning_rate": s["learning_rate"], "weight_decay": s["weight_decay"], "grad_clip_norm": s["grad_clip_norm"],
+        "ema_decay": 0.0, "early_stop_patience": 0, "checkpoint_interval": 1, "compile": s["compile"],
+        "num_workers": "$0 if @device.type == 'cpu' else 4", "cache_dir": None, "cache_rate": 1.0,
+        **{k: aug[k] for k in ("flip_axes", "flip_prob", "affine_prob")},
+        "rotate_range_rad": aug["rotate_range"], "scale_range": aug["scale_range"],
+        **{k: aug[k] for k in ("noise_prob", "intensity_prob", "blur_prob", "contrast_prob", "lowres_prob",
+                               "gamma_prob")},
+        "sw_overlap": plan["inference"]["val_overlap"], "val_margin": 0, "qc_cases": 3, "export": True,
+        "w0": loss["w0"], "sigma_mm": loss["sigma_mm"], "class_weights": loss["class_weights"],
+        "border_on": loss["border_on"], "lambda_dice": loss["lambda_dice"], "lambda_ce": loss["lambda_ce"],
+        "dice_include_background": loss["dice_include_background"], "batch_dice": loss["batch_dice"],
+        "crop_size": plan["patch"]["crop_size"], "crop_keys": ["image", "label", "weight"],
+        "amp_dtype": "$pipeline.amp.autocast_dtype(@device, @amp)",
+        "train_network": "$idist.auto_model(@network)",
+        "loss": {"_target_": "pipeline.losses.BoundaryWeightedDiceCELoss", "lambda_dice": "@lambda_dice",
+                 "lambda_ce": "@lambda_ce", "include_background": "@dice_include_background", "batch": "@batch_dice"},
+        "optimizer": {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()", "lr": "@learning_rate",
+                      "weight_decay": "@weight_decay"},
+        "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
+                         "T_max": "@max_epochs"},
+        "train": {
+            "datalist": "$pipeline.manifest.datalist(@manifest, 'train', @fold, @num_folds, @seed, @splits_file)",
+            "weight_transforms": [
+                {"_target_": "pipeline.transforms.BoundaryWeightMapd", "keys": "label", "weight_key": "weight",
+                 "w0": "@w0", "sigma": "@sigma_mm", "class_weights": "@class_weights", "border_on": "@border_on"}],
+            "pad_transforms": [{"_target_": "SpatialPadd", "keys": "@crop_keys", "mode": "reflect",
+                                "spatial_size": "@crop_size"}],
+            "random_transforms": _random_transforms(plan),
+            "flip_transforms": "$[monai.transforms.RandFlipd(keys=@crop_keys, prob=@flip_prob, spatial_axis=a) "
+                               "for a in @flip_axes]",
+            "intensity_transforms": intensity,
+            "preprocessing": {"_target_": "Compose", "transforms": (
+                "$@deterministic_transforms + @train#weight_transforms + @train#pad_transforms + "
+                "@train#random_transforms + @train#flip_transforms + @train#intensity_transforms")},
+            "dataset": {**cached, "data": "@train#datalist", "transform": "@train#preprocessing"},
+            "dataloader": {"_target_": "pipeline.loaders.loader", "dataset": "@train#dataset",
+                           "batch_size": "@batch_size", "shuffle": True, "num_workers": "@num_workers",
+                           "drop_last": "@drop_last"},
+            "inferer": {"_target_": "pipeline.amp.autocast_inferer", "inferer": {"_target_": "SimpleInferer"},
+                        "device": "@device", "dtype": "@amp_dtype"},
+            "handlers": [
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},
+                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+                 "interval": "@val_interval"},
+                {"_target_": "StatsHandler", "tag_name": "train_loss", "iteration_log": False,
+                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}],
+            "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
+                        "train_data_loader": "@train#dataloader", "epoch_length": "@epoch_length",
+                        "network": "@train_network", "loss_function": "@loss",
+                        "prepare_batch": "$pipeline.losses.prepare_batch_with_weight", "optimizer": "@optimizer",
+                        "inferer": "@train#inferer", "amp": "$pipeline.amp.cuda_amp(@device, @amp_dtype)",
+                        "amp_kwargs": {"dtype": "@amp_dtype"}, "train_handlers": "@train#handlers",
+                        "compile": "@compile"}},
+        "validate": {
+            "datalist": "$pipeline.manifest.datalist(@manifest, 'val', @fold, @num_folds, @seed, @splits_file)",
+            "dataset": {**cached, "data": "@validate#datalist", "transform": "@preprocessing"},
+            "dataloader": {"_target_": "pipeline.loaders.loader", "dataset": "@validate#dataset", "batch_size": 1,
+                           "shuffle": False, "num_workers": 0},
+            "inferer": _inferer(plan, sw_batch_size="@sw_batch_size", overlap="@sw_overlap", margin="@val_margin",
+                                amp="@amp"),
+            "handlers": [
+                {"_target_": "StatsHandler", "iteration_log": False},
+                {"_target_": "pipeline.handlers.ModelSaver", "network": "@network",
+                 "path": "$@output_dir + '/model.pt'", "selection": "@model_selection"}],
+            "key_metric": {"val_mean_dice": {"_target_": "MeanDice", "include_background": False,
+                                             "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
+            "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
+                          "val_data_loader": "@validate#dataloader", "network": "@network",
+                          "inferer": "@validate#inferer", "postprocessing": "@metric_postprocessing",
+                          "key_val_metric": "@validate#key_metric", "val_handlers": "@validate#handlers",
+                          "amp": False}},
+        "run": ["$@train#trainer.run()"],
+        "finalize": ["$monai.utils.set_determinism(seed=None)"],
+    }
+
+
+def inference_config() -> dict[str, Any]:
+    """inference.json: studies of ``input`` (a manifest, folder or file) -> masks, as the shipped bundles."""
+    return {
+        "+imports": ["$import pipeline.predict_io"],
+        "input": "@manifest",
+        "prediction_dir": "$@output_dir + '/predictions'",
+        "datalist": "$pipeline.predict_io.list_studies(@input, @in_channels)",
+        "max_voxels": 268435456,
+        "save_probabilities": False,
+        "postprocess": {"keep_largest": [], "fill_holes": []},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "pipeline.postprocess.InvertToLabelsd", "keys": "pred", "transform": "@preprocessing",
+             "orig_key": "image", "softmax": "$not @inferer.outputs_probabilities", "postprocess": "@postprocess",
+             "save_probabilities": "@save_probabilities"},
+            {"_target_": "pipeline.postprocess.SaveMaskd", "keys": "pred", "output_dir": "@prediction_dir",
+             "save_probabilities": "@save_probabilities"}]},
+        "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@predictor", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def evaluate_config() -> dict[str, Any]:
+    """evaluate.json: Dice of the held-out fold with the bundle's weights, as the shipped bundles."""
+    return {
+        "eval_role": "val",
+        "eval_dir": "$@output_dir + '/evaluate'",
+        "datalist": "$pipeline.manifest.datalist(@manifest, @eval_role, @fold, @num_folds, @seed, @splits_file)",
+        "key_metric": {"mean_dice": {"_target_": "MeanDice", "include_background": False, "save_details": True,
+                                     "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
+        "handlers": [
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {"_target_": "MetricsSaver", "save_dir": "@eval_dir", "metrics": ["mean_dice"],
+             "metric_details": ["mean_dice"],
+             "batch_transform": "$lambda batch: [item['image'].meta for item in batch]",
+             "summary_ops": ["mean", "std", "median", "min", "max"]}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@predictor", "inferer": "@inferer", "postprocessing": "@metric_postprocessing",
+                      "key_val_metric": "@key_metric", "val_handlers": "@handlers", "amp": False},
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def bundle_configs(plan: dict[str, Any], dataset_dir: str, manifest_name: str) -> dict[str, dict[str, Any]]:
+    """The four workflow configs of a plan: ``{"common.json": ..., "train.json": ..., ...}``."""
+    return {"common.json": common_config(plan, dataset_dir, manifest_name), "train.json": train_config(plan),
+            "inference.json": inference_config(), "evaluate.json": evaluate_config()}
+
+
+def dumps(obj: Any, indent: int = 0, width: int = 100) -> str:
+    """JSON as the shipped configs are written: a value on one line when it fits in ``width``
+    characters, else one entry per line (readable configs, not one number per line)."""
+    inline = json.dumps(obj)
+    if not isinstance(obj, (dict, list)) or not obj or len(inline) + indent <= width:
+        return inline
+    pad = " " * (indent + 2)
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k)}: {dumps(v, indent + 2, width - len(json.dumps(k)) - 2)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    return "[\n" + ",\n".join(f"{pad}{dumps(v, indent + 2, width)}" for v in obj) + "\n" + " " * indent + "]"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(dumps(json_safe(obj)) + "\n")
+
+
+def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str | None = None,
+                budget_min: float = 30.0) -> dict[str, Any]:
+    """Validate, fingerprint and plan ``manifest``; write the bundle to ``out`` (all or nothing).
+    ``device`` None: cuda when this machine has a GPU, else cpu. Returns the plan."""
+    from pipeline.fingerprint import write_fingerprint
+    from pipeline.manifest import load_manifest, saved_or_computed_splits
+    from pipeline.plan import NUM_FOLDS, make_plan, write_plan
+    from pipeline.plan_docs import LICENSE_TEXT, LOGGING_CONF, metadata, readme
+    from pipeline.validation import validate_manifest
+
+    manifest, out = Path(manifest), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not empty; plan into a new folder (a bundle is never overwritten)")
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    problems = validate_manifest(manifest)
+    for p in problems:
+        log.error("%s", p)
+    if problems:
+        raise InputError(f"{manifest}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
+    data = load_manifest(manifest)
+    if len(data["training"]) < NUM_FOLDS:
+        raise InputError(f"{manifest}: training: {len(data['training'])} cases, fewer than the {NUM_FOLDS} "
+                         f"cross-validation folds (at least {NUM_FOLDS} labelled cases are needed)")
+    tmp = out.parent / f".{out.name}.plan-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for sub in ("configs", "docs", "models"):
+            (tmp / sub).mkdir(parents=True)
+        fp_path = write_fingerprint(manifest, tmp / "fingerprint.json")
+        digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()
+        fingerprint = json.loads(fp_path.read_text())
+        plan = {**make_plan(fingerprint, data, device, budget_min, name), "fingerprint_sha256": digest}
+        write_plan(plan, tmp / "plan.json")
+        _write_json(tmp / "splits.json", saved_or_computed_splits(manifest, plan["schedule"]["num_folds"], 0))
+        dataset_dir = Path(os.path.relpath(manifest.resolve().parent, os.path.abspath(out))).as_posix()
+        for f, config in bundle_configs(plan, dataset_dir, manifest.name).items():
+            _write_json(tmp / "configs" / f, config)
+        _write_json(tmp / "configs" / "metadata.json", metadata(plan, data))
+        (tmp / "configs" / "logging.conf").write_text(LOGGING_CONF)
+        (tmp / "docs" / "README.md").write_text(readme(plan, data, fingerprint, dataset_dir))
+        (tmp / "LICENSE").write_text(LICENSE_TEXT.format(name=plan["name"], data=data.get("name", manifest.name),
+                                                         licence=data.get("licence", "not stated in the manifest")))
+        if out.exists():
+            out.rmdir()  # an empty folder given as --out
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("planned bundle %s in %s", plan["name"], out)
+    return plan
