@@ -343,7 +343,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
             _write_json(tmp / "configs" / f, config)
         _write_json(tmp / "configs" / "metadata.json", metadata(plan, data))
         (tmp / "configs" / "logging.conf").write_text(LOGGING_CONF)
-        (tmp / "docs" / "README.md").write_text(readme(plan, data, fingerprint, dataset_dir))
+        (tmp / "docs" / "README.md").write_text(readme(plan, data, fingerprint, dataset_dir, out.name))
         (tmp / "LICENSE").write_text(LICENSE_TEXT.format(name=plan["name"], data=data.get("name", manifest.name),
                                                          licence=data.get("licence", "not stated in the manifest")))
         if out.exists():

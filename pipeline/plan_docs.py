@@ -145,8 +145,10 @@ def _fmt(values: Any) -> str:
     return " x ".join(f"{v:g}" for v in values)
 
 
-def readme(plan: dict[str, Any], manifest: dict[str, Any], fingerprint: dict[str, Any], dataset_dir: str) -> str:
-    """``docs/README.md``: the data as fingerprinted, each decision with its reason, the commands."""
+def readme(plan: dict[str, Any], manifest: dict[str, Any], fingerprint: dict[str, Any], dataset_dir: str,
+           folder: str) -> str:
+    """``docs/README.md``: the data as fingerprinted, each decision with its reason, the commands
+    (run beside the bundle's ``folder``)."""
     ds, name = fingerprint["dataset"], plan["name"]
     mname = manifest.get("name", "the dataset")
     labels = ", ".join(f"{i} {n}" for i, n in enumerate(plan["labels"]))
@@ -196,8 +198,8 @@ folds; validation on fold 0 only monitors (`model_selection` "last": the last we
 ## Commands
 
 ```bash
-segpipe train {name}                                  # {s['time_budget_min']:g} min (time_budget_min)
-segpipe predict {name} --input IMAGES --output masks/ # a file, a folder or a manifest
+segpipe train {folder}                                  # {s['time_budget_min']:g} min (time_budget_min)
+segpipe predict {folder} --input IMAGES --output masks/ # a file, a folder or a manifest
 segpipe evaluate --pred masks/ --ref LABELLED_MANIFEST
 python -m monai.bundle run --config_file "['configs/common.json','configs/train.json']" --bundle_root .
 python -m monai.bundle verify_net_in_out --net_id network_def --meta_file configs/metadata.json --config_file configs/common.json
