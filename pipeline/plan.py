@@ -287,8 +287,9 @@ def augmentation(labels: list[str], spatial_dims: int, slice_axis: int | None, a
 
 
 def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, batch_size: int,
-             spatial_dims: int) -> tuple[dict, str]:
-    """Rule 9: optimiser, learning rate, wall-time budget, epoch length and cap, validation interval."""
+             spatial_dims: int, compiler: bool = True) -> tuple[dict, str]:
+    """Rule 9: optimiser, learning rate, wall-time budget, epoch length and cap, validation interval.
+    ``compiler``: a C++ compiler is at hand (torch.compile on a CPU needs one)."""
     voxel_rate = THROUGHPUT[device] * (3 if spatial_dims == 2 else 1)
     rate = 1 / (patch_voxels / voxel_rate + SAMPLE_OVERHEAD_S[device])  # samples/s
     train = max(1, round(n_cases * (NUM_FOLDS - 1) / NUM_FOLDS))
@@ -297,7 +298,7 @@ def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, ba
     iterations = max(one_pass, MIN_EPOCH_ITERATIONS)
     epochs = 60 * budget_min / (iterations * batch_size / rate)
     interval = max(1, round(epochs / VALIDATIONS))
-    compile_ = budget_min >= COMPILE_MIN_BUDGET
+    compile_ = budget_min >= COMPILE_MIN_BUDGET and (compiler or device != "cpu")
     out = {"optimizer": "AdamW", "learning_rate": 2e-3, "weight_decay": 1e-5,
            "lr_schedule": "cosine_wall_time",
            "time_budget_min": float(budget_min), "max_epochs": max(100, math.ceil(10 * epochs)),
@@ -305,17 +306,18 @@ def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, ba
            "val_interval": interval, "estimated_epochs": round(epochs, 1), "num_folds": NUM_FOLDS,
            "grad_clip_norm": 12.0, "model_selection": "last", "compile": compile_, "amp": True}
     why = (f"{budget_min:g} min at about {rate:.3g} samples/s ({voxel_rate:.3g} voxels/s and "
-           f"{SAMPLE_OVERHEAD_S[device]:g} s per sample, {device} estimate) over {train} training cases ({NUM_FOLDS} folds) is about {epochs:.0f} epochs of "
-           f"{iterations} iterations"
+           f"{SAMPLE_OVERHEAD_S[device]:g} s per sample, {device} estimate) over {train} training cases "
+           f"({NUM_FOLDS} folds) is about {epochs:.0f} epochs of {iterations} iterations"
            + (f" (one pass is {one_pass}: an epoch of at least {MIN_EPOCH_ITERATIONS} iterations keeps the "
               "per-epoch checkpoint and log a small cost)" if iterations > one_pass else "")
            + f": validation every {interval} (about {max(1, int(epochs // interval))} validations); max_epochs "
            f"{out['max_epochs']} (10x) only a cap; AdamW 2e-3, cosine over wall time (the CPU hippocampus "
            "recipe; nnU-Net's SGD 1e-2 with a poly schedule is tuned for 250k steps, a budget of minutes "
            "gives thousands); the last weights are kept (validation monitors, it does not select); "
-           + ("training step compiled (torch.compile: +55% samples/s on the CPU hippocampus recipe)"
-              if compile_ else f"not compiled: compiling takes about a minute, more than a {budget_min:g}-min "
-              f"budget (< {COMPILE_MIN_BUDGET:g}) can repay"))
+           + ("training step compiled (torch.compile: +55% samples/s on the CPU hippocampus recipe)" if compile_
+              else f"not compiled: compiling takes about a minute, more than a {budget_min:g}-min budget "
+              f"(< {COMPILE_MIN_BUDGET:g}) can repay" if budget_min < COMPILE_MIN_BUDGET
+              else "not compiled: no C++ compiler (g++, clang++ or $CXX) for torch.compile on this CPU"))
     return out, why
 
 
@@ -356,8 +358,9 @@ def _slug(text: str) -> str:
 
 
 def make_plan(fingerprint: dict, manifest: dict, device: str = "cpu", budget_min: float = 30.0,
-              name: str | None = None) -> dict[str, Any]:
-    """The plan: every decision a bundle needs, each with a rationale (rules: the module docstring)."""
+              name: str | None = None, compiler: bool = True) -> dict[str, Any]:
+    """The plan: every decision a bundle needs, each with a rationale (rules: the module docstring).
+    ``compiler``: whether a C++ compiler is at hand for torch.compile on a CPU."""
     if device not in DEVICES:
         raise UsageError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
     if not (isinstance(budget_min, (int, float)) and budget_min > 0):
@@ -376,7 +379,7 @@ def make_plan(fingerprint: dict, manifest: dict, device: str = "cpu", budget_min
     flat = dims == 3 and max(target) / min(target) > ANISOTROPY_THRESHOLD
     aniso_axis = int(np.argmax(target)) if flat else None
     aug, why_aug = augmentation(labels, dims, slice_axis, aniso_axis, roi, device)
-    sched, why_sched = schedule(device, budget_min, len(cases), topo["patch_voxels"], batch, dims)
+    sched, why_sched = schedule(device, budget_min, len(cases), topo["patch_voxels"], batch, dims, compiler)
     infer, why_infer = inference(roi, net_shape, aug["flip_axes"], slice_axis)
     crop = roi[:slice_axis] + [1] + roi[slice_axis:] if slice_axis is not None else list(roi)
     warnings += smaller_than_patch(cases, target, keep, roi)

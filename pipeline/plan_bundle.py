@@ -335,7 +335,8 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         fp_path = write_fingerprint(manifest, tmp / "fingerprint.json")
         digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()
         fingerprint = json.loads(fp_path.read_text())
-        plan = {**make_plan(fingerprint, data, device, budget_min, name), "fingerprint_sha256": digest}
+        compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+        plan = {**make_plan(fingerprint, data, device, budget_min, name, compiler), "fingerprint_sha256": digest}
         write_plan(plan, tmp / "plan.json")
         _write_json(tmp / "splits.json", saved_or_computed_splits(manifest, plan["schedule"]["num_folds"], 0))
         dataset_dir = Path(os.path.relpath(manifest.resolve().parent, os.path.abspath(out))).as_posix()

@@ -397,6 +397,9 @@ def test_tiny_datasets_get_epochs_of_at_least_50_iterations_and_short_budgets_no
     assert s["estimated_epochs"] / s["val_interval"] >= 2  # a short run validates more than once
     big = P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)["schedule"]
     assert big["epoch_length"] is None and big["compile"] is True  # 83 iterations a pass: a pass it is
+    bare = P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30, compiler=False)
+    assert bare["schedule"]["compile"] is False and "no C++ compiler" in bare["rationale"]["schedule"]
+    assert P.make_plan(hippo, HIPPO_MANIFEST, "cuda", 30, compiler=False)["schedule"]["compile"] is True
 
 
 def test_volumes_smaller_than_the_patch_are_one_warning_line_naming_a_file(caplog: pytest.LogCaptureFixture):
