@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import predict_io
-from pipeline.bundle import get, load_bundle
+from pipeline import predict_io, predict_outputs
+from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, SegpipeError, UsageError, first_line
+from pipeline.preview import write_index
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,14 @@ CONFIGS = ("common.json", "inference.json")
 
 def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None = None,
             device: str | None = None, overrides: dict[str, Any] | None = None,
-            progress: bool = True, prefetch: int = 2) -> list[dict[str, Any]]:
+            progress: bool = True, prefetch: int = 2, output_format: str = "nifti",
+            preview: bool = False) -> list[dict[str, Any]]:
     """Segment every study of ``input`` (NIfTI file, folder of NIfTI/DICOM studies, or manifest)
-    of this shard; return one row per study (``status`` ok, failed or skipped)."""
+    of this shard; return one row per study (``status`` ok, failed or skipped). ``output_format``
+    nifti, dicom-seg or both and ``preview`` (a PNG per study, ``index.html``): see
+    ``pipeline.predict_outputs``."""
     output_dir = Path(output_dir)
+    predict_outputs.check_format(output_format)
     predict_io.check_output_dir(output_dir)
     shard_i, shard_n = predict_io.parse_shard(shard)
     from pipeline.validation import bundle_contract, check_contract
@@ -53,6 +58,8 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     channels = bundle_contract(Path(bundle_dir))[1]  # folders group <case>_0000.nii.gz.. when > 1
     studies = predict_io.take_shard(predict_io.list_studies(Path(input), channels), shard_i, shard_n)  # fails fast
     model = load_model(bundle_dir, overrides, device, output_dir)
+    model["metadata"] = bundle_metadata(Path(bundle_dir))  # the SEG's algorithm name, version and codes
+    outputs = {"output_format": output_format, "preview": preview}
     predict_io.clean_stale_temps(output_dir)
     log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
 
@@ -60,15 +67,17 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     rows: list[dict[str, Any]] = []
     todo = []
     for s in studies:
-        out = output_dir / f"{s['id']}.nii.gz"
-        if out.exists():
+        files = predict_outputs.planned(s, output_dir, output_format, preview)
+        if all(f.exists() for f in files.values()):
             rows.append({**earlier.get(s["id"], {}), "study_id": s["id"], "input": s["image"],
-                         "output": str(out), "status": "skipped", "error": ""})
+                         **predict_outputs.columns(s, files, output_format), "status": "skipped"})
         else:
             todo.append(s)
     names = model["label_names"]
     if rows:
         predict_io.write_report(output_dir, rows, names)
+    if preview:
+        write_index(output_dir, names, running=True)
     bar = _progress_bar(len(studies), progress, initial=len(rows))
     with tempfile.TemporaryDirectory(prefix="segpipe-") as scratch, \
             ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
@@ -79,11 +88,13 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
 
         def refill() -> None:
             while len(reads) < prefetch and (s := next(queue, None)) is not None:
-                reads.append((s, reader.submit(read_study, s, model, Path(scratch))))
+                reads.append((s, reader.submit(_read, s, model, Path(scratch), output_format)))
 
         def finish(row: dict[str, Any]) -> None:
             rows.append(row)
             predict_io.write_report(output_dir, [row], names)
+            if preview:
+                write_index(output_dir, names, running=True)
             bar.update(1)
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows), refresh=False)
 
@@ -103,10 +114,12 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
             except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch
                 finish(_failed(s, t0, e))
                 continue
-            writes.append((s, t0, writer.submit(write_study, s, data, pred, model)))
+            writes.append((s, t0, writer.submit(write_study, s, data, pred, model, outputs)))
             drain(limit=1)  # at most one finished prediction waits to be written
         drain(limit=0)
     bar.close()
+    if preview:
+        log.info("previews: %s", write_index(output_dir, names, running=False))
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed:
         log.warning("%s: %s", r["study_id"], r["error"])
@@ -191,15 +204,27 @@ def run_model(model: dict[str, Any], image: torch.Tensor) -> torch.Tensor:
     return pred.cpu() if pred.device.type != "cpu" else pred
 
 
-def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor, model: dict[str, Any]) -> dict[str, Any]:
+def _read(study: dict[str, Any], model: dict[str, Any], scratch: Path, output_format: str) -> dict[str, Any]:
+    """``read_study``, after the source DICOM headers a SEG will reference (``predict_outputs``)."""
+    sources = predict_outputs.read_sources(study, output_format)
+    data = read_study(study, model, scratch)
+    data["dicom_sources"] = sources
+    return data
+
+
+def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor, model: dict[str, Any],
+                outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bundle's ``postprocessing`` (``pipeline.postprocess``: back to the source geometry,
     labels, clean-up, ``<id>.nii.gz`` in the output folder given to ``load_model``), then the
-    volume columns."""
+    volume columns; with ``outputs`` (``output_format``, ``preview``) the DICOM SEG and preview
+    too (``predict_outputs.write_extras``)."""
     from pipeline.postprocess import label_volumes
 
     d = model["postprocessing"]({"image": data["image"], "pred": pred, "id": study["id"]})
     voxel_ml = float(abs(np.linalg.det(np.asarray(data["image"].meta["original_affine"])[:3, :3]))) / 1000
-    return {"output": d["output"], **label_volumes(d["pred"], model["label_names"], voxel_ml)}
+    volumes = label_volumes(d["pred"], model["label_names"], voxel_ml)
+    files = predict_outputs.write_extras(study, data, d, volumes, model, **outputs) if outputs else {}
+    return {"output": d["output"], **volumes, **files}
 
 
 def _row(study: dict[str, str], t0: float, fut: Future, output_dir: Path) -> dict[str, Any]:
