@@ -165,11 +165,14 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         device=a.device,
         overrides=overrides,
         progress=not a.no_progress,
+        output_format=a.format,
+        preview=a.preview,
     )
     failed = sum(r["status"] == "failed" for r in rows)
     ok = sum(r["status"] == "ok" for r in rows)
     skipped = sum(r["status"] == "skipped" for r in rows)
-    print(f"{ok} ok, {skipped} skipped, {failed} failed; report: {Path(a.output) / 'report.csv'}")
+    print(f"{ok} ok, {skipped} skipped, {failed} failed; report: {Path(a.output) / 'report.csv'}"
+          + (f"; previews: {Path(a.output) / 'index.html'}" if a.preview else ""))
     return 1 if failed else 0
 
 
@@ -290,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--format", choices=["nifti", "dicom-seg", "both"], default="nifti",
+                   help="masks as <id>.nii.gz (default), DICOM SEG <id>.seg.dcm (DICOM series studies), or both")
+    s.add_argument("--preview", action="store_true",
+                   help="a PNG per study (<id>_preview.png) and OUTPUT/index.html listing every study")
     s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice of predicted masks")
@@ -327,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not a.debug:  # nibabel's header auto-fix notes name no file; our own checks report what matters
         logging.getLogger("nibabel.global").setLevel(logging.ERROR)
+        # with pydicom installed (highdicom's dependency) MONAI's LoadImage warns on every
+        # construction that an optional GPU DICOM decoder is absent; highdicom logs each copied module
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     try:
         return int(a.func(a) or 0)
     except SegpipeError as e:
