@@ -161,14 +161,15 @@ class SaveMaskd(MapTransform):
         output_dir: the folder (created when missing).
         source_key: the key whose ``meta["filename_or_obj"]`` names the source image.
         id_key: the key holding the study id.
-        save_probabilities: ``"float32"`` to write probabilities as float32, else float16.
+        save_probabilities: truthy (``true`` or ``"float32"``) to write the probabilities that
+            :class:`InvertToLabelsd` kept, as float32 (NIfTI has no float16).
     """
 
     def __init__(self, keys: KeysCollection, output_dir: Path | str, source_key: str = "image", id_key: str = "id",
                  save_probabilities: bool | str = False, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_dir, self.source_key, self.id_key = Path(output_dir), source_key, id_key
-        self.probabilities_dtype = "float32" if save_probabilities == "float32" else "float16"
+        self.save_probabilities = bool(save_probabilities)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from pipeline.predict_io import write_mask, write_probabilities
@@ -183,7 +184,7 @@ class SaveMaskd(MapTransform):
             labels = torch.as_tensor(d[key])[0].numpy().astype(np.uint8, copy=False)
             d["output"] = str(write_mask(labels, source, self.output_dir / f"{sid}.nii.gz", affine))
             probs = d.get(f"{key}{PROBABILITIES_SUFFIX}")
-            if probs is not None:
+            if probs is not None and self.save_probabilities:
                 write_probabilities(torch.as_tensor(probs).numpy(), source, self.output_dir / f"{sid}_probs.nii.gz",
-                                    self.probabilities_dtype, affine)
+                                    affine=affine)
         return d

@@ -167,7 +167,7 @@ def write_mask(labels: np.ndarray, source: Path, out_file: Path, affine: np.ndar
     return write_nifti(np.asarray(labels, dtype=np.uint8), out_file, labels=True, **_geometry(source, affine))
 
 
-def write_probabilities(probs: np.ndarray, source: Path, out_file: Path, dtype: str = "float16",
+def write_probabilities(probs: np.ndarray, source: Path, out_file: Path, dtype: str = "float32",
                         affine: np.ndarray | None = None) -> Path:
     """Write (K, *spatial) probabilities as a NIfTI with the channels in the last dimension."""
     return write_nifti(np.moveaxis(np.asarray(probs, dtype=dtype), 0, -1), out_file, **_geometry(source, affine))
