@@ -12,11 +12,12 @@ stage              modules                                        leaves
 ``fingerprint``    fingerprint                                    ``fingerprint.json``
 ``plan``           plan                                           ``plan.json``
 ``train``          train, handlers, loaders, transforms,          ``model.pt``, checkpoints,
-                   weightmap, losses, networks, checkpoints,      ``val_cases.csv``, an MLflow run
-                   tracking, qc, amp
+                   weightmap, losses, networks, checkpoints,      ``val_cases.csv``,
+                   tracking, qc, progress, system_metrics,        ``progress.png``, an MLflow
+                   mlflow_model, amp                              run and model
 ``predict``        predict, predict_io, inference, postprocess    ``<id>.nii.gz`` + ``report.csv``
 ``evaluate``       evaluation                                     ``metrics.csv``, summary JSON
-``ui`` / ``demo``  tracking / demo                                the MLflow UI / the whole path
+``ui`` / ``demo``  ui / demo                                      the MLflow UI / the whole path
 =================  =============================================  ==================================
 
 Shared by all: ``cli`` (the command), ``bundle`` (the one place bundles are parsed), ``errors``

@@ -120,6 +120,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         overrides=overrides,
         verbose=a.verbose,
         progress=sys.stderr.isatty(),
+        register=a.register,
     )
     if summary:
         print(json.dumps(summary, indent=2, default=str))
@@ -194,7 +195,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_ui(a: argparse.Namespace) -> int:
-    from pipeline.tracking import serve_ui
+    from pipeline.ui import serve_ui
 
     return serve_ui(host=a.host, port=a.port, tracking_uri=a.tracking_uri,
                     echo=lambda line: print(line, flush=True))
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
     s.add_argument("--verbose", action="store_true",
                    help="also Ignite's and MONAI's own log lines and the per-epoch record")
+    s.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
+                   help="register the trained model in MLflow under the bundle's name (default: yes)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("crossval", help="k-fold cross-validation: folds, out-of-fold Dice, post-processing")
@@ -303,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pred", required=True, help="folder of predicted masks")
     s.add_argument("--ref", required=True, help="manifest with the reference labels")
     s.add_argument("--out", default=None, help="per-case CSV (default: PRED/metrics.csv)")
-    s.add_argument("--run-id", default=None, help="also log to this MLflow run")
+    s.add_argument("--run", "--run-id", dest="run_id", default=None, metavar="RUN",
+                   help="also log to this MLflow run: its id, or the training's output folder "
+                        "(its checkpoints/mlflow_run.json names the run and the store)")
     s.add_argument("--tracking-uri", default=None)
     s.set_defaults(func=_cmd_evaluate)
 
@@ -313,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", action="store_true", help="the training's full log (see train --verbose)")
     s.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("ui", help="start the MLflow UI on the project's store")
+    s = sub.add_parser("ui", help="start the MLflow UI on the project's store (prints the training view)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--tracking-uri", default=None)

@@ -2,7 +2,8 @@
 
 ``case_metrics`` is the plain function (arrays in, numbers out) that training QC, the demo and the
 benchmarks call; ``evaluate`` runs it over a folder of predicted NIfTI masks against a reference
-manifest and writes ``metrics.csv`` and ``metrics_summary.json`` (and logs to MLflow if asked).
+manifest and writes ``metrics.csv`` and ``metrics_summary.json`` (and logs to MLflow if asked: to
+a run named by its id or found from the training's output folder).
 
 Empty masks, per class (documented conventions):
 
@@ -162,12 +163,36 @@ def _metric_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./" else "_" for c in name)
 
 
+def find_training_run(run: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """``(run id, tracking URI)`` of ``run``: a run id as given (with ``tracking_uri``), or a
+    training's output folder, whose ``checkpoints/mlflow_run.json`` names the run and its store
+    (an explicit ``tracking_uri`` wins). A folder without that file is one InputError line."""
+    path = Path(run)
+    if not path.exists():
+        return run, tracking_uri
+    candidates = [path] if path.is_file() else [path / "checkpoints" / "mlflow_run.json", path / "mlflow_run.json"]
+    for f in candidates:
+        if f.is_file():
+            try:
+                saved = json.loads(f.read_text())
+                return str(saved["run_id"]), tracking_uri or saved.get("tracking_uri")
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"{f}: not a training's run file ({e})") from None
+    raise InputError(f"{run}: not a training output folder (no checkpoints/mlflow_run.json); "
+                     "give the MLflow run id instead")
+
+
 def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, tracking_uri: str | None = None) -> None:
-    """Log ``eval_dice_<label>``, ``eval_hd95_<label>``, ``eval_nsd_<label>``, ``eval_mean_dice`` (finite
-    values only) and ``files`` (under ``evaluation/``) to an existing MLflow run."""
+    """Log ``eval/dice_<label>``, ``eval/hd95_<label>``, ``eval/nsd_<label>``, ``eval/mean_dice`` ...
+    (finite values only; flat names ``eval_*`` mapped by ``pipeline.tracking.mlflow_key``), the
+    reference manifest as an evaluation dataset input and ``files`` (under ``evaluation/``) to an
+    existing MLflow run."""
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import dataset_input, manifest_dataset, mlflow_key
+    from pipeline.train import manifest_hash
 
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
@@ -182,8 +207,12 @@ def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, track
         values.update({f"eval_dice_{key}": c["dice_mean"], f"eval_hd95_{key}": c["hd95_mean"],
                        f"eval_nsd_{key}": c["nsd_mean"]})
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
+    metrics = [Metric(mlflow_key(k), float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
     client.log_batch(run_id, metrics=metrics)
+    ref = Path(summary["ref_manifest"])
+    if ref.is_file():
+        record = {**manifest_dataset(ref, manifest_hash(ref)), "context": "evaluation"}
+        client.log_inputs(run_id, [dataset_input(record)])
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path="evaluation")
     log.info("logged %d evaluation metrics and %d files to MLflow run %s", len(metrics), len(files), run_id)
@@ -196,10 +225,13 @@ def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, ru
     Writes the per-case CSV (default ``pred_dir/metrics.csv``; one row per case and foreground
     class, or one error row for a case that could not be compared: missing prediction, shape or
     affine mismatch, unreadable file) and ``metrics_summary.json`` beside it, logs to MLflow run
-    ``run_id`` if given, and returns the summary. Raises InputError when no prediction matches.
+    ``run_id`` if given (a run id, or the training's output folder: ``find_training_run``), and
+    returns the summary. Raises InputError when no prediction matches.
     """
     from pipeline.manifest import load_manifest
 
+    if run_id:  # before the work: a wrong folder is said at once
+        run_id, tracking_uri = find_training_run(run_id, tracking_uri)
     pred_dir, ref_manifest = Path(pred_dir), Path(ref_manifest)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder not found")

@@ -7,16 +7,21 @@
   ``segpipe train`` shows only with ``--verbose``), a wall-time budget with a cosine learning
   rate, validation bookkeeping (Dice per class, one log line per validation, per-case CSV and QC
   overlays) and an optional moving average of the weights.
+- ``attach_rng_guard``: validation leaves the training's random stream alone (attached by
+  ``ModelSaver``, so by every bundle's evaluator).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import shutil
 import time
 from pathlib import Path
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Timer
@@ -138,6 +143,7 @@ class ModelSaver:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
+        attach_rng_guard(engine)  # every bundle's evaluator holds a ModelSaver: see attach_rng_guard
 
     def __call__(self, engine: Engine) -> None:
         value = engine.state.metrics.get(self.metric)
@@ -150,6 +156,38 @@ class ModelSaver:
         return checkpoints.save_weights(self.network, self.path)
 
 
+def attach_rng_guard(evaluator: Engine) -> None:
+    """Leave the training's random stream as it was before each run of ``evaluator``: the random
+    states of torch (CPU and initialised CUDA devices), numpy and ``random`` are saved when it
+    starts and restored when it completes. Without it a validation moves torch's global
+    generator (its DataLoader draws a base seed), so two runs with one seed and different
+    ``val_interval`` train differently. ``ModelSaver.attach`` calls it, and every bundle's
+    ``validate#handlers`` lists a ModelSaver, so this holds for ``segpipe train`` and ``python -m
+    monai.bundle run`` alike; a second call on the same engine does nothing."""
+    if getattr(evaluator, "_segpipe_rng_guard", False):
+        return
+    evaluator._segpipe_rng_guard = True
+    saved: dict[str, object] = {}
+
+    def _save(engine: Engine) -> None:
+        saved.update(torch=torch.get_rng_state(), numpy=np.random.get_state(), random=random.getstate(),
+                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+    def _restore(engine: Engine) -> None:
+        if not saved:
+            return
+        torch.set_rng_state(saved["torch"])
+        np.random.set_state(saved["numpy"])
+        random.setstate(saved["random"])
+        if saved["cuda"] is not None:
+            torch.cuda.set_rng_state_all(saved["cuda"])
+        saved.clear()
+
+    evaluator.add_event_handler(Events.STARTED, _save)
+    evaluator.add_event_handler(Events.COMPLETED, _restore)
+    evaluator.add_event_handler(Events.TERMINATE, _restore)
+
+
 def find_model_saver(handlers: list) -> ModelSaver:
     """The bundle's ``ModelSaver`` among the evaluator handlers (UsageError when it has none)."""
     found = [h for h in handlers if isinstance(h, ModelSaver)]
@@ -160,10 +198,13 @@ def find_model_saver(handlers: list) -> ModelSaver:
 
 def attach_validation(trainer: Engine, evaluator: Engine, saver: ModelSaver, label_names: list[str],
                       output_dir: Path, val_interval: int, qc_cases: int) -> None:
-    """After each validation: Dice per class into the epoch log and one line in the log (Dice
-    per class, best so far); when ``saver`` wrote ``model.pt``, the per-case CSV and QC overlays
-    of those weights. The last epoch is always validated; a run without validation cases saves
-    its last weights."""
+    """After each validation: Dice per class into the epoch log, one line in the log (Dice per
+    class, best so far) and QC pictures in ``output_dir/qc/epoch_<NNNN>/`` (``_qc_pictures``;
+    their paths in ``trainer.state.qc_images`` for the tracker); when ``saver`` wrote ``model.pt``, the per-case
+    CSV and a copy of the pictures in ``output_dir/qc/``, both of those weights. The last epoch
+    is always validated; a run without validation cases saves its last weights. Validation
+    leaves the training's random stream alone (``attach_rng_guard``)."""
+    attach_rng_guard(evaluator)
     qc.attach_case_collector(evaluator, qc_cases)
     trainer.state.best_val_mean_dice, trainer.state.best_epoch, trainer.state.best_val_dice = -1.0, 0, {}
 
@@ -172,17 +213,25 @@ def attach_validation(trainer: Engine, evaluator: Engine, saver: ModelSaver, lab
         report = qc.summarize(engine, label_names)
         if not report["metrics"]:
             return
+        epoch = trainer.state.epoch
         dice = {k[len("val_dice_"):]: v for k, v in report["metrics"].items() if k.startswith("val_dice_")}
+        trainer.state.qc_images = []
+        if idist.get_rank() == 0:
+            trainer.state.qc_images = _qc_pictures(engine.state.qc, report, label_names, output_dir, epoch,
+                                                   reference=not getattr(trainer.state, "qc_reference", False))
+            trainer.state.qc_reference = True
         if saver.saved_now:
             trainer.state.best_val_mean_dice, trainer.state.best_epoch = saver.best, saver.best_epoch
             trainer.state.best_val_dice = dice
-            if idist.get_rank() == 0:
+            if idist.get_rank() == 0:  # the pictures and per-case Dice of the weights in model.pt
                 qc.write_case_csv(output_dir / "val_cases.csv", report)
-                qc.write_overlays(output_dir / "qc", engine.state.qc, label_names)
+                for _, path, step in trainer.state.qc_images:
+                    if step == epoch:
+                        shutil.copyfile(path, output_dir / "qc" / path.name)
         report["metrics"]["best_val_mean_dice"] = trainer.state.best_val_mean_dice
         trainer.state.epoch_log.update(report["metrics"])
         if idist.get_rank() == 0:
-            log.info("epoch %d/%d validation: Dice %s; mean %.4f (%s %.4f, epoch %d)", trainer.state.epoch,
+            log.info("epoch %d/%d validation: Dice %s; mean %.4f (%s %.4f, epoch %d)", epoch,
                      trainer.state.max_epochs, ", ".join(f"{k} {v:.4f}" for k, v in dice.items()),
                      report["metrics"]["val_mean_dice"], "best" if saver.selection == "best" else "saved",
                      trainer.state.best_val_mean_dice, trainer.state.best_epoch)
@@ -197,6 +246,21 @@ def attach_validation(trainer: Engine, evaluator: Engine, saver: ModelSaver, lab
         if engine.state.best_epoch == 0:
             log.warning("no validation result (no validation cases?): %s holds the last weights", saver.path)
             saver.save()
+
+
+def _qc_pictures(views: list, report: dict, label_names: list[str], output_dir: Path, epoch: int,
+                 reference: bool) -> list[tuple[str, Path, int]]:
+    """This validation's QC pictures as ``(case, path, step)``: ``qc/epoch_<NNNN>/qc_<case>.png``
+    at step ``epoch``; with ``reference`` (a run's first validation) also the reference alone in
+    ``qc/epoch_0000/`` at step 0, where MLflow's image slider starts when there are several steps."""
+    case_dice = {case: float(np.nanmean(row)) for case, row in report["cases"]}
+    out = []
+    pictures = [(epoch, f"epoch {epoch}", True)] + ([(0, "reference", False)] if reference else [])
+    for step, title, predicted in pictures:
+        paths = qc.write_overlays(output_dir / "qc" / f"epoch_{step:04d}", views, label_names, title=title,
+                                  dice=case_dice if predicted else None, predicted=predicted)
+        out += [(case, path, step) for (case, _), path in zip(views, paths, strict=True)]
+    return out
 
 
 def attach_weight_average(trainer: Engine, network: torch.nn.Module, decay: float,

@@ -1,5 +1,9 @@
 """Validation report: Dice per class and per case, and QC overlay PNGs, from a MONAI evaluator.
 
+A QC picture shows each case in three orthogonal planes through its labelled structures (one
+plane for 2D), reference contours solid and predicted ones dashed, with a legend naming each
+label's colour; ``pipeline.handlers.attach_validation`` draws them after every validation.
+
 The evaluator's ``MeanDice`` key metric keeps every case's Dice per class (``save_details``),
 already gathered across distributed ranks; the case ids are gathered here in the same order.
 """
@@ -16,6 +20,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from pipeline.fileio import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -26,18 +32,45 @@ def _case_id(item: dict[str, Any]) -> str:
     return Path(str(meta.get("filename_or_obj", "case"))).name.split(".")[0]
 
 
-def _qc_slice(image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> dict[str, np.ndarray]:
-    """The axial slice (last axis) with the most labelled voxels: image, predicted and true labels."""
+#: the planes of a 3D volume (RAS after the bundles' Orientationd): name, the axis held fixed
+PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+
+
+def _spacing(image: torch.Tensor, ndim: int) -> list[float]:
+    affine = getattr(image, "affine", None)
+    if affine is None or affine.shape[-1] < ndim + 1:
+        return [1.0] * ndim
+    a = torch.as_tensor(affine).double()[:ndim, :ndim]
+    return [float(v) for v in torch.sqrt((a ** 2).sum(0))]
+
+
+def qc_views(image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> dict[str, Any]:
+    """Three orthogonal slices (one slice of a 2D image) through the labelled structures: each
+    plane at the index with the most labelled voxels (the volume's middle if none). Returns
+    ``{"views": [{"plane", "index", "image", "pred", "label", "aspect"}], "spacing"}`` with 2D numpy
+    arrays (x along the first remaining axis) and the display aspect from the voxel spacing."""
     lab = label.argmax(0) if label.shape[0] > 1 else label[0]
     prd = pred.argmax(0) if pred.shape[0] > 1 else pred[0]
-    z = int((lab > 0).flatten(0, -2).sum(0).argmax()) if lab.ndim == 3 else None
-    pick = (lambda t: t[..., z]) if z is not None else (lambda t: t)
-    return {k: pick(v).detach().cpu().float().numpy() for k, v in
-            {"image": image[0], "pred": prd, "label": lab}.items()}
+    img = image[0]
+    spacing = _spacing(image, lab.ndim)
+    vols = {"image": img, "pred": prd, "label": lab}
+    if lab.ndim == 2:
+        views = [{"plane": "slice", "index": None, "aspect": spacing[1] / spacing[0],
+                  **{k: v.detach().cpu().float().numpy() for k, v in vols.items()}}]
+        return {"views": views, "spacing": spacing}
+    fg = (lab > 0).float()
+    views = []
+    for plane, axis in PLANES:
+        other = [a for a in range(3) if a != axis]
+        counts = fg.sum(dim=other)
+        index = int(counts.argmax()) if counts.max() > 0 else lab.shape[axis] // 2
+        views.append({"plane": plane, "index": index, "aspect": spacing[other[1]] / spacing[other[0]],
+                      **{k: v.select(axis, index).detach().cpu().float().numpy() for k, v in vols.items()}})
+    return {"views": views, "spacing": spacing}
 
 
 def attach_case_collector(evaluator: Engine, qc_cases: int = 3) -> None:
-    """Record each validated case's id (and a QC slice of the first ``qc_cases`` on this rank)
+    """Record each validated case's id (and QC views of the first ``qc_cases`` on this rank)
     into ``evaluator.state.case_ids`` / ``evaluator.state.qc``."""
 
     def _start(engine: Engine) -> None:
@@ -48,7 +81,7 @@ def attach_case_collector(evaluator: Engine, qc_cases: int = 3) -> None:
         for item, out in zip(batch, output, strict=False):
             engine.state.case_ids.append(_case_id(item))
             if len(engine.state.qc) < qc_cases:
-                engine.state.qc.append((engine.state.case_ids[-1], _qc_slice(out["image"], out["pred"], out["label"])))
+                engine.state.qc.append((engine.state.case_ids[-1], qc_views(out["image"], out["pred"], out["label"])))
 
     evaluator.add_event_handler(Events.STARTED, _start)
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, _iteration)
@@ -84,29 +117,56 @@ def write_case_csv(path: Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def write_overlays(folder: Path, qc: list[tuple[str, dict[str, np.ndarray]]], label_names: list[str]) -> list[Path]:
-    """For each case a PNG: the image slice with true (solid) and predicted (dashed) contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_overlays(folder: Path, qc: list[tuple[str, dict[str, Any]]], label_names: list[str],
+                   title: str = "", dice: dict[str, float] | None = None, predicted: bool = True) -> list[Path]:
+    """For each case ``folder/qc_<case>.png`` (about 900x940 pixels): its three views in a 2x2
+    grid with the legend in the fourth cell (one view above a legend for 2D; ``qc_views``),
+    reference contours solid and predicted ones dashed (``predicted`` False: the reference
+    alone), one colour per label; ``title`` (e.g. the epoch) and the case's mean Dice
+    (``dice``) above."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    colors = plt.get_cmap("tab10")
+    colors = colormaps["tab10"]
+    handles = [Line2D([], [], color=colors(c % 10), lw=3, label=label_names[c]) for c in range(1, len(label_names))]
+    handles.append(Line2D([], [], color="0.3", lw=1.5, label="reference"))
+    if predicted:
+        handles.append(Line2D([], [], color="0.3", lw=1.5, ls="--", label="prediction"))
+    keys = (("label", "solid"), ("pred", "dashed")) if predicted else (("label", "solid"),)
+    from matplotlib.figure import Figure
+
+    three = bool(qc) and len(qc[0][1]["views"]) == 3  # 2x2: three planes and the legend (square: MLflow's image cards are)
+    fig = Figure(figsize=(9, 9.4) if three else (7, 7.6), dpi=100)  # one figure for all cases, fixed layout: fast
+    rects = [(0.02, 0.47, 0.46, 0.41), (0.52, 0.47, 0.46, 0.41), (0.02, 0.02, 0.46, 0.41), (0.52, 0.02, 0.46, 0.41)]
+    axes = [fig.add_axes(r) for r in (rects if three else [(0.04, 0.12, 0.92, 0.74)])]
+    for ax in axes:
+        ax.set_axis_off()
+    if three:
+        axes[3].legend(handles=handles, loc="center", fontsize=13, frameon=False, title="labels", title_fontsize=13)
+    else:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=11, frameon=False)
     paths = []
-    for case, s in qc:
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-        ax.imshow(s["image"].T, cmap="gray", origin="lower")
-        for c in range(1, len(label_names)):
-            for key, style in (("label", "solid"), ("pred", "dashed")):
-                mask = (s[key] == c).astype(float)
-                if mask.any() and mask.ndim == 2 and min(mask.shape) > 1:
-                    ax.contour(mask.T, levels=[0.5], colors=[colors(c)], linestyles=style, linewidths=1)
-        ax.set_title(f"{case}: true solid, predicted dashed", fontsize=8)
-        ax.axis("off")
+    for case, views in qc:
+        drawn = []
+        for ax, v in zip(axes, views["views"], strict=False):
+            drawn.append(ax.imshow(v["image"].T, cmap="gray", origin="lower", aspect=v["aspect"], interpolation="nearest"))
+            for c in range(1, len(label_names)):
+                for key, style in keys:
+                    mask = (v[key] == c).astype(float)
+                    if mask.any() and min(mask.shape) > 1:
+                        drawn.append(ax.contour(mask.T, levels=[0.5], colors=[colors(c % 10)], linestyles=style,
+                                                linewidths=1.5))
+            ax.set_title(v["plane"] + ("" if v["index"] is None else f" {v['index']}"), fontsize=11)
+        head = " - ".join(p for p in (case, title) if p)
+        if dice and case in dice:
+            head += f"\nmean Dice {dice[case]:.3f}"
+        fig.suptitle(head, fontsize=14, y=0.985)
         out = folder / f"qc_{case}.png"
-        fig.savefig(out, bbox_inches="tight")
-        plt.close(fig)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png")
+        for artist in drawn:
+            artist.remove()
         paths.append(out)
     return paths

@@ -1,29 +1,37 @@
-"""MLflow tracking that never loses a training run, and the MLflow UI.
+"""MLflow tracking that never loses a training run.
 
 One MLflow run per training, in an experiment named after the bundle. The tracking URI is the
 ``--tracking-uri`` argument, else ``MLFLOW_TRACKING_URI``, else MLflow's default
 (``sqlite:///mlflow.db`` in the working folder, which ``segpipe ui`` there reads).
 
-Every record (param, tag, metric, artifact) is appended to a local JSONL file first and sent to
-MLflow in batches. If MLflow fails (server down, network), training goes on: one warning, the
-tracker stops calling MLflow, and at ``finish`` it tries once more to send what is pending; if
-the server is still away the JSONL file keeps everything and its path is reported.
+Every record (param, tag, metric, artifact, image, dataset input, model) is appended to a local
+JSONL file first and sent to MLflow in batches. If MLflow fails (server down, network), training
+goes on: one warning, the tracker stops calling MLflow, and at ``finish`` it tries once more to
+send what is pending; if the server is still away the JSONL file keeps everything and its path
+is reported. Images and the model are files on disk that the journal points to.
+
+Metric names: the engines and the bundles use flat names (``val_mean_dice`` is the bundles'
+MONAI key metric, ``ModelSaver``'s and early stopping's); MLflow gets them grouped into sections
+by ``mlflow_key`` (``train/``, ``val/``, ``perf/``, ``eval/``; ``system/`` for the system
+metrics). The journal keeps the flat names. Steps are epochs for every per-epoch metric and
+iterations only for ``train/loss_iteration``.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from pipeline.errors import UsageError, first_line
+from pipeline.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,28 @@ HTTP_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
+
+#: flat metric name (engines, bundles, journal) -> MLflow key (sections by prefix)
+METRIC_KEYS = {
+    "train_loss": "train/loss_iteration", "train_loss_epoch": "train/loss", "lr": "train/lr",
+    "val_mean_dice": "val/mean_dice", "best_val_mean_dice": "val/best_mean_dice",
+    "epoch_time_s": "perf/epoch_time_s", "samples_per_s": "perf/samples_per_s",
+    "voxels_per_s": "perf/voxels_per_s", "data_wait_fraction": "perf/data_wait_fraction",
+}
+#: flat prefixes -> MLflow prefixes, for names with a label in them
+KEY_PREFIXES = (("val_dice_", "val/dice_"), ("eval_", "eval/"))
+UI_PORT = 5000
+
+
+def mlflow_key(name: str) -> str:
+    """The MLflow key of a flat metric name (``val_dice_liver`` -> ``val/dice_liver``); names
+    already holding a ``/`` and unknown names are kept."""
+    if name in METRIC_KEYS:
+        return METRIC_KEYS[name]
+    for flat, sectioned in KEY_PREFIXES:
+        if name.startswith(flat):
+            return sectioned + name[len(flat):]
+    return name
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -53,6 +83,15 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+def run_address(uri: str, experiment_id: str | None, run_id: str | None) -> str:
+    """Where a run opens in the MLflow UI: the page itself for a server, else the ``segpipe ui``
+    command that serves the store and the page there."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"segpipe ui --tracking-uri {uri}, then http://127.0.0.1:{UI_PORT}/{page}"
+
+
 class RunTracker:
     """One MLflow run with a local JSONL journal; see the module docstring. Rank 0 only."""
 
@@ -64,11 +103,12 @@ class RunTracker:
         self.experiment = experiment
         self.journal = Path(journal)
         self.journal.parent.mkdir(parents=True, exist_ok=True)
-        self.run_id = run_id
-        self.run_name = run_name
+        self.run_id, self.run_name, self.experiment_id = run_id, run_name, None
         self.offline = False
         self._warned = False
         self.pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # the system-metrics thread records too
+        self._stop_system: Callable[[], None] | None = None
         self._logged_params: dict[str, str] = {}
         self._client: Any = None
         self._call(self._open)
@@ -81,13 +121,14 @@ class RunTracker:
         if self.run_id:
             run = self._client.get_run(self.run_id)
             self._logged_params = dict(run.data.params)
+            self.experiment_id = run.info.experiment_id
             self._client.update_run(self.run_id, status="RUNNING")
             log.info("MLflow: continuing run %s in %s", self.run_id, self.uri)
             return
         exp = self._client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self._client.create_experiment(
+        self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(
             self.experiment, artifact_location=_artifact_location(self.uri, self.experiment))
-        self.run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
+        self.run_id = self._client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
         log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
 
     def _call(self, fn: Any, *args: Any) -> bool:
@@ -107,15 +148,16 @@ class RunTracker:
                         first_line(e)[:200], self.journal)
             return False
 
-    def _send(self, records: list[dict[str, Any]]) -> None:
+    def _send(self, left: list[dict[str, Any]]) -> None:
+        """Send ``left`` (scalars in batches, then files one by one), removing what was sent."""
         from mlflow.entities import Metric, Param, RunTag
 
         if self._client is None or self.run_id is None:
             self._open()
-        metrics = [Metric(r["key"], r["value"], r["ts"], r["step"]) for r in records if r["kind"] == "metric"]
-        params = [Param(r["key"], r["value"]) for r in records if r["kind"] == "param"
+        metrics = [Metric(mlflow_key(r["key"]), r["value"], r["ts"], r["step"]) for r in left if r["kind"] == "metric"]
+        params = [Param(r["key"], r["value"]) for r in left if r["kind"] == "param"
                   and r["key"] not in self._logged_params]
-        tags = [RunTag(r["key"], r["value"]) for r in records if r["kind"] == "tag"]
+        tags = [RunTag(r["key"], r["value"]) for r in left if r["kind"] == "tag"]
         for i in range(0, len(params), 100):  # MLflow's per-request limits
             self._client.log_batch(self.run_id, params=params[i:i + 100])
         for i in range(0, len(tags), 100):
@@ -123,15 +165,38 @@ class RunTracker:
         for i in range(0, len(metrics), 1000):
             self._client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
         self._logged_params.update({p.key: p.value for p in params})
-        for r in records:
-            if r["kind"] == "artifact":
-                self._client.log_artifact(self.run_id, r["path"], r["artifact_path"])
+        left[:] = [r for r in left if r["kind"] not in ("metric", "param", "tag")]
+        while left:
+            self._send_file(left[0])
+            left.pop(0)
+
+    def _send_file(self, r: dict[str, Any]) -> None:
+        if r["kind"] == "artifact":
+            self._client.log_artifact(self.run_id, r["path"], r["artifact_path"])
+        elif r["kind"] == "image":
+            from PIL import Image
+
+            with Image.open(r["path"]) as image:
+                self._client.log_image(self.run_id, image.convert("RGB"), key=r["key"], step=r["step"],
+                                       timestamp=r["ts"], synchronous=True)
+        elif r["kind"] == "dataset":
+            self._client.log_inputs(self.run_id, [dataset_input(r)])
+        elif r["kind"] == "model":
+            from pipeline.mlflow_model import log_bundle_model
+
+            try:
+                log_bundle_model(self.uri, self.run_id, Path(r["path"]), r["name"], r["register"], r.get("description", ""))
+            except Exception as e:  # noqa: BLE001 - a model MLflow refuses must not lose the run
+                self._client.get_run(self.run_id)  # the server is away: keep the record (raises)
+                log.warning("MLflow: the model in %s was not logged (%s: %s)", r["path"], type(e).__name__,
+                            first_line(e)[:300])
 
     # -- public API -----------------------------------------------------------------------------
     def _record(self, **record: Any) -> None:
-        with self.journal.open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-        self.pending.append(record)
+        with self._lock:
+            with self.journal.open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+            self.pending.append(record)
 
     def log_params(self, params: dict[str, Any]) -> None:
         for key, value in params.items():
@@ -149,13 +214,45 @@ class RunTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._record(kind="artifact", path=str(path), artifact_path=artifact_path)
 
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """A PNG as an MLflow image under ``key`` at ``step`` (the UI slides through the steps)."""
+        self._record(kind="image", path=str(path), key=key, step=int(step), ts=int(time.time() * 1000))
+
+    def log_dataset(self, manifest: Path, digest: str, context: str = "training") -> None:
+        """The manifest as the run's dataset input (MLflow's Datasets column; ``digest``: the
+        manifest's hash), with ``fingerprint.json`` and ``splits.json`` beside it attached."""
+        self._record(kind="dataset", **manifest_dataset(Path(manifest), digest), context=context)
+        for name in ("fingerprint.json", "splits.json"):
+            if (Path(manifest).parent / name).is_file():
+                self.log_artifact(Path(manifest).parent / name, "dataset")
+
+    def log_model(self, folder: Path, name: str, register: bool, description: str = "") -> None:
+        """The staged bundle in ``folder`` (``pipeline.mlflow_model.stage_bundle``) as an MLflow
+        model named ``name``; with ``register`` also a new version of the registered model
+        ``name`` (with ``description``)."""
+        self._record(kind="model", path=str(folder), name=name, register=bool(register), description=description)
+
+    def start_system_metrics(self, interval_s: float | None = None) -> None:
+        """CPU, memory, disk, network (and GPU where NVML sees one) every ``interval_s`` seconds as
+        ``system/...`` metrics, through the journal; stopped by ``finish``."""
+        from pipeline.system_metrics import start_sampler
+
+        if self._stop_system is None:
+            self._stop_system = start_sampler(self.log_metrics, interval_s)
+
     def flush(self) -> None:
         """Send what is pending (call once per epoch: batches keep the HTTP traffic small)."""
-        if self.pending and self._call(self._send, self.pending):
-            self.pending = []
+        with self._lock:
+            left, self.pending = self.pending, []
+        if left and not self._call(self._send, left):
+            with self._lock:
+                self.pending = left + self.pending
 
     def finish(self, status: str = "FINISHED") -> dict[str, Any]:
         """Send what is pending (retrying once if MLflow had failed) and end the run."""
+        if self._stop_system is not None:
+            self._stop_system()
+            self._stop_system = None
         if self.offline:
             self.offline = False
             log.info("MLflow: retrying %d pending records to %s", len(self.pending), self.uri)
@@ -166,7 +263,32 @@ class RunTracker:
             log.warning("MLflow unreachable at %s: the run's %d unsent records stay in %s", self.uri,
                         len(self.pending), self.journal)
         return {"mlflow_run_id": self.run_id, "tracking_uri": self.uri, "tracking_ok": not self.offline,
-                "metrics_jsonl": str(self.journal)}
+                "metrics_jsonl": str(self.journal), "mlflow_run_view": self.address()}
+
+    def address(self) -> str:
+        return run_address(self.uri, self.experiment_id, self.run_id)
+
+
+def manifest_dataset(manifest: Path, digest: str) -> dict[str, Any]:
+    """A manifest as an MLflow dataset record: name, digest, source and a small profile."""
+    try:
+        m = json.loads(Path(manifest).read_text())
+    except (OSError, ValueError):
+        m = {}
+    profile = {"cases": len(m.get("training", [])), "test_cases": len(m.get("test", [])),
+               "labels": m.get("labels"), "modality": m.get("modality")}
+    name = str(m.get("name") or Path(manifest).parent.name)
+    return {"name": name, "digest": digest, "source": Path(manifest).resolve().as_uri(),
+            "profile": json.dumps(profile, default=str)}
+
+
+def dataset_input(r: dict[str, Any]) -> Any:
+    """The ``mlflow.entities.DatasetInput`` of a dataset record (``manifest_dataset`` + context)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=r["name"], digest=r["digest"], source_type="local",
+                      source=json.dumps({"uri": r["source"]}), profile=r.get("profile"))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", r.get("context", "training"))])
 
 
 def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_file: Path, resume: bool,
@@ -184,13 +306,17 @@ def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_f
         journal.unlink(missing_ok=True)
     tracker = RunTracker(uri, experiment, journal, run_id=run_id, run_name=run_name)
     if tracker.run_id:
-        run_file.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}))
+        run_file.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri,
+                                        "experiment_id": tracker.experiment_id}))
     return tracker
 
 
-def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1) -> None:
+def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1, progress_png: Path | None = None) -> None:
     """Log ``train_loss`` per iteration (every ``loss_every``) and, at each epoch end, the dict the
-    engines left in ``trainer.state.epoch_log`` (epoch loss, lr, timing, validation), then flush."""
+    engines left in ``trainer.state.epoch_log`` (epoch loss, lr, timing, validation), then flush.
+    After an epoch with a validation also the QC images ``handlers.attach_validation`` left in
+    ``trainer.state.qc_images`` (key ``qc/<case>``, step = epoch; 0 for the reference alone) and
+    ``progress_png`` redrawn from the journal."""
     from ignite.engine import Events
     from monai.handlers import from_engine
 
@@ -199,11 +325,24 @@ def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1) -> No
         tracker.log_metrics({"train_loss": float(loss)}, step=engine.state.iteration)
 
     def _epoch(engine: Any) -> None:
-        tracker.log_metrics(getattr(engine.state, "epoch_log", {}), step=engine.state.epoch)
+        epoch_log = getattr(engine.state, "epoch_log", {})
+        tracker.log_metrics(epoch_log, step=engine.state.epoch)
+        if "val_mean_dice" in epoch_log:
+            for case, path, step in getattr(engine.state, "qc_images", []):
+                tracker.log_image(path, f"qc/{image_key(case)}", step)
+            if progress_png is not None:
+                from pipeline.progress import plot_progress
+
+                tracker.log_artifact(plot_progress(tracker.journal, progress_png))
         tracker.flush()
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=loss_every), _iteration)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)
+
+
+def image_key(name: str) -> str:
+    """``name`` with only the characters MLflow allows in an image key."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
 
 
 # MLflow param name -> bundle id; ids a bundle lacks are skipped.
@@ -240,28 +379,22 @@ def git_commit(folder: Path | None = None) -> str:
         return "unknown"
 
 
-def server_command(host: str, port: int, backend_store_uri: str, artifacts: Path | None = None) -> list[str]:
-    """The ``mlflow server`` command line serving ``backend_store_uri`` on ``host:port``."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-           "--backend-store-uri", backend_store_uri, "--workers", "1"]
-    if artifacts is not None:
-        cmd += ["--artifacts-destination", str(artifacts)]
-    return cmd
-
-
-def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None,
-             echo: Callable[[str], None] = log.info) -> int:
-    """Run the MLflow UI on the resolved store (bound to 127.0.0.1 unless told otherwise);
-    blocks until the server stops and returns its exit code. The address goes to ``echo`` (the
-    CLI passes ``print``)."""
-    uri = resolve_tracking_uri(tracking_uri)
-    if urlparse(uri).scheme in ("http", "https"):
-        raise UsageError(f"tracking URI {uri} is already a server: open it in a browser")
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
-    echo(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C to stop)")
+def standard_tags(commit: str) -> dict[str, str]:
+    """MLflow's own run tags (user, source, commit), which its client sets only for fluent runs."""
     try:
-        return subprocess.call(server_command(host, port, uri, artifacts))
-    except KeyboardInterrupt:
-        return 0
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    source = f"segpipe {sys.argv[1]}" if argv0 in ("segpipe", "__main__.py") and len(sys.argv) > 1 else argv0
+    tags = {"mlflow.user": user, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_name(output_name: str, fold: Any, when: float | None = None) -> str:
+    """``<output folder>-fold<k>-<date-time>`` (the fold left out when the folder names it)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    named = f"fold_{fold}" in output_name or f"fold{fold}" in output_name or fold is None
+    return f"{output_name}-{stamp}" if named else f"{output_name}-fold{fold}-{stamp}"

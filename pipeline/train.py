@@ -133,11 +133,15 @@ def _check_manifest(manifest: Path) -> None:
 def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | None = None, resume: bool = False,
                  tracking_uri: str | None = None, device: str | None = None, amp: bool | None = None,
                  overrides: dict[str, Any] | None = None, verbose: bool = False,
-                 progress: bool = False, tags: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the bundle in ``bundle_dir``; return a summary (best Dice, per class, paths, run id).
-    ``progress``: a progress bar per epoch (the CLI turns it on for a terminal); ``verbose``: also
-    Ignite's and MONAI's own log lines and the per-epoch record; ``tags``: more MLflow tags (e.g.
-    ``mlflow.parentRunId`` for a cross-validation fold)."""
+                 progress: bool = False, tags: dict[str, Any] | None = None,
+                 register: bool | None = None) -> dict[str, Any]:
+    """Train the bundle in ``bundle_dir``; return a summary (best Dice, per class, paths, run id
+    and its address in the MLflow UI). ``progress``: a progress bar per epoch (the CLI turns it
+    on for a terminal); ``verbose``: also Ignite's and MONAI's own log lines and the per-epoch
+    record; ``tags``: more MLflow tags (e.g. ``mlflow.parentRunId`` for a cross-validation fold);
+    ``register``: register the logged model under the bundle's name (default: yes, except for a
+    cross-validation fold, whose model is one member of an ensemble). Unless ``val_interval`` is
+    set, a short run validates at least 5 times (``validate_often``)."""
     t0 = time.perf_counter()
     started = _init_distributed()
     try:
@@ -148,15 +152,31 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
         missing = [k for k in TRAIN_IDS if k not in parser]
         if missing:
             raise UsageError(f"{bundle_dir}: common.json + train.json lack the id(s) {', '.join(missing)}")
+        if "val_interval" not in (overrides or {}):
+            validate_often(parser)
+        if register is None:
+            register = "mlflow.parentRunId" not in (tags or {})
         _check_manifest(Path(parser.get_parsed_content("manifest")))
         check_contract(Path(bundle_dir), Path(parser.get_parsed_content("manifest")))
         with _console(verbose, progress and idist.get_rank() == 0) as bar:
-            summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags)
+            summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags,
+                           register=register)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         return summary
     finally:
         if started:
             idist.finalize()
+
+
+def validate_often(parser: Any, times: int = 5) -> None:
+    """Lower the bundle's ``val_interval`` so a run of ``max_epochs`` validates at least ``times``
+    times (curves need points: 3 epochs at the bundles' interval of 5 would validate once)."""
+    max_epochs, interval = int(_setting(parser, "max_epochs")), int(_setting(parser, "val_interval"))
+    often = max(1, min(interval, max_epochs // times))
+    if often != interval:
+        log.info("val_interval %d -> %d: %d epochs validate at least %d times (--set val_interval=N keeps N)",
+                 interval, often, max_epochs, min(times, max_epochs))
+        parser["val_interval"] = often
 
 
 def _below_warning(record: logging.LogRecord) -> bool:
@@ -206,8 +226,15 @@ def _setting(parser: Any, id: str) -> Any:
 
 
 def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None,
-         tags: dict[str, Any] | None = None) -> dict[str, Any]:
-    from pipeline.tracking import attach_tracker, bundle_params, git_commit, open_tracker
+         tags: dict[str, Any] | None = None, register: bool = True) -> dict[str, Any]:
+    from pipeline.tracking import (
+        attach_tracker,
+        bundle_params,
+        git_commit,
+        open_tracker,
+        run_name,
+        standard_tags,
+    )
 
     meta = bundle_metadata(bundle_dir)
     output_dir = Path(_setting(parser, "output_dir")).resolve()
@@ -251,18 +278,22 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
 
     tracker = None
     if idist.get_rank() == 0:
+        fold = _setting(parser, "fold")
         tracker = open_tracker(tracking_uri, meta.get("name", bundle_dir.name), output_dir / "metrics.jsonl",
-                               ckpt_dir / "mlflow_run.json", resume,
-                               run_name=f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        manifest = Path(_setting(parser, "manifest"))
-        tracker.set_tags({"bundle": meta.get("name"), "bundle_version": meta.get("version"),
-                          "git_commit": git_commit(), "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
-                          "device": str(trainer.state.device), "world_size": idist.get_world_size(), **(tags or {})})
+                               ckpt_dir / "mlflow_run.json", resume, run_name=run_name(output_dir.name, fold))
+        manifest, commit = Path(_setting(parser, "manifest")), git_commit()
+        tracker.set_tags({"bundle": meta.get("name"), "bundle_version": meta.get("version"), "fold": fold,
+                          "git_commit": commit, "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
+                          "device": str(trainer.state.device), "world_size": idist.get_world_size(),
+                          **standard_tags(commit), **(tags or {})})
         tracker.log_params(bundle_params(parser))
+        tracker.log_dataset(manifest, manifest_hash(manifest))
         config_path = output_dir / "config_resolved.json"
         parser.export_config_file(parser.get(), str(config_path), indent=2)
         tracker.log_artifact(config_path, "config")
-        attach_tracker(tracker, trainer)
+        tracker.start_system_metrics()
+        attach_tracker(tracker, trainer, progress_png=output_dir / "progress.png")
+        log.info("MLflow run: %s", tracker.address())
 
     if trainer.state.epoch >= max_epochs:
         log.info("already trained to epoch %d of %d: nothing to do", trainer.state.epoch, max_epochs)
@@ -274,11 +305,11 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
                 tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
     _setting(parser, "finalize")
-    return _summary(parser, meta, trainer, saver, output_dir, ckpt_dir, tracker, bundle_dir)
+    return _summary(parser, meta, trainer, saver, output_dir, ckpt_dir, tracker, bundle_dir, register)
 
 
 def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output_dir: Path, ckpt_dir: Path,
-             tracker: Any, bundle_dir: Path) -> dict[str, Any]:
+             tracker: Any, bundle_dir: Path, register: bool = True) -> dict[str, Any]:
     model = saver.path
     summary: dict[str, Any] = {
         "bundle": meta.get("name"), "version": meta.get("version"), "epochs": trainer.state.epoch,
@@ -293,6 +324,14 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
                             *[(p, "qc") for p in sorted((output_dir / "qc").glob("*.png"))]]:
             if path.is_file():
                 tracker.log_artifact(path, where)
+        if model.is_file():  # the bundle with these weights as an MLflow model (pipeline.mlflow_model)
+            from pipeline.mlflow_model import stage_bundle
+
+            staged = stage_bundle(bundle_dir, parser, model, output_dir / "mlflow_model")
+            tracker.log_model(staged, meta.get("name", bundle_dir.name), register,
+                              f"bundle {meta.get('name')} {meta.get('version')}, fold {_setting(parser, 'fold')}: "
+                              f"validation mean Dice {saver.best:.4f} (epoch {saver.best_epoch} of "
+                              f"{trainer.state.epoch}, model_selection {saver.selection}); run {tracker.run_id}")
         summary.update(tracker.finish())
     if _setting(parser, "export") and summary["model_path"] and idist.get_rank() == 0:
         summary["exported"] = str(export_model(model, bundle_dir))

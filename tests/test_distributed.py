@@ -35,8 +35,8 @@ def test_two_process_torchrun_trains_and_logs_once(tmp_path: Path, ct6_dataset: 
     assert len(runs) == 1  # rank 0 only
     run_id = runs[0].info.run_id
     # each rank: 2 of the 4 training cases per epoch, batch 2 -> 1 iteration; logged once per iteration
-    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(run_id, "val_mean_dice")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss_iteration")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "val/mean_dice")] == [1, 2]
     assert runs[0].data.tags["world_size"] == "2"
     # validation Dice covers both ranks' shards: both validation cases are in the per-case CSV
     assert len((out / "val_cases.csv").read_text().splitlines()) == 1 + 2

@@ -137,9 +137,9 @@ def test_mlflow_logging_read_back(evaluated, tmp_path: Path):
     manifest, pred = evaluated
     evaluate(pred, manifest, run_id=run.info.run_id, tracking_uri=uri)
     metrics = client.get_run(run.info.run_id).data.metrics
-    assert metrics["eval_dice_organ"] == pytest.approx((1 + 2 / 3) / 2)
-    assert metrics["eval_hd95_organ"] == pytest.approx(2.0)
-    assert metrics["eval_nsd_lesion"] == 1.0 and "eval_mean_dice" in metrics
+    assert metrics["eval/dice_organ"] == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics["eval/hd95_organ"] == pytest.approx(2.0)
+    assert metrics["eval/nsd_lesion"] == 1.0 and "eval/mean_dice" in metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert names == {"evaluation/metrics.csv", "evaluation/metrics_summary.json"}
     with pytest.raises(InputError, match="not found"):

@@ -44,10 +44,17 @@ def store(mlflow_store: str) -> str:
     return mlflow_store
 
 
-def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path, store: str) -> None:
-    out = tmp_path / "run"
-    s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store,
-                     overrides={**FAST, "output_dir": str(out), "val_interval": 1})
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory: pytest.TempPathFactory, data: Path, store: str) -> dict:
+    """3 epochs, each validated; the summary."""
+    out = tmp_path_factory.mktemp("three") / "run"
+    return train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store,
+                        overrides={**FAST, "output_dir": str(out), "val_interval": 1})
+
+
+def test_training_logs_everything_to_mlflow(three_epochs: dict, store: str) -> None:
+    s = three_epochs
+    out = Path(s["output_dir"])
     assert s["epochs"] == 3 and s["tracking_ok"] and s["model_path"] == str(out / "model.pt")
     weights = torch.load(out / "model.pt", weights_only=True)
     assert "final_conv.weight" in weights or any(k.startswith("head") for k in weights)
@@ -65,16 +72,17 @@ def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path, store: s
     t = run.data.tags
     assert t["bundle"] == "phantom_ct_3d" and t["bundle_version"] and t["device"] == "cpu"
     assert len(t["git_commit"]) == 40 and len(t["manifest_sha256"]) == 16
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3 * 2
-    for key in ("train_loss_epoch", "lr", "epoch_time_s", "samples_per_s", "voxels_per_s", "data_wait_fraction"):
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_iteration")) == 3 * 2
+    for key in ("train/loss", "train/lr", "perf/epoch_time_s", "perf/samples_per_s", "perf/voxels_per_s",
+                "perf/data_wait_fraction"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
-    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss_epoch"), key=lambda m: m.step)]
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0]
-    dice = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_mean_dice"), key=lambda m: m.step)]
+    dice = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/mean_dice"), key=lambda m: m.step)]
     assert len(dice) == 3
     for organ in ("liver", "kidney", "spleen"):
-        assert len(client.get_metric_history(run.info.run_id, f"val_dice_{organ}")) == 3
-    assert run.data.metrics["best_val_mean_dice"] == pytest.approx(max(dice))
+        assert len(client.get_metric_history(run.info.run_id, f"val/dice_{organ}")) == 3
+    assert run.data.metrics["val/best_mean_dice"] == pytest.approx(max(dice))
     artifacts = {f.path for d in ("config", "model", "validation", "qc") for f in client.list_artifacts(run.info.run_id, d)}
     assert {"config/config_resolved.json", "model/model.pt", "validation/val_cases.csv"} <= artifacts
     assert sum(a.startswith("qc/qc_") and a.endswith(".png") for a in artifacts) == 2
@@ -82,12 +90,43 @@ def test_training_logs_everything_to_mlflow(tmp_path: Path, data: Path, store: s
     assert rows[0] == "case,dice_liver,dice_kidney,dice_spleen,dice_mean" and len(rows) == 3
 
 
+def _losses(summary: dict) -> list[tuple[str, int, float]]:
+    records = [json.loads(line) for line in Path(summary["metrics_jsonl"]).read_text().splitlines()]
+    return [(r["key"], r["step"], r["value"]) for r in records if r.get("key") in ("train_loss", "train_loss_epoch")]
+
+
+def test_validation_leaves_the_training_random_stream_alone(three_epochs: dict, tmp_path: Path, data: Path,
+                                                            store: str) -> None:
+    """One seed, a validation after every epoch or after the last only: the same training, loss
+    for loss (the validation loader's DataLoader used to draw its seed from torch's generator)."""
+    s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store, register=False,
+                     overrides={**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 3, "qc_cases": 0})
+    assert len(_losses(s)) == 3 * 2 + 3 and _losses(s) == _losses(three_epochs)
+
+
+def test_a_bundle_evaluator_leaves_the_random_state_alone(tmp_path: Path, data: Path) -> None:
+    """The evaluator exactly as the bundle builds it (as under `python -m monai.bundle run`)."""
+    import random
+
+    import numpy as np
+
+    from pipeline.bundle import get, load_bundle
+
+    parser = load_bundle(BUNDLE, ("common.json", "train.json"),
+                         {**FAST, "manifest": str(data), "output_dir": str(tmp_path)})
+    evaluator = get(parser, "validate#evaluator")
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    evaluator.run(1)
+    assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    assert random.getstate() == before[2] and (tmp_path / "model.pt").is_file()
+
+
 @pytest.mark.slow
 def test_val_dice_rises(tmp_path: Path, data: Path, store: str) -> None:
     s = train_bundle(BUNDLE, manifest=data, epochs=16, tracking_uri=store,
                      overrides={**TINY, "output_dir": str(tmp_path / "run"), "val_interval": 4})
     client = MlflowClient(store)
-    dice = [m.value for m in sorted(client.get_metric_history(s["mlflow_run_id"], "val_mean_dice"), key=lambda m: m.step)]
+    dice = [m.value for m in sorted(client.get_metric_history(s["mlflow_run_id"], "val/mean_dice"), key=lambda m: m.step)]
     assert len(dice) == 4 and dice[-1] > dice[0] + 0.1, dice
     assert s["val_dice"]["liver"] > 0.4, s["val_dice"]
 
@@ -127,7 +166,7 @@ def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Pat
     assert not list((out / "checkpoints").glob("tmp*"))
     client = MlflowClient(store)
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == runs_before  # no new run
-    assert {m.step for m in client.get_metric_history(run_id, "val_mean_dice")} == {2, 3}  # every 2nd epoch and the last
+    assert {m.step for m in client.get_metric_history(run_id, "val/mean_dice")} == {2, 3}  # every 2nd epoch and the last
 
     again = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store,
                          overrides={**FAST, "output_dir": str(out), "val_interval": 2})

@@ -1,0 +1,78 @@
+"""``progress.png``: a training's curves in one picture, as nnU-Net draws them for each fold.
+
+Three panels, all against the epoch: training loss (left axis) with validation Dice per class
+and their mean (right axis, 0..1); seconds per epoch; learning rate. Drawn from the run's
+journal (``metrics.jsonl``, ``pipeline.tracking``), so a resumed run's picture covers every
+epoch, and redrawn after each validation (``pipeline.tracking.attach_tracker``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipeline.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def read_curves(journal: Path) -> dict[str, dict[int, float]]:
+    """Per-epoch metrics of a journal as ``{name: {step: value}}`` (the last record of a step
+    wins: a resumed run repeats the epochs after its checkpoint); per-iteration loss and system
+    metrics left out."""
+    curves: dict[str, dict[int, float]] = {}
+    for line in Path(journal).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        if r.get("kind") == "metric" and r["key"] != "train_loss" and not r["key"].startswith("system/"):
+            curves.setdefault(r["key"], {})[int(r["step"])] = float(r["value"])
+    return curves
+
+
+def plot_progress(journal: Path, out: Path) -> Path:
+    """Draw ``out`` (PNG, written atomically) from ``journal``; return its path."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    curves = read_curves(journal)
+
+    def xy(name: str) -> tuple[list[int], list[float]]:
+        points = sorted(curves.get(name, {}).items())
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig = Figure(figsize=(10, 11), dpi=90)
+    ax_loss, ax_time, ax_lr = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1, 1]})
+    ax_loss.plot(*xy("train_loss_epoch"), color="0.35", marker=".", label="training loss")
+    ax_loss.set_ylabel("loss")
+    ax_dice = ax_loss.twinx()
+    classes = [k for k in curves if k.startswith("val_dice_")]  # label order: the colours of the QC pictures
+    colors = colormaps["tab10"]
+    for i, name in enumerate(classes):
+        ax_dice.plot(*xy(name), color=colors((i + 1) % 10), marker="o", ms=3, lw=1.2,
+                     label=f"Dice {name[len('val_dice_'):]}")
+    ax_dice.plot(*xy("val_mean_dice"), color="black", ls="--", marker="o", lw=2.2, label="Dice mean")
+    ax_dice.set_ylim(0, 1)
+    ax_dice.set_ylabel("validation Dice")
+    lines = ax_loss.get_legend_handles_labels()
+    more = ax_dice.get_legend_handles_labels()
+    ax_loss.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_loss.set_title("training progress")
+    ax_time.plot(*xy("epoch_time_s"), color="tab:blue", marker=".")
+    ax_time.set_ylabel("epoch time (s)")
+    ax_time.grid(alpha=0.3)
+    ax_lr.plot(*xy("lr"), color="tab:red", marker=".")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_lr.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.09, right=0.91, top=0.96, bottom=0.05, hspace=0.08)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    return out
