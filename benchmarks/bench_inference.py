@@ -1,155 +1,210 @@
-"""Our overlap-tile predictor against MONAI's sliding_window_inference, same network and volume.
+"""The bundle's predictor against MONAI's sliding_window_inference: same shipped weights, same
+preprocessed volumes, alternating in one process; seconds, Mvox/s, ratio and Dice against true labels.
 
-A 3D U-Net (monai UNet, channels 16-256, ROI 96^3) is trained for a few steps on a CT phantom so
-its argmax is not trivial, then the same phantom volume (256x256x128) is segmented by
+Methods, each on its own copy of the network:
 
-- ``monai``: ``sliding_window_inference`` in fp32, overlap 0.5, Gaussian blending, under
-  ``torch.no_grad`` (sw_batch_size as ours, and MONAI's default of 1),
-- ``ours m=0``: ``pipeline.inference.predict_tiles`` with its defaults but no context margin,
-- ``ours``: ``predict_tiles`` with its defaults (margin "auto": mirrored context up to a quarter
-  of the ROI where it adds no windows; 16x16x8 voxels here),
-- ``ours quarter`` (``--quarter``): margin a quarter of the ROI on every side (more windows),
+- ``monai``: ``monai.inferers.sliding_window_inference`` in fp32, overlap 0.5, Gaussian blending,
+  the bundle's roi_size and sw_batch_size, under ``torch.no_grad`` (zero padding for volumes
+  smaller than the ROI, as MONAI does);
+- ``monai+tta`` (with ``--monai-tta``, for a bundle with TTA on): the same loop, fp32, each window
+  predicted with the bundle's flip/shift TTA (``pipeline.inference.window_predictor``);
+- variants of the bundle's own ``inferer`` (``configs/common.json``), each a name and overrides:
+  ``--variant NAME ID=VALUE ...`` (VALUE is JSON, or a plain string), e.g.
+  ``--variant ot-96 tiling=overlap-tile tile_window=[96,96,64]``. ``policy=fp32`` in a variant
+  sets ``SEGPIPE_CPU_BF16=0`` while it runs: ``amp`` then computes in fp32, which is what a CPU
+  without native bf16 runs. Default variants: ``bundle`` (as shipped) and ``bundle/fp32``.
 
-alternating the methods in each repeat, each on its own copy of the network. Prints Mvox/s
-(medians), the speed ratio to MONAI and the argmax agreement with MONAI.
+For every case the methods run in turn, the order rotating from case to case and repeat to repeat;
+a method's time is the sum over the cases (median over repeats). Dice is per case and foreground
+class against the preprocessed true label (argmax of the output), then averaged over classes and
+cases. The load average is printed with every repeat.
 
-    .venv/bin/python benchmarks/bench_inference.py            # full size
-    .venv/bin/python benchmarks/bench_inference.py --quick    # 128x128x64, ROI 64^3
+    .venv/bin/python benchmarks/bench_inference.py --bundle phantom_ct_3d --cases ct-mosaic
+    .venv/bin/python benchmarks/bench_inference.py --bundle hippocampus_mri_3d --cases hippocampus --monai-tta
+    .venv/bin/python benchmarks/bench_inference.py --bundle cells_2d --cases cells-mosaic --grid 4 4
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
 
-import numpy as np
 import torch
+from inference_cases import ROOT, bundle_network, dice_per_class, load_cases
 from monai.inferers import sliding_window_inference
-from monai.networks.nets import UNet
 
-from pipeline.amp import cpu_has_bf16
-from pipeline.inference import predict_tiles
-from pipeline.synthetic import ct_phantom
+from pipeline.amp import CPU_BF16_ENV, cpu_has_bf16
+from pipeline.bundle import get, load_bundle
+from pipeline.inference import window_predictor
 
 log = logging.getLogger("bench_inference")
+Method = Callable[[torch.Tensor], torch.Tensor]
 
 
-def phantom(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image, label = ct_phantom(shape, np.random.default_rng(seed))
-    x = np.clip((image.astype(np.float32) + 160) / 400, 0, 1)
-    return torch.from_numpy(x)[None, None], torch.from_numpy(label.astype(np.int64))[None]
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
-def train_briefly(net: torch.nn.Module, roi: int, steps: int, seed: int) -> None:
-    """A few Adam steps on random crops of another phantom: enough for a non-trivial argmax."""
-    x, y = phantom((roi * 3, roi * 3, roi), seed + 1)
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    rng = np.random.default_rng(seed)
-    net.train()
-    for _ in range(steps):
-        i, j = rng.integers(0, 2 * roi + 1, 2)
-        xb, yb = x[..., i:i + roi, j:j + roi, :], y[..., i:i + roi, j:j + roi, :]
-        loss = torch.nn.functional.cross_entropy(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    log.info("trained %d steps, last loss %.3f", steps, loss.item())
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
-def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+@contextmanager
+def policy(name: str | None):
+    """``fp32``: the precision policy of a CPU without native bf16 (SEGPIPE_CPU_BF16=0)."""
+    old = os.environ.get(CPU_BF16_ENV)
+    if name == "fp32":
+        os.environ[CPU_BF16_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CPU_BF16_ENV, None)
+        else:
+            os.environ[CPU_BF16_ENV] = old
+
+
+def bundle_variant(bundle: str, net: torch.nn.Module, overrides: dict[str, Any]) -> tuple[Method, str]:
+    settings = {k: v for k, v in overrides.items() if k != "policy"}
+    parser = load_bundle(ROOT / "bundles" / bundle, ("common.json", "inference.json"), settings)
+    inferer = get(parser, "inferer")
+    kw = inferer.kwargs
+    what = (f"tiling {kw['tiling']}, " + (f"margin {kw['margin']}, overlap {kw['overlap']}" if kw["tiling"] == "blend"
+            else f"tile_margin {kw['tile_margin']}, tile_window {kw['tile_window']}")
+            + f", tta {kw['tta']}" + (f" (axes {kw['tta_axes']}, shift {kw['tta_shift']})" if kw["tta"] else "")
+            + f", amp {kw['amp']}, policy {overrides.get('policy', 'cpu')}")
+    label = overrides.get("policy")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with policy(label):
+            return inferer(x, net)
+    return run, what
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="128x128x64 volume, ROI 64^3")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=40)
-    ap.add_argument("--train-crop", type=int, default=64, help="training crop size (voxels per side)")
-    ap.add_argument("--sw-batch-size", type=int, default=4)
-    ap.add_argument("--no-monai-bs1", action="store_true", help="skip MONAI with sw_batch_size=1")
-    ap.add_argument("--compile", action="store_true", help="also ours with compile=True (margin 0 and default)")
-    ap.add_argument("--no-cl", action="store_true", help="also ours at margin 0 without channels-last")
-    ap.add_argument("--quarter", action="store_true", help="also ours with a quarter-ROI margin")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                    help="ours with the precision policy (bf16 on CPUs that compute it natively); --no-amp: fp32")
+    ap.add_argument("--bundle", default="phantom_ct_3d")
+    ap.add_argument("--cases", default="ct-mosaic", help="ct-mosaic, ct-cohort, hippocampus, cells-mosaic")
+    ap.add_argument("--n", type=int, default=None, help="number of cases (hippocampus: default all 42)")
+    ap.add_argument("--grid", type=int, nargs="+", default=None, help="mosaic grid (default 5 5 4 / 4 4)")
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="mosaic / cohort seed(s): one case each")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variant", nargs="+", action="append", default=None, metavar=("NAME", "ID=VALUE"),
+                    help="a bundle inferer variant: name, then overrides (repeatable)")
+    ap.add_argument("--monai-tta", action="store_true", help="also MONAI's loop with the bundle's TTA (fp32)")
+    ap.add_argument("--no-monai", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). Under load use 1: with 2 threads on 2 busy "
+                         "cores every parallel region waits for a descheduled thread (10-20x slower, erratic)")
     a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    shape, roi = ((128, 128, 64), 64) if a.quick else ((256, 256, 128), 96)
-    torch.manual_seed(a.seed)
-    net = UNet(3, 1, 4, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
-    train_briefly(net, min(a.train_crop, roi), a.train_steps, a.seed)
-    x, _ = phantom(shape, a.seed)
-    rois = (roi,) * 3
-    nets = {k: copy.deepcopy(net) for k in ("monai", "monai bs1", "ours m=0", "ours", "ours quarter", "compiled", "ours noCL")}
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+    variants = a.variant or [["bundle"], ["bundle/fp32", "policy=fp32"]]
+    net, parser = bundle_network(a.bundle)
+    roi = tuple(int(r) for r in parser.get_parsed_content("roi_size"))
+    bs = int(parser.get_parsed_content("sw_batch_size"))
+    n_classes = int(parser.get_parsed_content("out_channels"))
+    cases = [c for s in a.seed for c in load_cases(a.cases, parser, n=a.n, grid=a.grid, seed=s)]
+    methods: dict[str, Method] = {}
+    about: dict[str, str] = {}
+    if not a.no_monai:
+        monai_net = copy.deepcopy(net)
 
-    def monai(name: str, bs: int) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
+        def monai(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return sliding_window_inference(x, rois, bs, nets[name], overlap=0.5, mode="gaussian")
-        return run
+                return sliding_window_inference(x, roi, bs, monai_net, overlap=0.5, mode="gaussian")
+        methods["monai"], about["monai"] = monai, f"sliding_window_inference fp32, roi {roi}, overlap 0.5, gaussian, bs {bs}"
+    if a.monai_tta:
+        tta_net = copy.deepcopy(net)
+        spatial = len(roi)
+        tta_fn = window_predictor(tta_net, spatial, True, False, torch.device("cpu"), None,
+                                  tta_axes=parser.get_parsed_content("tta_axes") if "tta_axes" in parser else None,
+                                  tta_shift=int(parser.get_parsed_content("tta_shift")) if "tta_shift" in parser else 0)
 
-    methods: dict[str, Callable[[], torch.Tensor]] = {
-        "monai": monai("monai", a.sw_batch_size),
-        "ours m=0": lambda: predict_tiles(nets["ours m=0"], x, rois, amp=a.amp, margin=0, sw_batch_size=a.sw_batch_size),
-        "ours": lambda: predict_tiles(nets["ours"], x, rois, amp=a.amp, sw_batch_size=a.sw_batch_size),
-    }
-    if not a.no_monai_bs1:
-        methods["monai bs1"] = monai("monai bs1", 1)
-    if a.quarter:
-        methods["ours quarter"] = lambda: predict_tiles(nets["ours quarter"], x, rois, amp=a.amp, margin="quarter",
-                                                        sw_batch_size=a.sw_batch_size)
-    if a.no_cl:
-        methods["ours noCL"] = lambda: predict_tiles(nets["ours noCL"], x, rois, amp=a.amp, margin=0,
-                                                     sw_batch_size=a.sw_batch_size, channels_last=False)
-    if a.compile:  # one compiled network (same shapes) for both margins
-        methods["ours+c m=0"] = lambda: predict_tiles(nets["compiled"], x, rois, amp=a.amp, margin=0,
-                                                      sw_batch_size=a.sw_batch_size, compile=True)
-        methods["ours+c"] = lambda: predict_tiles(nets["compiled"], x, rois, amp=a.amp, sw_batch_size=a.sw_batch_size,
-                                                  compile=True)
-    crop = x[..., :roi, :roi, :roi]
-    for k in methods:  # warm-up on one window: oneDNN primitives, channels-last weights, compilation
-        if k.startswith("ours+c"):
-            t0 = time.perf_counter()
-            predict_tiles(nets["compiled"], crop, rois, amp=a.amp, margin=0, sw_batch_size=a.sw_batch_size, compile=True)
-            log.info("%s: compiled in %.1f s (not counted below)", k, time.perf_counter() - t0)
-        elif k.startswith("ours"):
-            predict_tiles(nets[k], crop, rois, amp=a.amp, margin=0, channels_last=False if k == "ours noCL" else None)
-        else:
+        def monai_tta(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                nets[k](crop)
+                return sliding_window_inference(x, roi, bs, tta_fn, overlap=0.5, mode="gaussian")
+        methods["monai+tta"], about["monai+tta"] = monai_tta, "the same, each window with the bundle's TTA, fp32"
+    for name, *sets in variants:
+        overrides = {k: parse_value(v) for k, _, v in (s.partition("=") for s in sets)}
+        methods[name], about[name] = bundle_variant(a.bundle, copy.deepcopy(net), overrides)
+    for k, v in about.items():
+        print(f"{k:<14} {v}")
+    nvox = sum(x[0, 0].numel() for _, x, _ in cases)
+    print(f"{len(cases)} case(s) of {a.cases}, {nvox / 1e6:.2f} Mvox preprocessed, shapes "
+          f"{sorted({tuple(x.shape[2:]) for _, x, _ in cases})[:4]}{'...' if len(cases) > 4 else ''}")
+    x0 = cases[0][1]
+    crop = x0[(slice(None), slice(None), *(slice(0, min(n, 2 * r)) for n, r in zip(x0.shape[2:], roi, strict=True)))]
+    for fn in methods.values():  # warm-up on a crop: oneDNN primitives, channels-last weights
+        fn(crop)
     times: dict[str, list[float]] = {k: [] for k in methods}
-    outs: dict[str, torch.Tensor] = {}
+    dice: dict[str, list[list[float]]] = {k: [] for k in methods}
+    agree: dict[str, list[float]] = {k: [] for k in methods}
+    loads = []
+    order = list(methods)
     for r in range(a.repeats):
-        order = list(methods) if r % 2 == 0 else list(reversed(methods))
-        for k in order:
-            t, out = timed(methods[k])
-            times[k].append(t)
-            outs[k] = out.argmax(1)
-            log.info("repeat %d %-10s %.2f s", r, k, t)
-    nvox = x.numel()
-    ref = statistics.median(times["monai"])
-    print(f"\nvolume {tuple(shape)}, ROI {rois}, overlap 0.5 gaussian, sw_batch_size {a.sw_batch_size}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}, "
-          f"bf16 native: {cpu_has_bf16()}")
-    print(f"{'method':<12}{'median s':>10}{'Mvox/s':>9}{'vs monai':>10}{'argmax agree':>14}{'fg agree':>10}")
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        agree = float((outs[k] == outs["monai"]).float().mean())
-        either = (outs[k] > 0) | (outs["monai"] > 0)  # agreement where either predicts foreground
-        fg = float((outs[k] == outs["monai"])[either].float().mean()) if either.any() else 1.0
-        print(f"{k:<12}{med:>10.2f}{nvox / med / 1e6:>9.2f}{ref / med:>9.2f}x{100 * agree:>13.3f}%{100 * fg:>9.2f}%")
-    fg = float((outs["monai"] > 0).float().mean())
-    print(f"foreground (argmax > 0) in MONAI's output: {100 * fg:.1f}% of voxels")
+        loads.append(os.getloadavg()[0])
+        spent = dict.fromkeys(methods, 0.0)
+        for i, (_, x, y) in enumerate(cases):
+            shift = (r * len(cases) + i) % len(order)
+            ref_arg = None
+            for k in order[shift:] + order[:shift]:
+                t0 = time.perf_counter()
+                out = methods[k](x)
+                spent[k] += time.perf_counter() - t0
+                if r == 0:
+                    arg = out.argmax(1)[0]
+                    dice[k].append(dice_per_class(arg, y, n_classes))
+                    if k == order[0]:
+                        ref_arg = arg
+                    elif ref_arg is not None:
+                        agree[k].append(float((arg == ref_arg).float().mean()))
+            if ref_arg is not None:
+                agree[order[0]].append(1.0)
+        for k in methods:
+            times[k].append(spent[k])
+        log.info("repeat %d (load %.1f): %s", r, loads[-1], ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()))
+    loads.append(os.getloadavg()[0])
+    ref = statistics.median(times[order[0]])
+    print(f"\n{a.bundle} on {a.cases}; {cpu_model()}, native bf16: {cpu_has_bf16()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average {min(loads):.1f}-{max(loads):.1f}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"| method | median s | Mvox/s | vs {order[0]} | mean Dice | Dice per class | argmax agreement with {order[0]} |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    rows = {}
+    for k in methods:
+        med = statistics.median(times[k])
+        per_class = [statistics.mean(c[j] for c in dice[k]) for j in range(n_classes - 1)]
+        mean_dice = statistics.mean(statistics.mean(c) for c in dice[k])
+        ag = statistics.mean(agree[k]) if agree[k] else float("nan")
+        rows[k] = {"seconds": times[k], "median_s": med, "mvox_s": nvox / med / 1e6, "ratio": ref / med,
+                   "mean_dice": mean_dice, "dice_per_class": per_class, "agreement": ag, "about": about[k]}
+        print(f"| {k} | {med:.2f} | {nvox / med / 1e6:.2f} | {ref / med:.2f}x | {mean_dice:.4f} | "
+              f"{' / '.join(f'{d:.4f}' for d in per_class)} | {100 * ag:.2f}% |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"bundle": a.bundle, "cases": a.cases, "n_cases": len(cases), "mvox": nvox / 1e6,
+                       "loads": loads, "cpu": cpu_model(), "bf16_native": cpu_has_bf16(), "methods": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

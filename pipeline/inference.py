@@ -1,11 +1,16 @@
-"""The overlap-tile predictor: mirror padding, overlapping Gaussian-blended windows, flip TTA.
+"""The predictor: mirror padding, windows tiled two ways (``tiling``), flip and shift TTA.
 
-``predict_tiles`` pads every side of the volume by a context margin with *reflect* mirroring (the
-U-Net paper's overlap-tile strategy: border voxels see mirrored image, not zeros), runs
-``monai.inferers.sliding_window_inference`` over the padded volume and crops the margin away.
-With ``margin=0`` and ``tta=False`` its output equals MONAI's sliding_window_inference with the
-same arguments on volumes at least as large as the ROI. Smaller volumes are mirror-padded up to
-the ROI (MONAI would pad them with zeros).
+``tiling="blend"``: ``predict_tiles`` pads every side of the volume by a context margin with
+*reflect* mirroring (border voxels see mirrored image, not zeros), runs
+``monai.inferers.sliding_window_inference`` over the padded volume (overlapping windows, Gaussian
+blending) and crops the margin away. With ``margin=0`` and ``tta=False`` its output equals MONAI's
+sliding_window_inference with the same arguments on volumes at least as large as the ROI. Smaller
+volumes are mirror-padded up to the ROI (MONAI would pad them with zeros).
+
+``tiling="overlap-tile"``: the U-Net paper's overlap-tile strategy (``pipeline.tiling``): each
+window keeps only its centre, at least ``tile_margin`` voxels from every face; the centres tile the
+volume exactly; context is the neighbouring image or, at the border, mirror padding; no blending.
+Windows are at least the ROI and at most ``tile_window`` (larger windows waste less margin).
 
 Speed on CPU: ``torch.inference_mode``, channels-last 3D windows and weights, several windows per
 network call, and opt-in ``compile`` (torch.compile with inductor freezing: the largest gain
@@ -37,8 +42,11 @@ from monai.utils import ensure_tuple_rep, fall_back_tuple
 
 from pipeline.amp import autocast, autocast_dtype
 from pipeline.errors import first_line
+from pipeline.tiling import overlap_tile, plan_padding, tile_plan
 
 log = logging.getLogger(__name__)
+
+TILINGS = ("blend", "overlap-tile")
 
 
 def _scan_interval(roi: int, overlap: float) -> int:
@@ -243,10 +251,19 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
                   stitch_device: torch.device | str | None = None, amp: bool = False,
                   channels_last: bool | None = None, compile: bool = False,
                   progress: bool = False, tta_axes: Sequence[int] | None = None,
-                  tta_shift: int = 0) -> torch.Tensor:
-    """Overlap-tile prediction of ``inputs`` (N, C, *spatial). Returns (N, K, *spatial) float32 on
-    the stitching device: the blended logits, or with ``tta`` the mean softmax probabilities over
-    all flips. A MetaTensor input gives a MetaTensor output with the input's meta.
+                  tta_shift: int = 0, tiling: str = "blend", tile_margin: int | Sequence[int] | None = None,
+                  tile_window: int | Sequence[int] | None = None,
+                  tile_multiple: int | Sequence[int] = 16) -> torch.Tensor:
+    """Windowed prediction of ``inputs`` (N, C, *spatial). Returns (N, K, *spatial) float32 on
+    the stitching device: the logits, or with ``tta`` the mean softmax probabilities over all
+    flips. A MetaTensor input gives a MetaTensor output with the input's meta.
+
+    ``tiling``: "blend" (default: MONAI's overlapping windows with Gaussian blending, over a
+    mirror-padded volume; ``overlap``, ``margin``, ``mode`` and ``sigma_scale`` apply) or
+    "overlap-tile" (``pipeline.tiling``: each window keeps its centre only, no blending;
+    ``tile_margin`` voxels of context per side, None: a sixth of the ROI; windows from the ROI up
+    to ``tile_window`` (None: the ROI), in multiples of ``tile_multiple`` (what the network's
+    poolings need)). TTA, AMP, channels-last and compile apply to both.
 
     ``margin``: mirrored context per side: "auto" (default) as much as adds no windows, up to a
     quarter of the ROI; None or "quarter": a quarter of the ROI; 0: none (see ``resolve_margin``).
@@ -260,12 +277,20 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     for fixed weights only, e.g. batch prediction; not for validation during training).
     ``amp``: autocast the windows with ``pipeline.amp.autocast_dtype`` for the run device
     (default False: fp32)."""
+    if tiling not in TILINGS:
+        raise ValueError(f"tiling {tiling!r}: choose one of {', '.join(TILINGS)}")
     spatial_dims = inputs.ndim - 2
     meta_src = inputs if isinstance(inputs, MetaTensor) else None
     x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
     shape = tuple(x.shape[2:])
     roi = tuple(int(r) for r in fall_back_tuple(roi_size, shape))
-    pads = tile_padding(shape, roi, resolve_margin(roi, margin, shape, overlap))
+    if tiling == "blend":
+        pads = tile_padding(shape, roi, resolve_margin(roi, margin, shape, overlap))
+    else:
+        tm = [r // 6 for r in roi] if tile_margin is None else ensure_tuple_rep(tile_margin, spatial_dims)
+        tw = roi if tile_window is None else ensure_tuple_rep(tile_window, spatial_dims)
+        _, tiles = tile_plan(shape, roi, tw, tm, ensure_tuple_rep(tile_multiple, spatial_dims))
+        pads = plan_padding(shape, tiles)
     run_device = torch.device(device) if device is not None else _module_device(network, x.device)
     if channels_last is None:
         channels_last = run_device.type == "cpu" and spatial_dims == 3
@@ -279,19 +304,24 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     out_device = torch.device(stitch_device) if stitch_device is not None else run_device
     with torch.inference_mode():
         padded = mirror_pad(x.float(), pads) if any(p for pair in pads for p in pair) else x.float()
-        kw = dict(roi_size=roi, sw_batch_size=sw_batch_size, predictor=fn, overlap=overlap, mode=mode,
-                  sigma_scale=sigma_scale, sw_device=run_device, progress=progress)
+
+        def stitch(dev: torch.device) -> torch.Tensor:
+            if tiling == "overlap-tile":
+                return overlap_tile(fn, padded, shape, tiles, pads, sw_batch_size, run_device, dev)
+            out = sliding_window_inference(padded, roi_size=roi, sw_batch_size=sw_batch_size, predictor=fn,
+                                           overlap=overlap, mode=mode, sigma_scale=sigma_scale,
+                                           sw_device=run_device, device=dev, progress=progress)
+            return out[(slice(None), slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, shape, strict=True)))]
+
         try:
-            out = sliding_window_inference(padded, device=out_device, **kw)
+            out = stitch(out_device)
         except torch.cuda.OutOfMemoryError:
             if out_device.type != "cuda":
                 raise
             log.warning("CUDA out of memory stitching a %s volume on %s; stitching on the CPU instead",
                         tuple(padded.shape), out_device)
             torch.cuda.empty_cache()
-            out = sliding_window_inference(padded, device=torch.device("cpu"), **kw)
-        crop = (slice(None), slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, shape, strict=True)))
-        out = out[crop]
+            out = stitch(torch.device("cpu"))
     out = out.clone() if out.is_inference() else out  # usable outside inference_mode (e.g. Invertd)
     if meta_src is not None:
         out = MetaTensor(out, meta=meta_src.meta, applied_operations=meta_src.applied_operations)
@@ -308,12 +338,18 @@ class OverlapTileInferer(Inferer):
                  mode: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
                  device: torch.device | str | None = None, stitch_device: torch.device | str | None = None,
                  amp: bool = False, channels_last: bool | None = None, compile: bool = False,
-                 progress: bool = False, tta_axes: Sequence[int] | None = None, tta_shift: int = 0) -> None:
+                 progress: bool = False, tta_axes: Sequence[int] | None = None, tta_shift: int = 0,
+                 tiling: str = "blend", tile_margin: int | Sequence[int] | None = None,
+                 tile_window: int | Sequence[int] | None = None, tile_multiple: int | Sequence[int] = 16) -> None:
         super().__init__()
+        if tiling not in TILINGS:
+            raise ValueError(f"tiling {tiling!r}: choose one of {', '.join(TILINGS)}")
         self.kwargs = dict(roi_size=roi_size, overlap=overlap, margin=margin, tta=tta,
                            sw_batch_size=sw_batch_size, mode=mode, sigma_scale=sigma_scale, device=device,
                            stitch_device=stitch_device, amp=amp, channels_last=channels_last,
-                           compile=compile, progress=progress, tta_axes=tta_axes, tta_shift=tta_shift)
+                           compile=compile, progress=progress, tta_axes=tta_axes, tta_shift=tta_shift,
+                           tiling=tiling, tile_margin=tile_margin, tile_window=tile_window,
+                           tile_multiple=tile_multiple)
 
     @property
     def outputs_probabilities(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from pipeline.inference import (
     windows_per_axis,
 )
 from pipeline.postprocess import label_cleanup
+from pipeline.tiling import axis_tiles, tile_plan
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "phantom_ct_3d"
 
@@ -333,3 +335,175 @@ def test_compiled_equals_eager_and_pads_the_short_last_batch() -> None:
     eager = predict_tiles(net, x, (12, 16, 12), margin=0, sw_batch_size=2, channels_last=False)
     fast = predict_tiles(net, x, (12, 16, 12), margin=0, sw_batch_size=2, channels_last=False, compile=True)
     torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- overlap-tile tiling
+
+def _pointwise(w: torch.Tensor) -> torch.Tensor:
+    return torch.cat([w, w * w - 0.5, -w], dim=1)
+
+
+def _box_net(spatial_dims: int, radius: int) -> torch.nn.Module:
+    """A local network: ``radius`` stacked 3-wide box filters (zero padding inside the window, so a
+    voxel within ``radius`` of a window face sees zeros), receptive-field radius ``radius``."""
+    conv = torch.nn.Conv3d if spatial_dims == 3 else torch.nn.Conv2d
+    layers = []
+    for _ in range(radius):
+        c = conv(1, 1, 3, padding=1, bias=False)
+        torch.nn.init.constant_(c.weight, 1.0 / 3**spatial_dims)
+        layers.append(c)
+    body = torch.nn.Sequential(*layers).eval()
+
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = body(x)
+            return torch.cat([y, 1 - y], dim=1)
+
+    return Net().eval()
+
+
+SHAPES = {3: [(37, 29, 11), (5, 3, 2), (48, 32, 16)], 2: [(45, 29), (7, 5), (64, 16)]}
+ROIS = {3: (16, 16, 8), 2: (16, 16)}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("which", [0, 1, 2])  # not divisible by the step / smaller than the window / exact fit
+def test_overlap_tile_pointwise_network_is_exact(dims: int, which: int) -> None:
+    x = torch.rand(2, 1, *SHAPES[dims][which], generator=torch.Generator().manual_seed(which))
+    for window, multiple in ((None, 1), (tuple(2 * r for r in ROIS[dims]), 8)):
+        out = predict_tiles(_pointwise, x, ROIS[dims], tiling="overlap-tile", tile_margin=3, tile_window=window,
+                            tile_multiple=multiple, sw_batch_size=3)
+        assert out.shape == (2, 3, *x.shape[2:])
+        assert torch.equal(out, _pointwise(x))
+
+
+@pytest.mark.parametrize("size,roi,window,margin,multiple", [
+    (100, 48, 96, 8, 16), (241, 48, 96, 8, 16), (37, 16, 16, 3, 1), (17, 16, 16, 3, 1), (5, 16, 16, 5, 1),
+    (1, 8, 8, 2, 1), (43, 40, 48, 2, 8), (128, 32, 64, 5, 16), (10, 16, 32, 0, 16)])
+def test_axis_tiles_cover_each_voxel_exactly_once_with_margin_context(size: int, roi: int, window: int,
+                                                                       margin: int, multiple: int) -> None:
+    w, tiles = axis_tiles(size, roi, window, margin, multiple)
+    assert roi <= w <= max(window, roi) and (w % multiple == 0 or w == window)
+    kept = [v for _, lo, hi, _ in tiles for v in range(lo, hi)]
+    assert kept == list(range(size))  # consecutive, no gap, no overlap
+    for start, lo, hi, stop in tiles:
+        assert stop - start == w and lo - start >= margin and stop - hi >= margin
+
+
+def test_axis_tiles_shrink_windows_to_fit_and_refuse_a_margin_that_leaves_nothing() -> None:
+    assert axis_tiles(100, 48, 96, 8, 16)[0] == 80  # two windows of 80, not two of 96
+    assert len(axis_tiles(100, 48, 48, 8, 16)[1]) == 4  # the ROI keeps 32: four windows
+    assert axis_tiles(35, 40, 48, 2, 8) == (40, [(-2, 0, 35, 38)])  # one window: the ROI
+    with pytest.raises(ValueError, match="leaves nothing"):
+        axis_tiles(50, 16, 16, 8)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_overlap_tile_predicts_every_voxel_once_from_its_own_window(dims: int) -> None:
+    """A network that writes its call number into each window: every voxel carries the number of the
+    one window whose kept box holds it, the boxes partition the volume, and no window is wasted."""
+    x = torch.rand(1, 1, *SHAPES[dims][0])
+    calls: list[int] = []
+
+    def numbered(w: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(len(calls), len(calls) + w.shape[0], dtype=torch.float32) + 1
+        calls.extend(range(w.shape[0]))
+        return ids.view(-1, 1, *[1] * dims).expand(-1, 2, *w.shape[2:]).clone()
+
+    out = predict_tiles(numbered, x, ROIS[dims], tiling="overlap-tile", tile_margin=2, sw_batch_size=2)
+    _, tiles = tile_plan(x.shape[2:], ROIS[dims], ROIS[dims], [2] * dims, [16] * dims)
+    boxes = list(itertools.product(*tiles))
+    assert len(calls) == len(boxes) == math.prod(len(t) for t in tiles)
+    for i, box in enumerate(boxes):
+        region = out[(0, 0, *(slice(lo, hi) for _, lo, hi, _ in box))]
+        assert torch.all(region == i + 1)
+    assert sorted(torch.unique(out[0, 0]).tolist()) == list(range(1, len(boxes) + 1))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_overlap_tile_context_is_neighbours_inside_and_mirror_at_the_border(dims: int) -> None:
+    """A network with receptive-field radius 2: with a margin of 2 or more every kept voxel sees its
+    true neighbours, and beyond the border the mirror image, so the result is the network applied
+    to the whole reflect-padded image, exactly; a margin of 1 is not enough."""
+    shape = (42, 28, 12)[:dims]  # with a margin of 1, windows of 16 (8) keep 14 (6): exactly 1 of context
+    x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(1))
+    net = _box_net(dims, radius=2)
+    with torch.no_grad():
+        whole = net(mirror_pad(x, [(2, 2)] * dims))[(slice(None), slice(None), *[slice(2, -2)] * dims)]
+    for margin in (2, 3):
+        out = predict_tiles(net, x, ROIS[dims], tiling="overlap-tile", tile_margin=margin, tile_multiple=1)
+        torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
+    short = predict_tiles(net, x, ROIS[dims], tiling="overlap-tile", tile_margin=1, tile_multiple=1)
+    assert (short - whole).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_overlap_tile_agrees_with_blend_for_a_receptive_field_inside_the_margin(dims: int) -> None:
+    """Blend mode averages in windows whose faces cut the receptive field, with Gaussian weights
+    that are small there: close to the whole-image result, not equal. Overlap-tile equals it."""
+    x = torch.rand(1, 1, *SHAPES[dims][2], generator=torch.Generator().manual_seed(2))
+    net = _box_net(dims, radius=1)
+    with torch.no_grad():
+        whole = net(mirror_pad(x, [(1, 1)] * dims))[(slice(None), slice(None), *[slice(1, -1)] * dims)]
+    tile = predict_tiles(net, x, ROIS[dims], tiling="overlap-tile", tile_margin=2)
+    blend = predict_tiles(net, x, ROIS[dims], tiling="blend", margin=2, overlap=0.5)
+    torch.testing.assert_close(tile, whole, atol=1e-6, rtol=0)
+    assert (blend - tile).abs().mean() < 1e-2 and (blend - tile).abs().max() < 0.2  # 3D: roi 8, sigma 1
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_overlap_tile_keeps_flip_and_shift_tta(dims: int) -> None:
+    """Flip TTA with a flip-equivariant local network and shift TTA with a pointwise one give the
+    softmax of the plain prediction, as in blend mode; shifts move content by less than the margin."""
+    x = torch.rand(1, 1, *SHAPES[dims][0], generator=torch.Generator().manual_seed(3))
+    net = _box_net(dims, radius=1)
+    kw = dict(roi_size=ROIS[dims], tiling="overlap-tile", tile_margin=3, tile_multiple=1)
+    plain = predict_tiles(net, x, **kw)
+    inferer = OverlapTileInferer(tta=True, **kw)
+    assert inferer.outputs_probabilities
+    torch.testing.assert_close(inferer(x, net), torch.softmax(plain, 1), atol=1e-5, rtol=0)
+    shifted = predict_tiles(_pointwise, x, tta=True, tta_shift=2, tta_axes=[0], **kw)
+    torch.testing.assert_close(shifted, torch.softmax(_pointwise(x), 1), atol=1e-6, rtol=0)
+
+
+def test_tiling_is_checked_and_metatensors_keep_their_meta() -> None:
+    from monai.data import MetaTensor
+
+    with pytest.raises(ValueError, match="tiling 'tiles'"):
+        OverlapTileInferer((8, 8, 8), tiling="tiles")
+    with pytest.raises(ValueError, match="tiling 'tiles'"):
+        predict_tiles(_pointwise, torch.rand(1, 1, 8, 8, 8), (8, 8, 8), tiling="tiles")
+    x = MetaTensor(torch.rand(1, 1, 9, 10, 11), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    out = OverlapTileInferer((8, 8, 8), tiling="overlap-tile", tile_margin=1, tile_multiple=1)(x, _pointwise)
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, x.affine)
+    assert torch.equal(out.as_tensor(), _pointwise(x.as_tensor()))
+
+
+# ---------------------------------------------------------------- benchmarks/gpu_check.sh
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses_and_says_so_without_cuda() -> None:
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu_check.sh would run for minutes")
+    r = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "gpu_check: skipped" in r.stdout and "no CUDA GPU" in r.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_step(tmp_path: Path) -> None:
+    """The same steps on the CPU with tiny sizes: training with forced fp16 and bf16 autocast, a
+    one-process torchrun (gloo), inference in each tiling mode against MONAI with Dice, the table."""
+    import subprocess
+
+    out = tmp_path / "table.md"
+    r = subprocess.run(["bash", str(GPU_CHECK), "--cpu-smoke", "--out", str(out)], capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    table = out.read_text()
+    for row in ("monai fp32", "blend amp", "overlap-tile amp", "train_float16", "train_bfloat16", "nccl"):
+        assert row in table, table
