@@ -7,7 +7,8 @@ the newest experiment) in headless Chromium driven over the DevTools protocol (M
 React app: each page gets real seconds to fetch and draw its charts), and saves:
 
 - ``runs.png``: the run list of the printed address;
-- ``charts.png``: the run's "Model metrics" tab (sections ``perf``, ``qc``, ``train``, ``val``);
+- ``charts.png``: the run's "Model metrics" tab (sections ``eval``, ``perf``, ``qc``, ``train``,
+  ``val``, in MLflow's alphabetical order); ``curves.png``: the same at the ``train`` section;
 - ``qc_epochs.png``: that tab at the QC image cards (their slider goes through the epochs; step 0
   is the reference alone);
 - ``qc_image.png``: the Artifacts tab showing the QC picture of the kept weights;
@@ -45,16 +46,19 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 CLOSE_ASSISTANT = """(() => { const chat = document.querySelector('button[aria-label="New Chat"]');
   const close = chat && [...chat.parentElement.querySelectorAll('button')].find(b => b.getAttribute('aria-label') === 'Close');
   if (close) close.click(); return close ? 'assistant closed' : 'no assistant'; })()"""
-# scroll the chart grid (it draws cards only once they are in view) to the first QC image card
-SCROLL_TO_QC = """(async () => { const sleep = ms => new Promise(r => setTimeout(r, ms));
-  const box = [...document.querySelectorAll('div')].find(e => e.scrollHeight > e.clientHeight + 50
-    && getComputedStyle(e).overflowY !== 'visible');
-  for (let y = 0; box && y < 20000; y += 300) {
-    box.scrollTop = y; await sleep(300);
-    const card = [...document.querySelectorAll('*')].find(e => e.children.length === 0 && /^qc\\//.test((e.innerText || '').trim()));
-    if (card) { card.scrollIntoView({block: 'start'}); box.scrollTop -= 60; return 'scrolled to ' + card.innerText; }
-  }
-  return 'no qc card'; })()"""
+
+
+def scroll_to(pattern: str) -> str:
+    """JavaScript scrolling the chart grid (it draws cards only once they are in view) until an
+    element whose own text matches ``pattern`` (a JavaScript regex) is at the top."""
+    return ("(async () => { const sleep = ms => new Promise(r => setTimeout(r, ms));"
+            " const box = [...document.querySelectorAll('div')].find(e => e.scrollHeight > e.clientHeight + 50"
+            " && getComputedStyle(e).overflowY !== 'visible');"
+            " for (let y = 0; box && y < 20000; y += 300) { box.scrollTop = y; await sleep(300);"
+            f" const hit = [...document.querySelectorAll('*')].find(e => e.children.length === 0 && /{pattern}/.test("
+            "(e.innerText || '').trim()));"
+            " if (hit) { hit.scrollIntoView({block: 'start'}); box.scrollTop -= 60; return 'at ' + hit.innerText; } }"
+            " return 'not found'; })()")
 
 
 def click_text(*names: str) -> str:
@@ -194,7 +198,8 @@ def main() -> int:
     view = "?workflowType=machine_learning"
     first_qc = sorted(p.path.split("/")[-1] for p in _artifacts(a.tracking_uri, run_id, "qc"))[:1]
     pages = [("runs", address, None), ("charts", f"{base}/model-metrics{view}", None),
-             ("qc_epochs", f"{base}/model-metrics{view}", SCROLL_TO_QC),
+             ("curves", f"{base}/model-metrics{view}", scroll_to("^train$")),
+             ("qc_epochs", f"{base}/model-metrics{view}", scroll_to("^qc\\/")),
              ("qc_image", f"{base}/artifacts{view}", click_text("qc", *first_qc) if first_qc else None),
              ("progress", f"{base}/artifacts{view}", click_text("progress.png")),
              ("system", f"{base}/system-metrics{view}", None)]

@@ -185,8 +185,9 @@ def find_training_run(run: str, tracking_uri: str | None = None) -> tuple[str, s
 def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, tracking_uri: str | None = None) -> None:
     """Log ``eval/dice_<label>``, ``eval/hd95_<label>``, ``eval/nsd_<label>``, ``eval/mean_dice`` ...
     (finite values only; flat names ``eval_*`` mapped by ``pipeline.tracking.mlflow_key``), the
-    reference manifest as an evaluation dataset input and ``files`` (under ``evaluation/``) to an
-    existing MLflow run."""
+    reference manifest as an evaluation dataset input, ``files`` (under ``evaluation/``) and
+    ``metrics_summary.png`` beside the first of them (every class on shared axes; also the image
+    ``eval/summary``) to an existing MLflow run."""
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -213,6 +214,15 @@ def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, track
     if ref.is_file():
         record = {**manifest_dataset(ref, manifest_hash(ref)), "context": "evaluation"}
         client.log_inputs(run_id, [dataset_input(record)])
+    if summary["per_class"] and files:  # the numbers on shared axes, as one picture
+        from PIL import Image
+
+        from pipeline.progress import plot_evaluation
+
+        figure = plot_evaluation(summary, Path(files[0]).with_name("metrics_summary.png"))
+        files = [*files, figure]
+        with Image.open(figure) as image:
+            client.log_image(run_id, image.convert("RGB"), key="eval/summary", step=0)
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path="evaluation")
     log.info("logged %d evaluation metrics and %d files to MLflow run %s", len(metrics), len(files), run_id)

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -160,8 +161,10 @@ def log_bundle_model(uri: str, run_id: str, folder: Path, name: str, register: b
     from mlflow.models import infer_signature
 
     signature = infer_signature(["study.nii.gz"], params={"output_dir": "", "device": ""})
-    # the fluent run: MLflow 3 puts a logged model in the experiment of the active run
-    with _tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    # the fluent run: MLflow 3 puts a logged model in the experiment of the active run; its advice
+    # on type hints and input examples (a list of paths says nothing more) is not for our users
+    with _tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
         info = mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE), artifacts={"bundle": str(folder)},
                                        code_paths=[str(Path(__file__).parent)], pip_requirements=requirements(),
                                        signature=signature, registered_model_name=name if register else None)

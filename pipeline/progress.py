@@ -76,3 +76,39 @@ def plot_progress(journal: Path, out: Path) -> Path:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     return out
+
+
+def plot_evaluation(summary: dict, out: Path) -> Path:
+    """``out`` (PNG): mean Dice and surface Dice per class on one 0..1 axis and HD95 in mm, from an
+    evaluation summary (``pipeline.evaluation.summarise``); MLflow draws each logged number as
+    its own bar chart with its own scale, so 0.005 looks as long as 0.33 there."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    names = list(summary["per_class"])
+    rows = [summary["per_class"][n] for n in names]
+    y = np.arange(len(names))
+    height = 1.8 + 0.45 * len(names)
+    fig = Figure(figsize=(9, height), dpi=100)
+    ax_dice, ax_hd = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.4, 1]})
+    for offset, key, label in ((-0.2, "dice_mean", "Dice"), (0.2, "nsd_mean", "surface Dice")):
+        values = [r[key] if r[key] is not None else np.nan for r in rows]
+        bars = ax_dice.barh(y + offset, values, height=0.38, label=label)
+        ax_dice.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax_dice.set_xlim(0, 1.12)
+    ax_dice.set_yticks(y, names)
+    ax_dice.invert_yaxis()
+    ax_dice.legend(loc="lower right", fontsize=8)
+    ax_dice.set_title(f"mean Dice {summary['mean_dice']:.3f} over {summary.get('n_cases', '?')} cases", fontsize=10)
+    hd = [r["hd95_mean"] if r["hd95_mean"] is not None else np.nan for r in rows]
+    bars = ax_hd.barh(y, hd, height=0.5, color="tab:gray")
+    ax_hd.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    ax_hd.set_xlabel("HD95 (mm)")
+    ax_hd.set_xlim(0, max([v for v in hd if np.isfinite(v)] or [1]) * 1.25)
+    for ax in (ax_dice, ax_hd):
+        ax.grid(axis="x", alpha=0.3)
+    fig.subplots_adjust(left=0.16, right=0.98, top=1 - 0.35 / height, bottom=0.55 / height, wspace=0.08)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    return out

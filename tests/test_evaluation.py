@@ -141,7 +141,7 @@ def test_mlflow_logging_read_back(evaluated, tmp_path: Path):
     assert metrics["eval/hd95_organ"] == pytest.approx(2.0)
     assert metrics["eval/nsd_lesion"] == 1.0 and "eval/mean_dice" in metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert names == {"evaluation/metrics.csv", "evaluation/metrics_summary.json"}
+    assert names == {"evaluation/metrics.csv", "evaluation/metrics_summary.json", "evaluation/metrics_summary.png"}
     with pytest.raises(InputError, match="not found"):
         evaluate(pred, manifest, run_id="0" * 32, tracking_uri=uri)
 

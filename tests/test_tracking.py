@@ -240,6 +240,9 @@ def test_evaluate_finds_the_training_run_from_its_output_folder(trained: dict, u
     assert main(["evaluate", "--pred", str(tmp_path / "masks"), "--ref", str(held_out), "--run", s["output_dir"]]) == 0
     run = MlflowClient(ui_server.url).get_run(s["mlflow_run_id"])
     assert {"eval/mean_dice", "eval/dice_liver", "eval/hd95_liver"} <= set(run.data.metrics)
+    client = MlflowClient(ui_server.url)
+    assert "evaluation/metrics_summary.png" in {f.path for f in client.list_artifacts(s["mlflow_run_id"], "evaluation")}
+    assert any(f.path.startswith("images/eval~summary+step+0+") for f in client.list_artifacts(s["mlflow_run_id"], "images"))
     inputs = {d.tags[0].value: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert inputs == {"training": manifest_hash(manifest), "evaluation": manifest_hash(held_out)}
     assert main(["evaluate", "--pred", str(tmp_path / "masks"), "--ref", str(held_out), "--run", str(tmp_path)]) == 1
