@@ -33,7 +33,8 @@ from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwis
    rotation +-30 deg and scaling 0.7-1.4 on 20% of patches, in-plane only (+-180 deg about the
    coarse axis) for anisotropic 3D data.
 9. Schedule: AdamW 2e-3, cosine over the wall-time budget (``time_budget_min``), ``max_epochs`` a
-   cap, validation interval for about 6 validations in the budget. An epoch is one pass over the
+   cap, validation interval for about 6 validations in the budget, fewer where validating the fold-0
+   cases whole would take more than 15% of it (estimated from the median image). An epoch is one pass over the
    training cases but at least 50 iterations (``epoch_length``: tiny datasets would otherwise
    checkpoint and log every few steps); full batches only (``drop_last``: one shape for a compiled
    step); ``torch.compile`` only for budgets of 5 min or more (compiling takes about a minute).
@@ -79,6 +80,7 @@ DEVICES = ("cpu", "cuda")
 THROUGHPUT = {"cpu": 3.0e5, "cuda": 1.0e7}
 SAMPLE_OVERHEAD_S = {"cpu": 0.02, "cuda": 0.002}  # per sample whatever its size: transforms, Python
 VALIDATIONS = 6
+VALIDATION_SHARE = 0.15  # of the budget, at most, spent validating (large images: fewer validations)
 MIN_EPOCH_ITERATIONS = 50  # tiny datasets: an epoch of a few steps would checkpoint every few steps
 COMPILE_MIN_BUDGET = 5.0  # minutes; torch.compile takes about 50 s before the first CPU step
 NUM_FOLDS = 5
@@ -287,9 +289,10 @@ def augmentation(labels: list[str], spatial_dims: int, slice_axis: int | None, a
 
 
 def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, batch_size: int,
-             spatial_dims: int, compiler: bool = True) -> tuple[dict, str]:
+             spatial_dims: int, compiler: bool = True, image_voxels: float = 0.0) -> tuple[dict, str]:
     """Rule 9: optimiser, learning rate, wall-time budget, epoch length and cap, validation interval.
-    ``compiler``: a C++ compiler is at hand (torch.compile on a CPU needs one)."""
+    ``compiler``: a C++ compiler is at hand (torch.compile on a CPU needs one); ``image_voxels``: the
+    median image at target spacing, which each validation predicts for every fold-0 case."""
     voxel_rate = THROUGHPUT[device] * (3 if spatial_dims == 2 else 1)
     rate = 1 / (patch_voxels / voxel_rate + SAMPLE_OVERHEAD_S[device])  # samples/s
     train = max(1, round(n_cases * (NUM_FOLDS - 1) / NUM_FOLDS))
@@ -297,7 +300,11 @@ def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, ba
     one_pass = max(1, train // batch_size if drop_last else math.ceil(train / batch_size))
     iterations = max(one_pass, MIN_EPOCH_ITERATIONS)
     epochs = 60 * budget_min / (iterations * batch_size / rate)
-    interval = max(1, round(epochs / VALIDATIONS))
+    # a validation predicts the fold-0 cases whole (windows overlapping by a quarter, forward only: ~3x
+    # the training rate); at most VALIDATION_SHARE of the budget goes to validating
+    val_s = max(1, round(n_cases / NUM_FOLDS)) * image_voxels * (4 / 3) ** spatial_dims / (3 * voxel_rate)
+    validations = max(1, min(VALIDATIONS, int(VALIDATION_SHARE * 60 * budget_min / max(val_s, 1e-9))))
+    interval = max(1, round(epochs / validations))
     compile_ = budget_min >= COMPILE_MIN_BUDGET and (compiler or device != "cpu")
     out = {"optimizer": "AdamW", "learning_rate": 2e-3, "weight_decay": 1e-5,
            "lr_schedule": "cosine_wall_time",
@@ -310,7 +317,8 @@ def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, ba
            f"({NUM_FOLDS} folds) is about {epochs:.0f} epochs of {iterations} iterations"
            + (f" (one pass is {one_pass}: an epoch of at least {MIN_EPOCH_ITERATIONS} iterations keeps the "
               "per-epoch checkpoint and log a small cost)" if iterations > one_pass else "")
-           + f": validation every {interval} (about {max(1, int(epochs // interval))} validations); max_epochs "
+           + f": validation every {interval} epochs (about {validations} validation(s) of about "
+           f"{val_s:.2g} s: at most {VALIDATION_SHARE:.0%} of the budget); max_epochs "
            f"{out['max_epochs']} (10x) only a cap; AdamW 2e-3, cosine over wall time (the CPU hippocampus "
            "recipe; nnU-Net's SGD 1e-2 with a poly schedule is tuned for 250k steps, a budget of minutes "
            "gives thousands); the last weights are kept (validation monitors, it does not select); "
@@ -379,7 +387,8 @@ def make_plan(fingerprint: dict, manifest: dict, device: str = "cpu", budget_min
     flat = dims == 3 and max(target) / min(target) > ANISOTROPY_THRESHOLD
     aniso_axis = int(np.argmax(target)) if flat else None
     aug, why_aug = augmentation(labels, dims, slice_axis, aniso_axis, roi, device)
-    sched, why_sched = schedule(device, budget_min, len(cases), topo["patch_voxels"], batch, dims, compiler)
+    sched, why_sched = schedule(device, budget_min, len(cases), topo["patch_voxels"], batch, dims, compiler,
+                                float(np.prod(median_shape)))
     infer, why_infer = inference(roi, net_shape, aug["flip_axes"], slice_axis)
     crop = roi[:slice_axis] + [1] + roi[slice_axis:] if slice_axis is not None else list(roi)
     warnings += smaller_than_patch(cases, target, keep, roi)

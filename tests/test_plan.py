@@ -416,3 +416,11 @@ def test_fewer_cases_than_folds_are_refused_and_exact_shapes_are_not_rounded_up(
         P.make_plan(make_fp([[1.0, 1.0, 1.0]], [[32, 32, 32]] * 4, HIPPO_MANIFEST), HIPPO_MANIFEST, "cpu", 30)
     fp = make_fp([[0.8, 0.8, 2.5]], [[48, 48, 16]] * 5, HIPPO_MANIFEST)  # 48 * 0.8 / 0.8 > 48 in floats
     assert P.make_plan(fp, HIPPO_MANIFEST, "cpu", 30)["patch"]["roi_size"] == [48, 48, 16]
+
+
+def test_large_images_are_validated_less_often_so_validation_stays_a_small_share(hippo: dict):
+    heart = make_fp([[1.25, 1.25, 1.37]], [[320, 320, 110]] * 20, HIPPO_MANIFEST)  # MSD Heart-like
+    s = P.make_plan(heart, HIPPO_MANIFEST, "cpu", 30)
+    assert s["schedule"]["estimated_epochs"] / s["schedule"]["val_interval"] <= 3
+    assert "at most 15% of the budget" in s["rationale"]["schedule"]
+    assert P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)["schedule"]["val_interval"] == 6  # small: 6 validations

@@ -238,3 +238,17 @@ def test_planned_bundle_trains_and_predicts(tmp_path: Path, mlflow_store: str, k
     assert summary["exported"] and set(summary["val_dice"]) == {"liver", "kidney", "spleen"}
     rows = predict(tmp_path / "bundle", manifest, tmp_path / "masks", device="cpu", progress=False)
     assert {r["status"] for r in rows} == {"ok"} and len(rows) == 5
+
+
+def test_train_refuses_a_dataset_of_other_labels_in_one_line_before_training(tmp_path: Path, ct_dataset: Path):
+    """The hippocampus bundle given a dataset with other labels stops after validation, in one line."""
+    from pipeline.cli import main
+    from pipeline.train import train_bundle
+
+    bundle = tmp_path / "hippocampus"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "bundles/hippocampus_mri_3d/configs", bundle / "configs")
+    with pytest.raises(InputError) as e:
+        train_bundle(bundle, manifest=ct_dataset, epochs=1, device="cpu")
+    assert "\n" not in str(e.value) and "anterior" in str(e.value) and "liver" in str(e.value)
+    assert main(["train", str(bundle), "--manifest", str(ct_dataset), "--epochs", "1", "--device", "cpu"]) == 1
+    assert not (bundle / "runs").exists()
