@@ -7,7 +7,8 @@ An entry's ``image`` is one file (channels, if several, on its last axis: MSD's 
 list of files, one per channel in channel order (nnU-Net v2's ``case_0000.nii.gz``,
 ``case_0001.nii.gz``); MONAI's ``LoadImaged`` stacks such a list into channels.
 Entries may carry ``patient`` (grouping for splits), ``fold`` (pinning an entry to a fold),
-``id`` (default: the file name without ``.nii``/``.nii.gz``, and without ``_0000`` for a list)
+``id`` (default: the image's file name without ``.nii``/``.nii.gz``, and without ``_0000`` for a
+list or where the label is named so)
 and any other keys, which datalists pass on (NIfTI paths among them, e.g. cells' ``instance``,
 resolved like ``image``). Relative paths are resolved against the manifest's folder; a path that leaves that
 folder (``..``, an absolute path elsewhere, a symlink pointing out) is refused unless the manifest
@@ -50,12 +51,14 @@ def image_files(image: str | list[str] | None) -> list[str]:
     return [str(p) for p in image] if isinstance(image, (list, tuple)) else [str(image)]
 
 
-def channel_layout_id(image: str | list[str]) -> str:
+def channel_layout_id(image: str | list[str], label: Any = None) -> str:
     """The default id of an ``image``: the file name without its NIfTI suffix; for a list of
-    channel files, the first one's without ``_0000`` (nnU-Net v2's channel suffix)."""
+    channel files, the first one's without ``_0000`` (nnU-Net v2's channel suffix), as for one
+    ``case_0000`` file whose label is ``case`` (nnU-Net's one-channel layout)."""
     if isinstance(image, (list, tuple)):
         return _CHANNEL_SUFFIX.sub("", study_id(image[0]))
-    return study_id(image)
+    stem = _CHANNEL_SUFFIX.sub("", study_id(image))
+    return stem if isinstance(label, str) and study_id(label) == stem else study_id(image)
 
 
 def load_manifest(path: Path, allow_outside: bool = False) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def _entry(root: Path, role: str, i: int, entry: Any, keys: tuple[str, ...], all
     e = {"image": entry} if role == "test" and isinstance(entry, str) else dict(entry) if isinstance(entry, dict) else {}
     image = e.get("image")
     named = isinstance(image, str) or (isinstance(image, list) and image and all(isinstance(p, str) for p in image))
-    e["id"] = str(e.get("id") or (channel_layout_id(image) if named else f"#{i}"))
+    e["id"] = str(e.get("id") or (channel_layout_id(image, e.get("label")) if named else f"#{i}"))
     where = f"{role}[{i}] {e['id']}"
     if not isinstance(entry, (dict, str)):
         problems.append(f"{where}: entry must be an object with {' and '.join(keys)}, got {entry!r:.60}")

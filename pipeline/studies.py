@@ -286,7 +286,9 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
     ``<case>_<channels-1>.nii.gz`` in one folder (nnU-Net v2's one file per channel) are one study
     ``<case>`` whose ``image`` is that list in channel order; a case with missing or extra channel
     files raises InputError, or with ``strict=False`` is listed with a ``problem`` for batch work
-    to report. Other files stay one study each (e.g. 4D images with the channels inside)."""
+    to report. Other files stay one study each (e.g. 4D images with the channels inside). A folder
+    whose NIfTI files all end in ``_0000`` is nnU-Net's one-channel layout: ``case_0000.nii.gz`` is
+    study ``case``, as its label ``case.nii.gz`` is named."""
     import SimpleITK as sitk
 
     root = Path(folder)
@@ -298,8 +300,8 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
         here = Path(dirpath)
         names = [n for n in filenames if not n.startswith(".")]
         studies: list[Path | list[Path]] = [here / n for n in names if is_nifti(n)]
-        if channels > 1:
-            studies = _group_channel_files(studies, channels, strict)
+        if channels > 1 or (studies and all(_channel_case(study_id(f))[1] == 0 for f in studies)):
+            studies = _group_channel_files(studies, channels, strict)  # every file case_0000: nnU-Net's too
         if len([n for n in names if is_nifti(n)]) < len(names) and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(here)):
             try:
                 dicom_series_files(here)  # refuse mixed or incomplete series here, by folder name
@@ -314,7 +316,8 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
             sid = "_".join((*rel.parts[:-1], stem)) if rel.parts else root.name
             if sid in found:
                 raise InputError(f"{path}: study id {sid!r} is also {found[sid]['image']}")
-            image = [str(p.absolute()) for p in study] if isinstance(study, list) else str(study.absolute())
+            image = ([str(p.absolute()) for p in study] if isinstance(study, list) and channels > 1
+                     else str(path.absolute()))
             found[sid] = {"id": sid, "image": image}
             if isinstance(study, list) and [_channel_case(study_id(p))[1] for p in study] != list(range(channels)):
                 found[sid]["problem"] = (f"{path.parent}: case {stem!r} has channel files "

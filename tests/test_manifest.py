@@ -273,3 +273,9 @@ def test_bad_channel_lists_are_named(tmp_path, image, problem):
     with pytest.raises(InputError, match=problem) as e:
         load_manifest(m)
     assert str(e.value).startswith(f"{m}: training[0]") and "\n" not in str(e.value)
+
+
+def test_one_channel_nnunet_names_get_the_labels_id(tmp_path):
+    m = write_manifest(tmp_path, [{"image": "imagesTr/la_003_0000.nii.gz", "label": "labelsTr/la_003.nii.gz"},
+                                  {"image": "imagesTr/scan_0000.nii.gz", "label": "labelsTr/other.nii.gz"}])
+    assert [e["id"] for e in load_manifest(m)["training"]] == ["la_003", "scan_0000"]

@@ -203,3 +203,11 @@ def test_a_case_missing_a_channel_file_is_refused_or_listed_with_its_problem(tmp
         find_studies(tmp_path, channels=2)
     a, b = find_studies(tmp_path, strict=False, channels=2)
     assert "problem" not in a and "b_0000.nii.gz, b_0002.nii.gz" in b["problem"] and str(tmp_path) in b["problem"]
+
+
+def test_a_folder_of_case_0000_files_is_nnunets_one_channel_layout(tmp_path):
+    _channel_files(tmp_path / "nn", ["a_0000.nii.gz", "b_0000.nii.gz"])
+    assert find_studies(tmp_path / "nn") == [{"id": "a", "image": str(tmp_path / "nn/a_0000.nii.gz")},
+                                             {"id": "b", "image": str(tmp_path / "nn/b_0000.nii.gz")}]
+    _channel_files(tmp_path / "mixed", ["a_0000.nii.gz", "b.nii.gz"])  # not every file: names kept
+    assert [s["id"] for s in find_studies(tmp_path / "mixed")] == ["a_0000", "b"]
