@@ -335,7 +335,9 @@ def _channel_case(stem: str) -> tuple[str, int | None]:
 
 def _group_channel_files(files: list[Path], channels: int, strict: bool) -> list[Path | list[Path]]:
     """Files named ``<case>_<NNNN>`` grouped per case in channel order (one file per channel); a
-    group that is not exactly channels 0..``channels``-1 raises InputError when ``strict``."""
+    group that is not exactly channels 0..``channels``-1 raises InputError when ``strict``. Numbers
+    that cannot be channels (no 0000, or more files than channels: ``BRATS_0001``, ``BRATS_0002``,
+    ...) are case names, one study each."""
     groups: dict[str, dict[int, Path]] = {}
     out: list[Path | list[Path]] = []
     for f in sorted(files):
@@ -345,6 +347,9 @@ def _group_channel_files(files: list[Path], channels: int, strict: bool) -> list
         else:
             groups.setdefault(case, {})[index] = f
     for case, by_index in groups.items():
+        if 0 not in by_index or len(by_index) > channels:
+            out.extend(by_index[i] for i in sorted(by_index))
+            continue
         if sorted(by_index) != list(range(channels)) and strict:
             raise InputError(f"{next(iter(by_index.values())).parent}: case {case!r} has channel files "
                              f"{sorted(by_index)}, a {channels}-channel bundle needs 0..{channels - 1}")

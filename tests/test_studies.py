@@ -205,6 +205,11 @@ def test_a_case_missing_a_channel_file_is_refused_or_listed_with_its_problem(tmp
     assert "problem" not in a and "b_0000.nii.gz, b_0002.nii.gz" in b["problem"] and str(tmp_path) in b["problem"]
 
 
+def test_numbered_cases_that_cannot_be_channel_files_stay_studies(tmp_path):
+    _channel_files(tmp_path, ["BRATS_0001.nii.gz", "BRATS_0002.nii.gz", "BRATS_0003.nii.gz"])  # 4D images
+    assert [s["id"] for s in find_studies(tmp_path, channels=2)] == ["BRATS_0001", "BRATS_0002", "BRATS_0003"]
+
+
 def test_a_folder_of_case_0000_files_is_nnunets_one_channel_layout(tmp_path):
     _channel_files(tmp_path / "nn", ["a_0000.nii.gz", "b_0000.nii.gz"])
     assert find_studies(tmp_path / "nn") == [{"id": "a", "image": str(tmp_path / "nn/a_0000.nii.gz")},
