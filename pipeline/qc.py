@@ -127,6 +127,8 @@ def write_overlays(folder: Path, qc: list[tuple[str, dict[str, Any]]], label_nam
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
+    if not qc:
+        return []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     colors = colormaps["tab10"]
@@ -137,7 +139,7 @@ def write_overlays(folder: Path, qc: list[tuple[str, dict[str, Any]]], label_nam
     keys = (("label", "solid"), ("pred", "dashed")) if predicted else (("label", "solid"),)
     from matplotlib.figure import Figure
 
-    three = bool(qc) and len(qc[0][1]["views"]) == 3  # 2x2: three planes and the legend (square: MLflow's image cards are)
+    three = len(qc[0][1]["views"]) == 3  # 2x2: three planes and the legend (square: MLflow's image cards are)
     fig = Figure(figsize=(9, 9.4) if three else (7, 7.6), dpi=100)  # one figure for all cases, fixed layout: fast
     rects = [(0.02, 0.47, 0.46, 0.41), (0.52, 0.47, 0.46, 0.41), (0.02, 0.02, 0.46, 0.41), (0.52, 0.02, 0.46, 0.41)]
     axes = [fig.add_axes(r) for r in (rects if three else [(0.04, 0.12, 0.92, 0.74)])]

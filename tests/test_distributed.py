@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
 FAST = {"pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12], "network_def#features": [8, 16, 32, 8],
-        "num_workers": 0, "num_folds": 3, "batch_size": 2, "num_samples": 1, "val_interval": 1}
+        "num_workers": 0, "num_folds": 3, "batch_size": 2, "num_samples": 1, "val_interval": 1, "qc_cases": 0}
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")

@@ -25,8 +25,8 @@ BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
 TINY = {"pixdim": [0.8, 0.8, 2.5], "roi_size": [32, 32, 12], "network_def#features": [8, 16, 32, 8],
         "num_workers": 0, "num_folds": 3, "batch_size": 2, "num_samples": 1, "flip_prob": 0.0,
         "rot90_prob": 0.0, "learning_rate": 0.01, "lr_scheduler#T_max": 1000}
-# the same resampled to 16x16x12: 4x cheaper, for tests of the machinery rather than of learning
-FAST = {**TINY, "pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12]}
+# the same resampled to 16x16x12: 4x cheaper, for tests of the machinery rather than of learning (no QC pictures)
+FAST = {**TINY, "pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12], "qc_cases": 0}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def three_epochs(tmp_path_factory: pytest.TempPathFactory, data: Path, store: st
     """3 epochs, each validated; the summary."""
     out = tmp_path_factory.mktemp("three") / "run"
     return train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store,
-                        overrides={**FAST, "output_dir": str(out), "val_interval": 1})
+                        overrides={**FAST, "output_dir": str(out), "val_interval": 1, "qc_cases": 3})
 
 
 def test_training_logs_everything_to_mlflow(three_epochs: dict, store: str) -> None:
@@ -97,10 +97,10 @@ def _losses(summary: dict) -> list[tuple[str, int, float]]:
 
 def test_validation_leaves_the_training_random_stream_alone(three_epochs: dict, tmp_path: Path, data: Path,
                                                             store: str) -> None:
-    """One seed, a validation after every epoch or after the last only: the same training, loss
-    for loss (the validation loader's DataLoader used to draw its seed from torch's generator)."""
+    """One seed, a validation after every epoch (with QC pictures) or after the last only: the same
+    training, loss for loss (the validation loader used to draw its seed from torch's generator)."""
     s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store, register=False,
-                     overrides={**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 3, "qc_cases": 0})
+                     overrides={**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 3})
     assert len(_losses(s)) == 3 * 2 + 3 and _losses(s) == _losses(three_epochs)
 
 
