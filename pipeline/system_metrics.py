@@ -47,9 +47,10 @@ def sample(collectors: list[Any]) -> dict[str, float]:
 
 
 def start_sampler(log_metrics: Callable[[dict[str, float], int], None],
-                  interval_s: float | None = None) -> Callable[[], None]:
+                  interval_s: float | None = None, first_step: int = 0) -> Callable[[], None]:
     """Sample every ``interval_s`` seconds in a daemon thread, calling ``log_metrics(values,
-    step)`` with step 0, 1, 2...; returns the function that takes a last sample and stops it."""
+    step)`` with step ``first_step``, then one more each time; returns the function that takes a
+    last sample and stops it."""
     interval = float(interval_s or os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or DEFAULT_INTERVAL_S)
     try:
         import psutil
@@ -59,7 +60,7 @@ def start_sampler(log_metrics: Callable[[dict[str, float], int], None],
     except Exception as e:  # noqa: BLE001 - system metrics are a nicety; training goes on without
         log.warning("no system metrics (%s: %s); pip install psutil", type(e).__name__, e)
         return lambda: None
-    stop, step = threading.Event(), [0]
+    stop, step = threading.Event(), [first_step]
 
     def _log() -> None:
         try:

@@ -23,6 +23,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -86,7 +87,7 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 def run_address(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     """Where a run opens in the MLflow UI: the page itself for a server, else the ``segpipe ui``
     command that serves the store and the page there."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"segpipe ui --tracking-uri {uri}, then http://127.0.0.1:{UI_PORT}/{page}"
@@ -237,8 +238,11 @@ class RunTracker:
         ``system/...`` metrics, through the journal; stopped by ``finish``."""
         from pipeline.system_metrics import start_sampler
 
-        if self._stop_system is None:
-            self._stop_system = start_sampler(self.log_metrics, interval_s)
+        if self._stop_system is None:  # a resumed run's samples continue its steps
+            lines = self.journal.read_text().splitlines() if self.journal.is_file() else []
+            steps = [int(m.group(1)) for line in lines if '"key": "system/' in line
+                     and (m := re.search(r'"step": (\d+)', line))]
+            self._stop_system = start_sampler(self.log_metrics, interval_s, first_step=max(steps, default=-1) + 1)
 
     def flush(self) -> None:
         """Send what is pending (call once per epoch: batches keep the HTTP traffic small)."""

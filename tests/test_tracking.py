@@ -179,7 +179,7 @@ def test_training_logs_to_a_real_mlflow_server(trained: dict, ui_server: SimpleN
     client = MlflowClient(ui_server.url)
     run = client.get_run(s["mlflow_run_id"])
     run_id, exp = run.info.run_id, run.info.experiment_id
-    assert s["mlflow_run_view"] == f"{ui_server.url}/#/experiments/{exp}/runs/{run_id}"
+    assert s["mlflow_run_view"] == f"{ui_server.url}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
     assert run.info.status == "FINISHED" and run.data.params["network"] == "unet"
     assert run.data.params["val_interval"] == "1" and "fold0" in run.info.run_name
     # metrics in sections; steps: epochs, iterations only for the per-iteration loss
