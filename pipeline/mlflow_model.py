@@ -48,6 +48,8 @@ CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
 class BundleModel(PythonModel):
     """The pyfunc model (a class because MLflow asks for one); ``mlflow_model_code.py`` makes it."""
 
+    _skip_type_hint_validation = True  # the signature is given (paths + params); no advice on hints
+
     def load_context(self, context: Any) -> None:
         self.bundle = Path(context.artifacts["bundle"])
 
