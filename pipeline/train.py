@@ -46,7 +46,7 @@ from monai.handlers import EarlyStopHandler, from_engine, stopping_fn_from_metri
 from pipeline import checkpoints
 from pipeline.amp import grad_scaler
 from pipeline.bundle import bundle_metadata, get, load_bundle
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError, SegpipeError, UsageError
 from pipeline.handlers import (
     ModelSaver,
     attach_epoch_log,
@@ -183,6 +183,12 @@ def _below_warning(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING
 
 
+def _not_our_error(record: logging.LogRecord) -> bool:
+    """Drop MONAI StatsHandler's traceback of a ``SegpipeError``: that error is one line by
+    design, and the CLI prints it (``--debug`` shows the traceback)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], SegpipeError))
+
+
 @contextmanager
 def _console(verbose: bool, progress: bool) -> Iterator[Any]:
     """Quiet the chatty loggers unless ``verbose`` (a level for their children, a filter for
@@ -194,6 +200,8 @@ def _console(verbose: bool, progress: bool) -> Iterator[Any]:
     for lg in loggers:
         lg.setLevel(logging.WARNING)
         lg.addFilter(_below_warning)
+    stats = logging.getLogger("monai.handlers.StatsHandler")
+    stats.addFilter(_not_our_error)
     try:
         if progress:
             from ignite.handlers import ProgressBar
@@ -207,6 +215,7 @@ def _console(verbose: bool, progress: bool) -> Iterator[Any]:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
             lg.removeFilter(_below_warning)
+        stats.removeFilter(_not_our_error)
 
 
 def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:
