@@ -6,7 +6,7 @@
 #   benchmarks/gpu_check.sh --cpu-smoke              the same steps on the CPU with tiny sizes
 #
 # Steps, each under its own time limit:
-#   1. synthesise 8 ct3d phantoms (2 with --cpu-smoke, 32x32x16)
+#   1. synthesise 8 ct3d phantoms (4 with --cpu-smoke, 32x32x16)
 #   2. train the phantom bundle a few epochs with CUDA AMP: fp16 with a grad scaler
 #      (--set 'amp_dtype=$torch.float16'), then bf16 (--set 'amp_dtype=$torch.bfloat16'); loss per epoch
 #   3. a one-process torchrun: a process group on nccl and an all-reduce (gloo on the CPU)
@@ -50,7 +50,7 @@ if [ "$SMOKE" = 0 ]; then
   DEVICE=cuda; TINY=(); EPOCHS=4; N=8; SHAPE=(); LIMIT=(synth 30 train 100 summary 20 nccl 40 infer 120 oom 50)
   echo "gpu_check: $CUDA_INFO"
 else
-  DEVICE=cpu; TINY=(--tiny); EPOCHS=2; N=2; SHAPE=(--shape 32 32 16); LIMIT=(synth 60 train 300 summary 60 nccl 60 infer 400 oom 30)
+  DEVICE=cpu; TINY=(--tiny); EPOCHS=2; N=4; SHAPE=(--shape 32 32 16); LIMIT=(synth 60 train 300 summary 60 nccl 60 infer 400 oom 120)
   echo "gpu_check: CPU smoke run (tiny sizes, same steps)"
 fi
 limit() { local i; for ((i = 0; i < ${#LIMIT[@]}; i += 2)); do [ "${LIMIT[i]}" = "$1" ] && echo "${LIMIT[i+1]}"; done; }

@@ -5,7 +5,10 @@ split (``splits.json`` beside the manifest when present, else the same split com
 bundle's seed; it is recorded in the output folder) with ``pipeline.train.train_bundle`` into
 ``OUT/fold_<k>`` (``OUT`` is the bundle's ``output_dir`` + ``/crossval`` unless given). Each fold
 resumes on its own: a rerun skips finished folds and continues an interrupted one, and ``--fold
-K`` runs one fold alone (a cluster's scheduler, or several GPUs, run folds side by side).
+K`` runs one fold alone (a cluster's scheduler, or several GPUs, run folds side by side). A
+finished fold leaves ``fold_<k>/trained.json`` beside its ``model.pt``: those two files (and the
+out-of-fold masks) are all a later run needs, so the checkpoints of finished folds may be deleted
+and the folds carried to another machine or session.
 
 Then every validation case is predicted by the model that did not see it (``OUT/oof/<id>.nii.gz``,
 the bundle's own inference path) and scored against its label: ``OUT/crossval.json`` holds Dice
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.json"
 RESULT_FILE = "crossval.json"
+TRAINED_FILE = "trained.json"
 
 
 # -- the split --------------------------------------------------------------------------------------
@@ -98,16 +102,31 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     parent.flush()
     for k in chosen:
         log.info("fold %d of %d: %d validation cases -> %s", k, folds, len(cases[k]), out / f"fold_{k}")
-        train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True, tracking_uri=parent.uri,
-                     device=device, verbose=verbose, progress=progress,
-                     overrides={**overrides, "fold": k, "num_folds": folds, "output_dir": str(out / f"fold_{k}")},
-                     tags={"mlflow.parentRunId": parent.run_id, "fold": k})
+        fold_dir = out / f"fold_{k}"
+        if _trained_without_checkpoint(fold_dir):
+            log.info("fold %d: trained (%s) and its checkpoints are gone: not trained again", k, fold_dir / TRAINED_FILE)
+        else:
+            summary = train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True,
+                                   tracking_uri=parent.uri, device=device, verbose=verbose, progress=progress,
+                                   overrides={**overrides, "fold": k, "num_folds": folds, "output_dir": str(fold_dir)},
+                                   tags={"mlflow.parentRunId": parent.run_id, "fold": k})
+            with atomic_path(fold_dir / TRAINED_FILE) as tmp:
+                tmp.write_text(json.dumps({"fold": k, "overrides": overrides, **summary}, indent=1, default=str) + "\n")
         predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
     result = score(out, manifest, cases, name)
     parent.log_metrics(_flat_metrics(result), step=0)
     parent.log_artifact(out / RESULT_FILE, "crossval")
     result["mlflow"], result["output_dir"] = parent.finish(), str(out)
     return result
+
+
+def _trained_without_checkpoint(fold_dir: Path) -> bool:
+    """A fold finished here or elsewhere whose checkpoints were deleted (only ``model.pt`` and
+    ``trained.json`` kept): training it again would start from scratch, so it is skipped."""
+    from pipeline import checkpoints
+
+    return ((fold_dir / TRAINED_FILE).is_file() and (fold_dir / "model.pt").is_file()
+            and checkpoints.latest_checkpoint(fold_dir / "checkpoints") is None)
 
 
 def _record_split(out: Path, manifest: Path, folds: int, seed: int, cases: list[list[str]]) -> None:

@@ -78,6 +78,22 @@ def test_a_rerun_skips_finished_folds(cv: dict, ct6_dataset: Path, mlflow_store:
     assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
 
 
+def test_a_fold_carried_without_checkpoints_is_not_trained_again(cv: dict, tmp_path: Path, ct6_dataset: Path,
+                                                                 mlflow_store: str) -> None:
+    """What is committed of a long cross-validation between sessions: each finished fold's
+    model.pt and trained.json, the out-of-fold masks and the split; no checkpoints."""
+    carried = tmp_path / "cv"
+    shutil.copytree(cv["out"], carried, ignore=shutil.ignore_patterns("checkpoints", "mlflow_run.json"))
+    for k in (0, 1):
+        assert json.loads((carried / f"fold_{k}" / "trained.json").read_text())["epochs"] == 2
+    weights = {k: (carried / f"fold_{k}" / "model.pt").read_bytes() for k in (0, 1)}
+    again = crossval(BUNDLE, ct6_dataset, folds=2, epochs=2, output_dir=carried, tracking_uri=mlflow_store,
+                     overrides=SMALL)
+    assert not list(carried.glob("fold_*/checkpoints/*.pt"))  # nothing trained from scratch
+    assert {k: (carried / f"fold_{k}" / "model.pt").read_bytes() for k in (0, 1)} == weights
+    assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
+
+
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path: Path, ct6_dataset: Path, mlflow_store: str) -> None:
     kw = {"output_dir": tmp_path / "cv", "tracking_uri": mlflow_store, "overrides": SMALL, "epochs": 1}
     with pytest.raises(UsageError, match="--fold 2: the split has folds 0..1"):
