@@ -190,18 +190,34 @@ def compiled(network: torch.nn.Module) -> Callable[..., Any]:
     return call
 
 
+def swap_channels(p: torch.Tensor, pairs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``p`` (N, K, *spatial) with the channels of each ``(a, b)`` pair exchanged."""
+    order = list(range(p.shape[1]))
+    for a, b in pairs:
+        order[int(a)], order[int(b)] = int(b), int(a)
+    return p[:, order]
+
+
 def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, channels_last: bool,
                      device: torch.device, dtype: torch.dtype | None, batch_size: int = 0,
-                     tta_axes: Sequence[int] | None = None,
-                     tta_shift: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+                     tta_axes: Sequence[int] | None = None, tta_shift: int = 0,
+                     lateral_pairs: Sequence[Sequence[int]] | None = None,
+                     lateral_axis: int | None = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-window-batch function handed to sliding_window_inference: the network's logits,
     or with ``tta`` the mean of the softmax probabilities over every flip (flipped back).
     ``batch_size`` > 0 pads a short last batch to that size (a compiled network sees one shape).
     ``tta_axes``: the spatial axes whose flips are averaged (None: all). ``tta_shift`` > 0: with
     ``tta``, each flip is also predicted with the window's content moved +-``tta_shift`` voxels
-    along each axis (mirror-filled) and moved back; each voxel averages the passes that cover it."""
+    along each axis (mirror-filled) and moved back; each voxel averages the passes that cover it.
+    ``lateral_pairs``: (left, right) class pairs whose probabilities a flip along ``lateral_axis``
+    (the patient's left-right: spatial axis 0 after ``Orientationd`` RAS) swaps after flipping back:
+    on a mirrored image the network calls the left organ right (``pipeline.laterality``). None
+    (default): no swap, every flip averaged as it is."""
     fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
     flips = flip_combinations(spatial_dims, tta_axes) if tta else [()]
+    if lateral_pairs and lateral_axis is not None and not 0 <= int(lateral_axis) < spatial_dims:
+        raise ValueError(f"lateral_axis {lateral_axis}: spatial axes are 0..{spatial_dims - 1}")
+    lateral_dim = int(lateral_axis) + 2 if lateral_pairs and lateral_axis is not None else None
     shifts = shift_offsets(spatial_dims, int(tta_shift or 0))
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +238,7 @@ def window_predictor(network: Callable[..., Any], spatial_dims: int, tta: bool, 
         for axes in flips:
             p = torch.softmax(run(torch.flip(x, axes) if axes else x), dim=1)
             p = torch.flip(p, axes) if axes else p
+            p = swap_channels(p, lateral_pairs or ()) if lateral_dim in axes else p
             acc = p if acc is None else acc.add_(p)
         return acc.div_(len(flips))
 
@@ -253,7 +270,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
                   progress: bool = False, tta_axes: Sequence[int] | None = None,
                   tta_shift: int = 0, tiling: str = "blend", tile_margin: int | Sequence[int] | None = None,
                   tile_window: int | Sequence[int] | None = None,
-                  tile_multiple: int | Sequence[int] = 16) -> torch.Tensor:
+                  tile_multiple: int | Sequence[int] = 16, lateral_pairs: Sequence[Sequence[int]] | None = None,
+                  lateral_axis: int | None = 0) -> torch.Tensor:
     """Windowed prediction of ``inputs`` (N, C, *spatial). Returns (N, K, *spatial) float32 on
     the stitching device: the logits, or with ``tta`` the mean softmax probabilities over all
     flips. A MetaTensor input gives a MetaTensor output with the input's meta.
@@ -270,6 +288,9 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     ``tta_axes``: with ``tta``, flip only these spatial axes (None: every axis).
     ``tta_shift``: with ``tta``, also average each flip over the window moved +-this many voxels
     along each axis (``window_predictor``): 1 + 2 x dims passes per flip; 0 (default) none.
+    ``lateral_pairs``, ``lateral_axis``: with ``tta``, a flip along ``lateral_axis`` (default 0, the
+    patient's left-right after RAS) swaps these (left, right) classes' probabilities back
+    (``window_predictor``); None (default): no swap.
     ``device``: where the network runs (default: its parameters' device).
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
     back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D.
@@ -300,7 +321,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     if compile:  # measured on CPU only (see BENCHMARKS.md); on CUDA, AMP is the lever
         network = compiled(network)
     fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, autocast_dtype(run_device, amp),
-                          batch_size=sw_batch_size if compile else 0, tta_axes=tta_axes, tta_shift=tta_shift)
+                          batch_size=sw_batch_size if compile else 0, tta_axes=tta_axes, tta_shift=tta_shift,
+                          lateral_pairs=lateral_pairs, lateral_axis=lateral_axis)
     out_device = torch.device(stitch_device) if stitch_device is not None else run_device
     with torch.inference_mode():
         padded = mirror_pad(x.float(), pads) if any(p for pair in pads for p in pair) else x.float()
@@ -331,7 +353,9 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
 class OverlapTileInferer(Inferer):
     """``predict_tiles`` as a MONAI Inferer: ``inferer(inputs, network)``. Bundles build it with
     ``{"_target_": "pipeline.inference.OverlapTileInferer", "roi_size": "@roi_size", ...}``.
-    ``outputs_probabilities`` says whether the output is probabilities (TTA) or logits."""
+    ``outputs_probabilities`` says whether the output is probabilities (TTA) or logits.
+    ``lateral_pairs`` (planned bundles: ``@lateral_pairs``; None by default, as the shipped
+    bundles): the flip TTA along ``lateral_axis`` swaps these classes back (``window_predictor``)."""
 
     def __init__(self, roi_size: Sequence[int] | int, overlap: float | Sequence[float] = 0.5,
                  margin: int | str | Sequence[int] | None = "auto", tta: bool = False, sw_batch_size: int = 4,
@@ -340,7 +364,8 @@ class OverlapTileInferer(Inferer):
                  amp: bool = False, channels_last: bool | None = None, compile: bool = False,
                  progress: bool = False, tta_axes: Sequence[int] | None = None, tta_shift: int = 0,
                  tiling: str = "blend", tile_margin: int | Sequence[int] | None = None,
-                 tile_window: int | Sequence[int] | None = None, tile_multiple: int | Sequence[int] = 16) -> None:
+                 tile_window: int | Sequence[int] | None = None, tile_multiple: int | Sequence[int] = 16,
+                 lateral_pairs: Sequence[Sequence[int]] | None = None, lateral_axis: int | None = 0) -> None:
         super().__init__()
         if tiling not in TILINGS:
             raise ValueError(f"tiling {tiling!r}: choose one of {', '.join(TILINGS)}")
@@ -349,7 +374,7 @@ class OverlapTileInferer(Inferer):
                            stitch_device=stitch_device, amp=amp, channels_last=channels_last,
                            compile=compile, progress=progress, tta_axes=tta_axes, tta_shift=tta_shift,
                            tiling=tiling, tile_margin=tile_margin, tile_window=tile_window,
-                           tile_multiple=tile_multiple)
+                           tile_multiple=tile_multiple, lateral_pairs=lateral_pairs, lateral_axis=lateral_axis)
 
     @property
     def outputs_probabilities(self) -> bool:

@@ -26,11 +26,15 @@ from pipeline.inference import OverlapTileInferer, predict_tiles
 class SliceTileInferer(OverlapTileInferer):
     """``OverlapTileInferer`` for a 2D network on (N, C, *3D) volumes, slice by slice along
     ``slice_axis`` (0-2, a spatial axis); ``roi_size`` and ``tta_axes`` are those of the 2D slice
-    (the two other spatial axes, in order). Other arguments: ``OverlapTileInferer``."""
+    (the two other spatial axes, in order), and so is ``lateral_axis``: by default 0 (RAS axis 0,
+    the patient's left-right, is the slice's first axis) unless the slices run across it
+    (``slice_axis`` 0: None, no in-plane flip is a left-right one and ``lateral_pairs`` never
+    swap). Other arguments: ``OverlapTileInferer``."""
 
     def __init__(self, slice_axis: int, roi_size: Sequence[int] | int, chunk: int = 32, **kwargs: Any) -> None:
         if slice_axis not in (0, 1, 2):
             raise ValueError(f"slice_axis {slice_axis}: a spatial axis of a 3D volume, 0, 1 or 2")
+        kwargs.setdefault("lateral_axis", None if slice_axis == 0 else 0)
         super().__init__(roi_size=roi_size, **kwargs)
         self.slice_axis, self.chunk = int(slice_axis), max(1, int(chunk))
 

@@ -14,6 +14,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from pipeline.bundle import get, load_bundle
+from pipeline.ensemble import Ensemble
 from pipeline.inference import (
     OverlapTileInferer,
     flip_combinations,
@@ -270,6 +271,67 @@ def test_tta_axes_limit_the_flips():
     expected = (plain + torch.flip(torch.softmax(net(torch.flip(x, (2,))), 1), (2,))) / 2
     assert torch.allclose(predict_tiles(net, x, tta_axes=[0], **kw), expected, atol=1e-6)
     assert not torch.allclose(predict_tiles(net, x, **kw), expected, atol=1e-3)
+
+
+class SidedNet(torch.nn.Module):
+    """Logits of (background, left, right) for (N, 1, *spatial) windows: foreground (> 0.5) is
+    "left" in the first half of spatial axis ``axis`` of the window, "right" in the second: a
+    network that learned an organ's side from where it lies, as a trained one does."""
+
+    def __init__(self, axis: int = 0) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        fg = (w[:, :1] > 0.5).float()
+        n = w.shape[2 + self.axis]
+        shape = [1] * w.ndim
+        shape[2 + self.axis] = n
+        first = (torch.arange(n) < n // 2).float().view(shape)
+        return 20 * torch.cat([1 - fg, fg * first, fg * (1 - first)], dim=1)
+
+
+def two_organs(shape: tuple[int, ...] = (16, 8, 6)) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image with an organ in each half of axis 0, and its labels: 1 (left) in the first half, 2 (right)."""
+    label = torch.zeros(shape, dtype=torch.long)
+    label[2:5, 2:6], label[10:14, 1:5] = 1, 2
+    return (label > 0).float()[None, None], label
+
+
+def test_lateral_pairs_swap_the_left_right_flip_back_so_tta_keeps_the_sides():
+    """Flip TTA along the patient's left-right axis shows the network a mirrored patient: it calls
+    the left organ right. With ``lateral_pairs`` the flipped pass's left and right probabilities are
+    swapped back and the average keeps each organ's side; without them the sides are averaged away."""
+    x, label = two_organs()
+    kw = dict(roi_size=tuple(label.shape), margin=0, tta=True, sw_batch_size=1)
+    net = SidedNet()
+    plain = torch.softmax(predict_tiles(net, x, roi_size=kw["roi_size"], margin=0), 1)
+    assert torch.equal(plain.argmax(1)[0], label)  # the network itself is right
+    for axes in ([0], None):  # the left-right flip alone, and every flip
+        swapped = predict_tiles(net, x, tta_axes=axes, lateral_pairs=[(1, 2)], **kw)
+        torch.testing.assert_close(swapped, plain, atol=1e-6, rtol=0)
+        mixed = predict_tiles(net, x, tta_axes=axes, **kw)
+        assert torch.allclose(mixed[0, 1][label > 0], torch.tensor(0.5), atol=1e-6)  # left and right averaged
+        assert torch.allclose(mixed[0, 2][label > 0], torch.tensor(0.5), atol=1e-6)
+    ensemble = OverlapTileInferer(tta_axes=[0], lateral_pairs=[[1, 2]], **kw)(x, Ensemble([net, SidedNet()]))
+    assert torch.equal(ensemble.argmax(1)[0], label)  # through a fold ensemble too
+    untouched = predict_tiles(net, x, tta_axes=[1, 2], lateral_pairs=[(1, 2)], **kw)  # no left-right flip
+    torch.testing.assert_close(untouched, plain, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="lateral_axis 3"):
+        predict_tiles(net, x, lateral_pairs=[(1, 2)], lateral_axis=3, **kw)
+
+
+def test_slice_inferer_swaps_on_the_in_plane_left_right_axis_only():
+    from pipeline.slice_inference import SliceTileInferer
+
+    x, label = two_organs()
+    kw = dict(roi_size=(16, 8), margin=0, tta=True, tta_axes=[0], sw_batch_size=2, lateral_pairs=[[1, 2]])
+    axial = SliceTileInferer(slice_axis=2, **kw)(x, SidedNet())  # (x, y) slices: axis 0 is left-right
+    assert axial.shape == (1, 3, 16, 8, 6) and torch.equal(axial.argmax(1)[0], label)
+    unpaired = SliceTileInferer(slice_axis=2, **{**kw, "lateral_pairs": None})(x, SidedNet())
+    assert torch.allclose(unpaired[0, 1][label > 0], torch.tensor(0.5), atol=1e-6)
+    across = SliceTileInferer(slice_axis=0, **{**kw, "roi_size": (8, 6)})  # (y, z) slices: no left-right flip
+    assert across.kwargs["lateral_axis"] is None and SliceTileInferer(slice_axis=1, **kw).kwargs["lateral_axis"] == 0
 
 
 def test_shift_window_moves_content_and_mirrors_the_uncovered_side():
