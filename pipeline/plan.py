@@ -29,7 +29,12 @@ from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwis
    paper's); the border term on background only for one foreground class (the paper's cells),
    everywhere when several classes can touch.
 8. A third of the patches centred on foreground (nnU-Net's 33%); flips along every axis but those a
-   label name gives a side (left/right: RAS axis 0, anterior/posterior: 1, superior/inferior: 2);
+   label name gives a side (left/right: RAS axis 0, anterior/posterior: 1, superior/inferior: 2),
+   except that along the patient's left-right axis a flip that swaps left/right label pairs
+   (``pipeline.laterality``: pairs by name, ``left_parotid``/``right_parotid``, or declared in the
+   manifest's ``lateral_pairs``) is planned when every label with a left/right side has its
+   partner (``RandLateralFlipd``; nnU-Net mirrors such labels wrongly, TotalSegmentator gives the
+   flip up); a sided label without a partner still forbids that axis;
    rotation +-30 deg and scaling 0.7-1.4 on 20% of patches, in-plane only (+-180 deg about the
    coarse axis) for anisotropic 3D data.
 9. Schedule: AdamW 2e-3, cosine over the wall-time budget (``time_budget_min``), ``max_epochs`` a
@@ -38,7 +43,8 @@ from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwis
    training cases but at least 50 iterations (``epoch_length``: tiny datasets would otherwise
    checkpoint and log every few steps); full batches only (``drop_last``: one shape for a compiled
    step); ``torch.compile`` only for budgets of 5 min or more (compiling takes about a minute).
-10. Inference: window = patch, overlap 0.5, flip TTA on the training flip axes, mirror margin 0 when
+10. Inference: window = patch, overlap 0.5, flip TTA on the training flip axes (the left-right flip
+    swapping the pairs' probabilities back, ``lateral_pairs``), mirror margin 0 when
     the patch covers the median image (hippocampus: "auto" cost 0.0014 Dice), else "auto". Cases
     smaller than the patch are mirror-padded in training and inference (one warning line).
 No post-processing is planned (``postprocess`` empty): nnU-Net chooses it on cross-validation
@@ -60,6 +66,8 @@ from pipeline.errors import InputError, UsageError
 from pipeline.evaluation import json_safe
 from pipeline.fingerprint import ANISOTROPY_THRESHOLD, _is_ct
 from pipeline.fingerprint import target_spacing as nnunet_target_spacing
+from pipeline.laterality import SIDES as LATERAL_WORDS
+from pipeline.laterality import label_pairs, name_words
 from pipeline.plan_network import (  # noqa: F401 - rules 2-4, part of this module's interface
     BASE_FEATURES,
     INITIAL_PATCH,
@@ -85,7 +93,7 @@ MIN_EPOCH_ITERATIONS = 50  # tiny datasets: an epoch of a few steps would checkp
 COMPILE_MIN_BUDGET = 5.0  # minutes; torch.compile takes about 50 s before the first CPU step
 NUM_FOLDS = 5
 SIGMA_FRACTION, SIGMA_MAX_VOXELS, W0 = 0.1, 5.0, 10.0
-SIDES = ({"left", "right", "l", "r", "lt", "rt"},
+SIDES = (set(LATERAL_WORDS),
          {"anterior", "posterior", "ant", "post", "front", "back", "ventral", "dorsal"},
          {"superior", "inferior", "sup", "inf", "upper", "lower", "cranial", "caudal", "top", "bottom"})
 NNUNET_INTENSITY = {"blur_prob": 0.2, "contrast_prob": 0.15, "lowres_prob": 0.25, "gamma_prob": 0.3}
@@ -252,21 +260,49 @@ def sided_axes(labels: list[str]) -> dict[int, list[str]]:
     """RAS axes a label name gives a side on: left/right 0, anterior/posterior 1, superior/inferior 2."""
     out: dict[int, list[str]] = {}
     for name in labels:
-        words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", name).lower()))
+        words = set(name_words(name))
         for axis, side in enumerate(SIDES):
             if words & side:
                 out.setdefault(axis, []).append(name)
     return out
 
 
+def lateral_flip(labels: list[str], pairs: list[tuple[int, int]], axes: list[int], how: str = ""
+                 ) -> tuple[int | None, bool, str]:
+    """Rule 8 along the patient's left-right axis (RAS 0): ``(its network axis, or None when the
+    slices run across it; whether to flip along it; rationale)``. Flipped when every label a name
+    puts on the left or right has its partner in ``pairs`` (the flip swaps them), not otherwise."""
+    paired = {labels[i] for p in pairs for i in p}
+    unpaired = [n for n in sided_axes(labels).get(0, []) if n not in paired]
+    names = ", ".join(f"{labels[a]}/{labels[b]}" for a, b in pairs)
+    if 0 not in axes:
+        return None, False, ("no flip along the left-right axis: the slices run across it"
+                             + (f" (lateral pairs {names})" if pairs else ""))
+    lr = axes.index(0)
+    if unpaired:
+        return lr, False, (f"none along RAS axis 0 (left-right): {', '.join(unpaired)} "
+                           f"{'has' if len(unpaired) == 1 else 'have'} no partner of the other side (pair "
+                           "labels in the manifest's lateral_pairs to flip with a swap)")
+    if pairs:
+        return lr, True, (f"along axis {lr} (the patient's left-right, RAS axis 0) the flip swaps the lateral "
+                          f"pairs {names} ({how}): a flipped left organ is labelled right, in training and TTA")
+    return lr, True, ""
+
+
 def augmentation(labels: list[str], spatial_dims: int, slice_axis: int | None, anisotropic_axis: int | None,
-                 roi_size: list[int], device: str) -> tuple[dict, str]:
-    """Rule 8: flips, rotation, scaling (per axis of the network's input) and intensity augmentation."""
+                 roi_size: list[int], device: str, pairs: list[tuple[int, int]] | None = None,
+                 pairs_how: str = "from the label names") -> tuple[dict, str]:
+    """Rule 8: flips, rotation, scaling (per axis of the network's input) and intensity augmentation.
+    ``pairs``: the lateral label pairs (None: those found by name, ``pipeline.laterality``); a
+    flip along ``lateral_axis`` (the network axis of RAS axis 0) swaps them."""
     axes = [a for a in range(3) if a != slice_axis] if slice_axis is not None else list(range(spatial_dims))
+    pairs = label_pairs(labels, {})[0] if pairs is None else [(int(a), int(b)) for a, b in pairs]
     sided = sided_axes(labels)
-    flips = [i for i, a in enumerate(axes) if a not in sided]
-    why = f"flip axes {flips}" + "".join(f"; none along RAS axis {a} ({n})"
-                                         for a, n in sided.items() if a in axes)
+    lr, flip_lr, why_lr = lateral_flip(labels, pairs, axes, pairs_how)
+    flips = [i for i, a in enumerate(axes) if (flip_lr if a == 0 else a not in sided)]
+    why = f"flip axes {flips}" + "".join(f"; none along RAS axis {a} ({', '.join(n)})"
+                                         for a, n in sided.items() if a in axes and a != 0)
+    why += f"; {why_lr}" if why_lr else ""
     scale = [[-0.3, 0.4]] * spatial_dims
     if spatial_dims == 2:  # nnU-Net: +-180 deg, +-15 deg for elongated patches
         rot = [math.radians(15) if max(roi_size) / min(roi_size) > 1.5 else math.pi]
@@ -282,7 +318,8 @@ def augmentation(labels: list[str], spatial_dims: int, slice_axis: int | None, a
     why += "; scaling 0.7-1.4, on 20% of patches; " + (
         "nnU-Net's intensity augmentation" if cuda else
         "noise and scale/shift only (nnU-Net's blur/contrast/low-res/gamma trained slower in the CPU budget)")
-    return {"flip_axes": flips, "flip_prob": 0.5, "affine_prob": 0.2, "rotate_range": _r(rot),
+    return {"flip_axes": flips, "flip_prob": 0.5, "lateral_axis": lr, "lateral_pairs": [list(p) for p in pairs],
+            "affine_prob": 0.2, "rotate_range": _r(rot),
             "scale_range": scale,
             "noise_prob": 0.1, "intensity_prob": 0.5,
             **{k: v if cuda else 0.0 for k, v in NNUNET_INTENSITY.items()}}, why
@@ -329,15 +366,21 @@ def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, ba
     return out, why
 
 
-def inference(roi_size: list[int], median_shape: list[float], flip_axes: list[int], slice_axis: int | None
-              ) -> tuple[dict, str]:
-    """Rule 10: window, overlap, mirror margin and TTA axes."""
+def inference(roi_size: list[int], median_shape: list[float], flip_axes: list[int], slice_axis: int | None,
+              lateral_axis: int | None = None, lateral_pairs: list[list[int]] | None = None) -> tuple[dict, str]:
+    """Rule 10: window, overlap, mirror margin and TTA axes; a TTA flip along ``lateral_axis``
+    swaps the ``lateral_pairs``' probabilities after flipping back."""
     covers = all(r >= m for r, m in zip(roi_size, median_shape, strict=True))
+    pairs = [list(p) for p in lateral_pairs or []]
     out = {"inferer": "SliceTileInferer" if slice_axis is not None else "OverlapTileInferer",
            "slice_axis": slice_axis,
            "roi_size": roi_size, "overlap": 0.5, "margin": 0 if covers else "auto", "tta": bool(flip_axes),
-           "tta_axes": flip_axes, "tta_shift": 0, "sw_batch_size": 4, "val_overlap": 0.25}
-    why = (f"window = patch {roi_size}, overlap 0.5, flip TTA on {flip_axes}; margin "
+           "tta_axes": flip_axes, "tta_shift": 0, "lateral_axis": lateral_axis, "lateral_pairs": pairs,
+           "sw_batch_size": 4, "val_overlap": 0.25}
+    swaps = pairs and lateral_axis in flip_axes
+    why = (f"window = patch {roi_size}, overlap 0.5, flip TTA on {flip_axes}"
+           + (f" (the flip along axis {lateral_axis} swaps the probabilities of the lateral pairs {pairs} "
+              "after flipping back)" if swaps else "") + "; margin "
            + ("0: the patch covers the median image (hippocampus: 'auto' cost 0.0014 Dice)" if covers
               else "'auto': mirrored context at the image borders within the last window's slack"))
     return out, why
@@ -386,10 +429,13 @@ def make_plan(fingerprint: dict, manifest: dict, device: str = "cpu", budget_min
     sigma, why_sigma = loss_sigma(object_diameters(cases, labels), net_spacing)
     flat = dims == 3 and max(target) / min(target) > ANISOTROPY_THRESHOLD
     aniso_axis = int(np.argmax(target)) if flat else None
-    aug, why_aug = augmentation(labels, dims, slice_axis, aniso_axis, roi, device)
+    source = str(manifest.get("manifest_path") or fingerprint.get("manifest") or "manifest")
+    pairs, pairs_how = label_pairs(labels, manifest, source)
+    aug, why_aug = augmentation(labels, dims, slice_axis, aniso_axis, roi, device, pairs, pairs_how)
     sched, why_sched = schedule(device, budget_min, len(cases), topo["patch_voxels"], batch, dims, compiler,
                                 float(np.prod(median_shape)))
-    infer, why_infer = inference(roi, net_shape, aug["flip_axes"], slice_axis)
+    infer, why_infer = inference(roi, net_shape, aug["flip_axes"], slice_axis, aug["lateral_axis"],
+                                 aug["lateral_pairs"])
     crop = roi[:slice_axis] + [1] + roi[slice_axis:] if slice_axis is not None else list(roi)
     warnings += smaller_than_patch(cases, target, keep, roi)
     n_fg = len(labels) - 1

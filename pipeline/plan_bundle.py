@@ -106,9 +106,12 @@ def common_config(plan: dict[str, Any], dataset_dir: str, manifest_name: str) ->
         "tta": inf["tta"],
         "tta_axes": inf["tta_axes"],
         "tta_shift": inf["tta_shift"],
+        "lateral_axis": inf["lateral_axis"],
+        "lateral_pairs": inf["lateral_pairs"],
         "sw_batch_size": inf["sw_batch_size"],
         "inferer": _inferer(plan, overlap="@overlap", margin="@margin", tta="@tta", tta_axes="@tta_axes",
-                            tta_shift="@tta_shift", sw_batch_size="@sw_batch_size", amp="@amp"),
+                            tta_shift="@tta_shift", lateral_axis="@lateral_axis", lateral_pairs="@lateral_pairs",
+                            sw_batch_size="@sw_batch_size", amp="@amp"),
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
@@ -185,8 +188,9 @@ def train_config(plan: dict[str, Any]) -> dict[str, Any]:
             "pad_transforms": [{"_target_": "SpatialPadd", "keys": "@crop_keys", "mode": "reflect",
                                 "spatial_size": "@crop_size"}],
             "random_transforms": _random_transforms(plan),
-            "flip_transforms": "$[monai.transforms.RandFlipd(keys=@crop_keys, prob=@flip_prob, spatial_axis=a) "
-                               "for a in @flip_axes]",
+            "flip_transforms": {"_target_": "pipeline.transforms.flip_transforms", "keys": "@crop_keys",
+                                "axes": "@flip_axes", "prob": "@flip_prob", "lateral_axis": "@lateral_axis",
+                                "pairs": "@lateral_pairs"},
             "intensity_transforms": intensity,
             "preprocessing": {"_target_": "Compose", "transforms": (
                 "$@deterministic_transforms + @train#weight_transforms + @train#pad_transforms + "
@@ -306,6 +310,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     """Validate, fingerprint and plan ``manifest``; write the bundle to ``out`` (all or nothing).
     ``device`` None: cuda when this machine has a GPU, else cpu. Returns the plan."""
     from pipeline.fingerprint import write_fingerprint
+    from pipeline.laterality import label_pairs
     from pipeline.manifest import load_manifest, saved_or_computed_splits
     from pipeline.plan import NUM_FOLDS, make_plan, write_plan
     from pipeline.plan_docs import LICENSE_TEXT, LOGGING_CONF, metadata, readme
@@ -324,6 +329,9 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     if problems:
         raise InputError(f"{manifest}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
     data = load_manifest(manifest)
+    labels = [data["labels"][k] for k in sorted(data["labels"], key=int)]
+    if data.get("lateral_pairs") is not None and list(data["labels"]) == [str(i) for i in range(len(labels))]:
+        label_pairs(labels, data, str(manifest))  # a bad declaration: refused before fingerprinting
     if len(data["training"]) < NUM_FOLDS:
         raise InputError(f"{manifest}: training: {len(data['training'])} cases, fewer than the {NUM_FOLDS} "
                          f"cross-validation folds (at least {NUM_FOLDS} labelled cases are needed)")

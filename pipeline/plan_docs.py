@@ -135,9 +135,10 @@ DECISIONS = [  # (plan rationale key, what it decides, the ids it sets)
     ("normalisation", "intensity normalisation", "`deterministic_transforms`"),
     ("loss", "loss", "`w0`, `sigma_mm`, `border_on`"),
     ("sampling", "patch sampling", "`pos_neg`"),
-    ("augmentation", "augmentation", "`flip_axes`, `rotate_range_rad`, `scale_range`, `*_prob`"),
+    ("augmentation", "augmentation", "`flip_axes`, `lateral_axis`, `lateral_pairs`, `rotate_range_rad`, "
+                                     "`scale_range`, `*_prob`"),
     ("schedule", "schedule", "`time_budget_min`, `epoch_length`, `val_interval`, `learning_rate`, `compile`"),
-    ("inference", "inference", "`roi_size`, `overlap`, `margin`, `tta`, `tta_axes`"),
+    ("inference", "inference", "`roi_size`, `overlap`, `margin`, `tta`, `tta_axes`, `lateral_pairs`"),
 ]
 
 
@@ -157,6 +158,13 @@ def readme(plan: dict[str, Any], manifest: dict[str, Any], fingerprint: dict[str
                         f"{ds['n_cases']} cases" for n, c in ds["classes"].items() if c.get("label"))
     rows = "\n".join(f"| {what} | {ids} | {plan['rationale'][key]} |" for key, what, ids in DECISIONS)
     warnings = "\n".join(f"- {w}" for w in plan["warnings"]) or "- none"
+    aug = plan["augmentation"]
+    pairs = aug.get("lateral_pairs") or []
+    swapped = bool(pairs) and aug.get("lateral_axis") in aug["flip_axes"]
+    lateral = ("none (no left/right label pairs)" if not pairs else
+               ", ".join(f"{plan['labels'][a]}/{plan['labels'][b]} ({a}/{b})" for a, b in pairs)
+               + (f"; a flip along axis {aug['lateral_axis']} (the patient's left-right) swaps them, in training "
+                  "(`RandLateralFlipd`) and in flip TTA" if swapped else "; no flip along the left-right axis"))
     s = plan["schedule"]
     return f"""# {name}
 
@@ -177,6 +185,7 @@ data are in `plan.json`. To change a decision, re-plan or override its id (`--se
   {_fmt(ds['spacing']['max'])}); shape: median {_fmt(ds['shape']['median'])} voxels (min
   {_fmt(ds['shape']['min'])}, max {_fmt(ds['shape']['max'])}).
 - Classes: {classes}.
+- Lateral label pairs (`lateral_pairs`): {lateral}.
 
 ## Decisions
 

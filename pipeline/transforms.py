@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform, Transform
+from monai.transforms import MapTransform, RandFlipd, RandomizableTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple_rep
 
+from pipeline.laterality import lateral_pairs  # noqa: F401 - the pairs a lateral flip swaps, by name
 from pipeline.weightmap import boundary_weight_map, check_label, class_weight_map
 
 log = logging.getLogger(__name__)
@@ -124,31 +125,7 @@ class BoundaryWeightMapd(MapTransform):
         return d
 
 
-# -- lateral labels --------------------------------------------------------------------------------
-SIDES = {"left": "L", "l": "L", "lt": "L", "right": "R", "r": "R", "rt": "R"}
-
-
-def lateral_pairs(label_names: Sequence[str]) -> list[tuple[int, int]]:
-    """``(left, right)`` label indices whose names differ only by a side word: left/right, l/r or
-    lt/rt, in any case, as a separate word (``left_parotid``/``right_parotid``,
-    ``Kidney_L``/``Kidney_R``, ``parotid lt``/``parotid rt``).
-
-    >>> lateral_pairs(["background", "brainstem", "left_parotid", "right_parotid", "Kidney_R", "kidney_l"])
-    [(2, 3), (5, 4)]
-    """
-    import re
-
-    sides: dict[tuple[str, ...], dict[str, int]] = {}
-    for index, name in enumerate(label_names):
-        words = [w for w in re.split(r"[\s_\-.]+", str(name).lower()) if w]
-        marked = [i for i, w in enumerate(words) if w in SIDES]
-        if len(marked) != 1:
-            continue
-        key = tuple("*" if i == marked[0] else w for i, w in enumerate(words))
-        sides.setdefault(key, {})[SIDES[words[marked[0]]]] = index
-    return sorted((s["L"], s["R"]) for s in sides.values() if {"L", "R"} <= set(s))
-
-
+# -- lateral labels (which pairs: pipeline.laterality) ----------------------------------------------
 def swap_labels(label: torch.Tensor | np.ndarray, pairs: Sequence[Sequence[int]]) -> torch.Tensor | np.ndarray:
     """``label`` with the values of each ``(a, b)`` pair exchanged (a copy)."""
     out = label.clone() if isinstance(label, torch.Tensor) else np.array(label, copy=True)
@@ -187,3 +164,22 @@ class RandLateralFlipd(RandomizableTransform, MapTransform):
                 flipped = swap_labels(flipped, self.pairs)
             d[key] = flipped if isinstance(d[key], torch.Tensor) else flipped.numpy()
         return d
+
+
+def flip_transforms(keys: KeysCollection, axes: Sequence[int], prob: float = 0.5, lateral_axis: int | None = None,
+                    pairs: Sequence[Sequence[int]] = (), label_keys: KeysCollection = "label") -> list[MapTransform]:
+    """One random flip per spatial axis in ``axes``: ``RandFlipd``, except along ``lateral_axis``
+    (the patient's left-right axis) when there are lateral ``pairs``, where ``RandLateralFlipd``
+    flips and swaps them. Planned bundles build their flips with it (``train.json``
+    ``flip_transforms``), so ``--set flip_axes=[1,2]`` still removes the left-right flip.
+
+    >>> [type(t).__name__ for t in flip_transforms(["image", "label"], [0, 1], 0.5, 0, [(3, 4)])]
+    ['RandLateralFlipd', 'RandFlipd']
+    """
+    out: list[MapTransform] = []
+    for a in axes:
+        if lateral_axis is not None and int(a) == int(lateral_axis) and pairs:
+            out.append(RandLateralFlipd(keys, pairs=pairs, label_keys=label_keys, prob=prob, spatial_axis=int(a)))
+        else:
+            out.append(RandFlipd(keys=keys, prob=prob, spatial_axis=int(a)))
+    return out

@@ -287,23 +287,89 @@ def test_a_third_of_patches_are_centred_on_foreground(hippo: dict):
     assert P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)["sampling"]["pos_neg"] == [1, 2]
 
 
-@pytest.mark.parametrize("names, sided", [
-    (["background", "liver", "spleen"], {}),
-    (["background", "left_parotid", "right_parotid"], {0: ["left_parotid", "right_parotid"]}),
-    (["background", "Lung_L", "Lung_R"], {0: ["Lung_L", "Lung_R"]}),
-    (["background", "LeftKidney"], {0: ["LeftKidney"]}),
-    (["background", "Anterior", "Posterior"], {1: ["Anterior", "Posterior"]}),
-    (["background", "superior vena cava"], {2: ["superior vena cava"]}),
+@pytest.mark.parametrize("names, sided, flips, pairs", [
+    (["background", "liver", "spleen"], {}, [0, 1, 2], []),
+    (["background", "left_parotid", "right_parotid"], {0: ["left_parotid", "right_parotid"]}, [0, 1, 2], [[1, 2]]),
+    (["background", "Lung_L", "Lung_R"], {0: ["Lung_L", "Lung_R"]}, [0, 1, 2], [[1, 2]]),
+    (["background", "RightKidney", "LeftKidney"], {0: ["RightKidney", "LeftKidney"]}, [0, 1, 2], [[2, 1]]),
+    (["background", "LeftKidney"], {0: ["LeftKidney"]}, [1, 2], []),
+    (["background", "Anterior", "Posterior"], {1: ["Anterior", "Posterior"]}, [0, 2], []),
+    (["background", "superior vena cava"], {2: ["superior vena cava"]}, [0, 1], []),
 ])
-def test_label_names_with_a_side_forbid_flips_along_that_axis(names: list[str], sided: dict):
+def test_sided_labels_forbid_their_axis_but_left_right_pairs_flip_with_a_swap(names, sided, flips, pairs):
     assert P.sided_axes(names) == sided
     aug, why = P.augmentation(names, 3, None, None, [64, 64, 64], "cpu")
-    assert aug["flip_axes"] == [a for a in range(3) if a not in sided]
+    assert aug["flip_axes"] == flips and aug["lateral_pairs"] == pairs and aug["lateral_axis"] == 0
+    assert ("swaps the lateral pairs" in why) == bool(pairs)
+
+
+def test_a_sided_label_without_its_partner_forbids_the_left_right_flip_and_says_so():
+    names = ["background", "left_lung", "right_lung", "left_kidney", "heart"]
+    aug, why = P.augmentation(names, 3, None, None, [64, 64, 64], "cpu")
+    assert aug["flip_axes"] == [1, 2] and aug["lateral_pairs"] == [[1, 2]]  # the lungs pair, the kidney not
+    assert "none along RAS axis 0 (left-right): left_kidney has no partner" in why and "swaps" not in why
+    declared, why = P.augmentation(names, 3, None, None, [64, 64, 64], "cpu", [(1, 2), (3, 4)], "declared")
+    assert declared["flip_axes"] == [0, 1, 2] and "left_lung/right_lung, left_kidney/heart (declared)" in why
 
 
 def test_flip_axes_of_a_2d_plan_from_3d_data_are_in_the_network_axes():
-    aug, _ = P.augmentation(["background", "left lung", "right lung"], 2, 2, None, [64, 64], "cpu")
-    assert aug["flip_axes"] == [1]  # RAS axis 1 is the second axis of the slice
+    unpaired, _ = P.augmentation(["background", "left lung"], 2, 2, None, [64, 64], "cpu")
+    assert unpaired["flip_axes"] == [1] and unpaired["lateral_axis"] == 0  # RAS axis 1: the slice's second
+    paired, _ = P.augmentation(["background", "left lung", "right lung"], 2, 1, None, [64, 64], "cpu")
+    assert paired["flip_axes"] == [0, 1] and paired["lateral_axis"] == 0  # slices (x, z): LR is axis 0
+    across, why = P.augmentation(["background", "left lung", "right lung"], 2, 0, None, [64, 64], "cpu")
+    assert across["flip_axes"] == [0, 1] and across["lateral_axis"] is None  # (y, z) slices: no LR flip
+    assert "slices run across it" in why
+
+
+HN_MANIFEST = {"name": "OpenKBP", "tensorImageSize": "3D", "modality": {"0": "CT"},
+               "labels": {"0": "background", "1": "brainstem", "2": "spinal_cord", "3": "left_parotid",
+                          "4": "right_parotid", "5": "mandible"}}
+
+
+def test_head_and_neck_plan_flips_left_right_swapping_the_parotids_in_training_and_tta():
+    fp = make_fp([[3.9, 3.9, 2.5]], [[128, 128, 128]] * 10, HN_MANIFEST)
+    plan = P.make_plan(fp, HN_MANIFEST, "cpu", 30)
+    aug, inf = plan["augmentation"], plan["inference"]
+    assert aug["flip_axes"] == inf["tta_axes"] == [0, 1, 2]
+    assert aug["lateral_pairs"] == inf["lateral_pairs"] == [[3, 4]] and aug["lateral_axis"] == inf["lateral_axis"] == 0
+    assert "left_parotid/right_parotid (from the label names)" in plan["rationale"]["augmentation"]
+    assert "swaps the probabilities of the lateral pairs [[3, 4]]" in plan["rationale"]["inference"]
+    assert json.loads(json.dumps(plan)) == plan
+
+
+def test_lateral_pairs_declared_in_the_manifest_by_name_or_value():
+    manifest = {**HN_MANIFEST, "labels": {"0": "background", "1": "parotid_a", "2": "parotid_b", "3": "Lens L",
+                                          "4": "Lens R", "5": "lens_x"}}
+    fp = make_fp([[1.0, 1.0, 1.0]], [[64, 64, 64]] * 5, manifest)
+    for declared in ([["parotid_a", "parotid_b"]], [[1, 2]], [["1", "2"]]):
+        plan = P.make_plan(fp, {**manifest, "lateral_pairs": declared}, "cpu", 30)
+        assert plan["augmentation"]["lateral_pairs"] == [[1, 2], [3, 4]]  # declared + found by name
+        assert plan["augmentation"]["flip_axes"] == [0, 1, 2]
+        assert "declared in the manifest (lateral_pairs) and from the label names" in plan["rationale"]["augmentation"]
+    # a declaration wins over the pair found by name that shares a label with it
+    plan = P.make_plan(fp, {**manifest, "lateral_pairs": [["Lens L", "lens_x"]]}, "cpu", 30)
+    assert plan["augmentation"]["lateral_pairs"] == [[3, 5]]
+    assert plan["augmentation"]["flip_axes"] == [1, 2]  # Lens R has lost its partner: no left-right flip
+    assert "Lens R has no partner" in plan["rationale"]["augmentation"]
+
+
+@pytest.mark.parametrize("declared, text", [
+    ([["left_parotid", "right_parotd"]], r"lateral_pairs\[0\]: unknown label 'right_parotd' \(labels: 0 background"),
+    ([[3, 9]], r"lateral_pairs\[0\]: unknown label 9"),
+    ([["left_parotid", "right_parotid"], ["right_parotid", "mandible"]],
+     r"lateral_pairs: label 'right_parotid' is in two pairs \(0 and 1\)"),
+    ([["background", "mandible"]], r"lateral_pairs\[0\]: label 0 \('background'\) is the background"),
+    ([[3, "left_parotid"]], r"lateral_pairs\[0\]: label 'left_parotid' is paired with itself"),
+    ([["left_parotid", "right_parotid", "mandible"]], r"lateral_pairs\[0\]: a pair \[left, right\]"),
+    ("left_parotid", r"lateral_pairs: a list of \[left, right\] label pairs expected"),
+])
+def test_a_bad_lateral_pairs_field_is_one_line_naming_the_manifest(declared, text: str):
+    fp = make_fp([[1.0, 1.0, 1.0]], [[64, 64, 64]] * 5, HN_MANIFEST)
+    manifest = {**HN_MANIFEST, "lateral_pairs": declared, "manifest_path": "/data/hn/dataset.json"}
+    with pytest.raises(InputError, match="^/data/hn/dataset.json: " + text) as e:
+        P.make_plan(fp, manifest, "cpu", 30)
+    assert "\n" not in str(e.value)
 
 
 def test_anisotropic_3d_data_rotate_in_plane_only():

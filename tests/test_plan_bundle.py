@@ -181,6 +181,52 @@ def test_mixed_channel_normalisation_survives_invertd(tmp_path: Path, ct_dataset
     assert (masks[0] == label).mean() > 0.97
 
 
+def test_lateral_labels_flip_left_right_with_the_pair_swapped_in_training_and_tta(tmp_path: Path, per_file):
+    """left_parotid/right_parotid: the bundle flips along the left-right axis with RandLateralFlipd
+    swapping the pair, its inferer swaps them back in flip TTA, and the docs say so; a bundle without
+    lateral labels keeps MONAI's plain flips and an inferer with nothing to swap."""
+    from monai.transforms import RandFlipd
+
+    from pipeline.transforms import RandLateralFlipd
+
+    labels = {"0": "background", "1": "left_parotid", "2": "right_parotid"}
+    manifest = _dataset(tmp_path / "data", labels=labels)
+    plan = plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    assert plan["augmentation"]["flip_axes"] == [0, 1, 2] and plan["augmentation"]["lateral_pairs"] == [[1, 2]]
+    parser = load_bundle(tmp_path / "bundle", ("common.json", "train.json"))
+    flips = parser.get_parsed_content("train#flip_transforms")
+    assert [type(t) for t in flips] == [RandLateralFlipd, RandFlipd, RandFlipd] and flips[0].pairs == [(1, 2)]
+    inferer = get(parser, "inferer")
+    assert inferer.kwargs["lateral_pairs"] == [[1, 2]] and inferer.kwargs["lateral_axis"] == 0
+    assert inferer.kwargs["tta"] and inferer.kwargs["tta_axes"] == [0, 1, 2]
+    case = parser.get_parsed_content("train#datalist")[0]
+    for sample in parser.get_parsed_content("train#preprocessing")(case):  # the whole chain runs
+        assert set(sample["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+        assert sample["weight"].shape == sample["label"].shape
+    parser["flip_axes"] = [1, 2]  # --set flip_axes=[1,2]: no left-right flip, for a measurement without it
+    assert {type(t) for t in parser.get_parsed_content("train#flip_transforms", lazy=False)} == {RandFlipd}
+    readme = (tmp_path / "bundle/docs/README.md").read_text()
+    assert "Lateral label pairs (`lateral_pairs`): left_parotid/right_parotid (1/2); a flip along axis 0" in readme
+    assert plan["rationale"]["augmentation"] in readme and "`lateral_pairs`" in readme
+    plain = load_bundle(per_file[1], ("common.json", "train.json"))
+    assert {type(t) for t in plain.get_parsed_content("train#flip_transforms")} == {RandFlipd}
+    assert get(plain, "inferer").kwargs["lateral_pairs"] == []
+
+
+def test_a_bad_lateral_pairs_declaration_is_refused_before_fingerprinting(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    def no_fingerprint(*args, **kwargs):
+        raise AssertionError("fingerprinted a manifest with a bad lateral_pairs field")
+
+    monkeypatch.setattr("pipeline.fingerprint.write_fingerprint", no_fingerprint)
+    manifest = _dataset(tmp_path / "data", labels={"0": "background", "1": "left_parotid", "2": "right_parotid"})
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "lateral_pairs": [["left_parotid", "right_parotd"]]}))
+    with pytest.raises(InputError, match=f"^{manifest}: lateral_pairs\\[0\\]: unknown label 'right_parotd'"):
+        plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
+
+
 def test_slice_inferer_is_the_overlap_tile_predictor_on_each_slice():
     from pipeline.inference import predict_tiles
     from pipeline.slice_inference import SliceTileInferer

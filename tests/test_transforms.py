@@ -94,6 +94,7 @@ def test_lateral_pairs_from_label_names():
     assert lateral_pairs(["background", "anterior", "posterior"]) == []
     assert lateral_pairs(["background", "left_lung", "heart"]) == []  # a side without its partner
     assert lateral_pairs(["bg", "lung", "liver"]) == []  # "l" inside a word is not a side
+    assert lateral_pairs(["bg", "RightLung", "LeftLung", "OpticNrv_L", "OpticNrv_R"]) == [(2, 1), (3, 4)]  # camelCase
 
 
 def test_lateral_flip_swaps_pairs_so_left_stays_left():
@@ -115,3 +116,17 @@ def test_lateral_flip_swaps_pairs_so_left_stays_left():
     assert torch.equal(same["label"], label) and torch.equal(same["image"], image)
     plain = RandLateralFlipd(["label"], pairs=[], prob=1.0)({"label": label})
     assert torch.equal(plain["label"], torch.flip(label, [1]))  # no pairs: a plain flip
+
+
+def test_flip_transforms_swap_pairs_along_the_lateral_axis_only():
+    from pipeline.transforms import RandLateralFlipd, flip_transforms
+
+    keys = ["image", "label", "weight"]
+    lateral = flip_transforms(keys, [0, 1, 2], 0.5, lateral_axis=0, pairs=[[3, 4]])
+    assert [type(t) for t in lateral] == [RandLateralFlipd, RandFlipd, RandFlipd]
+    assert lateral[0].pairs == [(3, 4)] and lateral[0].spatial_axis == 0 and lateral[0].prob == 0.5
+    assert [t.flipper.spatial_axis for t in lateral[1:]] == [1, 2]
+    for plain in (flip_transforms(keys, [0, 1], 0.5, lateral_axis=0, pairs=[]),  # no pairs: MONAI's flips
+                  flip_transforms(keys, [1, 2], 0.5, lateral_axis=0, pairs=[[3, 4]]),  # no left-right flip
+                  flip_transforms(keys, [0, 1], 0.5, lateral_axis=None, pairs=[[3, 4]])):
+        assert {type(t) for t in plain} == {RandFlipd}
