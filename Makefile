@@ -23,12 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests benchmarks
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow" tests
 
 # the slow tier too: compiled training on real data, kill-and-resume loops, bundle runs as processes
 test-all: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests benchmarks
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests benchmarks
