@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--monai-tta", action="store_true", help="also MONAI's loop with the bundle's TTA (fp32)")
     ap.add_argument("--no-monai", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--weights", default=None, help="model.pt to use instead of the bundle's models/model.pt "
+                    "(e.g. runs_cv/fold_0/model.pt for fold 0's held-out cases)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). Under load use 1: with 2 threads on 2 busy "
                          "cores every parallel region waits for a descheduled thread (10-20x slower, erratic)")
@@ -120,7 +122,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     variants = a.variant or [["bundle"], ["bundle/fp32", "policy=fp32"]]
-    net, parser = bundle_network(a.bundle)
+    net, parser = bundle_network(a.bundle, weights=a.weights)
     roi = tuple(int(r) for r in parser.get_parsed_content("roi_size"))
     bs = int(parser.get_parsed_content("sw_batch_size"))
     n_classes = int(parser.get_parsed_content("out_channels"))

@@ -37,11 +37,12 @@ HIPPO_MANIFEST = ROOT / "data_manifests" / "hippocampus_fold0_test.json"
 Case = tuple[str, torch.Tensor, torch.Tensor]  # (name, image (1, C, *spatial) float32, label (*spatial) int64)
 
 
-def bundle_network(name: str, overrides: dict | None = None) -> tuple[torch.nn.Module, object]:
-    """The bundle's network in eval mode with its shipped ``models/model.pt``, and its config parser."""
+def bundle_network(name: str, overrides: dict | None = None, weights: Path | None = None) -> tuple[torch.nn.Module, object]:
+    """The bundle's network in eval mode with its shipped ``models/model.pt`` (or ``weights``, e.g.
+    a cross-validation fold's model for the cases it did not see), and its config parser."""
     parser = load_bundle(ROOT / "bundles" / name, ("common.json", "inference.json"), overrides or {})
     net = get(parser, "network_def")
-    net.load_state_dict(torch.load(ROOT / "bundles" / name / "models" / "model.pt", weights_only=True,
+    net.load_state_dict(torch.load(weights or ROOT / "bundles" / name / "models" / "model.pt", weights_only=True,
                                    map_location="cpu"))
     return net.eval(), parser
 
