@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,7 @@ def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, s
         raise InputError(f"{manifest}: no training entries with both image and label to fingerprint")
     rng = np.random.default_rng(seed)
     cases, samples = [], []
-    for e in tqdm(entries, desc="fingerprint", unit="case", disable=len(entries) < 20):
+    for e in tqdm(entries, desc="fingerprint", unit="case", disable=len(entries) < 20 or not sys.stderr.isatty()):
         image = [Path(f) for f in e["image"]] if isinstance(e["image"], list) else Path(e["image"])
         record, s = case_fingerprint(image, Path(e["label"]), rng)
         cases.append(record)

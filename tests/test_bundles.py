@@ -39,7 +39,7 @@ ENTRY_IDS = {"run", "initialize", "finalize", "imports", "+imports"}
 # thin 3D volumes (slice by slice)
 PLANNED = {"planned_mr2ch_files": ("mr2ch", (32, 32, 10), {"channel_layout": "files"}),
            "planned_ct_slices": ("ct3d", (40, 40, 5), {})}
-STATIC = [*NAMES, *PLANNED]
+STATIC = [*NAMES, "headneck_ct_oar", *PLANNED]  # headneck_ct_oar: planned, shipped, no weights yet
 
 
 @pytest.fixture(scope="session")
