@@ -45,6 +45,14 @@ def validate_manifest(path: Path, allow_outside: bool = False) -> list[str]:
         "channels": len(data.get("modality") or data.get("channel_names") or {}) or 1,
         "labels": {int(k) for k in data["labels"]},
     }
+    if data.get("lateral_pairs") is not None:  # the optional declaration of left/right label pairs
+        from pipeline.laterality import declared_pairs
+
+        try:
+            declared_pairs(data["lateral_pairs"], [data["labels"][k] for k in sorted(data["labels"], key=int)],
+                           str(path))
+        except InputError as e:
+            problems.append(str(e))
     for role in ("training", "test"):
         for i, entry in enumerate(data[role]):
             where = f"{role}[{i}] {entry['id']}"

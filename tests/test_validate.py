@@ -199,6 +199,19 @@ def test_multichannel_4d_image_is_fine_when_the_manifest_declares_the_channels(t
     assert "with 2 channels on the last axis is expected" in line
 
 
+def test_a_lateral_pairs_declaration_is_checked(tmp_path):
+    """The manifest's optional left/right pairs (used by segpipe plan): fine by name or value, one
+    line naming the manifest for a label that does not exist or the background."""
+    names = list(LABELS.values())
+    assert validate(make_dataset(tmp_path / "ok", n=1, lateral_pairs=[[names[1], names[2]]])) == []
+    assert validate(make_dataset(tmp_path / "values", n=1, lateral_pairs=[[1, 2]])) == []
+    manifest = make_dataset(tmp_path / "bad", n=1, lateral_pairs=[[names[1], "left_kidney"]])
+    [line] = validate(manifest)
+    assert line.startswith(f"{manifest}: lateral_pairs[0]: unknown label 'left_kidney'")
+    [line] = validate(make_dataset(tmp_path / "bg", n=1, lateral_pairs=[[0, 1]]))
+    assert "label 0 ('background') is the background, it has no side" in line
+
+
 def test_test_entries_as_plain_strings_are_checked_too(tmp_path):
     manifest = make_dataset(tmp_path, n=1, test=["./imagesTs/new.nii.gz", {"image": "./imagesTs/other.nii.gz"}])
     save(tmp_path / "imagesTs/other.nii.gz", np.ones(SHAPE, np.float32))
