@@ -281,7 +281,7 @@ def test_hippocampus_one_epoch_on_real_cases(tmp_path, mlflow_store, compile):
     assert (params["compile"], params["dice_include_background"], params["batch_dice"]) == (str(compile), "False", "True")
     case = HIPPO_DATA / "imagesTr" / "hippocampus_011.nii.gz"
     rows = predict(bundle, case, tmp_path / "masks", device="cpu", progress=False,
-                   overrides={"model_path": summary["model_path"], "features": [8, 16, 32, 64]})
+                   overrides={"model_path": summary["model_path"], "folds": [], "features": [8, 16, 32, 64]})
     assert [r["status"] for r in rows] == ["ok"]
     mask, src = nib.load(tmp_path / "masks" / "hippocampus_011.nii.gz"), nib.load(case)
     assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
@@ -301,7 +301,8 @@ def test_monai_bundle_run_cli(tmp_path, name, ct_dataset, cells_dataset):
     out = tmp_path / "out"
     manifest = {"cells_2d": cells_dataset, "phantom_ct_3d": ct_dataset}.get(name) or _mr_as_hippocampus(tmp_path / "mr")
     roi = {"cells_2d": [32, 32], "hippocampus_mri_3d": [16, 16, 16], "phantom_ct_3d": [32, 32, 16]}[name]
-    small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": roi, "num_folds": 2}
+    # folds []: the random models/model.pt, not a shipped fold ensemble (hippocampus_mri_3d's default)
+    small = {"manifest": str(manifest), "output_dir": str(out), "roi_size": roi, "num_folds": 2, "folds": []}
     _bundle_run(bundle, ["common.json", "train.json"], max_epochs=1, val_interval=1, num_workers=0,
                 tracking="mlflow", **small)
     _bundle_run(bundle, ["common.json", "inference.json"], prediction_dir=str(out / "predictions"), **small)
