@@ -323,15 +323,15 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = load_manifest(manifest)
+    labels = [data["labels"][k] for k in sorted(data["labels"], key=int)]
+    if data.get("lateral_pairs") is not None and list(data["labels"]) == [str(i) for i in range(len(labels))]:
+        label_pairs(labels, data, str(manifest))  # a bad declaration: its own line, before reading any image
     problems = validate_manifest(manifest)
     for p in problems:
         log.error("%s", p)
     if problems:
         raise InputError(f"{manifest}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
-    data = load_manifest(manifest)
-    labels = [data["labels"][k] for k in sorted(data["labels"], key=int)]
-    if data.get("lateral_pairs") is not None and list(data["labels"]) == [str(i) for i in range(len(labels))]:
-        label_pairs(labels, data, str(manifest))  # a bad declaration: refused before fingerprinting
     if len(data["training"]) < NUM_FOLDS:
         raise InputError(f"{manifest}: training: {len(data['training'])} cases, fewer than the {NUM_FOLDS} "
                          f"cross-validation folds (at least {NUM_FOLDS} labelled cases are needed)")
