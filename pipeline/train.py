@@ -281,7 +281,6 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         else:
             checkpoints.resume(last, objects, trainer, max_epochs)
             saver.best, saver.best_epoch = trainer.state.best_val_mean_dice, trainer.state.best_epoch
-    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, int(_setting(parser, "checkpoint_interval")))
     if bar is not None:
         bar.attach(trainer, output_transform=lambda out: {"loss": float(from_engine(["loss"], first=True)(out))})
 
@@ -303,6 +302,9 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         tracker.start_system_metrics()
         attach_tracker(tracker, trainer, progress_png=output_dir / "progress.png")
         log.info("MLflow run: %s", tracker.address())
+    # last of the epoch handlers: a checkpoint for epoch N means its validation, metrics and MLflow records are
+    # written, so a run killed at any moment resumes with nothing of epoch N missing from the tracker
+    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, int(_setting(parser, "checkpoint_interval")))
 
     if trainer.state.epoch >= max_epochs:
         log.info("already trained to epoch %d of %d: nothing to do", trainer.state.epoch, max_epochs)
