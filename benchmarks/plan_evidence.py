@@ -15,8 +15,15 @@ Datasets (``KIND``):
   new patients (seed ``--seed + 1000``), each set with its own ``dataset.json``;
 - ``manifest:PATH``: a labelled manifest of your own, held out: its fold-0 cases, like hippocampus.
 
+Against a hand-made bundle on the same cases: ``--compare BUNDLE`` trains that bundle on the same
+training manifest in the same wall-time budget (its own recipe otherwise; ``max_epochs`` lifted so
+the budget ends it) and predicts the same held-out cases; ``--compare-masks DIR`` scores masks
+another model already wrote for them (e.g. a cross-validation's out-of-fold masks). Either adds a
+second row, scored by the same code.
+
     .venv/bin/python benchmarks/plan_evidence.py mr2ch-files --budget-min 1 --out /tmp/ev/mr2ch
     .venv/bin/python benchmarks/plan_evidence.py hippocampus --out runs/evidence/hippocampus  # 28.5 min
+    .venv/bin/python benchmarks/plan_evidence.py ct3d --compare bundles/phantom_ct_3d --budget-min 3 --out /tmp/ev/ct3d
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "Task04_Hippocampus" / "dataset.json"
 HIPPOCAMPUS_BUDGET_MIN = 28.5  # bundles/hippocampus_mri_3d: time_budget_min
-SYNTHETIC = {"ct-cohort": ("ct-cohort", {}), "mr3d": ("mr3d", {}), "mr2ch-4d": ("mr2ch", {"channel_layout": "4d"}),
+SYNTHETIC = {"ct3d": ("ct3d", {}), "ct-cohort": ("ct-cohort", {}), "mr3d": ("mr3d", {}), "mr2ch-4d": ("mr2ch", {"channel_layout": "4d"}),
              "mr2ch-files": ("mr2ch", {"channel_layout": "files"}), "cells2d": ("cells2d", {})}
 log = logging.getLogger("plan_evidence")
 
@@ -88,6 +95,31 @@ def dice_per_case(masks: Path, heldout: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def compare_row(label: str, summary: dict | None, dice: dict[str, dict[str, float]]) -> dict:
+    """The hand-made side: what was measured the same way (its recipe is its own bundle's)."""
+    classes = list(next(iter(dice.values())))
+    per_class = {c: float(np.mean([d[c] for d in dice.values()])) for c in classes}
+    return {"dataset": label, "cases": f"- / {len(dice)}", "epochs": (summary or {}).get("epochs", "-"),
+            "wall_min": round((summary or {}).get("wall_s", 0) / 60, 1) if summary else "-",
+            "dice_mean": float(np.mean(list(per_class.values()))), "dice": per_class}
+
+
+def train_handmade(bundle: Path, manifest: Path, heldout: Path, out: Path, budget_min: float, device: str) -> tuple[dict, Path]:
+    """Train a hand-made ``bundle`` on ``manifest`` in the same wall-time budget; its masks for ``heldout``."""
+    from pipeline.predict import predict
+    from pipeline.train import train_bundle
+
+    run = out / "run"
+    summary = train_bundle(bundle, manifest=manifest, device=device, tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}",
+                           overrides={"output_dir": str(run), "time_budget_min": budget_min, "max_epochs": 100000})
+    rows = predict(bundle, heldout, out / "masks", device=device, progress=False,
+                   overrides={"model_path": summary["model_path"], "folds": []})
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise SystemExit(f"hand-made {bundle}: {len(failed)} held-out case(s) failed, first: {failed[0]['error']}")
+    return summary, out / "masks"
+
+
 def table_row(label: str, plan: dict, summary: dict, dice: dict[str, dict[str, float]], n_train: int) -> dict:
     classes = list(next(iter(dice.values())))
     per_class = {c: float(np.mean([d[c] for d in dice.values()])) for c in classes}
@@ -109,18 +141,19 @@ COLUMNS = ["dataset", "cases", "channels", "dims", "pixdim", "patch", "batch", "
            "flips", "budget_min", "epochs", "wall_min", "dice_mean", "dice"]
 
 
-def markdown(row: dict) -> str:
+def markdown(*rows: dict) -> str:
     def cell(key: str, v: object) -> str:
         if isinstance(v, dict):
             return ", ".join(f"{k} {x:.4f}" for k, x in v.items())
         return f"{v:.4f}" if key == "dice_mean" else f"{v:g}" if isinstance(v, float) else str(v)
 
-    return ("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n| "
-            + " | ".join(cell(c, row[c]) for c in COLUMNS) + " |")
+    return ("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "".join(
+        "\n| " + " | ".join(cell(c, row.get(c, "-")) for c in COLUMNS) + " |" for row in rows))
 
 
 def run(kind: str, out: Path, budget_min: float | None, device: str, n: int, n_test: int, seed: int,
-        shape: list[int] | None, voxel_scale: float) -> dict:
+        shape: list[int] | None, voxel_scale: float, compare: Path | None = None,
+        compare_masks: Path | None = None) -> dict:
     from pipeline.manifest import load_manifest
     from pipeline.plan_bundle import plan_bundle
     from pipeline.predict import predict
@@ -153,8 +186,16 @@ def run(kind: str, out: Path, budget_min: float | None, device: str, n: int, n_t
     dice = dice_per_case(out / "masks", heldout)
     row = table_row(kind.split(":")[0] if ":" not in kind else Path(kind.split(":", 1)[1]).parent.name, plan,
                     summary, dice, n_train)
-    result = {"row": row, "dice_per_case": dice, "train": summary, "plan": str(bundle / "plan.json"),
-              "total_min": round((time.perf_counter() - t0) / 60, 1)}
+    result = {"row": row, "dice_per_case": dice, "train": summary, "plan": str(bundle / "plan.json")}
+    if compare is not None or compare_masks is not None:
+        other_summary = None
+        if compare is not None:
+            other_summary, compare_masks = train_handmade(compare, manifest, heldout, out / "handmade", budget_min, device)
+        other = dice_per_case(compare_masks, heldout)
+        result["compare"] = {"row": compare_row(f"{compare.name if compare else compare_masks} (hand-made)",
+                                                other_summary, other),
+                             "dice_per_case": other, "train": other_summary}
+    result["total_min"] = round((time.perf_counter() - t0) / 60, 1)
     (out / "evidence.json").write_text(json.dumps(result, indent=1, default=str))
     return result
 
@@ -170,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=10, help="synthetic: held-out cases (10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs="+", default=None, help="synthetic: volume shape")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="a hand-made bundle to train on the same cases in the same budget, scored alike")
+    p.add_argument("--compare-masks", type=Path, default=None,
+                   help="masks another model wrote for the held-out cases (<id>.nii.gz), scored alike")
     p.add_argument("--voxel-scale", type=float, default=2.0, help="ct-cohort: coarser voxels (2: ~256x256)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -179,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
         p.error(f"--out {out}: exists and is not empty")
-    result = run(a.kind, out, a.budget_min, a.device, a.n, a.n_test, a.seed, a.shape, a.voxel_scale)
-    print(markdown(result["row"]))
+    result = run(a.kind, out, a.budget_min, a.device, a.n, a.n_test, a.seed, a.shape, a.voxel_scale,
+                 a.compare, a.compare_masks)
+    print(markdown(result["row"], *([result["compare"]["row"]] if "compare" in result else [])))
     print(f"total {result['total_min']} min; {out / 'evidence.json'}", file=sys.stderr)
     return 0
 
