@@ -11,6 +11,8 @@ their bundle's own ``preprocessing``, true labels, and Dice.
 - ``ct_cohort``: ``segpipe synth --kind ct-cohort`` studies (512x512 at 0.6-0.9 mm), labels mapped
   to the phantom's (both kidneys -> kidney).
 - ``hippocampus``: MSD Task04 cases of a manifest (default: fold 0, 42 cases).
+- ``manifest:PATH``: the first ``n`` cases of any labelled manifest (e.g. ``runs_cv/fold_0/validation.json``,
+  the cases a fold's model did not train on).
 - ``cells``: ``segpipe synth --kind cells2d`` images (128x128); ``cells_mosaic``: ``grid`` of them
   side by side.
 
@@ -134,13 +136,15 @@ def hippocampus_files(manifest: Path = HIPPO_MANIFEST, n: int | None = None) -> 
 
 def load_cases(kind: str, parser: object, n: int | None = None, grid: Sequence[int] | None = None,
                seed: int = 0) -> list[Case]:
-    """Preprocessed cases of ``kind`` (ct-mosaic, ct-cohort, hippocampus, cells, cells-mosaic)."""
+    """Preprocessed cases of ``kind`` (ct-mosaic, ct-cohort, hippocampus, cells, cells-mosaic, manifest:PATH)."""
     if kind == "ct-mosaic":
         files, remap = [ct_mosaic_files(grid or (4, 4, 3), seed)], None
     elif kind == "ct-cohort":
         files, remap = ct_cohort_files(n or 1, seed), COHORT_TO_PHANTOM
     elif kind == "hippocampus":
         files, remap = hippocampus_files(n=n), None
+    elif kind.startswith("manifest:"):  # any labelled manifest, e.g. a cross-validation fold's validation.json
+        files, remap = hippocampus_files(Path(kind.split(":", 1)[1]), n=n), None
     elif kind == "cells":
         files, remap = cells_files(n or 10, seed), None
     elif kind == "cells-mosaic":

@@ -108,7 +108,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
         else:
             summary = train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True,
                                    tracking_uri=parent.uri, device=device, verbose=verbose, progress=progress,
-                                   overrides={**overrides, "fold": k, "num_folds": folds, "output_dir": str(fold_dir)},
+                                   overrides={**overrides, "fold": k, "num_folds": folds, "output_dir": str(fold_dir),
+                                              "export": False},  # a fold is one member: export-ensemble ships them
                                    tags={"mlflow.parentRunId": parent.run_id, "fold": k})
             with atomic_path(fold_dir / TRAINED_FILE) as tmp:
                 tmp.write_text(json.dumps({"fold": k, "overrides": overrides, **summary}, indent=1, default=str) + "\n")

@@ -138,7 +138,7 @@ DECISIONS = [  # (plan rationale key, what it decides, the ids it sets)
     ("augmentation", "augmentation", "`flip_axes`, `lateral_axis`, `lateral_pairs`, `rotate_range_rad`, "
                                      "`scale_range`, `*_prob`"),
     ("schedule", "schedule", "`time_budget_min`, `epoch_length`, `val_interval`, `learning_rate`, `compile`"),
-    ("inference", "inference", "`roi_size`, `overlap`, `margin`, `tta`, `tta_axes`, `lateral_pairs`"),
+    ("inference", "inference", "`roi_size`, `overlap`, `margin`, `tta`, `tta_axes`, `lateral_pairs`, `tiling`"),
 ]
 
 

@@ -27,12 +27,21 @@ SMALL = {**FAST, "val_interval": 1}
 @pytest.fixture(scope="module")
 def cv(tmp_path_factory: pytest.TempPathFactory, ct6_dataset: Path, mlflow_store: str) -> dict:
     """Fold 1 alone for one epoch first (an interrupted cross-validation), then all folds for two."""
-    out = tmp_path_factory.mktemp("cv") / "cv"
-    first = crossval(BUNDLE, ct6_dataset, folds=2, fold_ids=[1], epochs=1, output_dir=out, tracking_uri=mlflow_store,
-                     overrides=SMALL)
-    result = crossval(BUNDLE, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store,
+    tmp = tmp_path_factory.mktemp("cv")
+    out, bundle = tmp / "cv", tmp / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    first = crossval(bundle, ct6_dataset, folds=2, fold_ids=[1], epochs=1, output_dir=out, tracking_uri=mlflow_store,
+                     overrides={**SMALL, "export": True})  # as planned bundles have it
+    result = crossval(bundle, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store,
                       overrides=SMALL)
-    return {"out": out, "first": first, "result": result}
+    return {"out": out, "first": first, "result": result, "bundle": bundle}
+
+
+def test_a_fold_does_not_export_into_the_bundle(cv: dict) -> None:
+    """A fold's model is one member of the ensemble: the bundle's models/model.pt stays what it was
+    even where the bundle's own training exports (planned bundles: export true)."""
+    assert (cv["bundle"] / "models" / "model.pt").read_bytes() == (BUNDLE / "models" / "model.pt").read_bytes()
+    assert not list((cv["bundle"] / "models").glob("fold_*.pt"))
 
 
 def test_every_case_is_predicted_by_the_fold_that_did_not_train_on_it(cv: dict, ct6_dataset: Path) -> None:

@@ -331,7 +331,8 @@ def test_head_and_neck_plan_flips_left_right_swapping_the_parotids_in_training_a
     fp = make_fp([[3.9, 3.9, 2.5]], [[128, 128, 128]] * 10, HN_MANIFEST)
     plan = P.make_plan(fp, HN_MANIFEST, "cpu", 30)
     aug, inf = plan["augmentation"], plan["inference"]
-    assert aug["flip_axes"] == inf["tta_axes"] == [0, 1, 2]
+    assert aug["flip_axes"] == [0, 1, 2]
+    assert inf["tta_axes"] == [0]  # 100 windows per case: TTA on the left-right flip only
     assert aug["lateral_pairs"] == inf["lateral_pairs"] == [[3, 4]] and aug["lateral_axis"] == inf["lateral_axis"] == 0
     assert "left_parotid/right_parotid (from the label names)" in plan["rationale"]["augmentation"]
     assert "swaps the probabilities of the lateral pairs [[3, 4]]" in plan["rationale"]["inference"]
@@ -400,8 +401,18 @@ def test_inference_window_is_the_patch_with_the_training_flips():
     plan = P.make_plan(make_fp([[1.0, 1.0, 1.0]], [[300, 300, 300]] * 5, manifest), manifest, "cpu", 30)
     inf = plan["inference"]
     assert inf["roi_size"] == plan["patch"]["roi_size"] and inf["overlap"] == 0.5
-    assert inf["tta_axes"] == plan["augmentation"]["flip_axes"] == [1, 2]
+    assert plan["augmentation"]["flip_axes"] == [1, 2]
+    assert inf["tta_axes"] == [1]  # many windows: one TTA flip (no left-right flip here: a lone 'left' label)
     assert inf["margin"] == "auto"  # the image is larger than the patch
+    assert "only: the median image takes" in plan["rationale"]["inference"]
+
+
+def test_tta_flips_every_training_axis_where_the_median_image_is_one_window():
+    manifest = {**HIPPO_MANIFEST, "labels": {"0": "bg", "1": "organ"}}
+    plan = P.make_plan(make_fp([[1.0, 1.0, 1.0]], [[40, 48, 40]] * 5, manifest), manifest, "cpu", 30)
+    inf = plan["inference"]
+    assert inf["tta_axes"] == plan["augmentation"]["flip_axes"] == [0, 1, 2] and inf["margin"] == 0
+    assert "the median image is one window, 8 passes" in plan["rationale"]["inference"]
 
 
 # -- bad input and the plan as a file ---------------------------------------------------------------------
