@@ -219,8 +219,10 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
             tensor = torch.as_tensor(pred.astype(np.int64))[None]
             for c in CANDIDATES:
                 cleaned = label_cleanup(postprocess_options(c, len(names)))(tensor)
-                candidates[c].append(float(np.mean(_dice(np.asarray(cleaned[0]), ref, len(names)))))
-    means = {c: float(np.mean(v)) if v else math.nan for c, v in candidates.items()}
+                candidates[c].append(_dice(np.asarray(cleaned[0]), ref, len(names)))
+    means = {c: float(np.mean(v)) if v else math.nan for c, v in candidates.items()}  # over cases and classes
+    per_class = {c: {n: float(np.mean([d[i] for d in v])) for i, n in enumerate(names[1:])} if v else {}
+                 for c, v in candidates.items()}
     best = max(CANDIDATES, key=lambda c: (means[c] > means["none"] + 1e-6, means[c]))  # none unless one gains
     result = {
         "bundle": name, "manifest": str(manifest), "folds": len(cases), "cases_scored": len(per_case),
@@ -228,7 +230,7 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
         "summary": _summary(per_case.values(), names[1:]),
         "per_fold": {str(k): _summary([v for v in per_case.values() if v["fold"] == k], names[1:])
                      for k in range(len(cases))},
-        "postprocessing": {"mean_dice": means, "chosen": best,
+        "postprocessing": {"mean_dice": means, "dice": per_class, "chosen": best,
                            "postprocess": postprocess_options(best, len(names))},
         "cases": per_case,
     }
@@ -286,6 +288,7 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
     for src in sources:
         load_weights(network, src)  # missing, or another network: one line naming the file
     dests = []
+    (bundle_dir / "models").mkdir(exist_ok=True)  # a planned bundle has none before its first weights
     for k, src in zip(chosen, sources, strict=True):
         dest = bundle_dir / "models" / f"fold_{k}.pt"
         with atomic_path(dest) as tmp:

@@ -63,6 +63,9 @@ def test_every_case_is_predicted_by_the_fold_that_did_not_train_on_it(cv: dict, 
     assert set(s["dice"]) == {"liver", "kidney", "spleen"} and 0 <= s["mean_dice"] <= 1
     assert {"mean", "sd"} <= set(s["dice"]["liver"]) and set(saved["per_fold"]) == {"0", "1"}
     assert saved["postprocessing"]["chosen"] in saved["postprocessing"]["mean_dice"]
+    for c, by_class in saved["postprocessing"]["dice"].items():  # per class too, for each candidate
+        assert set(by_class) == {"liver", "kidney", "spleen"}
+        assert np.mean(list(by_class.values())) == pytest.approx(saved["postprocessing"]["mean_dice"][c])
 
 
 def test_the_interrupted_fold_resumed_and_mlflow_has_one_parent_and_two_children(cv: dict, mlflow_store: str) -> None:
@@ -136,8 +139,8 @@ def test_ensemble_averages_member_probabilities() -> None:
 
 
 def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_dataset: Path, tmp_path: Path) -> None:
-    bundle = tmp_path / "bundle"  # the phantom bundle as the folds were trained: the FAST network and grid
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*", "*.pt"))
+    bundle = tmp_path / "bundle"  # the phantom bundle as the folds were trained: the FAST network and grid,
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*", "models"))  # no models/ (as planned)
     common = json.loads((bundle / "configs" / "common.json").read_text())
     common.update(features=FAST["network_def#features"], pixdim=FAST["pixdim"], roi_size=FAST["roi_size"])
     (bundle / "configs" / "common.json").write_text(json.dumps(common, indent=2))
