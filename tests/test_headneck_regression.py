@@ -1,0 +1,75 @@
+"""Real-data regression test of the shipped head-and-neck CT ensemble.
+
+Runs ``segpipe predict`` (a subprocess, the product path) with ``bundles/headneck_ct_oar`` as
+shipped: the fold models of its cross-validation listed in ``configs/metadata.json`` (their softmax
+averaged after the left-right flip TTA, which swaps the parotids) and the post-processing chosen on
+the out-of-fold masks, on three shared OpenKBP CTs, and requires every organ's mean Dice to stay
+within 0.03 of what the ensemble measured on them when it was committed, and every mask to have its
+CT's shape and affine. A change to preprocessing, the network, the predictor, the lateral swap, the
+ensemble or the post-processing that costs quality fails here.
+
+The cases are three of fold 0's; the fold-0 model never saw them, the other folds did. The floor
+guards the product path; generalisation is the cross-validation's out-of-fold Dice (the bundle's
+docs/README.md).
+
+Needs ``../shared/data/OpenKBP_HN_CT`` (present in CI); skips, saying so, where it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.evaluation import case_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "headneck_ct_oar"
+DATA = ROOT.parent / "shared" / "data" / "OpenKBP_HN_CT"
+CASES = ["kbp_train_013", "kbp_train_020", "kbp_train_022"]
+ORGANS = ["brainstem", "spinal_cord", "left_parotid", "right_parotid", "mandible"]
+# mean Dice of the shipped ensemble on CASES through `segpipe predict`, measured when it was committed
+# (0.2.0: fold 0 alone, left-right TTA, keep-largest per class; re-measure when folds are added)
+MEASURED = {"brainstem": 0.8205, "spinal_cord": 0.7788, "left_parotid": 0.6813, "right_parotid": 0.7090,
+            "mandible": 0.8528}
+TOLERANCE = 0.03
+
+pytestmark = pytest.mark.skipif(not (DATA / "dataset.json").is_file(),
+                                reason=f"no OpenKBP head-and-neck data at {DATA}: regression test skipped")
+
+
+def test_shipped_ensemble_keeps_its_dice_on_shared_cts(tmp_path):
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    weights = meta.get("ensemble", {}).get("weights", [])
+    assert weights, "the bundle's metadata lists no ensemble weights"
+    missing = [w for w in weights if not (BUNDLE / w).is_file()]
+    assert not missing, f"the bundle ships no {missing[0]}"
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for case in CASES:
+        (studies / f"{case}.nii.gz").symlink_to(DATA / "imagesTr" / f"{case}.nii.gz")
+    out = tmp_path / "masks"
+    cmd = [sys.executable, "-m", "pipeline", "predict", str(BUNDLE), "--input", str(studies), "--output", str(out),
+           "--device", "cpu", "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    dice: dict[str, list[float]] = {name: [] for name in ORGANS}
+    for case in CASES:
+        ref_img = nib.load(DATA / "labelsTr" / f"{case}.nii.gz")
+        pred_img = nib.load(out / f"{case}.nii.gz")
+        assert pred_img.shape == ref_img.shape and np.allclose(pred_img.affine, ref_img.affine)
+        metrics = case_metrics(np.asarray(pred_img.dataobj).astype(np.int64),
+                               np.asarray(ref_img.dataobj).astype(np.int64),
+                               ref_img.header.get_zooms()[:3], ["background", *ORGANS])
+        for name in ORGANS:
+            dice[name].append(metrics[name]["dice"])
+    for name, values in dice.items():
+        floor = MEASURED[name] - TOLERANCE
+        assert np.mean(values) >= floor, (f"{name}: mean Dice {np.mean(values):.4f} on {len(CASES)} shared CTs "
+                                          f"fell below {floor:.4f} (shipped ensemble measured {MEASURED[name]:.4f}): "
+                                          f"per case {[round(v, 4) for v in values]}")
