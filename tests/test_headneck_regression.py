@@ -18,15 +18,11 @@ Needs ``../shared/data/OpenKBP_HN_CT`` (present in CI); skips, saying so, where 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
-
-from pipeline.evaluation import case_metrics
+from shipped_model import predict_and_score  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "headneck_ct_oar"
@@ -49,25 +45,7 @@ def test_shipped_ensemble_keeps_its_dice_on_shared_cts(tmp_path):
     assert weights, "the bundle's metadata lists no ensemble weights"
     missing = [w for w in weights if not (BUNDLE / w).is_file()]
     assert not missing, f"the bundle ships no {missing[0]}"
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    for case in CASES:
-        (studies / f"{case}.nii.gz").symlink_to(DATA / "imagesTr" / f"{case}.nii.gz")
-    out = tmp_path / "masks"
-    cmd = [sys.executable, "-m", "pipeline", "predict", str(BUNDLE), "--input", str(studies), "--output", str(out),
-           "--device", "cpu", "--no-progress"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    dice: dict[str, list[float]] = {name: [] for name in ORGANS}
-    for case in CASES:
-        ref_img = nib.load(DATA / "labelsTr" / f"{case}.nii.gz")
-        pred_img = nib.load(out / f"{case}.nii.gz")
-        assert pred_img.shape == ref_img.shape and np.allclose(pred_img.affine, ref_img.affine)
-        metrics = case_metrics(np.asarray(pred_img.dataobj).astype(np.int64),
-                               np.asarray(ref_img.dataobj).astype(np.int64),
-                               ref_img.header.get_zooms()[:3], ["background", *ORGANS])
-        for name in ORGANS:
-            dice[name].append(metrics[name]["dice"])
+    dice = predict_and_score(BUNDLE, DATA, CASES, ORGANS, tmp_path)
     for name, values in dice.items():
         floor = MEASURED[name] - TOLERANCE
         assert np.mean(values) >= floor, (f"{name}: mean Dice {np.mean(values):.4f} on {len(CASES)} shared CTs "

@@ -17,15 +17,11 @@ Needs ``../shared/data/Task04_Hippocampus`` (present in CI); skips, saying so, w
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
-
-from pipeline.evaluation import case_metrics
+from shipped_model import predict_and_score  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "hippocampus_mri_3d"
@@ -43,24 +39,7 @@ pytestmark = pytest.mark.skipif(not (DATA / "dataset.json").is_file(),
 def test_shipped_model_keeps_its_dice_on_shared_cases(tmp_path):
     missing = [k for k in range(5) if not (BUNDLE / "models" / f"fold_{k}.pt").is_file()]
     assert not missing, f"the bundle ships no models/fold_{missing[0]}.pt"
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    for case in CASES:
-        (studies / f"{case}.nii.gz").symlink_to(DATA / "imagesTr" / f"{case}.nii.gz")
-    out = tmp_path / "masks"
-    cmd = [sys.executable, "-m", "pipeline", "predict", str(BUNDLE), "--input", str(studies), "--output", str(out),
-           "--device", "cpu", "--no-progress"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    dice: dict[str, list[float]] = {"anterior": [], "posterior": []}
-    for case in CASES:
-        ref_img = nib.load(DATA / "labelsTr" / f"{case}.nii.gz")
-        pred_img = nib.load(out / f"{case}.nii.gz")
-        assert pred_img.shape == ref_img.shape and np.allclose(pred_img.affine, ref_img.affine)
-        metrics = case_metrics(np.asarray(pred_img.dataobj).astype(np.int64), np.asarray(ref_img.dataobj).astype(np.int64),
-                               ref_img.header.get_zooms()[:3], ["background", "anterior", "posterior"])
-        for name in dice:
-            dice[name].append(metrics[name]["dice"])
+    dice = predict_and_score(BUNDLE, DATA, CASES, ["anterior", "posterior"], tmp_path, timeout=300)
     for name, values in dice.items():
         floor = MEASURED[name] - TOLERANCE
         assert np.mean(values) >= floor, (f"{name}: mean Dice {np.mean(values):.4f} on {len(CASES)} shared cases "
