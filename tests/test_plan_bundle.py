@@ -56,6 +56,9 @@ def test_the_planned_bundle_is_complete_and_states_every_decision(per_file: tupl
     net = get(parser, "network_def").eval()
     assert tuple(net(torch.zeros(1, 2, *plan["patch"]["roi_size"])).shape) == (1, 4, *plan["patch"]["roi_size"])
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    tiles = get(load_bundle(bundle, ("common.json", "inference.json"), {"tiling": "overlap-tile", "tile_margin": 4}),
+                "inferer")  # the predictor's ids are declared, as in the shipped bundles
+    assert tiles.kwargs["tiling"] == "overlap-tile" and tiles.kwargs["tile_margin"] == 4
 
 
 def _dataset(root: Path, n: int = 5, values: tuple[int, ...] = (0, 1, 2), labels: dict | None = None,
