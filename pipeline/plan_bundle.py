@@ -109,7 +109,7 @@ def common_config(plan: dict[str, Any], dataset_dir: str, manifest_name: str) ->
         "lateral_axis": inf["lateral_axis"],
         "lateral_pairs": inf["lateral_pairs"],
         "sw_batch_size": inf["sw_batch_size"],
-        "tiling": inf.get("tiling", "blend"),
+        "tiling": inf["tiling"],
         "tile_margin": None,
         "tile_window": None,
         "tile_multiple": 16,
