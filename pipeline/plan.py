@@ -28,7 +28,7 @@ from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwis
    U-Net paper: sigma ~5 px for cells ~10x that), clamped to 1-5 voxels (5 px: the
    paper's); the border term on background only for one foreground class (the paper's cells),
    everywhere when several classes can touch.
-8. A third of the patches centred on foreground (nnU-Net's 33%); flips along every axis but those a
+8. (:mod:`pipeline.plan_augmentation`) A third of the patches centred on foreground (nnU-Net's 33%); flips along every axis but those a
    label name gives a side (left/right: RAS axis 0, anterior/posterior: 1, superior/inferior: 2),
    except that along the patient's left-right axis a flip that swaps left/right label pairs
    (``pipeline.laterality``: pairs by name, ``left_parotid``/``right_parotid``, or declared in the
@@ -37,7 +37,7 @@ from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwis
    flip up); a sided label without a partner still forbids that axis;
    rotation +-30 deg and scaling 0.7-1.4 on 20% of patches, in-plane only (+-180 deg about the
    coarse axis) for anisotropic 3D data.
-9. Schedule: AdamW 2e-3, cosine over the wall-time budget (``time_budget_min``), ``max_epochs`` a
+9. (:mod:`pipeline.plan_schedule`, with rule 10) Schedule: AdamW 2e-3, cosine over the wall-time budget (``time_budget_min``), ``max_epochs`` a
    cap, validation interval for about 6 validations in the budget, fewer where validating the fold-0
    cases whole would take more than 15% of it (estimated from the median image). An epoch is one pass over the
    training cases but at least 50 iterations (``epoch_length``: tiny datasets would otherwise
@@ -71,8 +71,14 @@ from pipeline.errors import InputError, UsageError
 from pipeline.evaluation import json_safe
 from pipeline.fingerprint import ANISOTROPY_THRESHOLD, _is_ct
 from pipeline.fingerprint import target_spacing as nnunet_target_spacing
-from pipeline.laterality import SIDES as LATERAL_WORDS
-from pipeline.laterality import label_pairs, name_words
+from pipeline.laterality import label_pairs
+from pipeline.plan_augmentation import (  # noqa: F401 - rule 8, part of this module's interface
+    NNUNET_INTENSITY,
+    SIDES,
+    augmentation,
+    lateral_flip,
+    sided_axes,
+)
 from pipeline.plan_network import (  # noqa: F401 - rules 2-4, part of this module's interface
     BASE_FEATURES,
     INITIAL_PATCH,
@@ -84,24 +90,23 @@ from pipeline.plan_network import (  # noqa: F401 - rules 2-4, part of this modu
     pool_and_conv,
 )
 from pipeline.plan_network import rounded as _r
+from pipeline.plan_schedule import (  # noqa: F401 - rules 9-10, part of this module's interface
+    COMPILE_MIN_BUDGET,
+    DEVICES,
+    MIN_EPOCH_ITERATIONS,
+    NUM_FOLDS,
+    OVERLAP,
+    SAMPLE_OVERHEAD_S,
+    THROUGHPUT,
+    VALIDATION_SHARE,
+    VALIDATIONS,
+    inference,
+    schedule,
+)
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda")
-#: training voxels/s in 3D (2D: 3x), only for the validation interval. cpu: measured (hippocampus,
-#: 2-core, compiled, 16 wide); cuda: assumed (nnU-Net-like 32-wide 3D with AMP on one recent GPU)
-THROUGHPUT = {"cpu": 3.0e5, "cuda": 1.0e7}
-SAMPLE_OVERHEAD_S = {"cpu": 0.02, "cuda": 0.002}  # per sample whatever its size: transforms, Python
-VALIDATIONS = 6
-VALIDATION_SHARE = 0.15  # of the budget, at most, spent validating (large images: fewer validations)
-MIN_EPOCH_ITERATIONS = 50  # tiny datasets: an epoch of a few steps would checkpoint every few steps
-COMPILE_MIN_BUDGET = 5.0  # minutes; torch.compile takes about 50 s before the first CPU step
-NUM_FOLDS = 5
 SIGMA_FRACTION, SIGMA_MAX_VOXELS, W0 = 0.1, 5.0, 10.0
-SIDES = (set(LATERAL_WORDS),
-         {"anterior", "posterior", "ant", "post", "front", "back", "ventral", "dorsal"},
-         {"superior", "inferior", "sup", "inf", "upper", "lower", "cranial", "caudal", "top", "bottom"})
-NNUNET_INTENSITY = {"blur_prob": 0.2, "contrast_prob": 0.15, "lowres_prob": 0.25, "gamma_prob": 0.3}
 
 
 def _get(d: dict, path: str) -> Any:
@@ -259,151 +264,6 @@ def loss_sigma(diameters: dict[str, float], spacing: list[float]) -> tuple[float
     return sigma, (f"smallest class {name!r}: median equivalent diameter {d:.3g} mm; sigma "
                    f"{SIGMA_FRACTION:g} x {d:.3g} mm within [{lo:.3g}, {hi:.3g}] mm "
                    f"(1-{SIGMA_MAX_VOXELS:g} voxels) = {sigma:.3g} mm; w0 {W0:g}")
-
-
-def sided_axes(labels: list[str]) -> dict[int, list[str]]:
-    """RAS axes a label name gives a side on: left/right 0, anterior/posterior 1, superior/inferior 2."""
-    out: dict[int, list[str]] = {}
-    for name in labels:
-        words = set(name_words(name))
-        for axis, side in enumerate(SIDES):
-            if words & side:
-                out.setdefault(axis, []).append(name)
-    return out
-
-
-def lateral_flip(labels: list[str], pairs: list[tuple[int, int]], axes: list[int], how: str = ""
-                 ) -> tuple[int | None, bool, str]:
-    """Rule 8 along the patient's left-right axis (RAS 0): ``(its network axis, or None when the
-    slices run across it; whether to flip along it; rationale)``. Flipped when every label a name
-    puts on the left or right has its partner in ``pairs`` (the flip swaps them), not otherwise."""
-    paired = {labels[i] for p in pairs for i in p}
-    unpaired = [n for n in sided_axes(labels).get(0, []) if n not in paired]
-    names = ", ".join(f"{labels[a]}/{labels[b]}" for a, b in pairs)
-    if 0 not in axes:
-        return None, False, ("no flip along the left-right axis: the slices run across it"
-                             + (f" (lateral pairs {names})" if pairs else ""))
-    lr = axes.index(0)
-    if unpaired:
-        return lr, False, (f"none along RAS axis 0 (left-right): {', '.join(unpaired)} "
-                           f"{'has' if len(unpaired) == 1 else 'have'} no partner of the other side (pair "
-                           "labels in the manifest's lateral_pairs to flip with a swap)")
-    if pairs:
-        return lr, True, (f"along axis {lr} (the patient's left-right, RAS axis 0) the flip swaps the lateral "
-                          f"pairs {names} ({how}): a flipped left organ is labelled right, in training and TTA")
-    return lr, True, ""
-
-
-def augmentation(labels: list[str], spatial_dims: int, slice_axis: int | None, anisotropic_axis: int | None,
-                 roi_size: list[int], device: str, pairs: list[tuple[int, int]] | None = None,
-                 pairs_how: str = "from the label names") -> tuple[dict, str]:
-    """Rule 8: flips, rotation, scaling (per axis of the network's input) and intensity augmentation.
-    ``pairs``: the lateral label pairs (None: those found by name, ``pipeline.laterality``); a
-    flip along ``lateral_axis`` (the network axis of RAS axis 0) swaps them."""
-    axes = [a for a in range(3) if a != slice_axis] if slice_axis is not None else list(range(spatial_dims))
-    pairs = label_pairs(labels, {})[0] if pairs is None else [(int(a), int(b)) for a, b in pairs]
-    sided = sided_axes(labels)
-    lr, flip_lr, why_lr = lateral_flip(labels, pairs, axes, pairs_how)
-    flips = [i for i, a in enumerate(axes) if (flip_lr if a == 0 else a not in sided)]
-    why = f"flip axes {flips}" + "".join(f"; none along RAS axis {a} ({', '.join(n)})"
-                                         for a, n in sided.items() if a in axes and a != 0)
-    why += f"; {why_lr}" if why_lr else ""
-    scale = [[-0.3, 0.4]] * spatial_dims
-    if spatial_dims == 2:  # nnU-Net: +-180 deg, +-15 deg for elongated patches
-        rot = [math.radians(15) if max(roi_size) / min(roi_size) > 1.5 else math.pi]
-        why += f"; rotation +-{math.degrees(rot[0]):.0f} deg"
-    elif anisotropic_axis is not None:
-        rot = [math.pi if a == anisotropic_axis else 0.0 for a in range(3)]
-        scale = [[0.0, 0.0] if a == anisotropic_axis else [-0.3, 0.4] for a in range(3)]
-        why += f"; anisotropic: rotation +-180 deg about axis {anisotropic_axis} only, no scaling along it"
-    else:
-        rot = [math.radians(30)] * 3
-        why += "; rotation +-30 deg about each axis"
-    cuda = device == "cuda"
-    why += "; scaling 0.7-1.4, on 20% of patches; " + (
-        "nnU-Net's intensity augmentation" if cuda else
-        "noise and scale/shift only (nnU-Net's blur/contrast/low-res/gamma trained slower in the CPU budget)")
-    return {"flip_axes": flips, "flip_prob": 0.5, "lateral_axis": lr, "lateral_pairs": [list(p) for p in pairs],
-            "affine_prob": 0.2, "rotate_range": _r(rot),
-            "scale_range": scale,
-            "noise_prob": 0.1, "intensity_prob": 0.5,
-            **{k: v if cuda else 0.0 for k, v in NNUNET_INTENSITY.items()}}, why
-
-
-def schedule(device: str, budget_min: float, n_cases: int, patch_voxels: int, batch_size: int,
-             spatial_dims: int, compiler: bool = True, image_voxels: float = 0.0) -> tuple[dict, str]:
-    """Rule 9: optimiser, learning rate, wall-time budget, epoch length and cap, validation interval.
-    ``compiler``: a C++ compiler is at hand (torch.compile on a CPU needs one); ``image_voxels``: the
-    median image at target spacing, which each validation predicts for every fold-0 case."""
-    voxel_rate = THROUGHPUT[device] * (3 if spatial_dims == 2 else 1)
-    rate = 1 / (patch_voxels / voxel_rate + SAMPLE_OVERHEAD_S[device])  # samples/s
-    train = max(1, round(n_cases * (NUM_FOLDS - 1) / NUM_FOLDS))
-    drop_last = train >= batch_size  # one batch shape: a compiled step is not compiled again
-    one_pass = max(1, train // batch_size if drop_last else math.ceil(train / batch_size))
-    iterations = max(one_pass, MIN_EPOCH_ITERATIONS)
-    epochs = 60 * budget_min / (iterations * batch_size / rate)
-    # a validation predicts the fold-0 cases whole (windows overlapping by a quarter, forward only: ~3x
-    # the training rate); at most VALIDATION_SHARE of the budget goes to validating
-    val_s = max(1, round(n_cases / NUM_FOLDS)) * image_voxels * (4 / 3) ** spatial_dims / (3 * voxel_rate)
-    validations = max(1, min(VALIDATIONS, int(VALIDATION_SHARE * 60 * budget_min / max(val_s, 1e-9))))
-    interval = max(1, round(epochs / validations))
-    compile_ = budget_min >= COMPILE_MIN_BUDGET and (compiler or device != "cpu")
-    out = {"optimizer": "AdamW", "learning_rate": 2e-3, "weight_decay": 1e-5,
-           "lr_schedule": "cosine_wall_time",
-           "time_budget_min": float(budget_min), "max_epochs": max(100, math.ceil(10 * epochs)),
-           "epoch_length": iterations if iterations > one_pass else None, "drop_last": drop_last,
-           "val_interval": interval, "estimated_epochs": round(epochs, 1), "num_folds": NUM_FOLDS,
-           "grad_clip_norm": 12.0, "model_selection": "last", "compile": compile_, "amp": True}
-    why = (f"{budget_min:g} min at about {rate:.3g} samples/s ({voxel_rate:.3g} voxels/s and "
-           f"{SAMPLE_OVERHEAD_S[device]:g} s per sample, {device} estimate) over {train} training cases "
-           f"({NUM_FOLDS} folds) is about {epochs:.0f} epochs of {iterations} iterations"
-           + (f" (one pass is {one_pass}: an epoch of at least {MIN_EPOCH_ITERATIONS} iterations keeps the "
-              "per-epoch checkpoint and log a small cost)" if iterations > one_pass else "")
-           + f": validation every {interval} epochs (about {validations} validation(s) of about "
-           f"{val_s:.2g} s: at most {VALIDATION_SHARE:.0%} of the budget); max_epochs "
-           f"{out['max_epochs']} (10x) only a cap; AdamW 2e-3, cosine over wall time (the CPU hippocampus "
-           "recipe; nnU-Net's SGD 1e-2 with a poly schedule is tuned for 250k steps, a budget of minutes "
-           "gives thousands); the last weights are kept (validation monitors, it does not select); "
-           + ("training step compiled (torch.compile: +55% samples/s on the CPU hippocampus recipe)" if compile_
-              else f"not compiled: compiling takes about a minute, more than a {budget_min:g}-min budget "
-              f"(< {COMPILE_MIN_BUDGET:g}) can repay" if budget_min < COMPILE_MIN_BUDGET
-              else "not compiled: no C++ compiler (g++, clang++ or $CXX) for torch.compile on this CPU"))
-    return out, why
-
-
-OVERLAP = 0.5  # inference windows (MONAI's model-zoo default)
-
-
-def inference(roi_size: list[int], median_shape: list[float], flip_axes: list[int], slice_axis: int | None,
-              lateral_axis: int | None = None, lateral_pairs: list[list[int]] | None = None) -> tuple[dict, str]:
-    """Rule 10: window, overlap, mirror margin and TTA axes; a TTA flip along ``lateral_axis``
-    swaps the ``lateral_pairs``' probabilities after flipping back."""
-    covers = all(r >= m for r, m in zip(roi_size, median_shape, strict=True))
-    pairs = [list(p) for p in lateral_pairs or []]
-    windows = math.prod(1 if m <= r else math.ceil((m - r) / (r * (1 - OVERLAP))) + 1
-                        for r, m in zip(roi_size, median_shape, strict=True))
-    # every TTA axis doubles the passes over every window: all flips where the median image is one
-    # window, one flip (the patient's left-right where the data has it) where it takes many
-    tta_axes = list(flip_axes) if windows == 1 else (
-        [lateral_axis] if lateral_axis in flip_axes else list(flip_axes[:1]))
-    out = {"inferer": "SliceTileInferer" if slice_axis is not None else "OverlapTileInferer",
-           "slice_axis": slice_axis,
-           "roi_size": roi_size, "overlap": OVERLAP, "margin": 0 if covers else "auto", "tta": bool(flip_axes),
-           "tta_axes": tta_axes, "tta_shift": 0, "lateral_axis": lateral_axis, "lateral_pairs": pairs,
-           "sw_batch_size": 4, "val_overlap": 0.25, "tiling": "blend"}
-    swaps = pairs and lateral_axis in tta_axes
-    why = (f"window = patch {roi_size} (the training patch: a 128^3 window on the head-and-neck CT model "
-           f"lost 0.17 Dice, instance normalisation sees other statistics), overlap {OVERLAP}, Gaussian blending; "
-           + (f"flip TTA on {tta_axes}: the median image is one window, {2 ** len(tta_axes)} passes"
-              if windows == 1 else
-              f"flip TTA on {tta_axes} only: the median image takes {windows} windows, and each TTA axis doubles "
-              f"the passes over all of them (head-and-neck CT, 100 windows: flips on [0, 1, 2] 0.7276 Dice at "
-              f"52 s per case, on [0] 0.7305 at 13 s)")
-           + (f" (the flip along axis {lateral_axis} swaps the probabilities of the lateral pairs {pairs} "
-              "after flipping back)" if swaps else "") + "; margin "
-           + ("0: the patch covers the median image (hippocampus: 'auto' cost 0.0014 Dice)" if covers
-              else "'auto': mirrored context at the image borders within the last window's slack"))
-    return out, why
 
 
 def smaller_than_patch(cases: list[dict], target: list[float], axes: list[int], roi: list[int]) -> list[str]:
