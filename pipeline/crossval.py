@@ -14,7 +14,9 @@ Then every validation case is predicted by the model that did not see it (``OUT/
 the bundle's own inference path) and scored against its label: ``OUT/crossval.json`` holds Dice
 and HD95 per case, per fold and over all cases (mean, sd), and the post-processing chosen on
 those out-of-fold masks as nnU-Net does: keeping the largest connected component of all
-foreground, then of each class, is switched on only where it raises the out-of-fold mean Dice.
+foreground, then of each class, is switched on only where it raises the out-of-fold mean Dice
+(``postprocessing``: each candidate's Dice, and the chosen one's Dice and HD95 per case, over all
+cases and per fold).
 
 MLflow: one parent run (``crossval-<bundle>``) with a nested child run per fold (the folds'
 training runs); the out-of-fold summary is logged on the parent. ``export_ensemble`` copies the
@@ -204,8 +206,18 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
     labels = m["labels"]
     names = [labels[str(i)] for i in range(len(labels))]
     refs = {e["id"]: e["label"] for e in m["training"]}
+    def cleaned(pred: np.ndarray, candidate: str) -> np.ndarray:
+        tensor = torch.as_tensor(pred.astype(np.int64))[None]
+        return np.asarray(label_cleanup(postprocess_options(candidate, len(names)))(tensor)[0])
+
+    def row(k: int, pred: np.ndarray, ref: np.ndarray, spacing: Any) -> dict[str, Any]:
+        metrics = case_metrics(pred, ref, spacing, labels)
+        return {"fold": k, "dice": {n: metrics[n]["dice"] for n in names[1:]},
+                "hd95_mm": {n: metrics[n]["hd95_mm"] for n in names[1:]}}
+
     per_case: dict[str, Any] = {}
     candidates = {c: [] for c in CANDIDATES}
+    found = []
     for k, ids in enumerate(cases):
         for sid in ids:
             mask = out / "oof" / f"{sid}.nii.gz"
@@ -213,17 +225,21 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
                 continue
             pred, _, _ = read_label(mask)
             ref, _, spacing = read_label(refs[sid])
-            metrics = case_metrics(pred, ref, spacing, labels)
-            per_case[sid] = {"fold": k, "dice": {n: metrics[n]["dice"] for n in names[1:]},
-                             "hd95_mm": {n: metrics[n]["hd95_mm"] for n in names[1:]}}
-            tensor = torch.as_tensor(pred.astype(np.int64))[None]
+            per_case[sid] = row(k, pred, ref, spacing)
+            found.append((k, sid, mask))
             for c in CANDIDATES:
-                cleaned = label_cleanup(postprocess_options(c, len(names)))(tensor)
-                candidates[c].append(_dice(np.asarray(cleaned[0]), ref, len(names)))
+                candidates[c].append(_dice(cleaned(pred, c), ref, len(names)))
     means = {c: float(np.mean(v)) if v else math.nan for c, v in candidates.items()}  # over cases and classes
     per_class = {c: {n: float(np.mean([d[i] for d in v])) for i, n in enumerate(names[1:])} if v else {}
                  for c, v in candidates.items()}
     best = max(CANDIDATES, key=lambda c: (means[c] > means["none"] + 1e-6, means[c]))  # none unless one gains
+    # the chosen post-processing's Dice and HD95 (removed fragments far away change the HD95 most)
+    chosen_cases = dict(per_case)
+    if best != "none":
+        for k, sid, mask in found:
+            ref, _, spacing = read_label(refs[sid])
+            chosen_cases[sid] = row(k, cleaned(read_label(mask)[0], best), ref, spacing)
+    chosen_rows = list(chosen_cases.values())
     result = {
         "bundle": name, "manifest": str(manifest), "folds": len(cases), "cases_scored": len(per_case),
         "cases_total": sum(map(len, cases)),
@@ -231,7 +247,11 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
         "per_fold": {str(k): _summary([v for v in per_case.values() if v["fold"] == k], names[1:])
                      for k in range(len(cases))},
         "postprocessing": {"mean_dice": means, "dice": per_class, "chosen": best,
-                           "postprocess": postprocess_options(best, len(names))},
+                           "postprocess": postprocess_options(best, len(names)),
+                           "summary": _summary(chosen_rows, names[1:]),
+                           "per_fold": {str(k): _summary([v for v in chosen_rows if v["fold"] == k], names[1:])
+                                        for k in range(len(cases))},
+                           "cases": chosen_cases},
         "cases": per_case,
     }
     with atomic_path(out / RESULT_FILE) as tmp:

@@ -63,6 +63,10 @@ def test_every_case_is_predicted_by_the_fold_that_did_not_train_on_it(cv: dict, 
     assert set(s["dice"]) == {"liver", "kidney", "spleen"} and 0 <= s["mean_dice"] <= 1
     assert {"mean", "sd"} <= set(s["dice"]["liver"]) and set(saved["per_fold"]) == {"0", "1"}
     assert saved["postprocessing"]["chosen"] in saved["postprocessing"]["mean_dice"]
+    chosen = saved["postprocessing"]  # the chosen post-processing's summary: its mean Dice, HD95 per class
+    assert chosen["summary"]["mean_dice"] == pytest.approx(chosen["mean_dice"][chosen["chosen"]])
+    assert set(chosen["summary"]["hd95_mm"]) == set(saved["summary"]["hd95_mm"])
+    assert set(chosen["per_fold"]) == set(saved["per_fold"])
     for c, by_class in saved["postprocessing"]["dice"].items():  # per class too, for each candidate
         assert set(by_class) == {"liver", "kidney", "spleen"}
         assert np.mean(list(by_class.values())) == pytest.approx(saved["postprocessing"]["mean_dice"][c])
