@@ -319,7 +319,9 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
     meta["ensemble"] = {"folds": chosen, "weights": [f"models/fold_{k}.pt" for k in chosen],
                         "crossval": {"mean_dice": result["summary"]["mean_dice"], "cases": result["cases_scored"],
                                      "dice": {c: v["mean"] for c, v in result["summary"]["dice"].items()},
-                                     "postprocessing": result["postprocessing"]["chosen"]}}
+                                     "postprocessing": result["postprocessing"]["chosen"],
+                                     "mean_dice_postprocessed": result["postprocessing"].get("summary", {}).get(
+                                         "mean_dice", result["summary"]["mean_dice"])}}
     with atomic_path(meta_file) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     _set_config_value(bundle_dir / "configs" / "common.json", "folds", chosen)

@@ -154,6 +154,8 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     assert [p.name for p in exported] == ["fold_0.pt", "fold_1.pt"]
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["ensemble"]["weights"] == ["models/fold_0.pt", "models/fold_1.pt"]
+    saved = json.loads((cv["out"] / "crossval.json").read_text())["postprocessing"]
+    assert meta["ensemble"]["crossval"]["mean_dice_postprocessed"] == pytest.approx(saved["summary"]["mean_dice"])
     assert json.loads((bundle / "configs" / "common.json").read_text())["folds"] == [0, 1]
     studies = ct6_dataset.parent / "imagesTr"
     rows = predict(bundle, studies, tmp_path / "both", device="cpu", progress=False)
