@@ -148,8 +148,8 @@ def _record_split(out: Path, manifest: Path, folds: int, seed: int, cases: list[
 
 def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[str], device: str | None,
                  overrides: dict[str, Any]) -> None:
-    """Predict fold ``k``'s validation cases with its own model into ``out/oof`` (finished masks
-    are skipped, so this resumes too)."""
+    """Predict fold ``k``'s validation cases with its own model into ``out/oof``, without
+    post-processing (finished masks are skipped, so this resumes too)."""
     from pipeline.bundle import load_bundle
     from pipeline.manifest import load_manifest
     from pipeline.predict import CONFIGS, predict
@@ -165,8 +165,11 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
         tmp.write_text(json.dumps({"labels": m["labels"], "training": entries, "allow_outside": True}, indent=1))
     inference = load_bundle(bundle_dir, CONFIGS)
     shared = {key: v for key, v in overrides.items() if key in inference}  # training-only ids do not apply
+    # raw masks: the post-processing is chosen on them, so the bundle's own (set by an earlier
+    # export-ensemble) must not be applied to them
     rows = predict(bundle_dir, fold_manifest, out / "oof", device=device, progress=False,
-                   overrides={**shared, "model_path": str(weights), "folds": []})
+                   overrides={**shared, "model_path": str(weights), "folds": [],
+                              "postprocess": postprocess_options("none", 0)})
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise InputError(f"fold {k}: {len(failed)} out-of-fold prediction(s) failed, first: {failed[0]['error']}")

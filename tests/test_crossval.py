@@ -14,10 +14,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_train import FAST  # tests/ is on sys.path
 
-from pipeline.crossval import crossval, export_ensemble, fold_cases
+from pipeline.crossval import crossval, export_ensemble, fold_cases, predict_fold
 from pipeline.ensemble import Ensemble
 from pipeline.errors import InputError, UsageError
 from pipeline.manifest import load_manifest
+from pipeline.postprocess import label_cleanup
 from pipeline.predict import predict
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
@@ -70,6 +71,27 @@ def test_every_case_is_predicted_by_the_fold_that_did_not_train_on_it(cv: dict, 
     for c, by_class in saved["postprocessing"]["dice"].items():  # per class too, for each candidate
         assert set(by_class) == {"liver", "kidney", "spleen"}
         assert np.mean(list(by_class.values())) == pytest.approx(saved["postprocessing"]["mean_dice"][c])
+
+
+def test_out_of_fold_masks_are_raw_where_the_bundle_post_processes(cv: dict, ct6_dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    """The post-processing is chosen on the out-of-fold masks, so they are predicted without it even
+    when the bundle already post-processes (an export-ensemble after the first folds sets it)."""
+    bundle, out = tmp_path / "bundle", tmp_path / "cv"
+    shutil.copytree(cv["bundle"], bundle)
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    inference["postprocess"] = {"keep_largest_foreground": True}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    (out / "fold_0").mkdir(parents=True)
+    shutil.copy(cv["out"] / "fold_0" / "model.pt", out / "fold_0" / "model.pt")
+    ids = fold_cases(ct6_dataset, 2, 0)[0]
+    predict_fold(bundle, ct6_dataset, out, 0, ids, "cpu", SMALL)
+    cleanup, changed = label_cleanup(inference["postprocess"]), 0
+    for sid in ids:
+        raw = np.asarray(nib.load(cv["out"] / "oof" / f"{sid}.nii.gz").dataobj)
+        np.testing.assert_array_equal(np.asarray(nib.load(out / "oof" / f"{sid}.nii.gz").dataobj), raw)
+        changed += int((np.asarray(cleanup(torch.as_tensor(raw.astype(np.int64))[None])[0]) != raw).any())
+    assert changed, "the bundle's post-processing changes none of these masks: the test proves nothing"
 
 
 def test_the_interrupted_fold_resumed_and_mlflow_has_one_parent_and_two_children(cv: dict, mlflow_store: str) -> None:
