@@ -166,7 +166,7 @@ def train_config(plan: dict[str, Any]) -> dict[str, Any]:
         "model_selection": s["model_selection"], "batch_size": smp["batch_size"], "num_samples": smp["num_samples"],
         "pos_neg": smp["pos_neg"], "epoch_length": s["epoch_length"], "drop_last": s["drop_last"],
         "learning_rate": s["learning_rate"], "weight_decay": s["weight_decay"], "grad_clip_norm": s["grad_clip_norm"],
-        "ema_decay": 0.0, "early_stop_patience": 0, "checkpoint_interval": 1, "compile": s["compile"],
+        "ema_decay": 0.0, "init_weights": None, "early_stop_patience": 0, "checkpoint_interval": 1, "compile": s["compile"],
         "num_workers": "$0 if @device.type == 'cpu' else 4", "cache_dir": None, "cache_rate": 1.0,
         **{k: aug[k] for k in ("flip_axes", "flip_prob", "affine_prob")},
         "rotate_range_rad": aug["rotate_range"], "scale_range": aug["scale_range"],

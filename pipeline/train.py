@@ -13,6 +13,8 @@ it as plain MONAI. ``train_bundle`` (``segpipe train``) adds, programmatically:
 - the best weights by validation mean Dice as ``output_dir/model.pt`` (plain state_dict, written
   by the bundle's ``pipeline.handlers.ModelSaver``); copy it into the bundle's ``models/`` with
   ``--set export=true`` or ``export_model`` once you accept it;
+- ``init_weights``: start from saved weights instead of random ones (fine-tuning; ``{fold}`` in
+  the path is the fold, so a cross-validation continues each fold from its own model);
 - a stop on a non-finite loss naming epoch and iteration; gradient clipping (``grad_clip_norm``);
   early stopping (``early_stop_patience`` > 0); validation after the last epoch;
 - per-epoch timing, samples/s, voxels/s and data-wait fraction; Dice per class, the per-case CSV
@@ -65,7 +67,7 @@ log = logging.getLogger(__name__)
 TRAIN_IDS = (
     "device", "amp", "amp_dtype", "manifest", "output_dir", "label_names", "roi_size", "network", "optimizer",
     "lr_scheduler", "max_epochs", "val_interval", "model_selection", "qc_cases", "grad_clip_norm",
-    "time_budget_min", "ema_decay", "early_stop_patience", "checkpoint_interval", "export", "initialize",
+    "time_budget_min", "ema_decay", "init_weights", "early_stop_patience", "checkpoint_interval", "export", "initialize",
     "finalize", "train#trainer", "validate#evaluator", "validate#handlers",
 )
 #: loggers whose INFO lines only ``verbose`` shows: Ignite's engines, MONAI's StatsHandler, the per-epoch record
@@ -118,6 +120,21 @@ def _init_distributed() -> bool:
     idist.initialize(backend)
     log.info("distributed: rank %d of %d (%s)", idist.get_rank(), idist.get_world_size(), backend)
     return True
+
+
+def init_weights(network: torch.nn.Module, path: str | Path | None, fold: int | None = None) -> None:
+    """Load the weights at ``path`` (``{fold}`` replaced by ``fold``) into ``network`` before
+    training: a plain state_dict or a checkpoint, strictly (another network's weights are an
+    InputError naming the file). A resumed run takes its weights from the checkpoint instead."""
+    from pipeline.predict_io import load_weights
+
+    if not path:
+        return
+    path = Path(str(path).replace("{fold}", str(fold)))
+    if not path.is_file():
+        raise InputError(f"{path}: init_weights file not found")
+    load_weights(network, path)
+    log.info("initialised from %s", path)
 
 
 def _check_manifest(manifest: Path) -> None:
@@ -248,9 +265,11 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     meta = bundle_metadata(bundle_dir)
     output_dir = Path(_setting(parser, "output_dir")).resolve()
     ckpt_dir = output_dir / "checkpoints"
-    _prepare_output(output_dir, ckpt_dir, resume)
     _setting(parser, "initialize")
     network = get(parser, "network", bundle_dir)
+    if not (resume and checkpoints.latest_checkpoint(ckpt_dir)):  # before anything is written
+        init_weights(network, _setting(parser, "init_weights"), _setting(parser, "fold"))
+    _prepare_output(output_dir, ckpt_dir, resume)
     trainer = get(parser, "train#trainer", bundle_dir)
     check_compile(trainer)
     evaluator = get(parser, "validate#evaluator", bundle_dir)

@@ -278,3 +278,30 @@ def test_persistent_cache_stops_at_the_first_random_transform(tmp_path: Path, da
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # the loaded volume, not the crop
     batch = next(iter(loader(ds, batch_size=2)))
     assert tuple(batch["image"].shape) == (2, 1, 8, 8, 4)
+
+
+def test_init_weights_starts_each_fold_from_its_own_saved_weights(tmp_path: Path, data: Path, store: str) -> None:
+    """``init_weights`` (``{fold}`` is the fold): training starts from those weights, not random
+    ones (lr 0 keeps them, so model.pt holds them exactly); another network's weights, or a
+    missing file, stop in one line with nothing written."""
+    from pipeline.bundle import get, load_bundle
+
+    net = get(load_bundle(BUNDLE, ("common.json", "train.json"), FAST), "network_def", BUNDLE)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.25)
+    start = {k: v.clone() for k, v in net.named_parameters()}
+    (tmp_path / "cv" / "fold_1").mkdir(parents=True)
+    torch.save(net.state_dict(), tmp_path / "cv" / "fold_1" / "model.pt")
+    frozen = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1, "learning_rate": 0.0, "fold": 1,
+              "init_weights": str(tmp_path / "cv" / "fold_{fold}" / "model.pt")}
+    s = train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides=frozen)
+    trained = torch.load(s["model_path"], weights_only=True)
+    assert all(torch.equal(trained[k], v) for k, v in start.items())
+
+    other = {**frozen, "output_dir": str(tmp_path / "other"), "network_def#features": [8, 16, 24, 8]}
+    with pytest.raises(InputError, match=r"fold_1/model\.pt: weights do not fit the bundle's network_def") as e:
+        train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides=other)
+    assert "\n" not in str(e.value) and not (tmp_path / "other").exists()
+    with pytest.raises(InputError, match=r"fold_2/model\.pt: init_weights file not found"):
+        train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides={**other, "fold": 2})
