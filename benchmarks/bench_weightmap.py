@@ -22,7 +22,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
 
 from pipeline.losses import BoundaryWeightedDiceCELoss, prepare_batch_with_weight
-from pipeline.synthetic import cells_image, random_blobs
+from pipeline.synthetic_cells import cells_image, random_blobs
 from pipeline.weightmap import boundary_weight_map, iter_objects
 
 

@@ -253,14 +253,8 @@ def _setting(parser: Any, id: str) -> Any:
 
 def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None,
          tags: dict[str, Any] | None = None, register: bool = True) -> dict[str, Any]:
-    from pipeline.tracking import (
-        attach_tracker,
-        bundle_params,
-        git_commit,
-        open_tracker,
-        run_name,
-        standard_tags,
-    )
+    from pipeline.run_tags import bundle_params, git_commit, run_name, standard_tags
+    from pipeline.tracking import attach_tracker, open_tracker
 
     meta = bundle_metadata(bundle_dir)
     output_dir = Path(_setting(parser, "output_dir")).resolve()

@@ -14,7 +14,6 @@ from pipeline.synthetic import (
     CHANNEL_LAYOUTS,
     COHORT_LABELS,
     KINDS,
-    cells_image,
     ct_phantom,
     draw_anatomy,
     lps_affine,
@@ -22,6 +21,7 @@ from pipeline.synthetic import (
     patient_index,
     write_dataset,
 )
+from pipeline.synthetic_cells import cells_image
 from pipeline.synthetic_cohort import cohort_geometry, cohort_maps, draw_cohort_anatomy, draw_ct_study
 
 COHORT_SHAPE = (64, 64, 40)  # the cohort's real field of view on a small matrix: ~5-7 mm voxels

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.spatial.distance import cdist
 
-from pipeline.synthetic import random_blobs
+from pipeline.synthetic_cells import random_blobs
 from pipeline.weightmap import boundary_weight_map
 
 
