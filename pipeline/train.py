@@ -125,7 +125,9 @@ def _init_distributed() -> bool:
 def init_weights(network: torch.nn.Module, path: str | Path | None, fold: int | None = None) -> None:
     """Load the weights at ``path`` (``{fold}`` replaced by ``fold``) into ``network`` before
     training: a plain state_dict or a checkpoint, strictly (another network's weights are an
-    InputError naming the file). A resumed run takes its weights from the checkpoint instead."""
+    InputError naming the file). Every bundle's train.json calls it in ``initialize``, so
+    ``segpipe train`` and ``python -m monai.bundle run`` both honour ``init_weights``; a resumed
+    run then loads its checkpoint over these weights."""
     from pipeline.predict_io import load_weights
 
     if not path:
@@ -259,10 +261,8 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     meta = bundle_metadata(bundle_dir)
     output_dir = Path(_setting(parser, "output_dir")).resolve()
     ckpt_dir = output_dir / "checkpoints"
-    _setting(parser, "initialize")
+    get(parser, "initialize", bundle_dir)  # seeds; init_weights (bad weights stop here, before anything is written)
     network = get(parser, "network", bundle_dir)
-    if not (resume and checkpoints.latest_checkpoint(ckpt_dir)):  # before anything is written
-        init_weights(network, _setting(parser, "init_weights"), _setting(parser, "fold"))
     _prepare_output(output_dir, ckpt_dir, resume)
     trainer = get(parser, "train#trainer", bundle_dir)
     check_compile(trainer)

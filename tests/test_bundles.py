@@ -356,6 +356,8 @@ def test_every_setting_the_code_reads_is_declared(name, request):
     train = load_bundle(folder, ("common.json", "train.json"), {"time_budget_min": 1})
     assert [k for k in TRAIN_IDS if k not in train] == []
     assert train.get_parsed_content("time_budget_min") == 1
+    # init_weights is loaded in the bundle's own initialize, so python -m monai.bundle run honours it too
+    assert any("pipeline.train.init_weights(@network, @init_weights, @fold)" in x for x in train["initialize"])
     infer = load_bundle(folder, ("common.json", "inference.json"))
     assert [k for k in PREDICT_IDS if k not in infer] == []
 
