@@ -3,15 +3,17 @@
 Runs ``segpipe predict`` (a subprocess, the product path) with ``bundles/headneck_ct_oar`` as
 shipped: the fold models of its cross-validation listed in ``configs/metadata.json`` (their softmax
 averaged after the left-right flip TTA, which swaps the parotids) and the post-processing chosen on
-the out-of-fold masks, on three shared OpenKBP CTs, and requires every organ's mean Dice to stay
+the out-of-fold masks, on two shared OpenKBP CTs, and requires every organ's mean Dice to stay
 within 0.03 of what the ensemble measured on them when it was committed, and every mask to have its
 CT's shape and affine. A change to preprocessing, the network, the predictor, the lateral swap, the
 ensemble or the post-processing that costs quality fails here.
 
-The cases are three of fold 0's: the fold-0 model never saw them, the other four folds trained on
+The cases are two of fold 0's: the fold-0 model never saw them, the other four folds trained on
 them. The floor guards the product path; generalisation is the cross-validation's out-of-fold Dice
-(the bundle's docs/README.md). The five-model ensemble takes about a minute per CT on two cores, so
-this test costs about three minutes.
+(the bundle's docs/README.md). Two CTs of different spacing (4.7 x 4.7 x 3.0 mm, resampled, and the
+grid's own 3.9 x 3.9 x 2.5 mm), one with the weakest parotids of the three measured: the five-model
+ensemble takes about 2 minutes for them on two cores with native bf16 and about 4 in fp32 (a third,
+larger CT, kbp_train_013, made the fp32 run 7 minutes and the fp32 suite 10.5).
 
 Needs ``../shared/data/OpenKBP_HN_CT`` (present in CI); skips, saying so, where it is absent.
 """
@@ -28,14 +30,14 @@ from shipped_model import predict_and_score  # tests/ is on sys.path
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "headneck_ct_oar"
 DATA = ROOT.parent / "shared" / "data" / "OpenKBP_HN_CT"
-CASES = ["kbp_train_013", "kbp_train_020", "kbp_train_022"]
+CASES = ["kbp_train_020", "kbp_train_022"]
 ORGANS = ["brainstem", "spinal_cord", "left_parotid", "right_parotid", "mandible"]
 # mean Dice of the shipped ensemble on CASES through `segpipe predict`, measured when it was committed
 # (0.5.0: the five fold models trained 121 epochs as one cosine cycle, left-right TTA, keep-largest per
-# class, bf16; 0.4.0's ensemble measured 0.8345 / 0.7904 / 0.7062 / 0.7301 / 0.8634, 0.3.0's
-# 0.8195 / 0.7934 / 0.6896 / 0.7281 / 0.8502, 0.2.0's fold 0 alone 0.8205 / 0.7788 / 0.6813 / 0.7090 / 0.8528)
-MEASURED = {"brainstem": 0.8327, "spinal_cord": 0.7913, "left_parotid": 0.7101, "right_parotid": 0.7210,
-            "mandible": 0.8636}
+# class, bf16; with kbp_train_013 too it measured 0.8327 / 0.7913 / 0.7101 / 0.7210 / 0.8636, as did 0.4.0's
+# ensemble 0.8345 / 0.7904 / 0.7062 / 0.7301 / 0.8634 and 0.3.0's 0.8195 / 0.7934 / 0.6896 / 0.7281 / 0.8502)
+MEASURED = {"brainstem": 0.8097, "spinal_cord": 0.8177, "left_parotid": 0.6573, "right_parotid": 0.6747,
+            "mandible": 0.8442}
 TOLERANCE = 0.03
 
 pytestmark = pytest.mark.skipif(not (DATA / "dataset.json").is_file(),
