@@ -4,10 +4,14 @@ for BENCHMARKS.md and a bundle's docs: nothing is measured here, the files are r
 
     .venv/bin/python benchmarks/crossval_report.py bundles/headneck_ct_oar/runs_cv/crossval.json \\
         --baseline runs/baseline_hn30/fold_0/metrics.json
+    .venv/bin/python benchmarks/crossval_report.py bundles/headneck_ct_oar/runs_cv_242/crossval.json \\
+        --against bundles/headneck_ct_oar/runs_cv_long/crossval.json
 
 Tables: per fold (cases, Dice per class, mean; the chosen post-processing's mean); per class over
 all scored cases, Dice and HD95 (mm) without and with the chosen post-processing; with
-``--baseline``, the baseline's folds against ours on exactly the baseline's cases.
+``--baseline``, the baseline's folds against ours on exactly the baseline's cases; with ``--against``,
+another cross-validation of the same split, paired case by case (mean difference, its standard
+error, cases better) per fold, on the cases both scored, with each one's chosen post-processing.
 """
 
 from __future__ import annotations
@@ -85,10 +89,40 @@ def baseline_table(cv: dict, baseline: dict) -> list[str]:
     return lines
 
 
+def _case_means(cv: dict) -> dict[str, float]:
+    """Mean Dice over classes per case, with the chosen post-processing where there is one."""
+    cases = cv["postprocessing"].get("cases") or cv["cases"]
+    return {i: float(np.mean(list(c["dice"].values()))) for i, c in cases.items()}
+
+
+def paired_table(cv: dict, other: dict) -> list[str]:
+    """``cv`` against ``other`` (the same split), paired per case, per fold and over all common cases."""
+    a, b = _case_means(cv), _case_means(other)
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise SystemExit("the two cross-validations have no scored case in common")
+    moved = [i for i in common if cv["cases"][i]["fold"] != other["cases"][i]["fold"]]
+    if moved:
+        raise SystemExit(f"{moved[0]} is in different folds of the two cross-validations (another split?)")
+    pa, pb = cv["postprocessing"]["chosen"], other["postprocessing"]["chosen"]
+    lines = [f"| fold | cases | other ({pb}) | this ({pa}) | paired difference +- se | cases better |",
+             "|---|---:|---:|---:|---:|---:|"]
+    folds = sorted({cv["cases"][i]["fold"] for i in common})
+    for k in [*folds, None]:
+        ids = [i for i in common if k is None or cv["cases"][i]["fold"] == k]
+        d = np.array([a[i] - b[i] for i in ids])
+        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        name = "**all**" if k is None else str(k)
+        lines.append(f"| {name} | {len(ids)} | {_f(np.mean([b[i] for i in ids]))} | {_f(np.mean([a[i] for i in ids]))} "
+                     f"| {d.mean():+.4f} +- {_f(se)} | {int((d > 0).sum())} / {len(d)} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("crossval", type=Path, help="crossval.json")
     ap.add_argument("--baseline", type=Path, action="append", default=[], help="monai_baseline.py metrics.json")
+    ap.add_argument("--against", type=Path, help="another crossval.json of the same split, compared case by case")
     a = ap.parse_args()
     cv = json.loads(a.crossval.read_text())
     print(f"{cv['cases_scored']} of {cv['cases_total']} cases scored ({cv['bundle']}, {cv['folds']} folds)\n")
@@ -102,6 +136,9 @@ def main() -> None:
         print(f"MONAI baseline fold {b['fold']}: {b['epochs']} epochs, {b['samples']} samples in {b['train_s']} s "
               f"({b.get('samples_per_s', '-')} samples/s, {b['threads']} threads), lr {b.get('lr', '-')}\n")
         print("\n".join(baseline_table(cv, b)) + "\n")
+    if a.against:
+        print(f"paired against {a.against}:\n")
+        print("\n".join(paired_table(cv, json.loads(a.against.read_text()))) + "\n")
 
 
 if __name__ == "__main__":
