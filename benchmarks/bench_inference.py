@@ -12,7 +12,9 @@ Methods, each on its own copy of the network:
   ``--variant NAME ID=VALUE ...`` (VALUE is JSON, or a plain string), e.g.
   ``--variant ot-96 tiling=overlap-tile tile_window=[96,96,64]``. ``policy=fp32`` in a variant
   sets ``SEGPIPE_CPU_BF16=0`` while it runs: ``amp`` then computes in fp32, which is what a CPU
-  without native bf16 runs. Default variants: ``bundle`` (as shipped) and ``bundle/fp32``.
+  without native bf16 runs. ``inferer.ARG=VALUE`` sets an argument of the predictor that is no
+  bundle id (e.g. ``inferer.reuse_constant=false``: every constant window computed, not reused).
+  Default variants: ``bundle`` (as shipped) and ``bundle/fp32``.
 
 For every case the methods run in turn, the order rotating from case to case and repeat to repeat;
 a method's time is the sum over the cases (median over repeats). Dice is per case and foreground
@@ -82,14 +84,20 @@ def policy(name: str | None):
 
 
 def bundle_variant(bundle: str, net: torch.nn.Module, overrides: dict[str, Any]) -> tuple[Method, str]:
-    settings = {k: v for k, v in overrides.items() if k != "policy"}
+    settings = {k: v for k, v in overrides.items() if k != "policy" and not k.startswith("inferer.")}
     parser = load_bundle(ROOT / "bundles" / bundle, ("common.json", "inference.json"), settings)
     inferer = get(parser, "inferer")
     kw = inferer.kwargs
+    for k, v in overrides.items():  # predictor arguments that are no bundle id, e.g. inferer.reuse_constant=false
+        if k.startswith("inferer."):
+            if k[len("inferer."):] not in kw:
+                raise SystemExit(f"variant {k}: the inferer has no argument {k[len('inferer.'):]!r}")
+            kw[k[len("inferer."):]] = v
     what = (f"tiling {kw['tiling']}, " + (f"margin {kw['margin']}, overlap {kw['overlap']}" if kw["tiling"] == "blend"
             else f"tile_margin {kw['tile_margin']}, tile_window {kw['tile_window']}")
             + f", tta {kw['tta']}" + (f" (axes {kw['tta_axes']}, shift {kw['tta_shift']})" if kw["tta"] else "")
-            + f", amp {kw['amp']}, policy {overrides.get('policy', 'cpu')}")
+            + f", amp {kw['amp']}, policy {overrides.get('policy', 'cpu')}"
+            + ("" if kw.get("reuse_constant", True) else ", every constant window computed"))
     label = overrides.get("policy")
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +149,8 @@ def main() -> None:
         spatial = len(roi)
         tta_fn = window_predictor(tta_net, spatial, True, False, torch.device("cpu"), None,
                                   tta_axes=parser.get_parsed_content("tta_axes") if "tta_axes" in parser else None,
-                                  tta_shift=int(parser.get_parsed_content("tta_shift")) if "tta_shift" in parser else 0)
+                                  tta_shift=int(parser.get_parsed_content("tta_shift")) if "tta_shift" in parser else 0,
+                                  reuse_constant=False)
 
         def monai_tta(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():

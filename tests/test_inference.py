@@ -82,6 +82,56 @@ def test_auto_margin_adds_context_but_no_windows() -> None:
         resolve_margin(roi, "wide", x.shape[2:], 0.5)
 
 
+def _air_volume() -> torch.Tensor:
+    """A 2-channel CT-like volume: two bodies in air that is one value per channel (air clipped by a
+    window), two different air values on either side of the middle, so both reuse keys occur."""
+    torch.manual_seed(1)
+    x = torch.full((1, 2, 80, 64, 40), -0.5)
+    x[:, 1] = 0.25
+    x[:, :, 40:] -= 1.0
+    x[:, :, 6:20, 8:30, 10:26] = torch.rand(1, 2, 14, 22, 16)
+    x[:, :, 48:60, 20:40, 4:18] = torch.rand(1, 2, 12, 20, 14)
+    return x
+
+
+@pytest.mark.parametrize("options", [dict(tiling="blend", margin="auto"), dict(tiling="blend", tta=True, tta_axes=[0]),
+                                     dict(tiling="overlap-tile", tta=True, tta_axes=[1], tile_margin=2)])
+def test_constant_windows_are_computed_once_with_the_same_output(options: dict) -> None:
+    torch.manual_seed(0)
+    net = UNet(3, 2, 3, channels=(4, 8, 16), strides=(2, 2), norm="instance").eval()
+    seen: list[torch.Tensor] = []
+
+    def counted(w: torch.Tensor) -> torch.Tensor:
+        seen.append(w.flatten(2))
+        return net(w)
+
+    x = _air_volume()
+    runs = {}
+    for reuse in (False, True):
+        seen.clear()
+        runs[reuse] = predict_tiles(counted, x, (16, 16, 16), sw_batch_size=3, reuse_constant=reuse, **options)
+        constant = [bool(((w.amax(2) == w.amin(2)).all(1)).any()) for w in seen]
+        runs[reuse, "windows"] = sum(w.shape[0] for w in seen)
+        runs[reuse, "constant calls"] = sum(constant)
+    torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=0)
+    assert runs[True, "windows"] < 0.6 * runs[False, "windows"], (runs[True, "windows"], runs[False, "windows"])
+    assert runs[False, "constant calls"] > runs[True, "constant calls"] > 0
+
+
+def test_reuse_keeps_windows_of_different_constants_apart() -> None:
+    seen: list[float] = []
+
+    def net(w: torch.Tensor) -> torch.Tensor:  # position-free, value-dependent output
+        seen.extend(float(v) for v in w.flatten(1)[:, 0])
+        return torch.cat([w.exp(), w], dim=1)
+
+    x = torch.zeros(1, 1, 40, 16, 16)
+    x[:, :, 24:] = 2.0
+    out = predict_tiles(net, x, (8, 16, 16), overlap=0.0, margin=0, sw_batch_size=2)
+    torch.testing.assert_close(out[:, 1:], x)
+    assert sorted(set(seen)) == [0.0, 2.0] and len(seen) == 2  # 5 windows, one per value computed
+
+
 @pytest.mark.parametrize("shape,pads", [((1, 1, 5, 4, 3), [(2, 1), (3, 3), (1, 2)]),
                                         ((1, 2, 3, 2, 4), [(7, 11), (5, 1), (9, 0)])])
 def test_mirror_pad_matches_numpy_reflect(shape: tuple[int, ...], pads: list[tuple[int, int]]) -> None:
