@@ -118,6 +118,8 @@ def main() -> None:
                     help="a bundle inferer variant: name, then overrides (repeatable)")
     ap.add_argument("--monai-tta", action="store_true", help="also MONAI's loop with the bundle's TTA (fp32)")
     ap.add_argument("--no-monai", action="store_true")
+    ap.add_argument("--monai-batch", type=int, nargs="+", default=None, metavar="N",
+                    help="also MONAI at these sw_batch_size values (the reference stays at the bundle's)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--weights", default=None, help="model.pt to use instead of the bundle's models/model.pt "
                     "(e.g. runs_cv/fold_0/model.pt for fold 0's held-out cases)")
@@ -144,6 +146,11 @@ def main() -> None:
             with torch.no_grad():
                 return sliding_window_inference(x, roi, bs, monai_net, overlap=0.5, mode="gaussian")
         methods["monai"], about["monai"] = monai, f"sliding_window_inference fp32, roi {roi}, overlap 0.5, gaussian, bs {bs}"
+        for other in a.monai_batch or []:
+            def monai_bs(x: torch.Tensor, n: int = other) -> torch.Tensor:
+                with torch.no_grad():
+                    return sliding_window_inference(x, roi, n, monai_net, overlap=0.5, mode="gaussian")
+            methods[f"monai bs{other}"], about[f"monai bs{other}"] = monai_bs, f"the same at sw_batch_size {other}"
     if a.monai_tta:
         tta_net = copy.deepcopy(net)
         spatial = len(roi)

@@ -16,7 +16,7 @@ Constant windows (every voxel of each channel one value: air below a CT window, 
 z-scoring) are computed once per value and reused (``reuse_constant_windows``): the same output, a
 third fewer network calls on the head-and-neck CTs.
 
-Speed on CPU: ``torch.inference_mode``, channels-last 3D windows and weights, several windows per
+Speed on CPU: ``torch.inference_mode``, channels-last 3D windows and weights in bf16, several windows per
 network call, and opt-in ``compile`` (torch.compile with inductor freezing: the largest gain
 measured, see BENCHMARKS.md). ``amp`` asks ``pipeline.amp`` for the autocast dtype of the
 device the network runs on (bf16 on CPUs that compute it natively and on recent GPUs, fp16 on
@@ -330,7 +330,8 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
     (``window_predictor``); None (default): no swap.
     ``device``: where the network runs (default: its parameters' device).
     ``stitch_device``: where the full-size output is accumulated (default: ``device``, falling
-    back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D.
+    back to the CPU when CUDA runs out of memory). ``channels_last``: None = on for CPU 3D in bf16
+    (in fp32 channels-first oneDNN convolutions were measured faster).
     ``compile``: on CPU, run the network through ``compiled`` (weights frozen at the first call:
     for fixed weights only, e.g. batch prediction; not for validation during training).
     ``amp``: autocast the windows with ``pipeline.amp.autocast_dtype`` for the run device
@@ -351,14 +352,15 @@ def predict_tiles(network: Callable[..., Any], inputs: torch.Tensor, roi_size: S
         _, tiles = tile_plan(shape, roi, tw, tm, ensure_tuple_rep(tile_multiple, spatial_dims))
         pads = plan_padding(shape, tiles)
     run_device = torch.device(device) if device is not None else _module_device(network, x.device)
-    if channels_last is None:
-        channels_last = run_device.type == "cpu" and spatial_dims == 3
+    dtype = autocast_dtype(run_device, amp)
+    if channels_last is None:  # fp32 on a CPU: channels-first measured faster (BENCHMARKS.md)
+        channels_last = run_device.type == "cpu" and spatial_dims == 3 and dtype == torch.bfloat16
     if channels_last and isinstance(network, torch.nn.Module):
         network.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
     compile = compile and run_device.type == "cpu" and isinstance(network, torch.nn.Module)
     if compile:  # measured on CPU only (see BENCHMARKS.md); on CUDA, AMP is the lever
         network = compiled(network)
-    fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, autocast_dtype(run_device, amp),
+    fn = window_predictor(network, spatial_dims, tta, channels_last, run_device, dtype,
                           batch_size=sw_batch_size if compile else 0, tta_axes=tta_axes, tta_shift=tta_shift,
                           lateral_pairs=lateral_pairs, lateral_axis=lateral_axis, reuse_constant=reuse_constant)
     out_device = torch.device(stitch_device) if stitch_device is not None else run_device
