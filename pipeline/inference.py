@@ -235,15 +235,8 @@ def reuse_constant_windows(predictor: Callable[[torch.Tensor], torch.Tensor]) ->
             if key is not None and key not in cache:
                 cache[key] = predictor(x[i:i + 1])
         varying = [i for i, c in enumerate(const) if not c]
-        y_varying = predictor(x[varying]) if varying else None
-        first = y_varying if y_varying is not None else cache[next(k for k in keys if k is not None)]
-        y = first.new_empty((x.shape[0], *first.shape[1:]))
-        if y_varying is not None:
-            y[varying] = y_varying
-        for i, key in enumerate(keys):
-            if key is not None:
-                y[i] = cache[key][0]
-        return y
+        rest = iter(predictor(x[varying]).split(1) if varying else ())
+        return torch.cat([cache[key] if key is not None else next(rest) for key in keys])
 
     return run
 
