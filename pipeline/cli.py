@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         # construction that an optional GPU DICOM decoder is absent; highdicom logs each copied module
         logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
         logging.getLogger("highdicom").setLevel(logging.WARNING)
+        # MLflow's SQL store logs every database error with a traceback before raising it, and
+        # pipeline.tracking reports that failure in one line (records kept in the run's journal)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     try:
         return int(a.func(a) or 0)

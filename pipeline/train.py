@@ -314,7 +314,8 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         tracker.log_artifact(config_path, "config")
         tracker.start_system_metrics()
         attach_tracker(tracker, trainer, progress_png=output_dir / "progress.png")
-        log.info("MLflow run: %s", tracker.address())
+        if tracker.run_id:  # no run when the store failed at the start (the tracker said so, once)
+            log.info("MLflow run: %s", tracker.address())
     # last of the epoch handlers: a checkpoint for epoch N means its validation, metrics and MLflow records are
     # written, so a run killed at any moment resumes with nothing of epoch N missing from the tracker
     checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, int(_setting(parser, "checkpoint_interval")))
