@@ -175,9 +175,11 @@ def test_tta_uses_all_eight_flips() -> None:
         calls.append(w)
         return torch.cat([w, -w], dim=1)
 
-    predict_tiles(net, torch.rand(1, 1, 8, 8, 8), (8, 8, 8), margin=0, tta=True)
-    firsts = {tuple(c[0, 0, 0, 0, :2].tolist()) + tuple(c[0, 0, -1, -1, -2:].tolist()) for c in calls}
-    assert len(calls) == 8 and len(firsts) == 8
+    predict_tiles(net, torch.rand(1, 1, 8, 8, 8), (8, 8, 8), margin=0, tta=True)  # sw_batch_size 4
+    assert [len(c) for c in calls] == [4, 4]  # the 8 passes of one window share calls
+    windows = [w for c in calls for w in c]
+    firsts = {tuple(w[0, 0, 0, :2].tolist()) + tuple(w[0, -1, -1, -2:].tolist()) for w in windows}
+    assert len(windows) == 8 and len(firsts) == 8
 
 
 # ---------------------------------------------------------------- source geometry
@@ -436,6 +438,32 @@ def test_tta_shift_averages_shifted_passes_moved_back():
     expected = acc / count
     assert torch.allclose(out[..., 1:4, 1:5, 1:6], expected[..., 1:4, 1:5, 1:6], atol=1e-5)
     assert not torch.allclose(out, p0, atol=1e-3)
+
+
+def test_tta_passes_of_a_small_batch_share_network_calls() -> None:
+    """One window with 14 TTA passes (left-right flips x 7 shifts) runs in 4 network calls of up to
+    sw_batch_size 4 windows instead of 14 calls of one, with the output of one call per pass
+    (sw_batch_size 1); a batch that already fills sw_batch_size keeps one call per pass."""
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, channels=(4, 8), strides=(2,)).eval()
+    sizes: list[int] = []
+
+    def counted(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.shape[0])
+        return net(t)
+
+    x = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(1))
+    kw = dict(roi_size=(12, 12, 12), margin=0, tta=True, tta_axes=[0], tta_shift=2)
+    grouped = predict_tiles(counted, x, sw_batch_size=4, **kw)
+    assert sizes == [4, 4, 4, 2]
+    sizes.clear()
+    single = predict_tiles(counted, x, sw_batch_size=1, **kw)
+    assert sizes == [1] * 14
+    assert torch.allclose(grouped, single, atol=1e-5)
+    sizes.clear()
+    long = torch.rand(1, 1, 12, 12, 40, generator=torch.Generator().manual_seed(2))
+    predict_tiles(counted, long, **{**kw, "roi_size": (12, 12, 10)}, sw_batch_size=4, overlap=0.0)
+    assert sizes == [4] * 14
 
 
 @pytest.mark.slow
