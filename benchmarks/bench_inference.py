@@ -21,6 +21,11 @@ a method's time is the sum over the cases (median over repeats). Dice is per cas
 class against the preprocessed true label (argmax of the output), then averaged over classes and
 cases. The load average is printed with every repeat.
 
+Once a bundle variant has run (the warm-up), the whole process keeps freed memory for reuse
+(``pipeline.cpu_memory``), MONAI's loop included, so the ratios are at equal malloc settings. A
+plain MONAI script keeps glibc's defaults: ``--only-monai`` in one process and ``--no-monai`` in
+another measure each side as its users run it.
+
     .venv/bin/python benchmarks/bench_inference.py --bundle phantom_ct_3d --cases ct-mosaic
     .venv/bin/python benchmarks/bench_inference.py --bundle hippocampus_mri_3d --cases hippocampus --monai-tta
     .venv/bin/python benchmarks/bench_inference.py --bundle cells_2d --cases cells-mosaic --grid 4 4
@@ -118,6 +123,9 @@ def main() -> None:
                     help="a bundle inferer variant: name, then overrides (repeatable)")
     ap.add_argument("--monai-tta", action="store_true", help="also MONAI's loop with the bundle's TTA (fp32)")
     ap.add_argument("--no-monai", action="store_true")
+    ap.add_argument("--only-monai", action="store_true",
+                    help="MONAI alone: segpipe's predictor never runs in this process, so malloc keeps its "
+                         "defaults (pipeline.cpu_memory), as in a plain MONAI script; compare with a --no-monai run")
     ap.add_argument("--monai-batch", type=int, nargs="+", default=None, metavar="N",
                     help="also MONAI at these sw_batch_size values (the reference stays at the bundle's)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
@@ -131,7 +139,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
-    variants = a.variant or [["bundle"], ["bundle/fp32", "policy=fp32"]]
+    variants = [] if a.only_monai else a.variant or [["bundle"], ["bundle/fp32", "policy=fp32"]]
     net, parser = bundle_network(a.bundle, weights=a.weights)
     roi = tuple(int(r) for r in parser.get_parsed_content("roi_size"))
     bs = int(parser.get_parsed_content("sw_batch_size"))
