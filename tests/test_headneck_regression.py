@@ -12,8 +12,9 @@ The cases are two of fold 0's: the fold-0 model never saw them, the other four f
 them. The floor guards the product path; generalisation is the cross-validation's out-of-fold Dice
 (the bundle's docs/README.md). Two CTs of different spacing (4.7 x 4.7 x 3.0 mm, resampled, and the
 grid's own 3.9 x 3.9 x 2.5 mm), one with the weakest parotids of the three measured: the five-model
-ensemble takes about 2 minutes for them on two cores with native bf16 and about 4 in fp32 (a third,
-larger CT, kbp_train_013, made the fp32 run 7 minutes and the fp32 suite 10.5).
+ensemble takes about 2 minutes for them on two cores with native bf16 and about 4.5 in fp32 (272 s
+alone on a 2-core EPYC without bf16; a third, larger CT, kbp_train_013, made the fp32 run 7 minutes
+and the fp32 suite 10.5 before CPU inference kept freed memory for reuse).
 
 Needs ``../shared/data/OpenKBP_HN_CT`` (present in CI); skips, saying so, where it is absent.
 """
