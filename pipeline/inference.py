@@ -16,9 +16,10 @@ Constant windows (every voxel of each channel one value: air below a CT window, 
 z-scoring) are computed once per value and reused (``reuse_constant_windows``): the same output, a
 third fewer network calls on the head-and-neck CTs.
 
-Speed on CPU: ``torch.inference_mode``, channels-last 3D windows and weights in bf16, several windows per
-network call, and opt-in ``compile`` (torch.compile with inductor freezing: the largest gain
-measured, see BENCHMARKS.md). ``amp`` asks ``pipeline.amp`` for the autocast dtype of the
+Speed on CPU: ``torch.inference_mode``, freed memory kept for reuse (``pipeline.cpu_memory``: no
+page faults for each window's activations, 1.5x), channels-last 3D windows and weights in bf16,
+several windows per network call (the TTA passes of a smaller batch too: ``grouped_calls``), and
+opt-in ``compile`` (torch.compile with inductor freezing; 0.89-1.09x in fp32, see BENCHMARKS.md). ``amp`` asks ``pipeline.amp`` for the autocast dtype of the
 device the network runs on (bf16 on CPUs that compute it natively and on recent GPUs, fp16 on
 older GPUs, fp32 otherwise); the default is fp32.
 On CUDA the stitched volume lives on the GPU unless that runs out of memory; then the call is
