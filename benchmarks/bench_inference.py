@@ -224,9 +224,16 @@ def main() -> None:
         mean_dice = statistics.mean(statistics.mean(c) for c in dice[k])
         ag = statistics.mean(agree[k]) if agree[k] else float("nan")
         rows[k] = {"seconds": times[k], "median_s": med, "mvox_s": nvox / med / 1e6, "ratio": ref / med,
-                   "mean_dice": mean_dice, "dice_per_class": per_class, "agreement": ag, "about": about[k]}
+                   "mean_dice": mean_dice, "dice_per_class": per_class, "agreement": ag, "about": about[k],
+                   "dice_per_case": dict(zip((c[0] for c in cases), dice[k], strict=True))}
         print(f"| {k} | {med:.2f} | {nvox / med / 1e6:.2f} | {ref / med:.2f}x | {mean_dice:.4f} | "
               f"{' / '.join(f'{d:.4f}' for d in per_class)} | {100 * ag:.2f}% |")
+    if len(cases) > 1:  # per case, mean Dice over classes: the paired difference is what decides a variant
+        base = [statistics.mean(c) for c in dice[order[0]]]
+        for k in order[1:]:
+            diff = [statistics.mean(c) - b for c, b in zip(dice[k], base, strict=True)]
+            print(f"{k} - {order[0]}: mean Dice {statistics.mean(diff):+.4f} +- {statistics.stdev(diff) / len(diff) ** 0.5:.4f} "
+                  f"(standard error), better on {sum(d > 0 for d in diff)} / {len(diff)} cases")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"bundle": a.bundle, "cases": a.cases, "n_cases": len(cases), "mvox": nvox / 1e6,
