@@ -14,9 +14,9 @@ Then every validation case is predicted by the model that did not see it (``OUT/
 the bundle's own inference path) and scored against its label: ``OUT/crossval.json`` holds Dice
 and HD95 per case, per fold and over all cases (mean, sd), and the post-processing chosen on
 those out-of-fold masks as nnU-Net does: keeping the largest connected component of all
-foreground, then of each class, is switched on only where it raises the out-of-fold mean Dice
-(``postprocessing``: each candidate's Dice, and the chosen one's Dice and HD95 per case, over all
-cases and per fold).
+foreground, or of each class, is switched on only where it raises the out-of-fold mean Dice, and
+per class only for the classes whose Dice it raises (``choose_postprocessing``; ``postprocessing``:
+each candidate's Dice, and the chosen one's Dice and HD95 per case, over all cases and per fold).
 
 MLflow: one parent run (``crossval-<bundle>``) with a nested child run per fold (the folds'
 training runs); the out-of-fold summary is logged on the parent. ``export_ensemble`` copies the
@@ -177,13 +177,36 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
 
 # -- scoring and post-processing ----------------------------------------------------------------------
 CANDIDATES = ("none", "largest_foreground", "largest_per_class")
+#: keep-largest only for the classes whose out-of-fold Dice it raises (nnU-Net's per-class decision)
+SELECTED = "largest_where_it_helps"
 
 
-def postprocess_options(candidate: str, n_classes: int) -> dict[str, Any]:
-    """The ``postprocess`` id (``pipeline.postprocess.label_cleanup``) of a candidate."""
+def postprocess_options(candidate: str, n_classes: int, classes: list[int] | None = None) -> dict[str, Any]:
+    """The ``postprocess`` id (``pipeline.postprocess.label_cleanup``) of a candidate; ``classes``:
+    the labels ``SELECTED`` keeps the largest component of."""
     fg = list(range(1, n_classes))
     return {"none": {}, "largest_foreground": {"keep_largest_foreground": True},
-            "largest_per_class": {"keep_largest": fg}}[candidate]
+            "largest_per_class": {"keep_largest": fg}, SELECTED: {"keep_largest": list(classes or [])}}[candidate]
+
+
+def choose_postprocessing(candidates: dict[str, list[list[float]]]) -> tuple[str, list[int]]:
+    """The candidate with the highest out-of-fold mean Dice (``none`` unless another gains), and
+    the classes (1-based) whose Dice keep-largest raises. ``candidates``: per candidate of
+    ``CANDIDATES``, Dice per case and foreground class. Keep-largest of one class leaves every other
+    class's voxels as they are, so the per-class choice's Dice is, class by class, the better of
+    ``none`` and ``largest_per_class``: it differs from keeping the largest of every class where a
+    class is several separate structures (both kidneys under one label), which that would cut."""
+    if not candidates["none"]:
+        return "none", []
+    none, each = np.array(candidates["none"]), np.array(candidates["largest_per_class"])
+    helps = [c + 1 for c in range(none.shape[1]) if each[:, c].mean() > none[:, c].mean() + 1e-6]
+    selected = np.where(np.isin(np.arange(1, none.shape[1] + 1), helps), each, none)
+    candidates[SELECTED] = selected.tolist()
+    means = {c: float(np.mean(v)) for c, v in candidates.items()}
+    best = max(CANDIDATES, key=lambda c: (means[c] > means["none"] + 1e-6, means[c]))  # none unless one gains
+    if helps and means[SELECTED] > means[best] + 1e-6:  # some class is cut by keep-largest
+        best = SELECTED
+    return best, helps
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
@@ -209,9 +232,9 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
     labels = m["labels"]
     names = [labels[str(i)] for i in range(len(labels))]
     refs = {e["id"]: e["label"] for e in m["training"]}
-    def cleaned(pred: np.ndarray, candidate: str) -> np.ndarray:
+    def cleaned(pred: np.ndarray, options: dict[str, Any]) -> np.ndarray:
         tensor = torch.as_tensor(pred.astype(np.int64))[None]
-        return np.asarray(label_cleanup(postprocess_options(candidate, len(names)))(tensor)[0])
+        return np.asarray(label_cleanup(options)(tensor)[0])
 
     def row(k: int, pred: np.ndarray, ref: np.ndarray, spacing: Any) -> dict[str, Any]:
         metrics = case_metrics(pred, ref, spacing, labels)
@@ -231,17 +254,18 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
             per_case[sid] = row(k, pred, ref, spacing)
             found.append((k, sid, mask))
             for c in CANDIDATES:
-                candidates[c].append(_dice(cleaned(pred, c), ref, len(names)))
+                candidates[c].append(_dice(cleaned(pred, postprocess_options(c, len(names))), ref, len(names)))
+    best, helps = choose_postprocessing(candidates)
     means = {c: float(np.mean(v)) if v else math.nan for c, v in candidates.items()}  # over cases and classes
     per_class = {c: {n: float(np.mean([d[i] for d in v])) for i, n in enumerate(names[1:])} if v else {}
                  for c, v in candidates.items()}
-    best = max(CANDIDATES, key=lambda c: (means[c] > means["none"] + 1e-6, means[c]))  # none unless one gains
+    options = postprocess_options(best, len(names), helps)
     # the chosen post-processing's Dice and HD95 (removed fragments far away change the HD95 most)
     chosen_cases = dict(per_case)
     if best != "none":
         for k, sid, mask in found:
             ref, _, spacing = read_label(refs[sid])
-            chosen_cases[sid] = row(k, cleaned(read_label(mask)[0], best), ref, spacing)
+            chosen_cases[sid] = row(k, cleaned(read_label(mask)[0], options), ref, spacing)
     chosen_rows = list(chosen_cases.values())
     result = {
         "bundle": name, "manifest": str(manifest), "folds": len(cases), "cases_scored": len(per_case),
@@ -250,7 +274,8 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
         "per_fold": {str(k): _summary([v for v in per_case.values() if v["fold"] == k], names[1:])
                      for k in range(len(cases))},
         "postprocessing": {"mean_dice": means, "dice": per_class, "chosen": best,
-                           "postprocess": postprocess_options(best, len(names)),
+                           "postprocess": options,
+                           "keep_largest_helps": [names[c] for c in helps],
                            "summary": _summary(chosen_rows, names[1:]),
                            "per_fold": {str(k): _summary([v for v in chosen_rows if v["fold"] == k], names[1:])
                                         for k in range(len(cases))},

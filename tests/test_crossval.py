@@ -194,3 +194,36 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     torch.save(other, bundle / "models" / "fold_1.pt")
     with pytest.raises(InputError, match=r"fold_1\.pt: weights do not fit"):
         predict(bundle, studies, tmp_path / "bad", device="cpu", progress=False)
+
+
+def test_keep_largest_is_chosen_per_class_and_spares_a_label_of_two_structures(tmp_path: Path) -> None:
+    """Out-of-fold masks where keep-largest helps one class (a stray blob) and would cut the other
+    (a label of two separate structures, as both kidneys under one name): it is switched on for
+    the first class only, and the chosen masks score perfectly."""
+    from pipeline.crossval import SELECTED, score
+
+    affine = np.array([[0.0, -1.5, 0, 20], [1.2, 0, 0, -7], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    ref = np.zeros((40, 32, 12), np.uint8)
+    ref[4:10, 4:10, 3:8] = 1
+    ref[28:34, 4:10, 3:8] = 1  # "kidneys": two structures, one label
+    ref[14:24, 18:28, 2:10] = 2
+    entries = []
+    (tmp_path / "oof").mkdir()
+    for i in range(2):
+        for kind, data in (("img", ref.astype(np.float32)), ("lab", ref)):
+            nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{kind}_{i}.nii.gz")
+        pred = ref.copy()
+        pred[30 + i:33, 24:28, 1:3] = 2  # a stray blob of class 2, far from its organ
+        nib.save(nib.Nifti1Image(pred, affine), tmp_path / "oof" / f"case{i}.nii.gz")
+        entries.append({"image": f"img_{i}.nii.gz", "label": f"lab_{i}.nii.gz", "id": f"case{i}"})
+    manifest = tmp_path / "dataset.json"
+    manifest.write_text(json.dumps({"labels": {"0": "background", "1": "kidney", "2": "liver"}, "training": entries}))
+
+    result = score(tmp_path, manifest, [["case0"], ["case1"]], "x")
+    pp = result["postprocessing"]
+    assert pp["dice"]["none"]["kidney"] == pytest.approx(1.0) and pp["dice"]["none"]["liver"] < 0.99
+    assert pp["dice"]["largest_per_class"]["kidney"] < 0.7  # keep-largest of every class cuts a kidney
+    assert pp["chosen"] == SELECTED and pp["postprocess"] == {"keep_largest": [2]}
+    assert pp["keep_largest_helps"] == ["liver"]
+    assert pp["mean_dice"][SELECTED] == pytest.approx(1.0) and pp["summary"]["mean_dice"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "crossval.json").read_text())["postprocessing"]["chosen"] == SELECTED
