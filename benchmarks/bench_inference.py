@@ -114,7 +114,7 @@ def bundle_variant(bundle: str, net: torch.nn.Module, overrides: dict[str, Any])
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", default="phantom_ct_3d")
-    ap.add_argument("--cases", default="ct-mosaic", help="ct-mosaic, ct-cohort, hippocampus, cells-mosaic, manifest:PATH")
+    ap.add_argument("--cases", default="ct-mosaic", help="ct-mosaic, ct-cohort, hippocampus, cells-mosaic, manifest:PATH, split:SPLITS_JSON:FOLD")
     ap.add_argument("--n", type=int, default=None, help="number of cases (hippocampus: default all 42)")
     ap.add_argument("--grid", type=int, nargs="+", default=None, help="mosaic grid (default 5 5 4 / 4 4)")
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="mosaic / cohort seed(s): one case each")

@@ -13,6 +13,8 @@ their bundle's own ``preprocessing``, true labels, and Dice.
 - ``hippocampus``: MSD Task04 cases of a manifest (default: fold 0, 42 cases).
 - ``manifest:PATH``: the first ``n`` cases of any labelled manifest (e.g. ``runs_cv/fold_0/validation.json``,
   the cases a fold's model did not train on).
+- ``split:PATH:K``: fold ``K``'s validation cases of a cross-validation's ``splits.json`` (e.g.
+  ``split:bundles/headneck_ct_oar/runs_cv_242/splits.json:0``: the CTs fold 0's model never saw).
 - ``cells``: ``segpipe synth --kind cells2d`` images (128x128); ``cells_mosaic``: ``grid`` of them
   side by side.
 
@@ -135,15 +137,30 @@ def hippocampus_files(manifest: Path = HIPPO_MANIFEST, n: int | None = None) -> 
     return [((manifest.parent / e["image"]).resolve(), (manifest.parent / e["label"]).resolve()) for e in entries]
 
 
+def split_files(spec: str, n: int | None = None) -> list[tuple[Path, Path]]:
+    """(image, label) of fold K's validation cases, ``spec`` = ``PATH:K`` (a splits.json, which names
+    its manifest), in the manifest's order; the first ``n`` (all when None)."""
+    from pipeline.manifest import load_manifest
+
+    path, _, k = spec.rpartition(":")
+    split = json.loads(Path(path).read_text())
+    val = set(split["val"][int(k)])
+    entries = [e for e in load_manifest(Path(split["manifest"]))["training"] if e["id"] in val]
+    return [(Path(e["image"]), Path(e["label"])) for e in entries][:n]
+
+
 def load_cases(kind: str, parser: object, n: int | None = None, grid: Sequence[int] | None = None,
                seed: int = 0) -> list[Case]:
-    """Preprocessed cases of ``kind`` (ct-mosaic, ct-cohort, hippocampus, cells, cells-mosaic, manifest:PATH)."""
+    """Preprocessed cases of ``kind`` (ct-mosaic, ct-cohort, hippocampus, cells, cells-mosaic, manifest:PATH,
+    split:PATH:K)."""
     if kind == "ct-mosaic":
         files, remap = [ct_mosaic_files(grid or (4, 4, 3), seed)], None
     elif kind == "ct-cohort":
         files, remap = ct_cohort_files(n or 1, seed), COHORT_TO_PHANTOM
     elif kind == "hippocampus":
         files, remap = hippocampus_files(n=n), None
+    elif kind.startswith("split:"):  # a fold's validation cases of a cross-validation's splits.json
+        files, remap = split_files(kind.split(":", 1)[1], n=n), None
     elif kind.startswith("manifest:"):  # any labelled manifest, e.g. a cross-validation fold's validation.json
         files, remap = hippocampus_files(Path(kind.split(":", 1)[1]), n=n), None
     elif kind == "cells":
