@@ -138,11 +138,19 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
     s = result["summary"]
     print(f"out-of-fold: {result['cases_scored']} of {result['cases_total']} cases, mean Dice {s['mean_dice']:.4f} ("
           + ", ".join(f"{c} {v['mean']:.4f} +- {v['sd']:.4f}" for c, v in s["dice"].items())
-          + f"); post-processing: {result['postprocessing']['chosen']}")
+          + f"); post-processing: {_postprocessing_line(result['postprocessing'])}")
     if a.export:
         for path in export_ensemble(Path(a.bundle), Path(result["output_dir"])):
             print(f"exported {path}")
     return 0
+
+
+def _postprocessing_line(pp: dict) -> str:
+    """The chosen post-processing, with the classes keep-largest applies to when chosen per class."""
+    from pipeline.crossval import SELECTED
+
+    helps = pp.get("keep_largest_helps") or []
+    return f"{pp['chosen']} ({', '.join(helps)})" if pp["chosen"] == SELECTED else pp["chosen"]
 
 
 def _cmd_export_ensemble(a: argparse.Namespace) -> int:
