@@ -2,7 +2,7 @@
 
 ``segpipe predict --preview`` calls :func:`write_preview` for every study it segments
 (``<id>_preview.png``: axial, coronal and sagittal slices through the centre of the largest
-structure, each label in its colour, a legend with its volume in mL) and :func:`write_index`
+structure, each cut to the body, each label in its colour, a legend with its volume in mL) and :func:`write_index`
 after every report update, so ``index.html`` in the output folder follows the batch as it runs
 (while running it reloads itself every 15 s) and, written from ``report.csv``, also lists the
 studies of earlier runs and of other shards. The table sorts by any column (click its header).
@@ -82,6 +82,24 @@ def _views(image: Any, labels: np.ndarray, affine: np.ndarray, at: Sequence[int]
     return out
 
 
+def crop_to_body(img: np.ndarray, lab: np.ndarray, lo: float, hi: float,
+                 pad: float = 0.06) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` and ``lab`` (one view's planes) cut to the box around the body and every labelled
+    pixel, ``pad`` of the plane's size added on each side: a head in a 500 mm CT field of view is a
+    fifth of the picture otherwise. The body is where the image is brighter than a tenth of the
+    way from ``lo`` to ``hi`` (the display window: air below a CT's body, the background of an MR
+    image). Planes the body fills, or that show nothing, are returned whole."""
+    keep = (img > lo + 0.1 * (hi - lo)) | (lab > 0)
+    if not keep.any():
+        return img, lab
+    box = []
+    for axis, n in enumerate(img.shape):
+        hit = np.flatnonzero(keep.any(axis=1 - axis))
+        margin = int(np.ceil(pad * n))
+        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+    return img[tuple(box)], lab[tuple(box)]
+
+
 def write_preview(image_file: Path | str, labels: np.ndarray, affine: np.ndarray, label_names: Sequence[str],
                   volumes_ml: Mapping[str, float], out_file: Path | str, title: str = "") -> Path:
     """Draw ``labels`` (X, Y, Z, the grid of ``image_file``, a NIfTI whose first channel is
@@ -109,6 +127,8 @@ def write_preview(image_file: Path | str, labels: np.ndarray, affine: np.ndarray
         views = _views(image, labels, affine, centre(labels))
     pixels = np.concatenate([v[1].reshape(-1) for v in views])
     lo, hi = np.percentile(pixels, [0.5, 99.5]) if pixels.size else (0.0, 1.0)
+    if len(views) > 1:  # 3D: each view cut to the body (a 2D image is shown whole)
+        views = [(name, *crop_to_body(img, lab, lo, hi), aspect) for name, img, lab, aspect in views]
     colours = label_colours(max(len(label_names), int(labels.max()) + 1))
     cmap = ListedColormap([(0, 0, 0, 0)] + [(*c, 0.5) for c in colours[1:]])
     fig = Figure(figsize=(3.0 * len(views) + 1.8, 3.3), dpi=80)

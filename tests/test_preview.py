@@ -17,7 +17,7 @@ from PIL import Image
 from test_dicom_seg import bundle, phantom, write_dicom  # noqa: F401 - bundle is a fixture
 
 from pipeline.predict_io import write_report
-from pipeline.preview import _views, centre, index_html, write_index, write_preview
+from pipeline.preview import _views, centre, crop_to_body, index_html, write_index, write_preview
 
 NAMES = ["background", "liver", "kidney", "spleen"]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,6 +83,26 @@ def test_centre_is_in_the_largest_structure() -> None:
     labels[18:20, 18:20, 8:10] = 1  # a speck of the same label elsewhere
     assert centre(labels) == (13, 6, 4)  # rounded centre of mass of the big block
     assert centre(np.zeros((4, 6, 8), np.uint8)) == (2, 3, 4)
+
+
+def test_views_are_cut_to_the_body_and_keep_every_label() -> None:
+    """A head in a wide CT field of view: the plane is cut to the body plus a margin; a label
+    outside the body (in air) stays in the picture; a plane the body fills stays whole."""
+    img = np.full((200, 160), -1000.0, np.float32)
+    img[60:100, 50:90] = 40.0  # the body
+    img[70:80, 60:70] = 1200.0  # bone
+    lab = np.zeros(img.shape, np.uint8)
+    lab[72:78, 62:68] = 1
+    cut, cut_lab = crop_to_body(img, lab, -1000.0, 1200.0)
+    assert cut.shape == (40 + 2 * 12, 40 + 2 * 10)  # 6% of 200 and of 160 on each side
+    assert int(cut_lab.sum()) == int(lab.sum()) and cut.max() == 1200.0
+    lab[150, 20] = 2  # a label in the air below the body: the box reaches it
+    cut, cut_lab = crop_to_body(img, lab, -1000.0, 1200.0)
+    assert (cut_lab == 2).sum() == 1 and cut.shape == (163 - 48, 100 - 10)  # rows 60..150, columns 20..89
+    full = np.full((30, 20), 40.0, np.float32)
+    assert crop_to_body(full, np.zeros((30, 20), np.uint8), -1000.0, 1200.0)[0].shape == (30, 20)
+    empty = np.full((30, 20), -1000.0, np.float32)
+    assert crop_to_body(empty, np.zeros((30, 20), np.uint8), -1000.0, 1200.0)[0].shape == (30, 20)
 
 
 def _study(folder: Path, sid: str, shift: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:
