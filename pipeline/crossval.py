@@ -195,7 +195,8 @@ def choose_postprocessing(candidates: dict[str, list[list[float]]]) -> tuple[str
     ``CANDIDATES``, Dice per case and foreground class. Keep-largest of one class leaves every other
     class's voxels as they are, so the per-class choice's Dice is, class by class, the better of
     ``none`` and ``largest_per_class``: it differs from keeping the largest of every class where a
-    class is several separate structures (both kidneys under one label), which that would cut."""
+    class is several separate structures (both kidneys under one label), which that would cut.
+    That choice's Dice per case and class is added to ``candidates`` as ``SELECTED``."""
     if not candidates["none"]:
         return "none", []
     none, each = np.array(candidates["none"]), np.array(candidates["largest_per_class"])
