@@ -89,15 +89,15 @@ def crop_to_body(img: np.ndarray, lab: np.ndarray, lo: float, hi: float,
     fifth of the picture otherwise. The body is where the image is brighter than a tenth of the
     way from ``lo`` to ``hi`` (the display window: air below a CT's body, the background of an MR
     image). Planes the body fills, or that show nothing, are returned whole."""
+    from monai.transforms.utils import generate_spatial_bounding_box
+
     keep = (img > lo + 0.1 * (hi - lo)) | (lab > 0)
     if not keep.any():
         return img, lab
-    box = []
-    for axis, n in enumerate(img.shape):
-        hit = np.flatnonzero(keep.any(axis=1 - axis))
-        margin = int(np.ceil(pad * n))
-        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
-    return img[tuple(box)], lab[tuple(box)]
+    start, end = generate_spatial_bounding_box(keep[None], select_fn=lambda x: x, allow_smaller=True,
+                                               margin=[int(np.ceil(pad * n)) for n in img.shape])
+    box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+    return img[box], lab[box]
 
 
 def write_preview(image_file: Path | str, labels: np.ndarray, affine: np.ndarray, label_names: Sequence[str],
