@@ -20,6 +20,16 @@ from pipeline.errors import SegpipeError, UsageError
 log = logging.getLogger("segpipe")
 
 
+def _manifest(value: str) -> str:
+    """A manifest argument: a dataset.json, or a dataset folder that holds one (nnU-Net v2's raw
+    dataset folder, an MSD task folder)."""
+    if Path(value).is_dir():
+        if not (Path(value) / "dataset.json").is_file():
+            raise argparse.ArgumentTypeError(f"{value}: a folder without a dataset.json")
+        return str(Path(value) / "dataset.json")
+    return value
+
+
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
     """`--set key=value` pairs; values are JSON where they parse, strings otherwise."""
     out: dict[str, Any] = {}
@@ -231,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("validate", help="check every entry of a manifest (dataset.json)")
-    s.add_argument("manifest")
+    s.add_argument("manifest", type=_manifest, help="dataset.json, or the dataset folder that holds it")
     s.add_argument("--allow-outside", action="store_true",
                    help="allow paths outside the manifest's folder")
     s.add_argument("--folds", type=int, default=0, help="also write patient-grouped k-fold splits.json")
@@ -239,12 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("fingerprint", help="dataset statistics -> fingerprint.json")
-    s.add_argument("manifest")
+    s.add_argument("manifest", type=_manifest, help="dataset.json, or the dataset folder that holds it")
     s.add_argument("--out", default=None, help="output file (default: beside the manifest)")
     s.set_defaults(func=_cmd_fingerprint)
 
     s = sub.add_parser("plan", help="plan a complete bundle for a dataset (fingerprint -> decisions -> configs)")
-    s.add_argument("manifest")
+    s.add_argument("manifest", type=_manifest, help="dataset.json, or the dataset folder that holds it")
     s.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
     s.add_argument("--name", default=None, help="bundle name (default: from the manifest's name)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -263,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a bundle")
     s.add_argument("bundle", help="bundle folder")
-    s.add_argument("--manifest", default=None)
+    s.add_argument("--manifest", type=_manifest, default=None, help="dataset.json or its folder")
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.add_argument("--tracking-uri", default=None)
@@ -278,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("crossval", help="k-fold cross-validation: folds, out-of-fold Dice, post-processing")
     s.add_argument("bundle", help="bundle folder")
-    s.add_argument("--manifest", required=True)
+    s.add_argument("--manifest", type=_manifest, required=True, help="dataset.json or its folder")
     s.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     s.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable)")
     s.add_argument("--epochs", type=int, default=None)
@@ -312,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice of predicted masks")
     s.add_argument("--pred", required=True, help="folder of predicted masks")
-    s.add_argument("--ref", required=True, help="manifest with the reference labels")
+    s.add_argument("--ref", type=_manifest, required=True, help="manifest (or its folder) with the reference labels")
     s.add_argument("--out", default=None, help="per-case CSV (default: PRED/metrics.csv)")
     s.add_argument("--run", "--run-id", dest="run_id", default=None, metavar="RUN",
                    help="also log to this MLflow run: its id, or the training's output folder "

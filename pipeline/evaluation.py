@@ -192,8 +192,8 @@ def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, track
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from pipeline.manifest import manifest_hash
     from pipeline.tracking import dataset_input, manifest_dataset, mlflow_key
-    from pipeline.train import manifest_hash
 
     client = MlflowClient(tracking_uri=tracking_uri)
     try:

@@ -2,7 +2,9 @@
 
 A manifest is read as MSD writes it — ``labels`` {"0": "background", ...}, ``training``
 [{image, label}], ``test`` [path or {image}], ``modality`` or ``channel_names`` — so real MSD
-datasets load unchanged; nnU-Net v2's ``labels`` {"background": 0, ...} is accepted too.
+datasets load unchanged; nnU-Net v2's ``labels`` {"background": 0, ...} is accepted too, and an
+nnU-Net v2 raw dataset's dataset.json, which lists no cases (``file_ending``, cases from its
+``imagesTr``/``labelsTr``/``imagesTs`` files or its ``dataset`` object), loads as it is.
 An entry's ``image`` is one file (channels, if several, on its last axis: MSD's 4D images) or a
 list of files, one per channel in channel order (nnU-Net v2's ``case_0000.nii.gz``,
 ``case_0001.nii.gz``); MONAI's ``LoadImaged`` stacks such a list into channels.
@@ -25,6 +27,7 @@ role "val" is empty.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -89,6 +92,9 @@ def parse_manifest(path: Path, allow_outside: bool = False) -> tuple[dict[str, A
         raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: not a manifest (a JSON object with 'labels' and 'training' expected)")
+    v2_problems: list[str] = []
+    if "training" not in raw and "file_ending" in raw:  # nnU-Net v2: the cases are the files
+        raw = {**raw, **nnunet_v2_cases(path, raw, v2_problems)}
     for key in ("labels", "training"):
         if key not in raw:
             raise InputError(f"{path}: manifest lacks {key!r}")
@@ -99,7 +105,7 @@ def parse_manifest(path: Path, allow_outside: bool = False) -> tuple[dict[str, A
     data["manifest_path"] = str(path.resolve())
     allow = allow_outside or raw.get("allow_outside") is True
     root = path.resolve().parent
-    problems: list[str] = []
+    problems: list[str] = v2_problems
     for role, keys in (("training", ("image", "label")), ("test", ("image",))):
         entries, seen = [], {}
         for i, entry in enumerate(raw.get(role) or []):
@@ -114,10 +120,85 @@ def parse_manifest(path: Path, allow_outside: bool = False) -> tuple[dict[str, A
     return data, problems
 
 
+def nnunet_v2_cases(path: Path, raw: dict[str, Any], problems: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """``{"training", "test"}`` entries of an nnU-Net v2 raw dataset, whose dataset.json lists no
+    cases: they are its ``dataset`` object ({case: {"images": [...], "label": ...}}, paths relative
+    to the folder, ``$VARS`` expanded) or else the files, as nnU-Net reads them
+    (``get_filenames_of_train_images_and_targets``): ``imagesTr/<case>_<XXXX><file_ending>`` (channel
+    XXXX) with ``labelsTr/<case><file_ending>``, and ``imagesTs`` alike for the test cases. Files that
+    break the layout (a name without the channel suffix, a missing channel, a label without an
+    image) are problem lines; a non-NIfTI ``file_ending`` is an InputError."""
+    ending = raw.get("file_ending")
+    if ending not in (".nii.gz", ".nii"):
+        raise InputError(f"{path}: file_ending {ending!r}: segpipe reads NIfTI images (\".nii.gz\" or "
+                         f"\".nii\"); convert the dataset's images and labels to NIfTI")
+    root = path.resolve().parent
+    channels = raw.get("channel_names") or raw.get("modality")
+    n_channels = len(channels) if isinstance(channels, dict) and channels else None
+    if isinstance(raw.get("dataset"), dict):
+        training = []
+        for case, e in raw["dataset"].items():
+            images = e.get("images") if isinstance(e, dict) else None
+            if not isinstance(images, list):
+                problems.append(f"dataset[{case!r}]: must be an object with 'images' (a list) and 'label'")
+                continue
+            files = [os.path.expandvars(i) if isinstance(i, str) else i for i in images]
+            label = e.get("label")
+            training.append({"id": str(case), "image": files[0] if len(files) == 1 else files,
+                             "label": os.path.expandvars(label) if isinstance(label, str) else label})
+    elif (root / "imagesTr").is_dir():
+        training = _v2_folder_cases(root, "imagesTr", "labelsTr", ending, n_channels, problems)
+    else:
+        raise InputError(f"{path}: neither 'training' (MSD) nor 'dataset' or an imagesTr folder beside it "
+                         f"(nnU-Net v2)")
+    test = (_v2_folder_cases(root, "imagesTs", None, ending, n_channels, problems)
+            if (root / "imagesTs").is_dir() else [])
+    return {"training": training, "test": test}
+
+
+def _v2_folder_cases(root: Path, images: str, labels: str | None, ending: str, n_channels: int | None,
+                     problems: list[str]) -> list[dict[str, Any]]:
+    """Entries of the ``<case>_<XXXX><ending>`` files of ``root/images``, channels in order, each with
+    ``labels/<case><ending>`` when ``labels`` is given."""
+    named = re.compile(r"(.+)_(\d{4})" + re.escape(ending))
+    by_case: dict[str, dict[int, str]] = {}
+    for f in sorted(p.name for p in (root / images).iterdir() if p.name.endswith(ending)):
+        m = named.fullmatch(f)
+        if m is None:
+            problems.append(f"{images}/{f}: not named <case>_<XXXX>{ending} (nnU-Net v2: XXXX is the channel)")
+            continue
+        by_case.setdefault(m.group(1), {})[int(m.group(2))] = f"{images}/{f}"
+    entries = []
+    for case, files in sorted(by_case.items()):
+        want = n_channels or len(files)
+        if sorted(files) != list(range(want)):
+            problems.append(f"{images}/{case}: channel files {sorted(files)} but channel_names declares "
+                            f"{want} channel(s) (0..{want - 1})")
+            continue
+        paths = [files[c] for c in range(want)]
+        entry = {"id": case, "image": paths[0] if want == 1 else paths}
+        if labels:
+            entry["label"] = f"{labels}/{case}{ending}"
+        entries.append(entry)
+    if labels and (root / labels).is_dir():
+        problems += [f"{labels}/{p.name}: a label without an image in {images}"
+                     for p in sorted((root / labels).iterdir())
+                     if p.name.endswith(ending) and p.name[:-len(ending)] not in by_case]
+    return entries
+
+
 def _msd_labels(path: Path, labels: Any) -> dict[str, str]:
-    """MSD {"0": "background"} as is; nnU-Net v2 {"background": 0} turned round."""
+    """MSD {"0": "background"} as is; nnU-Net v2 {"background": 0} turned round. nnU-Net v2's
+    regions (a name given a list of values) and ignore label are refused in one line."""
     if not isinstance(labels, dict) or not labels:
         raise InputError(f"{path}: 'labels' must be a non-empty object like {{\"0\": \"background\"}}")
+    regions = [k for k, v in labels.items() if isinstance(v, list)]
+    if regions:
+        raise InputError(f"{path}: label {regions[0]!r} is a region (a list of values, nnU-Net v2's "
+                         f"region-based training); segpipe trains one class per label value")
+    if "ignore" in labels and isinstance(labels["ignore"], int):
+        raise InputError(f"{path}: label 'ignore' (nnU-Net v2's ignore label for sparse annotations) is not "
+                         f"supported; every labelled voxel is trained on")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
         return {str(v): str(k) for k, v in sorted(labels.items(), key=lambda kv: kv[1])}
     try:
@@ -173,6 +254,23 @@ def _resolve(root: Path, value: str, key: str, where: str, allow: bool, problems
                             f"folder {root} (set \"allow_outside\": true to allow)")
             return None
     return str(full)
+
+
+def manifest_hash(manifest: Path) -> str:
+    """16 hex digits of the manifest's sha256; for an nnU-Net v2 dataset.json, which lists no cases,
+    of the file and the case files found beside it, so that other files make another hash."""
+    raw = Path(manifest).read_bytes()
+    h = hashlib.sha256(raw)
+    try:
+        lists_cases = "training" in json.loads(raw)
+    except (ValueError, TypeError):
+        lists_cases = True
+    if not lists_cases:
+        data, _ = parse_manifest(Path(manifest), allow_outside=True)
+        names = [[e["id"], *(Path(f).name for f in image_files(e.get("image"))), Path(e.get("label") or "").name]
+                 for e in data["training"] + data["test"]]
+        h.update(json.dumps(names).encode())
+    return h.hexdigest()[:16]
 
 
 def _group_splits(path: Path | str, entries: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, list]]:

@@ -29,7 +29,6 @@ validation; ``verbose`` adds Ignite's and MONAI's own lines and the per-epoch re
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -58,6 +57,7 @@ from pipeline.handlers import (
     attach_weight_average,
     find_model_saver,
 )
+from pipeline.manifest import manifest_hash
 from pipeline.validation import check_contract
 
 log = logging.getLogger(__name__)
@@ -361,10 +361,6 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
     if _setting(parser, "export") and summary["model_path"] and idist.get_rank() == 0:
         summary["exported"] = str(export_model(model, bundle_dir))
     return summary
-
-
-def manifest_hash(manifest: Path) -> str:
-    return hashlib.sha256(Path(manifest).read_bytes()).hexdigest()[:16]
 
 
 def export_model(model_path: Path, bundle_dir: Path) -> Path:

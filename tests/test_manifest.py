@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -279,3 +280,92 @@ def test_one_channel_nnunet_names_get_the_labels_id(tmp_path):
     m = write_manifest(tmp_path, [{"image": "imagesTr/la_003_0000.nii.gz", "label": "labelsTr/la_003.nii.gz"},
                                   {"image": "imagesTr/scan_0000.nii.gz", "label": "labelsTr/other.nii.gz"}])
     assert [e["id"] for e in load_manifest(m)["training"]] == ["la_003", "scan_0000"]
+
+
+def nnunet_v2_dataset(root: Path, n: int = 3) -> Path:
+    """A two-channel nnU-Net v2 raw dataset (imagesTr/<case>_000X, labelsTr/<case>; a dataset.json
+    that lists no cases) made from the synthetic mr2ch studies; returns its folder."""
+    from pipeline.synthetic import write_dataset
+
+    manifest = write_dataset("mr2ch", n, root, shape=(16, 16, 8), channel_layout="files")
+    msd = json.loads(manifest.read_text())
+    (root / "msd.json").write_text(json.dumps(msd))  # the same cases as an MSD list, to compare with
+    manifest.write_text(json.dumps({"name": "Dataset001_T", "channel_names": msd["channel_names"],
+                                    "labels": {v: int(k) for k, v in msd["labels"].items()},
+                                    "numTraining": n, "file_ending": ".nii.gz"}))
+    return root
+
+
+def test_an_nnunet_v2_raw_dataset_loads_as_it_is(tmp_path, monkeypatch):
+    from pipeline.manifest import manifest_hash
+
+    root = nnunet_v2_dataset(tmp_path / "Dataset001_T")
+    before = manifest_hash(root / "dataset.json")
+    (root / "imagesTs").mkdir()
+    for c in (0, 1):
+        (root / "imagesTs" / f"new_{c:04d}.nii.gz").write_bytes((root / f"imagesTr/mr2ch_002_{c:04d}.nii.gz").read_bytes())
+    v2, msd = load_manifest(root / "dataset.json"), load_manifest(root / "msd.json")
+    assert [(e["id"], e["image"], e["label"]) for e in v2["training"]] == \
+        [(e["id"], e["image"], e["label"]) for e in msd["training"]]
+    assert [len(e["image"]) for e in v2["training"]] == [2, 2, 2]
+    assert v2["labels"] == msd["labels"] and validate(root / "dataset.json") == []
+    assert manifest_hash(root / "dataset.json") != before  # the cases are part of the provenance
+    (test,) = v2["test"]
+    assert test["id"] == "new" and test["image"] == [str(root / "imagesTs/new_0000.nii.gz"),
+                                                     str(root / "imagesTs/new_0001.nii.gz")]
+    # the 'dataset' object names the files instead (paths relative to the folder, $VARS expanded)
+    monkeypatch.setenv("T_ROOT", str(root))
+    doc = json.loads((root / "dataset.json").read_text())
+    doc["dataset"] = {"a": {"images": ["$T_ROOT/imagesTr/mr2ch_001_0000.nii.gz", "imagesTr/mr2ch_001_0001.nii.gz"],
+                            "label": "labelsTr/mr2ch_001.nii.gz"}}
+    doc["numTraining"] = 1
+    (root / "dataset.json").write_text(json.dumps(doc))
+    (a,) = load_manifest(root / "dataset.json")["training"]
+    assert a["id"] == "a" and a["image"] == msd["training"][1]["image"] and a["label"] == msd["training"][1]["label"]
+
+
+@pytest.mark.parametrize("break_it, problem", [
+    (lambda r: (r / "imagesTr/mr2ch_001_0001.nii.gz").unlink(),
+     "imagesTr/mr2ch_001: channel files [0] but channel_names declares 2 channel(s)"),
+    (lambda r: (r / "imagesTr/mr2ch_001_0001.nii.gz").rename(r / "imagesTr/mr2ch_001.nii.gz"),
+     "imagesTr/mr2ch_001.nii.gz: not named <case>_<XXXX>.nii.gz"),
+    (lambda r: (r / "labelsTr/mr2ch_000.nii.gz").rename(r / "labelsTr/other.nii.gz"),
+     "labelsTr/other.nii.gz: a label without an image in imagesTr"),
+])
+def test_a_broken_nnunet_v2_layout_is_named(tmp_path, break_it, problem):
+    root = nnunet_v2_dataset(tmp_path / "d")
+    break_it(root)
+    assert any(p.startswith(problem) for p in validate(root / "dataset.json")), validate(root / "dataset.json")
+    with pytest.raises(InputError) as e:
+        load_manifest(root / "dataset.json")
+    assert str(e.value).startswith(f"{root / 'dataset.json'}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"file_ending": ".nrrd"}, "file_ending '.nrrd': segpipe reads NIfTI images"),
+    ({"labels": {"background": 0, "tumour": [1, 2]}}, "label 'tumour' is a region"),
+    ({"labels": {"background": 0, "organ": 1, "ignore": 2}}, "label 'ignore' (nnU-Net v2's ignore label"),
+])
+def test_what_segpipe_cannot_train_from_an_nnunet_v2_dataset_is_one_line(tmp_path, change, error):
+    root = nnunet_v2_dataset(tmp_path / "d", n=2)
+    doc = {**json.loads((root / "dataset.json").read_text()), **change}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=re.escape(error)):
+        load_manifest(root / "dataset.json")
+    (root / "imagesTr").rename(root / "elsewhere")
+    doc["file_ending"] = ".nii.gz"
+    (root / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="neither 'training' .* nor 'dataset' or an imagesTr folder"):
+        load_manifest(root / "dataset.json")
+
+
+def test_the_cli_takes_a_dataset_folder_for_its_manifest(tmp_path, capsys):
+    from pipeline.cli import main
+
+    root = nnunet_v2_dataset(tmp_path / "Dataset001_T", n=4)
+    assert main(["validate", str(root), "--folds", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"{root / 'dataset.json'}: ok")
+    assert (root / "splits.json").is_file() and main(["fingerprint", str(root)]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(tmp_path)])
+    assert e.value.code == 2 and f"{tmp_path}: a folder without a dataset.json" in capsys.readouterr().err

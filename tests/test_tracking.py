@@ -29,8 +29,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoints import list_checkpoints
 from pipeline.errors import UsageError
+from pipeline.manifest import manifest_hash
 from pipeline.tracking import RunTracker, mlflow_key
-from pipeline.train import manifest_hash, train_bundle
+from pipeline.train import train_bundle
 from pipeline.ui import newest_experiment, serve_ui, server_command
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
