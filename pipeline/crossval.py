@@ -47,11 +47,12 @@ TRAINED_FILE = "trained.json"
 
 
 # -- the split --------------------------------------------------------------------------------------
-def fold_cases(manifest: Path, folds: int, seed: int) -> list[list[str]]:
-    """The validation case ids of each fold, as training will see them (``pipeline.manifest.datalist``).
-    Refused in one line: fewer patients than folds, or a ``splits.json`` beside the manifest that
-    does not cover exactly the manifest's cases."""
-    from pipeline.manifest import datalist, load_manifest
+def fold_cases(manifest: Path, folds: int, seed: int, splits: Path | str | None = None) -> list[list[str]]:
+    """The validation case ids of each fold, as training will see them (``pipeline.manifest.datalist``
+    with the bundle's ``splits_file``, ``splits``, where it declares one). Refused in one line: fewer
+    patients than folds, or, without ``splits``, a ``splits.json`` beside the manifest that does not
+    cover exactly the manifest's cases."""
+    from pipeline.manifest import datalist, load_manifest, splits_folds
 
     entries = load_manifest(manifest)["training"]
     groups = {e.get("patient") or f"id:{e['id']}" for e in entries}
@@ -60,17 +61,14 @@ def fold_cases(manifest: Path, folds: int, seed: int) -> list[list[str]]:
     if folds > len(groups):
         raise UsageError(f"--folds {folds}: {manifest} has only {len(groups)} patients")
     saved = Path(manifest).parent / SPLITS_FILE
-    if saved.is_file():
+    if not splits and saved.is_file():
         ids = {e["id"] for e in entries}
-        try:
-            listed = {i for fold in json.loads(saved.read_text())["folds"] for part in fold.values() for i in part}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"{saved}: not a splits file ({e})") from None
+        listed = {i for fold in splits_folds(saved)[0] for part in (fold["train"], fold["val"]) for i in part}
         missing, extra = sorted(ids - listed), sorted(listed - ids)
         if missing or extra:
             what = f"case {missing[0]} missing" if missing else f"case {extra[0]} not in the manifest"
             raise InputError(f"{saved}: does not match {manifest} ({what}; {len(missing)} missing, {len(extra)} extra)")
-    return [[e["id"] for e in datalist(manifest, "val", k, folds, seed)] for k in range(folds)]
+    return [[e["id"] for e in datalist(manifest, "val", k, folds, seed, splits)] for k in range(folds)]
 
 
 # -- the folds ---------------------------------------------------------------------------------------
@@ -88,7 +86,9 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     overrides = dict(overrides or {})
     parser = load_bundle(bundle_dir, ("common.json", "train.json"), overrides)
     seed = int(parser.get_parsed_content("seed"))
-    cases = fold_cases(manifest, folds, seed)
+    # the split training reads: a planned bundle's own splits.json (its splits_file), else the manifest's
+    splits = parser.get_parsed_content("splits_file") if "splits_file" in parser else None
+    cases = fold_cases(manifest, folds, seed, splits)
     chosen = list(range(folds)) if not fold_ids else sorted(set(fold_ids))
     bad = [k for k in chosen if not 0 <= k < folds]
     if bad:

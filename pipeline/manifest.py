@@ -323,18 +323,31 @@ def write_splits(path: Path, k: int = 5, seed: int = 0) -> Path:
     return out
 
 
-def _read_splits(f: Path, k: int, seed: int, ids: set[str]) -> list[dict] | None:
-    """The folds of the splits file ``f`` when it matches k, seed and the ids."""
-    if not f.is_file():
-        return None
+def splits_folds(f: Path) -> tuple[list[dict[str, list[str]]], int | None]:
+    """``(folds, seed)`` of a splits file: ours ({"k", "seed", "folds": [{"train", "val"}, ...]}) or
+    nnU-Net's ``splits_final.json`` (the list of folds alone; seed None). InputError for anything
+    else, and for a fold that has a case in both its train and val lists."""
     try:
-        saved = json.loads(f.read_text())
-        folds = saved["folds"]
-        matches = (saved["k"] == k and saved["seed"] == seed and len(folds) == k
-                   and all(set(fo["train"]) | set(fo["val"]) == ids for fo in folds))
+        saved = json.loads(Path(f).read_text())
+        folds, seed = (saved, None) if isinstance(saved, list) else (saved["folds"], saved["seed"])
+        if isinstance(saved, dict) and saved["k"] != len(folds):
+            raise ValueError(f"k is {saved['k']} but it lists {len(folds)} folds")
+        both = [(i, sorted(set(fo["train"]) & set(fo["val"]))) for i, fo in enumerate(folds)]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{f}: not a splits file ({e}); delete it or rerun `segpipe validate --folds`") from None
-    if not matches:
+    for i, cases in both:
+        if cases:
+            raise InputError(f"{f}: fold {i}: case {cases[0]} is in both its train and val lists")
+    return folds, seed
+
+
+def _read_splits(f: Path, k: int, seed: int, ids: set[str]) -> list[dict] | None:
+    """The folds of the splits file ``f`` when it matches k, seed (not recorded by nnU-Net) and the ids."""
+    if not f.is_file():
+        return None
+    folds, saved_seed = splits_folds(f)
+    if len(folds) != k or saved_seed not in (seed, None) or any(set(fo["train"]) | set(fo["val"]) != ids
+                                                                for fo in folds):
         log.warning("%s does not match k=%d, seed=%d and the manifest's ids; splitting in memory", f, k, seed)
         return None
     return folds

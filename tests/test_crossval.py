@@ -132,6 +132,38 @@ def test_a_fold_carried_without_checkpoints_is_not_trained_again(cv: dict, tmp_p
     assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
 
 
+def test_the_folds_are_those_training_reads_from_the_bundles_splits_file(tmp_path: Path, ct6_dataset: Path,
+                                                                         mlflow_store: str, monkeypatch) -> None:
+    """A bundle that declares ``splits_file`` (planned bundles: their own splits.json) trains on that
+    split, so its out-of-fold cases come from it too, not from a different splits.json beside the
+    manifest: otherwise a fold would be scored on cases it trained on."""
+    import pipeline.train
+
+    data, bundle = tmp_path / "data", tmp_path / "bundle"
+    shutil.copytree(ct6_dataset.parent, data)
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    common = json.loads((bundle / "configs/common.json").read_text())
+    common["splits_file"] = "$@bundle_root + '/splits.json'"
+    (bundle / "configs/common.json").write_text(json.dumps(common))
+    ids = sorted(e["id"] for e in load_manifest(data / "dataset.json")["training"])
+    mine = [{"train": ids[3:], "val": ids[:3]}, {"train": ids[:3], "val": ids[3:]}]
+    (bundle / "splits.json").write_text(json.dumps(mine))  # nnU-Net's splits_final.json form
+    (data / "splits.json").write_text(json.dumps({"k": 2, "seed": 0, "folds": [
+        {"train": ids[:-2], "val": ids[-2:]}, {"train": ids[-2:], "val": ids[:-2]}]}))
+
+    class Trained(Exception):
+        pass
+
+    def train_bundle(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(pipeline.train, "train_bundle", train_bundle)
+    with pytest.raises(Trained):
+        crossval(bundle, data / "dataset.json", folds=2, output_dir=tmp_path / "cv", tracking_uri=mlflow_store,
+                 overrides=SMALL)
+    assert json.loads((tmp_path / "cv" / "splits.json").read_text())["val"] == [ids[:3], ids[3:]]
+
+
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path: Path, ct6_dataset: Path, mlflow_store: str) -> None:
     kw = {"output_dir": tmp_path / "cv", "tracking_uri": mlflow_store, "overrides": SMALL, "epochs": 1}
     with pytest.raises(UsageError, match="--fold 2: the split has folds 0..1"):

@@ -214,6 +214,23 @@ def test_datalist_reads_a_matching_splits_json_and_ignores_a_stale_one(tmp_path)
     assert in_memory == sorted(_folds(write_splits(m, k=2, seed=5))[0]["val"])
 
 
+def test_nnunet_splits_final_json_is_read_and_a_leaking_fold_refused(tmp_path):
+    """nnU-Net's splits_final.json (a bare list of folds, no seed) gives the same folds as an nnU-Net
+    run on the same cases, whatever the seed; a case in a fold's train and val lists is refused."""
+    m = write_manifest(tmp_path, cases(6))
+    everyone = [f"c{i:03d}" for i in range(6)]
+    nnunet = [{"train": everyone[:3], "val": everyone[3:]}, {"train": everyone[3:], "val": everyone[:3]}]
+    (tmp_path / "splits.json").write_text(json.dumps(nnunet))
+    for seed in (0, 7):
+        assert [d["id"] for d in datalist(m, "val", 0, folds=2, seed=seed)] == everyone[3:]
+        assert [d["id"] for d in datalist(m, "train", 1, folds=2, seed=seed)] == everyone[3:]
+    assert [d["id"] for d in datalist(m, "val", 0, folds=3)] != everyone[3:]  # 3 folds asked: not this file
+    nnunet[1]["train"] = everyone[2:]
+    (tmp_path / "other.json").write_text(json.dumps(nnunet))
+    with pytest.raises(InputError, match=r"other.json: fold 1: case c002 is in both its train and val lists"):
+        datalist(m, "val", 0, folds=2, splits=tmp_path / "other.json")
+
+
 # --------------------------------------------------------------------------------------- real data
 
 
