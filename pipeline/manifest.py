@@ -159,10 +159,11 @@ def nnunet_v2_cases(path: Path, raw: dict[str, Any], problems: list[str]) -> dic
 def _v2_folder_cases(root: Path, images: str, labels: str | None, ending: str, n_channels: int | None,
                      problems: list[str]) -> list[dict[str, Any]]:
     """Entries of the ``<case>_<XXXX><ending>`` files of ``root/images``, channels in order, each with
-    ``labels/<case><ending>`` when ``labels`` is given."""
+    ``labels/<case><ending>`` when ``labels`` is given. Hidden files (macOS's ``._<name>`` copies) are
+    not cases."""
     named = re.compile(r"(.+)_(\d{4})" + re.escape(ending))
     by_case: dict[str, dict[int, str]] = {}
-    for f in sorted(p.name for p in (root / images).iterdir() if p.name.endswith(ending)):
+    for f in sorted(p.name for p in (root / images).iterdir() if p.name.endswith(ending) and p.name[0] != "."):
         m = named.fullmatch(f)
         if m is None:
             problems.append(f"{images}/{f}: not named <case>_<XXXX>{ending} (nnU-Net v2: XXXX is the channel)")
@@ -183,7 +184,7 @@ def _v2_folder_cases(root: Path, images: str, labels: str | None, ending: str, n
     if labels and (root / labels).is_dir():
         problems += [f"{labels}/{p.name}: a label without an image in {images}"
                      for p in sorted((root / labels).iterdir())
-                     if p.name.endswith(ending) and p.name[:-len(ending)] not in by_case]
+                     if p.name.endswith(ending) and p.name[0] != "." and p.name[:-len(ending)] not in by_case]
     return entries
 
 

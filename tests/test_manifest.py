@@ -317,6 +317,8 @@ def test_an_nnunet_v2_raw_dataset_loads_as_it_is(tmp_path, monkeypatch):
     from pipeline.manifest import manifest_hash
 
     root = nnunet_v2_dataset(tmp_path / "Dataset001_T")
+    for hidden in ("imagesTr/._mr2ch_000_0000.nii.gz", "labelsTr/._mr2ch_000.nii.gz"):  # a Mac's copy: no case
+        (root / hidden).write_bytes(b"\0\5\26\7")
     before = manifest_hash(root / "dataset.json")
     (root / "imagesTs").mkdir()
     for c in (0, 1):
