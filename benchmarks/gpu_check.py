@@ -73,7 +73,9 @@ def _methods(net: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     return methods
 
 
-def run_infer(device: torch.device, tiny: bool, repeats: int) -> dict[str, Any]:
+def run_infer(device: torch.device, tiny: bool, repeats: int, partial: Path | None = None) -> dict[str, Any]:
+    """Every method on the mosaic, then on the big volume; the rows so far are written to ``partial``
+    after each one, so a step stopped by its time limit still leaves them for the table."""
     net, parser = bundle_network(BUNDLE)
     n_classes = int(parser.get_parsed_content("out_channels"))
     (_, x, y), = load_cases("ct-mosaic", parser, grid=(1, 1, 1) if tiny else (4, 4, 8))
@@ -82,6 +84,7 @@ def run_infer(device: torch.device, tiny: bool, repeats: int) -> dict[str, Any]:
     big = mirror_pad(x, pads)[(slice(None), slice(None), *(slice(0, b) for b in big_shape))].contiguous()
     methods = _methods(net, device)
     rows: dict[str, Any] = {}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for vol_name, vol, label in (("mosaic", x, y), ("512x512x300" if not tiny else "tiny", big, None)):
         vol = vol.to(device)
         for k, fn in methods.items():
@@ -101,11 +104,12 @@ def run_infer(device: torch.device, tiny: bool, repeats: int) -> dict[str, Any]:
                 d = dice_per_class(out.argmax(1)[0].cpu(), label, n_classes)
                 row.update(dice=sum(d) / len(d), dice_per_class=d)
             rows[f"{vol_name}: {k}"] = row
+            if partial is not None:
+                partial.write_text(json.dumps({"device": str(device), "gpu": gpu, "rows": rows}, indent=1))
             del out
             print(f"{vol_name:>12} {k:<18} {row['seconds']:7.2f} s {row['mvox_s']:8.2f} Mvox/s "
                   f"peak {row['peak_mib'] or 0:9.0f} MiB  Dice {row.get('dice', float('nan')):.4f}", flush=True)
-    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "rows": rows}
+    return {"device": str(device), "gpu": gpu, "rows": rows}
 
 
 class _Records(logging.Handler):
@@ -117,12 +121,14 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def run_oom(device: torch.device, tiny: bool) -> dict[str, Any]:
+def run_oom(device: torch.device, tiny: bool, partial: Path | None = None) -> dict[str, Any]:
     if device.type != "cuda":
         return {"skipped": "the out-of-memory fallback needs CUDA"}
     net, parser = bundle_network(BUNDLE)
     net = net.to(device)
     roi = tuple(parser.get_parsed_content("roi_size"))
+    # a CT-sized volume: its stitched output (1.2 GiB) is far above what the windows need, so a cap can
+    # sit between the two
     shape = (64, 64, 40) if tiny else (512, 512, 300)
     x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     result: dict[str, Any] = {"shape": list(shape)}
@@ -136,6 +142,7 @@ def run_oom(device: torch.device, tiny: bool) -> dict[str, Any]:
         torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), device)
         handler = _Records()
         logging.getLogger("pipeline.inference").addHandler(handler)
+        t0 = time.perf_counter()
         try:
             out = predict_tiles(net, x, roi, margin=0, tiling=tiling, amp=True)
         finally:
@@ -144,8 +151,11 @@ def run_oom(device: torch.device, tiny: bool) -> dict[str, Any]:
         fell_back = any("stitching on the CPU instead" in m for m in handler.messages)
         agree = float((out.argmax(1).cpu() == ref.argmax(1)).float().mean())
         result[tiling] = {"fell_back_to_cpu": fell_back, "out_device": str(out.device), "argmax_agreement": agree,
-                          "output_mib": out_bytes / 2**20, "allowed_mib": allowed / 2**20}
+                          "output_mib": out_bytes / 2**20, "allowed_mib": allowed / 2**20,
+                          "seconds_capped": round(time.perf_counter() - t0, 2)}
         print(f"oom {tiling}: fell back {fell_back}, output on {out.device}, agreement {agree:.6f}", flush=True)
+        if partial is not None:  # kept if the step's time limit stops the next tiling
+            partial.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -232,9 +242,9 @@ def main() -> None:
         if int(os.environ.get("RANK", 0)) != 0:
             return
     elif a.step == "infer":
-        result = run_infer(device, a.tiny, a.repeats)
+        result = run_infer(device, a.tiny, a.repeats, partial=a.results / "infer.json")
     elif a.step == "oom":
-        result = run_oom(device, a.tiny)
+        result = run_oom(device, a.tiny, partial=a.results / "oom.json")
     else:
         result = run_train_summary(a.runs)
     (a.results / f"{a.step}.json").write_text(json.dumps(result, indent=1))

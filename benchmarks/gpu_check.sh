@@ -47,7 +47,7 @@ if [ "$SMOKE" = 0 ]; then
     echo "gpu_check: skipped: ${CUDA_INFO:-torch could not be imported} (a CUDA build of torch and a GPU are needed; --cpu-smoke runs the steps on the CPU)"
     exit 0
   fi
-  DEVICE=cuda; TINY=(); EPOCHS=4; N=8; SHAPE=(); LIMIT=(synth 30 train 100 summary 20 nccl 40 infer 120 oom 50)
+  DEVICE=cuda; TINY=(); EPOCHS=4; N=8; SHAPE=(); LIMIT=(synth 30 train 75 summary 20 nccl 30 infer 150 oom 100)
   echo "gpu_check: $CUDA_INFO"
 else
   DEVICE=cpu; TINY=(--tiny); EPOCHS=2; N=4; SHAPE=(--shape 32 32 16); LIMIT=(synth 60 train 300 summary 60 nccl 60 infer 400 oom 120)
