@@ -37,13 +37,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError, UsageError
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, locked
 
 log = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.json"
 RESULT_FILE = "crossval.json"
 TRAINED_FILE = "trained.json"
+LOCK_FILE = ".crossval.lock"
 
 
 # -- the split --------------------------------------------------------------------------------------
@@ -95,13 +96,13 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
         raise UsageError(f"--fold {bad[0]}: the split has folds 0..{folds - 1}")
     out = Path(output_dir or Path(parser.get_parsed_content("output_dir")) / "crossval").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _record_split(out, manifest, folds, seed, cases)
-
     name = bundle_metadata(bundle_dir).get("name", bundle_dir.name)
-    parent = open_tracker(tracking_uri, name, out / "metrics.jsonl", out / "mlflow_run.json", resume=True,
-                          run_name=f"crossval-{name}")
-    parent.set_tags({"crossval": "parent", "folds": folds, "manifest": str(manifest), "bundle": name})
-    parent.flush()
+    with locked(out / LOCK_FILE):  # folds started side by side into one folder share one parent run
+        _record_split(out, manifest, folds, seed, cases)
+        parent = open_tracker(tracking_uri, name, out / "metrics.jsonl", out / "mlflow_run.json", resume=True,
+                              run_name=f"crossval-{name}")
+        parent.set_tags({"crossval": "parent", "folds": folds, "manifest": str(manifest), "bundle": name})
+        parent.flush()
     for k in chosen:
         log.info("fold %d of %d: %d validation cases -> %s", k, folds, len(cases[k]), out / f"fold_{k}")
         fold_dir = out / f"fold_{k}"
@@ -116,7 +117,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
             with atomic_path(fold_dir / TRAINED_FILE) as tmp:
                 tmp.write_text(json.dumps({"fold": k, "overrides": overrides, **summary}, indent=1, default=str) + "\n")
         predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
-    result = score(out, manifest, cases, name)
+    with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
+        result = score(out, manifest, cases, name)
     parent.log_metrics(_flat_metrics(result), step=0)
     parent.log_artifact(out / RESULT_FILE, "crossval")
     result["mlflow"], result["output_dir"] = parent.finish(), str(out)

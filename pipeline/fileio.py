@@ -3,6 +3,8 @@
 - ``atomic_path(path)``: a temporary name beside ``path`` that is renamed onto it when the block
   ends without an error (``os.replace``), and deleted otherwise: a reader never sees half a file
   and a killed writer leaves the previous file intact.
+- ``locked(path)``: an exclusive lock on the file ``path`` for the block (``flock``): processes
+  that share a folder (batch shards, folds run side by side) take turns at what they share.
 - ``read_label(path)``: a NIfTI label map as an integer array (spatial axes only), its affine and
   voxel spacing, or one ``InputError`` line naming the file.
 - ``write_nifti(array, path, ...)``: a NIfTI written atomically with the geometry of a source
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +39,18 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(path: Path | str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block; released when
+    the block ends or the process dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_label(path: Path | str, max_values: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:

@@ -10,7 +10,6 @@ one folder keep each other's rows.
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError, UsageError, first_line
-from pipeline.fileio import atomic_path, write_nifti
+from pipeline.fileio import atomic_path, locked, write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +188,7 @@ def write_report(out_dir: Path, rows: Sequence[dict[str, Any]], label_names: Seq
     kept) and rewrite it atomically, under a lock shared by concurrent shards."""
     out_dir = Path(out_dir)
     volume_cols = [f"{p}_{n}" for n in list(label_names)[1:] for p in ("voxels", "ml")]
-    with open(out_dir / ".report.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(out_dir / ".report.lock"):
         merged = read_report(out_dir)
         for r in rows:
             merged[r["study_id"]] = {k: _cell(v) for k, v in r.items()}

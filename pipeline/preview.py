@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import fcntl
 import html
 import logging
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, locked
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +254,7 @@ def write_index(out_dir: Path | str, label_names: Sequence[str], running: bool =
     """Rewrite ``out_dir/index.html`` from ``report.csv`` atomically, under the report's lock
     (shards writing one folder see each other's rows)."""
     out_dir = Path(out_dir)
-    with open(out_dir / ".report.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(out_dir / ".report.lock"):
         page = index_html(read_rows(out_dir), label_names, out_dir, running)
         with atomic_path(out_dir / INDEX) as tmp:
             tmp.write_text(page, encoding="utf-8")

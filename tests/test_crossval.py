@@ -108,6 +108,36 @@ def test_the_interrupted_fold_resumed_and_mlflow_has_one_parent_and_two_children
     assert all(r.info.status == "FINISHED" for r in children)
 
 
+def test_folds_started_side_by_side_share_one_parent_run(tmp_path: Path, ct6_dataset: Path, mlflow_store: str) -> None:
+    """Two ``segpipe crossval --fold K`` processes started together into one folder (two GPUs, two
+    jobs of a scheduler) log their folds under one MLflow parent run, and the one that scores last
+    scores every case."""
+    import subprocess
+    import sys
+
+    from test_train import _sets
+
+    client = MlflowClient(mlflow_store)
+    client.search_experiments()  # the store exists before the two processes meet in it
+    out = tmp_path / "cv"
+    cmd = [sys.executable, "-m", "pipeline", "crossval", str(BUNDLE), "--manifest", str(ct6_dataset), "--folds", "2",
+           "--epochs", "1", "--output", str(out), "--tracking-uri", mlflow_store, *_sets(SMALL)]
+    procs = [subprocess.Popen([*cmd, "--fold", str(k)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    parent_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    parents = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                 filter_string="tags.crossval = 'parent'")
+    assert [r.info.run_id for r in parents if r.data.tags.get("manifest") == str(ct6_dataset.resolve())
+            and r.info.start_time >= (out / "splits.json").stat().st_mtime * 1000 - 5000] == [parent_id]
+    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]
+    saved = json.loads((out / "crossval.json").read_text())
+    assert saved["cases_scored"] == 6 and {c["fold"] for c in saved["cases"].values()} == {0, 1}
+
+
 def test_a_rerun_skips_finished_folds(cv: dict, ct6_dataset: Path, mlflow_store: str) -> None:
     out = cv["out"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoints/*.pt")}
