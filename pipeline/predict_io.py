@@ -36,7 +36,8 @@ _TMP = re.compile(r"^\.tmp-(\d+)-.*")
 
 def list_studies(input_path: Path, channels: int = 1) -> list[dict[str, Any]]:
     """``[{"id", "image"}]`` sorted by id for a NIfTI file, a DICOM series folder, a folder of
-    studies or a manifest (its ``test`` entries, else its ``training`` images). An ``image`` is a
+    studies or a manifest (its ``test`` entries, else its ``training`` images; a folder that holds a
+    ``dataset.json`` is that manifest, so its label maps are never taken for studies). An ``image`` is a
     list of files, one per channel, where a manifest lists them so or, with ``channels`` > 1, where
     a folder holds ``<case>_0000.nii.gz`` .. (``pipeline.studies.find_studies``)."""
     from pipeline.studies import find_studies, is_nifti, study_id
@@ -44,6 +45,9 @@ def list_studies(input_path: Path, channels: int = 1) -> list[dict[str, Any]]:
     p = Path(input_path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
+    if p.is_dir() and (p / "dataset.json").is_file():  # a dataset folder: its labels are not studies
+        log.info("%s holds a dataset.json: predicting its test cases (else its training images)", p)
+        p = p / "dataset.json"
     if p.is_file() and p.suffix.lower() == ".json":
         from pipeline.manifest import load_manifest
 

@@ -197,3 +197,6 @@ def test_manifest_input_and_voxel_limit_refused_before_reading(bundle: Path, stu
     rows = predict(bundle, manifest, tmp_path / "out", overrides={"max_voxels": 1000}, progress=False)
     assert sorted(r["study_id"] for r in rows) == sorted(p.name.removesuffix(".nii.gz") for p in studies.glob("*.nii.gz"))
     assert all(r["status"] == "failed" and "refusing to allocate" in r["error"] for r in rows)
+    # the dataset's folder is its manifest: its label maps (labelsTr) are not studies
+    folder = predict(bundle, studies.parent, tmp_path / "out2", overrides={"max_voxels": 1000}, progress=False)
+    assert sorted(r["study_id"] for r in folder) == sorted(r["study_id"] for r in rows)
