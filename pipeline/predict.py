@@ -53,10 +53,11 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     shard_i, shard_n = predict_io.parse_shard(shard)
     from pipeline.validation import bundle_contract, check_contract
 
-    if Path(input).suffix.lower() == ".json":  # a manifest: its labels and channels are the bundle's
-        check_contract(Path(bundle_dir), Path(input))
+    if predict_io.as_manifest(input).suffix.lower() == ".json":  # a manifest: its labels and channels
+        check_contract(Path(bundle_dir), predict_io.as_manifest(input))  # are the bundle's
     channels = bundle_contract(Path(bundle_dir))[1]  # folders group <case>_0000.nii.gz.. when > 1
-    studies = predict_io.take_shard(predict_io.list_studies(Path(input), channels), shard_i, shard_n)  # fails fast
+    studies = predict_io.take_shard(predict_io.list_studies(Path(input), channels, exclude=output_dir),
+                                    shard_i, shard_n)  # fails fast
     model = load_model(bundle_dir, overrides, device, output_dir)
     model["metadata"] = bundle_metadata(Path(bundle_dir))  # the SEG's algorithm name, version and codes
     outputs = {"output_format": output_format, "preview": preview}

@@ -34,10 +34,18 @@ _TMP = re.compile(r"^\.tmp-(\d+)-.*")
 # ---------------------------------------------------------------- studies and shards
 
 
-def list_studies(input_path: Path, channels: int = 1) -> list[dict[str, Any]]:
+def as_manifest(input_path: Path) -> Path:
+    """``input_path``, or the ``dataset.json`` in it where it is a dataset folder (one that holds one)."""
+    p = Path(input_path)
+    return p / "dataset.json" if p.is_dir() and (p / "dataset.json").is_file() else p
+
+
+def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = None) -> list[dict[str, Any]]:
     """``[{"id", "image"}]`` sorted by id for a NIfTI file, a DICOM series folder, a folder of
     studies or a manifest (its ``test`` entries, else its ``training`` images; a folder that holds a
-    ``dataset.json`` is that manifest, so its label maps are never taken for studies). An ``image`` is a
+    ``dataset.json`` is that manifest, so its label maps are never taken for studies). Files under
+    ``exclude`` (the output folder, where it lies inside the input) are not studies either: a rerun
+    must not segment the masks of the first run. An ``image`` is a
     list of files, one per channel, where a manifest lists them so or, with ``channels`` > 1, where
     a folder holds ``<case>_0000.nii.gz`` .. (``pipeline.studies.find_studies``)."""
     from pipeline.studies import find_studies, is_nifti, study_id
@@ -45,9 +53,9 @@ def list_studies(input_path: Path, channels: int = 1) -> list[dict[str, Any]]:
     p = Path(input_path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
-    if p.is_dir() and (p / "dataset.json").is_file():  # a dataset folder: its labels are not studies
+    if p != as_manifest(p):  # a dataset folder: its labels are not studies
         log.info("%s holds a dataset.json: predicting its test cases (else its training images)", p)
-        p = p / "dataset.json"
+        p = as_manifest(p)
     if p.is_file() and p.suffix.lower() == ".json":
         from pipeline.manifest import load_manifest
 
@@ -61,6 +69,11 @@ def list_studies(input_path: Path, channels: int = 1) -> list[dict[str, Any]]:
         studies = find_studies(p, strict=False, channels=int(channels))  # a bad study fails as its own
         if not studies and not any(c.is_dir() for c in p.iterdir()):
             studies = [{"id": p.name, "image": str(p.absolute())}]  # e.g. an empty DICOM folder
+    if exclude is not None:
+        from pipeline.manifest import image_files
+
+        out = Path(exclude).resolve()
+        studies = [s for s in studies if not any(Path(f).resolve().is_relative_to(out) for f in image_files(s["image"]))]
     if not studies:
         raise InputError(f"{p}: no studies (NIfTI files or DICOM series) found")
     return sorted(studies, key=lambda s: s["id"])

@@ -192,6 +192,22 @@ def test_dicom_series_good_mixed_and_empty(bundle: Path, tmp_path: Path) -> None
     assert row["status"] == "failed" and "no DICOM series" in row["error"]
 
 
+def test_an_output_folder_inside_the_input_is_not_read_as_studies(bundle: Path, tmp_path: Path) -> None:
+    """``--output`` inside ``--input``: a rerun must not segment the first run's masks (<id>.nii.gz)."""
+    from pipeline.predict_io import list_studies
+
+    write_dataset("ct3d", 2, tmp_path / "in", seed=0, shape=(16, 16, 4))
+    studies = tmp_path / "in" / "imagesTr"
+    (studies / "masks").mkdir()
+    for f in studies.glob("*.nii.gz"):
+        shutil.copy(f, studies / "masks" / f.name)  # as a first run leaves its masks there
+    ids = sorted(f.name.removesuffix(".nii.gz") for f in studies.glob("*.nii.gz"))
+    assert [s["id"] for s in list_studies(studies)] == sorted([*ids, *(f"masks_{i}" for i in ids)])
+    assert [s["id"] for s in list_studies(studies, exclude=studies / "masks")] == ids
+    rows = predict(bundle, studies, studies / "masks", overrides={"max_voxels": 1000}, progress=False)
+    assert sorted(r["study_id"] for r in rows) == ids
+
+
 def test_manifest_input_and_voxel_limit_refused_before_reading(bundle: Path, studies: Path, tmp_path: Path) -> None:
     manifest = studies.parent / "dataset.json"  # no "test" entries: its training images are used
     rows = predict(bundle, manifest, tmp_path / "out", overrides={"max_voxels": 1000}, progress=False)
