@@ -93,7 +93,8 @@ def parse_manifest(path: Path, allow_outside: bool = False) -> tuple[dict[str, A
     if not isinstance(raw, dict):
         raise InputError(f"{path}: not a manifest (a JSON object with 'labels' and 'training' expected)")
     v2_problems: list[str] = []
-    if "training" not in raw and "file_ending" in raw:  # nnU-Net v2: the cases are the files
+    v2 = "training" not in raw and "file_ending" in raw
+    if v2:  # nnU-Net v2: the cases are the files
         raw = {**raw, **nnunet_v2_cases(path, raw, v2_problems)}
     for key in ("labels", "training"):
         if key not in raw:
@@ -116,7 +117,9 @@ def parse_manifest(path: Path, allow_outside: bool = False) -> tuple[dict[str, A
             entries.append(e)
         data[role] = entries
     if isinstance(raw.get("numTraining"), int) and raw["numTraining"] != len(data["training"]):
-        problems.append(f"numTraining is {raw['numTraining']} but 'training' has {len(data['training'])} entries")
+        found = "'training' has" if not v2 else "'dataset' has" if "dataset" in raw else "imagesTr has"
+        problems.append(f"numTraining is {raw['numTraining']} but {found} {len(data['training'])} "
+                        f"{'entries' if not v2 else 'cases'}")
     return data, problems
 
 

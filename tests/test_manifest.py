@@ -350,6 +350,8 @@ def test_an_nnunet_v2_raw_dataset_loads_as_it_is(tmp_path, monkeypatch):
      "imagesTr/mr2ch_001.nii.gz: not named <case>_<XXXX>.nii.gz"),
     (lambda r: (r / "labelsTr/mr2ch_000.nii.gz").rename(r / "labelsTr/other.nii.gz"),
      "labelsTr/other.nii.gz: a label without an image in imagesTr"),
+    (lambda r: [(r / f"imagesTr/mr2ch_002_000{c}.nii.gz").unlink() for c in (0, 1)],
+     "numTraining is 3 but imagesTr has 2 cases"),
 ])
 def test_a_broken_nnunet_v2_layout_is_named(tmp_path, break_it, problem):
     root = nnunet_v2_dataset(tmp_path / "d")
