@@ -140,18 +140,21 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_crossval(a: argparse.Namespace) -> int:
     overrides = _parse_set(a.set)
     _check_device(a.device)
-    from pipeline.crossval import crossval, export_ensemble
+    from pipeline.crossval import crossval
 
     result = crossval(Path(a.bundle), Path(a.manifest), folds=a.folds, fold_ids=a.fold, epochs=a.epochs,
                       output_dir=Path(a.output) if a.output else None, tracking_uri=a.tracking_uri,
-                      device=a.device, overrides=overrides, verbose=a.verbose, progress=sys.stderr.isatty())
+                      device=a.device, overrides=overrides, verbose=a.verbose, progress=sys.stderr.isatty(),
+                      export=a.export)
     s = result["summary"]
     print(f"out-of-fold: {result['cases_scored']} of {result['cases_total']} cases, mean Dice {s['mean_dice']:.4f} ("
           + ", ".join(f"{c} {v['mean']:.4f} +- {v['sd']:.4f}" for c, v in s["dice"].items())
           + f"); post-processing: {_postprocessing_line(result['postprocessing'])}")
-    if a.export:
-        for path in export_ensemble(Path(a.bundle), Path(result["output_dir"])):
-            print(f"exported {path}")
+    for path in result["exported"]:
+        print(f"exported {path}")
+    if a.export and not result["exported"]:  # e.g. one of several folds run side by side: the last one exports
+        print(f"not exported yet: {result['cases_total'] - result['cases_scored']} cases still to be predicted by "
+              f"unfinished folds; the last fold's --export (or segpipe export-ensemble) exports the ensemble")
     return 0
 
 

@@ -76,9 +76,11 @@ def fold_cases(manifest: Path, folds: int, seed: int, splits: Path | str | None 
 def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[int] | None = None,
              epochs: int | None = None, output_dir: Path | None = None, tracking_uri: str | None = None,
              device: str | None = None, overrides: dict[str, Any] | None = None, verbose: bool = False,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, export: bool = False) -> dict[str, Any]:
     """Train the chosen folds (all by default), predict their validation cases, score every
-    out-of-fold case there is so far; return (and write) the ``crossval.json`` summary."""
+    out-of-fold case there is so far; return (and write) the ``crossval.json`` summary. With
+    ``export``, once every case is scored, ``export_ensemble`` (its paths in ``result["exported"]``;
+    empty while folds run side by side are unfinished, so the last one to finish exports)."""
     from pipeline.bundle import bundle_metadata, load_bundle
     from pipeline.tracking import open_tracker
     from pipeline.train import train_bundle
@@ -122,6 +124,9 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     parent.log_metrics(_flat_metrics(result), step=0)
     parent.log_artifact(out / RESULT_FILE, "crossval")
     result["mlflow"], result["output_dir"] = parent.finish(), str(out)
+    # only from complete figures: a fold finishing while others run beside it leaves the export to the last
+    complete = result["cases_scored"] == result["cases_total"]
+    result["exported"] = [str(p) for p in export_ensemble(bundle_dir, out)] if export and complete else []
     return result
 
 

@@ -109,9 +109,10 @@ def test_the_interrupted_fold_resumed_and_mlflow_has_one_parent_and_two_children
 
 
 def test_folds_started_side_by_side_share_one_parent_run(tmp_path: Path, ct6_dataset: Path, mlflow_store: str) -> None:
-    """Two ``segpipe crossval --fold K`` processes started together into one folder (two GPUs, two
-    jobs of a scheduler) log their folds under one MLflow parent run, and the one that scores last
-    scores every case."""
+    """Two ``segpipe crossval --fold K --export`` processes started together into one folder (two
+    GPUs, two jobs of a scheduler) log their folds under one MLflow parent run, the one that scores
+    last scores every case, and the first to finish succeeds without exporting (its partner's fold
+    is not trained yet) while the last exports both folds."""
     import subprocess
     import sys
 
@@ -119,9 +120,16 @@ def test_folds_started_side_by_side_share_one_parent_run(tmp_path: Path, ct6_dat
 
     client = MlflowClient(mlflow_store)
     client.search_experiments()  # the store exists before the two processes meet in it
-    out = tmp_path / "cv"
-    cmd = [sys.executable, "-m", "pipeline", "crossval", str(BUNDLE), "--manifest", str(ct6_dataset), "--folds", "2",
-           "--epochs", "1", "--output", str(out), "--tracking-uri", mlflow_store, *_sets(SMALL)]
+    out, bundle = tmp_path / "cv", tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    common = (bundle / "configs/common.json").read_text()  # the bundle's own network, as export checks it
+    features = f'"features": {json.dumps(json.loads(common)["features"])}'
+    assert features in common
+    (bundle / "configs/common.json").write_text(
+        common.replace(features, f'"features": {json.dumps(SMALL["network_def#features"])}'))
+    small = {k: v for k, v in SMALL.items() if k != "network_def#features"}
+    cmd = [sys.executable, "-m", "pipeline", "crossval", str(bundle), "--manifest", str(ct6_dataset), "--folds", "2",
+           "--epochs", "1", "--output", str(out), "--tracking-uri", mlflow_store, "--export", *_sets(small)]
     procs = [subprocess.Popen([*cmd, "--fold", str(k)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for k in (0, 1)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -136,6 +144,10 @@ def test_folds_started_side_by_side_share_one_parent_run(tmp_path: Path, ct6_dat
     assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]
     saved = json.loads((out / "crossval.json").read_text())
     assert saved["cases_scored"] == 6 and {c["fold"] for c in saved["cases"].values()} == {0, 1}
+    assert any("\nexported " in log for log in logs)
+    assert sorted(p.name for p in (bundle / "models").glob("fold_*.pt")) == ["fold_0.pt", "fold_1.pt"]
+    exported = json.loads((bundle / "configs/metadata.json").read_text())["ensemble"]
+    assert exported["folds"] == [0, 1] and exported["crossval"]["cases"] == 6  # the complete figures
 
 
 def test_a_rerun_skips_finished_folds(cv: dict, ct6_dataset: Path, mlflow_store: str) -> None:
