@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_export_ensemble)
 
     s = sub.add_parser("predict", help="segment one study, a folder or a manifest")
-    s.add_argument("bundle", help="bundle folder (weights in models/model.pt)")
+    s.add_argument("bundle", help="bundle folder (weights in models/model.pt, or models/fold_<k>.pt)")
     s.add_argument("--input", required=True, help="NIfTI file, folder (NIfTI/DICOM) or manifest")
     s.add_argument("--output", required=True, help="output folder")
     s.add_argument("--shard", default=None, help="i/n: take the i-th of n deterministic shards")

@@ -136,8 +136,11 @@ def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str |
                output_dir: Path | None = None) -> dict[str, Any]:
     """Everything a study needs from the bundle, built once: the ``predictor`` (one network with
     its weights, or a fold ensemble: ``pipeline.ensemble``), preprocessing, inferer, the bundle's
-    own ``postprocessing`` (writing into ``output_dir``) and limits."""
+    own ``postprocessing`` (writing into ``output_dir``) and limits. An override of ``model_path``
+    without one of ``folds`` predicts with that file alone, also in a bundle that ships folds."""
     overrides = dict(overrides or {})
+    if "model_path" in overrides and "folds" not in overrides:  # one given file, not the bundle's folds
+        overrides["folds"] = []
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per rank
     if device is not None:

@@ -257,8 +257,8 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     rows = predict(bundle, studies, tmp_path / "both", device="cpu", progress=False)
     assert all(r["status"] == "ok" for r in rows)
     predict(bundle, studies, tmp_path / "fold0", device="cpu", progress=False, overrides={"folds": [0]})
-    predict(bundle, studies, tmp_path / "single", device="cpu", progress=False,
-            overrides={"folds": [], "model_path": str(cv["out"] / "fold_0" / "model.pt")})
+    predict(bundle, studies, tmp_path / "single", device="cpu", progress=False,  # model_path alone: that file,
+            overrides={"model_path": str(cv["out"] / "fold_0" / "model.pt")})   # not the bundle's folds
     for r in rows:
         name = f"{r['study_id']}.nii.gz"
         a, b = (np.asarray(nib.load(tmp_path / d / name).dataobj) for d in ("fold0", "single"))
