@@ -72,8 +72,9 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
     if exclude is not None:
         from pipeline.manifest import image_files
 
-        out = Path(exclude).resolve()
-        studies = [s for s in studies if not any(Path(f).resolve().is_relative_to(out) for f in image_files(s["image"]))]
+        out = Path(os.path.abspath(exclude))  # not resolve(): a study may be a symlink loop (it fails alone)
+        studies = [s for s in studies
+                   if not any(Path(os.path.abspath(f)).is_relative_to(out) for f in image_files(s["image"]))]
     if not studies:
         raise InputError(f"{p}: no studies (NIfTI files or DICOM series) found")
     return sorted(studies, key=lambda s: s["id"])
