@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import SegpipeError, UsageError
+from pipeline.errors import SegpipeError, UsageError, first_line
 
 log = logging.getLogger("segpipe")
 
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: one line, no traceback page
         if a.debug:
             raise
-        print(f"segpipe {a.command}: error: {type(e).__name__}: {e} (rerun with --debug for details)",
+        print(f"segpipe {a.command}: error: {type(e).__name__}: {first_line(e)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
 

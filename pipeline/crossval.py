@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError, UsageError, first_line
 from pipeline.fileio import atomic_path, locked
 
 log = logging.getLogger(__name__)
@@ -337,12 +337,29 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
     result_file = crossval_dir / RESULT_FILE
     if not result_file.is_file():
         raise InputError(f"{result_file}: no cross-validation result; run segpipe crossval first")
-    result = json.loads(result_file.read_text())
-    chosen = sorted(set(folds)) if folds else list(range(int(result["folds"])))
+    try:  # everything read and checked before anything is written
+        result = json.loads(result_file.read_text())
+        chosen = sorted(set(folds)) if folds else list(range(int(result["folds"])))
+        summary, pp = result["summary"], result["postprocessing"]
+        ensemble = {"folds": chosen, "weights": [f"models/fold_{k}.pt" for k in chosen],
+                    "crossval": {"mean_dice": summary["mean_dice"], "cases": result["cases_scored"],
+                                 "dice": {c: v["mean"] for c, v in summary["dice"].items()},
+                                 "postprocessing": pp["chosen"],
+                                 "mean_dice_postprocessed": pp.get("summary", {}).get("mean_dice", summary["mean_dice"])}}
+        postprocess = {"keep_largest": [], "fill_holes": [], **pp["postprocess"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{result_file}: not a segpipe crossval result ({type(e).__name__}: {first_line(e)})") from None
     sources = [crossval_dir / f"fold_{k}" / "model.pt" for k in chosen]
     network = get(load_bundle(bundle_dir, ("common.json", "inference.json")), "network_def")
     for src in sources:
         load_weights(network, src)  # missing, or another network: one line naming the file
+    meta_file = bundle_dir / "configs" / "metadata.json"
+    meta = {**json.loads(meta_file.read_text()), "ensemble": ensemble}  # load_bundle has parsed it
+    configs = {meta_file: json.dumps(meta, indent=2) + "\n",
+               bundle_dir / "configs" / "common.json": _config_with_value(bundle_dir / "configs" / "common.json",
+                                                                        "folds", chosen),
+               bundle_dir / "configs" / "inference.json": _config_with_value(
+                   bundle_dir / "configs" / "inference.json", "postprocess", postprocess)}
     dests = []
     (bundle_dir / "models").mkdir(exist_ok=True)  # a planned bundle has none before its first weights
     for k, src in zip(chosen, sources, strict=True):
@@ -350,29 +367,18 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
         dests.append(dest)
-    meta_file = bundle_dir / "configs" / "metadata.json"
-    meta = json.loads(meta_file.read_text())
-    meta["ensemble"] = {"folds": chosen, "weights": [f"models/fold_{k}.pt" for k in chosen],
-                        "crossval": {"mean_dice": result["summary"]["mean_dice"], "cases": result["cases_scored"],
-                                     "dice": {c: v["mean"] for c, v in result["summary"]["dice"].items()},
-                                     "postprocessing": result["postprocessing"]["chosen"],
-                                     "mean_dice_postprocessed": result["postprocessing"].get("summary", {}).get(
-                                         "mean_dice", result["summary"]["mean_dice"])}}
-    with atomic_path(meta_file) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    _set_config_value(bundle_dir / "configs" / "common.json", "folds", chosen)
-    _set_config_value(bundle_dir / "configs" / "inference.json", "postprocess",
-                      {"keep_largest": [], "fill_holes": [], **result["postprocessing"]["postprocess"]})
+    for path, text in configs.items():
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     log.info("exported folds %s of %s into %s", chosen, crossval_dir, bundle_dir / "models")
     return dests
 
 
-def _set_config_value(path: Path, key: str, value: Any) -> None:
-    """Replace the one-line top-level ``"key": ...`` entry of a config, keeping its layout."""
+def _config_with_value(path: Path, key: str, value: Any) -> str:
+    """The config's text with its one-line top-level ``"key": ...`` entry replaced, layout kept."""
     text = path.read_text()
     pattern = re.compile(rf'^(  "{re.escape(key)}": ).*?(,?)$', re.MULTILINE)
     new, n = pattern.subn(lambda mt: f"{mt.group(1)}{json.dumps(value)}{mt.group(2)}", text, count=1)
     if n != 1 or json.loads(new).get(key) != value:
         raise UsageError(f"{path}: cannot set {key!r} (expected a one-line top-level entry)")
-    with atomic_path(path) as tmp:
-        tmp.write_text(new)
+    return new

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.fileio import read_label
+from pipeline.fileio import atomic_path, read_label
 from pipeline.studies import study_id
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def summarise(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, A
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for r in rows:
@@ -289,7 +289,8 @@ def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, ru
         "csv": str(out_csv),
     }
     summary_path = out_csv.parent / SUMMARY_NAME
-    summary_path.write_text(json.dumps(json_safe(summary), indent=2))
+    with atomic_path(summary_path) as tmp:
+        tmp.write_text(json.dumps(json_safe(summary), indent=2))
     log.info("evaluated %d cases: mean Dice %.4f; wrote %s and %s", summary["n_cases"], summary["mean_dice"],
              out_csv, summary_path)
     if run_id:

@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.errors import InputError, first_line
 from pipeline.evaluation import json_safe
-from pipeline.fileio import read_label
+from pipeline.fileio import atomic_path, read_label
 from pipeline.manifest import image_files
 
 log = logging.getLogger(__name__)
@@ -260,8 +260,13 @@ def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, s
         raise InputError(f"{manifest}: images have different numbers of channels")
     fp = {"manifest": str(manifest.resolve()), **dataset_fingerprint(cases, samples, m, cap=cap), "cases": cases}
     out = Path(out) if out else manifest.parent / "fingerprint.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(fp), indent=2))
+    out = out / "fingerprint.json" if out.is_dir() else out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(json_safe(fp), indent=2))
+    except OSError as e:
+        raise InputError(f"{out}: cannot write the fingerprint ({e.strerror or e})") from None
     log.info("fingerprinted %d cases of %s: median spacing %s, suggested %s; wrote %s", len(cases), manifest,
              fp["dataset"]["spacing"]["median"], fp["suggested"], out)
     return out

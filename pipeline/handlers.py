@@ -30,6 +30,7 @@ from monai.handlers import from_engine
 
 from pipeline import checkpoints, qc
 from pipeline.errors import SegpipeError, UsageError
+from pipeline.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 epochs_log = logging.getLogger(f"{__name__}.epochs")
@@ -227,7 +228,8 @@ def attach_validation(trainer: Engine, evaluator: Engine, saver: ModelSaver, lab
                 qc.write_case_csv(output_dir / "val_cases.csv", report)
                 for _, path, step in trainer.state.qc_images:
                     if step == epoch:
-                        shutil.copyfile(path, output_dir / "qc" / path.name)
+                        with atomic_path(output_dir / "qc" / path.name) as tmp:
+                            shutil.copyfile(path, tmp)
         report["metrics"]["best_val_mean_dice"] = trainer.state.best_val_mean_dice
         trainer.state.epoch_log.update(report["metrics"])
         if idist.get_rank() == 0:

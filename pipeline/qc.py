@@ -109,7 +109,7 @@ def write_case_csv(path: Path, report: dict[str, Any]) -> Path:
     """One row per validation case: id, Dice per class, mean."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:  # the kept weights' cases, never half
         w = csv.writer(f)
         w.writerow(["case", *[f"dice_{n}" for n in report["names"]], "dice_mean"])
         for case, row in report["cases"]:

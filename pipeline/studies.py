@@ -314,8 +314,12 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
             rel = path.relative_to(root)
             stem = _channel_case(study_id(rel))[0] if isinstance(study, list) else study_id(rel)
             sid = "_".join((*rel.parts[:-1], stem)) if rel.parts else root.name
-            if sid in found:
-                raise InputError(f"{path}: study id {sid!r} is also {found[sid]['image']}")
+            if sid in found:  # e.g. a.nii beside a.nii.gz: one mask name for two studies
+                clash = f"{path}: study id {sid!r} is also {found[sid]['image']}"
+                if strict:
+                    raise InputError(clash)
+                found[sid]["problem"] = f"{clash}; rename one of them"  # fails as its own study
+                continue
             image = ([str(p.absolute()) for p in study] if isinstance(study, list) and channels > 1
                      else str(path.absolute()))
             found[sid] = {"id": sid, "image": image}

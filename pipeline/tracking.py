@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import first_line
+from pipeline.errors import InputError, first_line
+from pipeline.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -300,15 +301,22 @@ def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_f
     run_id = None
     uri = resolve_tracking_uri(tracking_uri)
     if resume and run_file.is_file():
-        saved = json.loads(run_file.read_text())
+        try:
+            saved = json.loads(run_file.read_text())
+        except (ValueError, OSError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise InputError(f"{run_file}: not the record of an MLflow run (delete it to start a new run; "
+                             f"the local journal {journal.name} keeps the records)")
         if saved.get("tracking_uri") == uri:
             run_id = saved.get("run_id")
     elif not resume:
         journal.unlink(missing_ok=True)
     tracker = RunTracker(uri, experiment, journal, run_id=run_id, run_name=run_name)
     if tracker.run_id:
-        run_file.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri,
-                                        "experiment_id": tracker.experiment_id}))
+        with atomic_path(run_file) as tmp:  # a kill mid-write must not break every later --resume
+            tmp.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri,
+                                       "experiment_id": tracker.experiment_id}))
     return tracker
 
 

@@ -48,6 +48,7 @@ from pipeline import checkpoints
 from pipeline.amp import grad_scaler
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, SegpipeError, UsageError
+from pipeline.fileio import atomic_path
 from pipeline.handlers import (
     ModelSaver,
     attach_epoch_log,
@@ -367,6 +368,7 @@ def export_model(model_path: Path, bundle_dir: Path) -> Path:
     """Copy trained weights into the bundle's ``models/model.pt`` (the explicit export step)."""
     dest = Path(bundle_dir) / "models" / "model.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model_path, dest)
+    with atomic_path(dest) as tmp:  # a kill mid-copy leaves the previous weights, not half a file
+        shutil.copyfile(model_path, tmp)
     log.info("exported %s -> %s", model_path, dest)
     return dest

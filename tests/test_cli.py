@@ -42,3 +42,16 @@ def test_exit_code_of_the_process_is_mains():
     r = subprocess.run([sys.executable, "-m", "pipeline", "train", "x", "--set", "novalue"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--set expects key=value" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
+    """The last-resort handler: a library's many-line message is cut to its first line, exit 1."""
+    import pipeline.cli
+
+    def broken(a):
+        raise ValueError("first line of a library's message\nsecond line\nthird line")
+
+    monkeypatch.setattr(pipeline.cli, "_cmd_validate", broken)
+    assert main(["validate", "some.json"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "first line" in err and "second" not in err

@@ -206,6 +206,20 @@ def test_the_folds_are_those_training_reads_from_the_bundles_splits_file(tmp_pat
     assert json.loads((tmp_path / "cv" / "splits.json").read_text())["val"] == [ids[:3], ids[3:]]
 
 
+def test_a_broken_crossval_result_exports_nothing(tmp_path: Path) -> None:
+    """export-ensemble reads and checks everything before it writes: a crossval.json that is not a
+    result is one line, and the bundle stays as it was."""
+    bundle, cv_dir = tmp_path / "bundle", tmp_path / "cv"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    cv_dir.mkdir()
+    for text in ('{"folds": 2, "summary": {}}', "[1, 2]", "{not json"):
+        (cv_dir / "crossval.json").write_text(text)
+        with pytest.raises(InputError, match="crossval.json: not a segpipe crossval result"):
+            export_ensemble(bundle, cv_dir)
+    assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+
+
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path: Path, ct6_dataset: Path, mlflow_store: str) -> None:
     kw = {"output_dir": tmp_path / "cv", "tracking_uri": mlflow_store, "overrides": SMALL, "epochs": 1}
     with pytest.raises(UsageError, match="--fold 2: the split has folds 0..1"):

@@ -205,6 +205,17 @@ def test_a_case_missing_a_channel_file_is_refused_or_listed_with_its_problem(tmp
     assert "problem" not in a and "b_0000.nii.gz, b_0002.nii.gz" in b["problem"] and str(tmp_path) in b["problem"]
 
 
+def test_two_files_of_one_study_id_are_refused_or_listed_with_their_problem(tmp_path):
+    """a.nii beside a.nii.gz would write one mask for two studies: in batch work that study fails
+    alone (listed with its problem), the others go on."""
+    _channel_files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    (tmp_path / "a.nii").write_bytes(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)).to_bytes())
+    with pytest.raises(InputError, match="study id 'a' is also"):
+        find_studies(tmp_path)
+    a, b = find_studies(tmp_path, strict=False)
+    assert a["id"] == "a" and "study id 'a' is also" in a["problem"] and "problem" not in b
+
+
 def test_numbered_cases_that_cannot_be_channel_files_stay_studies(tmp_path):
     _channel_files(tmp_path, ["BRATS_0001.nii.gz", "BRATS_0002.nii.gz", "BRATS_0003.nii.gz"])  # 4D images
     assert [s["id"] for s in find_studies(tmp_path, channels=2)] == ["BRATS_0001", "BRATS_0002", "BRATS_0003"]

@@ -130,6 +130,18 @@ def test_tracker_journals_every_record_and_logs_to_a_store(tmp_path: Path, store
     assert {r["key"] for r in records if r["kind"] == "metric"} == {"train_loss", "val_dice_liver"}  # ... flat here
 
 
+def test_a_broken_run_record_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """``mlflow_run.json`` (written atomically since) that is not a run record stops a resumed
+    training or cross-validation in one line naming it, before any MLflow call."""
+    from pipeline.errors import InputError
+    from pipeline.tracking import open_tracker
+
+    run_file = tmp_path / "mlflow_run.json"
+    run_file.write_text('{"run_id": "abc", "tracking')  # half a record, as a kill mid-write left it
+    with pytest.raises(InputError, match="mlflow_run.json: not the record of an MLflow run"):
+        open_tracker(None, "x", tmp_path / "metrics.jsonl", run_file, resume=True)
+
+
 def test_metric_names_map_into_sections_and_bundle_names_stay() -> None:
     assert {mlflow_key(k) for k in ("train_loss", "train_loss_epoch", "lr")} == {
         "train/loss_iteration", "train/loss", "train/lr"}
