@@ -88,6 +88,9 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     bundle_dir, manifest = Path(bundle_dir), Path(manifest).resolve()
     overrides = dict(overrides or {})
     parser = load_bundle(bundle_dir, ("common.json", "train.json"), overrides)
+    missing = [k for k in ("seed", "output_dir") if k not in parser]
+    if missing:
+        raise UsageError(f"{bundle_dir}: the training configs lack id(s) {', '.join(missing)}")
     seed = int(parser.get_parsed_content("seed"))
     # the split training reads: a planned bundle's own splits.json (its splits_file), else the manifest's
     splits = parser.get_parsed_content("splits_file") if "splits_file" in parser else None

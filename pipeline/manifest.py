@@ -101,6 +101,10 @@ def parse_manifest(path: Path, allow_outside: bool = False) -> tuple[dict[str, A
             raise InputError(f"{path}: manifest lacks {key!r}")
     if not isinstance(raw["training"], list) or not isinstance(raw.get("test", []), list):
         raise InputError(f"{path}: 'training' and 'test' must be lists")
+    for key in ("modality", "channel_names"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise InputError(f"{path}: {key!r} must be an object of channel names like {{\"0\": \"CT\"}}, "
+                             f"got {raw[key]!r:.40}")
     data = dict(raw)
     data["labels"] = _msd_labels(path, raw["labels"])
     data["manifest_path"] = str(path.resolve())

@@ -61,6 +61,7 @@ def test_nnunet_v2_labels_are_turned_into_msd_form(tmp_path):
     ('{"training": []}', "lacks 'labels'"),
     ('{"labels": {"0": "background"}}', "lacks 'training'"),
     ('[1, 2]', "not a manifest"),
+    ('{"labels": {"0": "background"}, "training": [], "channel_names": ["CT"]}', "'channel_names' must be an object"),
 ])
 def test_broken_manifest_is_one_line_input_error(tmp_path, text, problem):
     m = tmp_path / "dataset.json"
