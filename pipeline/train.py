@@ -191,7 +191,7 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
 def validate_often(parser: Any, times: int = 5) -> None:
     """Lower the bundle's ``val_interval`` so a run of ``max_epochs`` validates at least ``times``
     times (curves need points: 3 epochs at the bundles' interval of 5 would validate once)."""
-    max_epochs, interval = int(_setting(parser, "max_epochs")), int(_setting(parser, "val_interval"))
+    max_epochs, interval = _setting(parser, "max_epochs", int), _setting(parser, "val_interval", int)
     often = max(1, min(interval, max_epochs // times))
     if often != interval:
         log.info("val_interval %d -> %d: %d epochs validate at least %d times (--set val_interval=N keeps N)",
@@ -249,9 +249,20 @@ def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:
     idist.barrier()
 
 
-def _setting(parser: Any, id: str) -> Any:
-    """A declared setting, resolved (references and expressions evaluated)."""
-    return parser.get_parsed_content(id)
+def _setting(parser: Any, id: str, kind: type | None = None, empty_is_zero: bool = False) -> Any:
+    """A declared setting, resolved (references and expressions evaluated); with ``kind`` (int,
+    float) converted, a value that is not one a UsageError naming the setting (``--set
+    max_epochs=ten``); with ``empty_is_zero`` null/false/0 are 0."""
+    value = parser.get_parsed_content(id)
+    if kind is None:
+        return value
+    try:
+        if isinstance(value, (list, dict, str)) and kind is not str:
+            raise TypeError
+        return kind(value or 0) if empty_is_zero else kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"setting {id!r}: expected {'an integer' if kind is int else 'a number'}, got "
+                         f"{value!r:.40} (the bundle's value or --set {id}=...)") from None
 
 
 def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None,
@@ -269,23 +280,23 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     check_compile(trainer)
     evaluator = get(parser, "validate#evaluator", bundle_dir)
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
-    optimizer, max_epochs = get(parser, "optimizer", bundle_dir), int(_setting(parser, "max_epochs"))
+    optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": get(parser, "lr_scheduler", bundle_dir),
                "trainer": trainer}
     if trainer.amp:  # MONAI makes a new GradScaler in run(); use one that checkpoints hold (off for bf16)
         objects["scaler"] = scaler = grad_scaler(trainer.state.device, _setting(parser, "amp_dtype"))
         trainer.add_event_handler(Events.STARTED, lambda e: setattr(e, "scaler", scaler))
     label_names = list(_setting(parser, "label_names"))
-    attach_validation(trainer, evaluator, saver, label_names, output_dir, int(_setting(parser, "val_interval")),
-                      int(_setting(parser, "qc_cases")))
+    attach_validation(trainer, evaluator, saver, label_names, output_dir, _setting(parser, "val_interval", int),
+                      _setting(parser, "qc_cases", int))
     attach_epoch_log(trainer, optimizer, math.prod(_setting(parser, "roi_size")), ckpt_dir)
     attach_grad_clip(trainer, _setting(parser, "grad_clip_norm"))
-    attach_time_budget(trainer, optimizer, float(_setting(parser, "time_budget_min") or 0))
-    ema_decay = float(_setting(parser, "ema_decay") or 0)
+    attach_time_budget(trainer, optimizer, _setting(parser, "time_budget_min", float, empty_is_zero=True))
+    ema_decay = _setting(parser, "ema_decay", float, empty_is_zero=True)
     averaged = attach_weight_average(trainer, network, ema_decay, output_dir / "model_ema.pt")
     if averaged is not None:
         objects["ema"] = averaged
-    patience = int(_setting(parser, "early_stop_patience") or 0)
+    patience = _setting(parser, "early_stop_patience", int, empty_is_zero=True)
     if patience > 0:  # here: a bundle handler would be a circular reference
         EarlyStopHandler(patience, stopping_fn_from_metric("val_mean_dice"), trainer=trainer).attach(evaluator)
     if resume:
@@ -319,7 +330,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
             log.info("MLflow run: %s", tracker.address())
     # last of the epoch handlers: a checkpoint for epoch N means its validation, metrics and MLflow records are
     # written, so a run killed at any moment resumes with nothing of epoch N missing from the tracker
-    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, int(_setting(parser, "checkpoint_interval")))
+    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, _setting(parser, "checkpoint_interval", int))
 
     if trainer.state.epoch >= max_epochs:
         log.info("already trained to epoch %d of %d: nothing to do", trainer.state.epoch, max_epochs)
@@ -345,7 +356,7 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
         "checkpoint": str(checkpoints.latest_checkpoint(ckpt_dir)), "world_size": idist.get_world_size(),
         "device": str(trainer.state.device)}
     if tracker is not None:
-        ema = [(output_dir / "model_ema.pt", "model")] if float(_setting(parser, "ema_decay") or 0) else []  # not a stale one
+        ema = [(output_dir / "model_ema.pt", "model")] if _setting(parser, "ema_decay", float, empty_is_zero=True) else []  # not a stale one
         for path, where in [(model, "model"), *ema, (output_dir / "val_cases.csv", "validation"),
                             *[(p, "qc") for p in sorted((output_dir / "qc").glob("*.png"))]]:
             if path.is_file():

@@ -55,3 +55,9 @@ def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
     assert main(["validate", "some.json"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "first line" in err and "second" not in err
+
+
+def test_a_setting_of_the_wrong_type_is_a_usage_error_naming_it(capsys):
+    assert main(["train", "bundles/phantom_ct_3d", "--set", "max_epochs=ten"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "setting 'max_epochs': expected an integer, got 'ten'" in err
