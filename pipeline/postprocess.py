@@ -182,9 +182,9 @@ class SaveMaskd(MapTransform):
         affine = np.asarray(meta.get("original_affine"), dtype=float)
         for key in self.key_iterator(d):
             labels = torch.as_tensor(d[key])[0].numpy().astype(np.uint8, copy=False)
-            d["output"] = str(write_mask(labels, source, self.output_dir / f"{sid}.nii.gz", affine))
             probs = d.get(f"{key}{PROBABILITIES_SUFFIX}")
-            if probs is not None and self.save_probabilities:
+            if probs is not None and self.save_probabilities:  # before the mask, which marks the study done
                 write_probabilities(torch.as_tensor(probs).numpy(), source, self.output_dir / f"{sid}_probs.nii.gz",
                                     affine=affine)
+            d["output"] = str(write_mask(labels, source, self.output_dir / f"{sid}.nii.gz", affine))
         return d
