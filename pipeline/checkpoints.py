@@ -91,10 +91,15 @@ def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first_line(e)[:120]})") from e
     check_compatible(state["model"], objects["model"], path)
+    saved = state.get("trainer", {})
     for key in BEST_KEYS:
-        if key not in trainer.state_dict_user_keys and key in state.get("trainer", {}):
+        if key not in trainer.state_dict_user_keys and key in saved:
             trainer.state_dict_user_keys.append(key)
+    absent = [k for k in trainer.state_dict_user_keys if k not in saved]  # e.g. a checkpoint from before
+    for key in absent:                                                     # the time budget was kept
+        trainer.state_dict_user_keys.remove(key)
     Checkpoint.load_objects({k: v for k, v in objects.items() if k in state}, state)
+    trainer.state_dict_user_keys.extend(absent)  # saved from now on, with their fresh values
     epoch = int(trainer.state.epoch)
     trainer.state.max_epochs = max(max_epochs, epoch)
     log.info("resumed from %s at epoch %d (iteration %d), training to epoch %d", path, epoch,

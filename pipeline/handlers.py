@@ -91,6 +91,9 @@ def attach_epoch_log(trainer: Engine, optimizer: torch.optim.Optimizer, roi_voxe
                       engine.state.max_epochs, ", ".join(f"{k} {v:.4g}" for k, v in engine.state.epoch_log.items()))
 
 
+BUDGET_KEYS = ("budget_elapsed_s", "budget_stopped_epoch")  # trainer state a checkpoint keeps
+
+
 def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minutes: float,
                        final_lr_fraction: float = 0.0) -> None:
     """Train for ``minutes`` of wall time (from the first iteration, validations included) under a
@@ -98,25 +101,38 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
     lr is ``initial * (f + (1 - f) * (1 + cos(pi * elapsed / budget)) / 2)`` (f =
     ``final_lr_fraction``); the first iteration past the budget ends its epoch and the run (the
     last epoch is validated as usual). The epoch count then depends on the machine's speed and
-    is logged; ``max_epochs`` stays a cap. For budgets stated in wall time on a shared machine."""
+    is logged; ``max_epochs`` stays a cap. For budgets stated in wall time on a shared machine.
+
+    The time spent and the epoch the budget ended are trainer state (``budget_elapsed_s``,
+    ``budget_stopped_epoch``, in ``state_dict_user_keys``), so a checkpoint keeps them: a resumed
+    run continues the schedule where it was and spends only what is left of the budget, and a run
+    the budget has ended stays ended (``segpipe train`` then has nothing to do)."""
     if minutes <= 0:
         return
     budget, base = 60.0 * minutes, [g["lr"] for g in optimizer.param_groups]
+    for key in BUDGET_KEYS:
+        setattr(trainer.state, key, getattr(trainer.state, key, 0))
+        if key not in trainer.state_dict_user_keys:
+            trainer.state_dict_user_keys.append(key)
     start: dict[str, float] = {}
+
+    def _elapsed(engine: Engine) -> float:  # this session's time on top of what a checkpoint brought
+        t0 = start.setdefault("t", time.perf_counter() - float(engine.state.budget_elapsed_s))
+        engine.state.budget_elapsed_s = time.perf_counter() - t0
+        return engine.state.budget_elapsed_s
 
     @trainer.on(Events.ITERATION_STARTED)
     def _lr(engine: Engine) -> None:
-        t0 = start.setdefault("t", time.perf_counter())
-        frac = min((time.perf_counter() - t0) / budget, 1.0)
+        frac = min(_elapsed(engine) / budget, 1.0)
         scale = final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
         for group, lr in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * scale
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _stop(engine: Engine) -> None:
-        if time.perf_counter() - start["t"] >= budget and engine.state.max_epochs != engine.state.epoch:
+        if _elapsed(engine) >= budget and engine.state.max_epochs != engine.state.epoch:
             log.info("time budget of %.1f min reached in epoch %d: last epoch", minutes, engine.state.epoch)
-            engine.state.max_epochs = engine.state.epoch
+            engine.state.max_epochs = engine.state.budget_stopped_epoch = engine.state.epoch
             engine.terminate_epoch()
 
 

@@ -332,7 +332,11 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     # written, so a run killed at any moment resumes with nothing of epoch N missing from the tracker
     checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, _setting(parser, "checkpoint_interval", int))
 
-    if trainer.state.epoch >= max_epochs:
+    stopped = int(getattr(trainer.state, "budget_stopped_epoch", 0) or 0)  # the time budget ended the run
+    if stopped:  # its checkpoint is mid-epoch (the budget ends an epoch early), which ignite counts one short
+        trainer.state.epoch = trainer.state.max_epochs = stopped
+        log.info("the time budget ended this run at epoch %d: nothing to do", stopped)
+    elif trainer.state.epoch >= max_epochs:
         log.info("already trained to epoch %d of %d: nothing to do", trainer.state.epoch, max_epochs)
     else:
         try:

@@ -43,3 +43,29 @@ def test_no_budget_changes_nothing():
     attach_time_budget(engine, opt, minutes=0)
     engine.run(range(3), max_epochs=2)
     assert engine.state.epoch == 2 and lrs == [0.5] * 6
+
+
+def test_a_resumed_run_spends_only_what_is_left_of_the_budget():
+    """The budget's time and its end are trainer state, so a checkpoint (``state_dict``) keeps them:
+    a run killed after 3 epochs resumes on the cosine where it was, not at the peak learning rate,
+    stops when the whole budget is spent, and a run the budget ended stays ended."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    engine = _engine(opt, [], 0.01)
+    attach_time_budget(engine, opt, minutes=1.0 / 60)
+    engine.add_event_handler(Events.EPOCH_COMPLETED(once=3), lambda e: e.terminate())  # the kill
+    engine.run(range(10), max_epochs=1000)
+    saved = engine.state_dict()
+    assert 0.25 <= saved["budget_elapsed_s"] < 0.9 and saved["budget_stopped_epoch"] == 0
+
+    opt2 = torch.optim.SGD([p], lr=0.5)  # a new process: the optimizer at its base lr again
+    lrs: list[float] = []
+    resumed = _engine(opt2, lrs, 0.01)
+    attach_time_budget(resumed, opt2, minutes=1.0 / 60)
+    resumed.load_state_dict(saved)
+    t0 = time.perf_counter()
+    resumed.run(range(10))
+    assert lrs[0] < 0.5 * 0.95  # on the cosine at the time spent, not restarted at its peak
+    assert time.perf_counter() - t0 < 1.0 - saved["budget_elapsed_s"] + 0.35  # only the rest of the budget
+    finished = resumed.state_dict()
+    assert finished["budget_elapsed_s"] >= 1.0 and finished["budget_stopped_epoch"] == resumed.state.epoch > 3

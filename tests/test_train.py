@@ -173,6 +173,18 @@ def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Pat
     assert again["epochs"] == 3  # nothing left to do: no restart from epoch 0
 
 
+def test_a_run_its_time_budget_ended_resumes_to_nothing(tmp_path: Path, data: Path, store: str) -> None:
+    """The budget ends an epoch early (a mid-epoch checkpoint); --resume must neither train a second
+    budget nor count the last epoch one short."""
+    budgeted = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1000, "time_budget_min": 0.05}
+    first = train_bundle(BUNDLE, manifest=data, epochs=500, tracking_uri=store, overrides=budgeted)
+    assert 1 <= first["epochs"] < 500
+    ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").glob("checkpoint_*.pt")}
+    again = train_bundle(BUNDLE, manifest=data, epochs=500, resume=True, tracking_uri=store, overrides=budgeted)
+    assert again["epochs"] == first["epochs"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").glob("checkpoint_*.pt")} == ckpts
+
+
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory: pytest.TempPathFactory, data: Path, store: str) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("two")
