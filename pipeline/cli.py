@@ -23,11 +23,11 @@ log = logging.getLogger("segpipe")
 def _manifest(value: str) -> str:
     """A manifest argument: a dataset.json, or a dataset folder that holds one (nnU-Net v2's raw
     dataset folder, an MSD task folder)."""
-    if Path(value).is_dir():
-        if not (Path(value) / "dataset.json").is_file():
-            raise argparse.ArgumentTypeError(f"{value}: a folder without a dataset.json")
-        return str(Path(value) / "dataset.json")
-    return value
+    from pipeline.manifest import as_manifest
+
+    if as_manifest(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: a folder without a dataset.json")
+    return str(as_manifest(value))
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:

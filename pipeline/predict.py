@@ -32,6 +32,7 @@ import torch
 from pipeline import predict_io, predict_outputs
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, SegpipeError, UsageError, first_line
+from pipeline.manifest import as_manifest
 from pipeline.preview import write_index
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     shard_i, shard_n = predict_io.parse_shard(shard)
     from pipeline.validation import bundle_contract, check_contract
 
-    if predict_io.as_manifest(input).suffix.lower() == ".json":  # a manifest: its labels and channels
-        check_contract(Path(bundle_dir), predict_io.as_manifest(input))  # are the bundle's
+    if as_manifest(input).suffix.lower() == ".json":  # a manifest: its labels and channels are the bundle's
+        check_contract(Path(bundle_dir), as_manifest(input))
     channels = bundle_contract(Path(bundle_dir))[1]  # folders group <case>_0000.nii.gz.. when > 1
     studies = predict_io.take_shard(predict_io.list_studies(Path(input), channels, exclude=output_dir),
                                     shard_i, shard_n)  # fails fast

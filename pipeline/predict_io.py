@@ -34,12 +34,6 @@ _TMP = re.compile(r"^\.tmp-(\d+)-.*")
 # ---------------------------------------------------------------- studies and shards
 
 
-def as_manifest(input_path: Path) -> Path:
-    """``input_path``, or the ``dataset.json`` in it where it is a dataset folder (one that holds one)."""
-    p = Path(input_path)
-    return p / "dataset.json" if p.is_dir() and (p / "dataset.json").is_file() else p
-
-
 def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = None) -> list[dict[str, Any]]:
     """``[{"id", "image"}]`` sorted by id for a NIfTI file, a DICOM series folder, a folder of
     studies or a manifest (its ``test`` entries, else its ``training`` images; a folder that holds a
@@ -48,6 +42,7 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
     must not segment the masks of the first run. An ``image`` is a
     list of files, one per channel, where a manifest lists them so or, with ``channels`` > 1, where
     a folder holds ``<case>_0000.nii.gz`` .. (``pipeline.studies.find_studies``)."""
+    from pipeline.manifest import as_manifest
     from pipeline.studies import find_studies, is_nifti, study_id
 
     p = Path(input_path)
