@@ -26,6 +26,7 @@ the bundle's default predictor (``folds`` in common.json) with the chosen post-p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -159,7 +160,9 @@ def _record_split(out: Path, manifest: Path, folds: int, seed: int, cases: list[
 def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[str], device: str | None,
                  overrides: dict[str, Any]) -> None:
     """Predict fold ``k``'s validation cases with its own model into ``out/oof``, without
-    post-processing (finished masks are skipped, so this resumes too)."""
+    post-processing (finished masks are skipped, so this resumes too). The masks are stamped with
+    the model's hash (``oof/.fold_<k>.model``): where the fold's model has changed since (trained
+    again in this folder), its masks are predicted again instead of kept."""
     from pipeline.bundle import load_bundle
     from pipeline.manifest import load_manifest
     from pipeline.predict import CONFIGS, predict
@@ -167,6 +170,11 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
     weights = out / f"fold_{k}" / "model.pt"
     if not weights.is_file():
         raise InputError(f"{weights}: fold {k} has no trained weights")
+    digest, stamp = hashlib.sha256(weights.read_bytes()).hexdigest(), out / "oof" / f".fold_{k}.model"
+    if stamp.is_file() and stamp.read_text().strip() != digest:
+        log.info("fold %d: its model changed since its out-of-fold masks were predicted: predicting them again", k)
+        for sid in ids:
+            (out / "oof" / f"{sid}.nii.gz").unlink(missing_ok=True)
     m = load_manifest(manifest)
     wanted = set(ids)
     fold_manifest = out / f"fold_{k}" / "validation.json"
@@ -183,6 +191,8 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise InputError(f"fold {k}: {len(failed)} out-of-fold prediction(s) failed, first: {failed[0]['error']}")
+    with atomic_path(stamp) as tmp:
+        tmp.write_text(digest + "\n")
 
 
 # -- scoring and post-processing ----------------------------------------------------------------------

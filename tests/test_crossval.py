@@ -174,6 +174,23 @@ def test_a_fold_carried_without_checkpoints_is_not_trained_again(cv: dict, tmp_p
     assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
 
 
+def test_a_fold_trained_again_gets_its_out_of_fold_masks_predicted_again(cv: dict, tmp_path: Path,
+                                                                        ct6_dataset: Path) -> None:
+    """Out-of-fold masks are stamped with their model's hash: when a fold's model.pt changes (trained
+    again in the folder), its masks are predicted again, not kept; the other fold's stay."""
+    carried = tmp_path / "cv"
+    shutil.copytree(cv["out"], carried, ignore=shutil.ignore_patterns("checkpoints", "mlflow_run.json"))
+    folds = fold_cases(ct6_dataset, 2, 0)
+    assert (carried / "oof" / ".fold_0.model").is_file()
+    mtimes = {sid: (carried / "oof" / f"{sid}.nii.gz").stat().st_mtime_ns for sid in sum(folds, [])}
+    predict_fold(cv["bundle"], ct6_dataset, carried, 0, folds[0], "cpu", SMALL)  # same model: nothing to do
+    assert {s: (carried / "oof" / f"{s}.nii.gz").stat().st_mtime_ns for s in mtimes} == mtimes
+    shutil.copy(carried / "fold_1" / "model.pt", carried / "fold_0" / "model.pt")  # fold 0 "trained again"
+    predict_fold(cv["bundle"], ct6_dataset, carried, 0, folds[0], "cpu", SMALL)
+    assert all((carried / "oof" / f"{s}.nii.gz").stat().st_mtime_ns != mtimes[s] for s in folds[0])
+    assert all((carried / "oof" / f"{s}.nii.gz").stat().st_mtime_ns == mtimes[s] for s in folds[1])
+
+
 def test_the_folds_are_those_training_reads_from_the_bundles_splits_file(tmp_path: Path, ct6_dataset: Path,
                                                                          mlflow_store: str, monkeypatch) -> None:
     """A bundle that declares ``splits_file`` (planned bundles: their own splits.json) trains on that
