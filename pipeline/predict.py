@@ -54,8 +54,8 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     shard_i, shard_n = predict_io.parse_shard(shard)
     from pipeline.validation import bundle_contract, check_contract
 
-    if as_manifest(input).suffix.lower() == ".json":  # a manifest: its labels and channels are the bundle's
-        check_contract(Path(bundle_dir), as_manifest(input))
+    if (manifest := as_manifest(input)).suffix.lower() == ".json":  # its labels and channels: the bundle's
+        check_contract(Path(bundle_dir), manifest)
     channels = bundle_contract(Path(bundle_dir))[1]  # folders group <case>_0000.nii.gz.. when > 1
     studies = predict_io.take_shard(predict_io.list_studies(Path(input), channels, exclude=output_dir),
                                     shard_i, shard_n)  # fails fast

@@ -48,9 +48,9 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
     p = Path(input_path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
-    if p != as_manifest(p):  # a dataset folder: its labels are not studies
+    if (m := as_manifest(p)) != p:  # a dataset folder: its labels are not studies
         log.info("%s holds a dataset.json: predicting its test cases (else its training images)", p)
-        p = as_manifest(p)
+        p = m
     if p.is_file() and p.suffix.lower() == ".json":
         from pipeline.manifest import load_manifest
 

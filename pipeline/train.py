@@ -257,7 +257,7 @@ def _setting(parser: Any, id: str, kind: type | None = None, empty_is_zero: bool
     if kind is None:
         return value
     try:
-        if isinstance(value, (list, dict, str)) and kind is not str:
+        if isinstance(value, (list, dict, str)):  # int("3") and float([]) are not settings' numbers
             raise TypeError
         return kind(value or 0) if empty_is_zero else kind(value)
     except (TypeError, ValueError):
