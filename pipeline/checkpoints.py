@@ -1,7 +1,9 @@
 """Checkpoints that survive a SIGKILL, resume at the right epoch, and refuse a different network.
 
 - ``checkpoint_<epoch>.pt`` in ``output_dir/checkpoints``: model, optimizer, LR scheduler, AMP
-  grad scaler (CUDA fp16 only) and trainer state (epoch, iteration, best validation Dice). Written
+  grad scaler (CUDA fp16 only), weight average and early-stopping count when used, and trainer
+  state (epoch, iteration, best validation Dice, the time budget spent). Random states are not
+  saved: ``pipeline.handlers.attach_epoch_seeds`` derives each epoch's from the seed. Written
   by Ignite's ``Checkpoint`` through ``DiskSaver(atomic=True)`` (a temp file renamed into place),
   the two newest kept, so a kill during a write leaves the previous file intact.
 - ``output_dir/model.pt``: the best weights (mean validation Dice) as a plain state_dict, also

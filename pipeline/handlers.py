@@ -9,6 +9,8 @@
   overlays) and an optional moving average of the weights.
 - ``attach_rng_guard``: validation leaves the training's random stream alone (attached by
   ``ModelSaver``, so by every bundle's evaluator).
+- ``attach_epoch_seeds``: each epoch's random stream comes from (seed, epoch, rank), so a run
+  resumed from a checkpoint trains on exactly what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Timer
+from monai.data.utils import set_rnd
 from monai.engines import IterationEvents
 from monai.handlers import from_engine
 
 from pipeline import checkpoints, qc
 from pipeline.errors import SegpipeError, UsageError
 from pipeline.fileio import atomic_path
+from pipeline.loaders import EpochSeeded
 
 log = logging.getLogger(__name__)
 epochs_log = logging.getLogger(f"{__name__}.epochs")
@@ -203,6 +207,40 @@ def attach_rng_guard(evaluator: Engine) -> None:
     evaluator.add_event_handler(Events.STARTED, _save)
     evaluator.add_event_handler(Events.COMPLETED, _restore)
     evaluator.add_event_handler(Events.TERMINATE, _restore)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 31-bit seed for one epoch of one rank, well mixed (numpy's SeedSequence), so neighbouring
+    epochs and ranks get unrelated streams."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(epoch), int(rank)]).generate_state(1)[0] % 2**31)
+
+
+def attach_epoch_seeds(trainer: Engine, seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy, ``random`` and the training dataset's random transforms
+    (MONAI's ``set_rnd``) from ``epoch_seed(seed, epoch, rank)`` when each epoch starts.
+
+    Ignite creates the epoch's data iterator after EPOCH_STARTED, so the shuffle and the
+    augmentations follow: those of the main process directly, those of a loader's persistent
+    workers through ``pipeline.loaders.EpochSeeded``. Without it a run resumed at epoch k replays
+    epoch 1's stream from the bundle's ``set_determinism`` and ends with other weights than the
+    run that was never stopped; with it both train on the same crops in the same order."""
+
+    def _seed(engine: Engine) -> None:
+        value = epoch_seed(seed, engine.state.epoch, idist.get_rank())
+        torch.manual_seed(value)
+        np.random.seed(value)
+        random.seed(value)
+        loader = getattr(engine, "data_loader", None)
+        generator = getattr(getattr(loader, "sampler", None), "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(value)  # the shuffle (pipeline.loaders.loader gives it its own)
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:
+            set_rnd(dataset, value)  # the transforms of the main process (a loader without workers)
+        if isinstance(dataset, EpochSeeded):
+            dataset.set_seed(value)  # those of its persistent workers (pipeline.loaders)
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, _seed)
 
 
 def find_model_saver(handlers: list) -> ModelSaver:

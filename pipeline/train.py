@@ -42,7 +42,8 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import EarlyStopHandler, from_engine, stopping_fn_from_metric
+from ignite.handlers import EarlyStopping
+from monai.handlers import from_engine, stopping_fn_from_metric
 
 from pipeline import checkpoints
 from pipeline.amp import grad_scaler
@@ -52,6 +53,7 @@ from pipeline.fileio import atomic_path
 from pipeline.handlers import (
     ModelSaver,
     attach_epoch_log,
+    attach_epoch_seeds,
     attach_grad_clip,
     attach_time_budget,
     attach_validation,
@@ -278,6 +280,8 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     _prepare_output(output_dir, ckpt_dir, resume)
     trainer = get(parser, "train#trainer", bundle_dir)
     check_compile(trainer)
+    if "seed" in parser:  # every epoch from (seed, epoch): a resumed run trains as the uninterrupted one
+        attach_epoch_seeds(trainer, _setting(parser, "seed", int))
     evaluator = get(parser, "validate#evaluator", bundle_dir)
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)
@@ -298,7 +302,9 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         objects["ema"] = averaged
     patience = _setting(parser, "early_stop_patience", int, empty_is_zero=True)
     if patience > 0:  # here: a bundle handler would be a circular reference
-        EarlyStopHandler(patience, stopping_fn_from_metric("val_mean_dice"), trainer=trainer).attach(evaluator)
+        stopper = EarlyStopping(patience, stopping_fn_from_metric("val_mean_dice"), trainer)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, stopper)  # as MONAI's EarlyStopHandler attaches it
+        objects["early_stop"] = stopper  # its count of validations without a gain resumes with the run
     if resume:
         last = checkpoints.latest_checkpoint(ckpt_dir)
         if last is None:

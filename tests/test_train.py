@@ -193,6 +193,28 @@ def two_epochs(tmp_path_factory: pytest.TempPathFactory, data: Path, store: str)
     return tmp, overrides
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(workers: int, two_epochs, tmp_path: Path,
+                                                               data: Path, store: str) -> None:
+    """Each epoch's random stream comes from (seed, epoch): stopped after epoch 1 and resumed, a run
+    trains epoch 2 on the same crops in the same order as the run that was never stopped, also
+    with DataLoader workers (kept between epochs). Before, the resumed run replayed epoch 1's
+    stream, and persistent workers continued theirs, so it ended with other weights."""
+    whole = Path(two_epochs[1]["output_dir"])
+    if workers:
+        whole = tmp_path / "whole"
+        train_bundle(BUNDLE, manifest=data, epochs=2, tracking_uri=store,
+                     overrides={**two_epochs[1], "output_dir": str(whole), "num_workers": workers})
+    stopped = {**two_epochs[1], "output_dir": str(tmp_path / "run"), "num_workers": workers}
+    train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides=stopped)
+    train_bundle(BUNDLE, manifest=data, epochs=2, resume=True, tracking_uri=store, overrides=stopped)
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_2.pt", weights_only=True)["model"]
+    expected = torch.load(whole / "checkpoints" / "checkpoint_2.pt", weights_only=True)["model"]
+    assert resumed.keys() == expected.keys()
+    differ = [k for k in expected if not torch.equal(resumed[k], expected[k])]
+    assert not differ, f"{len(differ)} of {len(expected)} tensors differ, e.g. {differ[0]}"
+
+
 def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_checkpoint(two_epochs, data: Path, store: str) -> None:
     tmp, overrides = two_epochs
     nan_loss = {**overrides, "loss": "$lambda pred, target: pred.mean() * float('nan')"}
@@ -274,6 +296,18 @@ def test_early_stopping_ends_a_run_that_stops_improving(tmp_path: Path, data: Pa
               "early_stop_patience": 1}  # lr 0: Dice never improves after the first validation
     s = train_bundle(BUNDLE, manifest=data, epochs=10, tracking_uri=store, overrides=frozen)
     assert s["epochs"] == 2 and s["best_epoch"] == 1
+
+
+def test_early_stopping_counts_on_after_a_resume(tmp_path: Path, data: Path, store: str) -> None:
+    """Its count of validations without a gain is checkpointed: stopped after 1 of 2, a resumed run
+    stops at the next one, not 2 validations later (before, the count restarted from nothing)."""
+    frozen = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1, "learning_rate": 0.0,
+              "early_stop_patience": 2}
+    first = train_bundle(BUNDLE, manifest=data, epochs=2, tracking_uri=store, overrides=frozen)
+    assert first["epochs"] == 2
+    assert torch.load(first["checkpoint"], weights_only=True)["early_stop"]["counter"] == 1
+    s = train_bundle(BUNDLE, manifest=data, epochs=10, resume=True, tracking_uri=store, overrides=frozen)
+    assert s["epochs"] == 3 and s["best_epoch"] == 1
 
 
 def test_persistent_cache_stops_at_the_first_random_transform(tmp_path: Path, data: Path) -> None:
