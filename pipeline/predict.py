@@ -66,16 +66,19 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
 
     earlier = predict_io.read_report(output_dir)
+    names = model["label_names"]
     rows: list[dict[str, Any]] = []
     todo = []
     for s in studies:
         files = predict_outputs.planned(s, output_dir, output_format, preview)
         if all(f.exists() for f in files.values()):
-            rows.append({**earlier.get(s["id"], {}), "study_id": s["id"], "input": s["image"],
+            row = earlier.get(s["id"], {})
+            if not all(row.get(f"voxels_{n}") for n in names[1:]):  # killed before its row, or no report.csv
+                row = {**row, **predict_outputs.recount_volumes(files, names)}
+            rows.append({**row, "study_id": s["id"], "input": s["image"],
                          **predict_outputs.columns(s, files, output_format), "status": "skipped"})
         else:
             todo.append(s)
-    names = model["label_names"]
     if rows:
         predict_io.write_report(output_dir, rows, names)
     if preview:

@@ -15,14 +15,15 @@ its NIfTI mask, and its row's ``error`` says why there is no SEG.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,33 @@ def planned(study: Mapping[str, Any], output_dir: Path, output_format: str, prev
     if preview:
         files["preview"] = out / f"{sid}_preview.png"
     return files
+
+
+def recount_volumes(files: Mapping[str, Path], names: Sequence[str]) -> dict[str, float | int]:
+    """``voxels_<name>`` and ``ml_<name>`` counted from a finished study's NIfTI mask, else its
+    binary DICOM SEG: for the row of a study a rerun skips when the earlier report has none (a run
+    killed between a mask and its row, or a deleted report.csv). {} for a fractional SEG (it holds
+    probabilities, not the mask) or a file that cannot be read (logged)."""
+    from pipeline.postprocess import label_volumes
+
+    try:
+        if "output" in files:
+            img = nib.load(files["output"])
+            labels, voxel_ml = np.asarray(img.dataobj), abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000
+        elif "seg" in files:
+            import highdicom as hd
+
+            seg = hd.seg.segread(files["seg"])
+            if seg.SegmentationType != "BINARY":
+                return {}
+            volume = seg.get_volume(combine_segments=True)
+            labels, voxel_ml = volume.array, float(volume.voxel_volume) / 1000
+        else:
+            return {}
+        return label_volumes(torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), names, voxel_ml)
+    except Exception as e:  # noqa: BLE001 - the study stays skipped; only its volume cells stay empty
+        log.warning("%s: cannot count its label volumes (%s)", next(iter(files.values())), first_line(e)[:120])
+        return {}
 
 
 def columns(study: Mapping[str, Any], files: Mapping[str, Path], output_format: str) -> dict[str, str]:

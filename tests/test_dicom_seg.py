@@ -260,6 +260,14 @@ def test_predict_both_writes_a_seg_equal_to_the_nifti_mask(bundle: Path, tmp_pat
     again = {r["study_id"]: r for r in predict(bundle, inp, out, progress=False, output_format="both")}
     assert {again[s]["status"] for s in ("sag", "obl", "ax", "itk", "nifti_study")} == {"skipped"}
     assert _rows(out)["nifti_study"]["error"] == note["error"] and _rows(out)["sag"]["seg"] == rows["sag"]["seg"]
+    (out / "report.csv").unlink()  # rebuilt by a rerun: the volumes counted from the SEGs themselves
+    predict(bundle, inp, out, progress=False, output_format="dicom-seg")
+    rebuilt = _rows(out)
+    for sid in ("sag", "obl", "ax", "itk"):
+        assert rebuilt[sid]["status"] == "skipped"
+        for name in LABELS[1:]:
+            assert rebuilt[sid][f"voxels_{name}"] == rows[sid][f"voxels_{name}"], (sid, name)
+            assert abs(float(rebuilt[sid][f"ml_{name}"]) - float(rows[sid][f"ml_{name}"])) <= 0.002, (sid, name)
 
 
 def test_dicom_seg_only_keeps_the_seg_and_refuses_a_nifti_study(bundle: Path, tmp_path: Path) -> None:

@@ -104,6 +104,11 @@ def test_broken_studies_fail_alone_and_exit_1(bundle: Path, studies: Path, tmp_p
     rows2 = _report(out)
     assert {rows2[s]["status"] for s in good} == {"skipped"}
     assert all(rows2[s]["voxels_liver"] == rows[s]["voxels_liver"] for s in good)
+    (out / "report.csv").unlink()  # a rerun rebuilds it: the skipped studies' volumes counted from their masks
+    predict(bundle, inp, out, progress=False)
+    rows3 = _report(out)
+    assert all(rows3[s]["status"] == "skipped" for s in good)
+    assert all(rows3[s][c] == rows[s][c] for s in good for c in ("voxels_liver", "ml_liver", "voxels_spleen"))
 
 
 def test_sigkill_mid_batch_then_rerun_completes(bundle: Path, tmp_path: Path) -> None:
