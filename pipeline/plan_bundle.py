@@ -251,7 +251,7 @@ def inference_config() -> dict[str, Any]:
         "+imports": ["$import pipeline.predict_io"],
         "input": "@manifest",
         "prediction_dir": "$@output_dir + '/predictions'",
-        "datalist": "$pipeline.predict_io.list_studies(@input, @in_channels)",
+        "datalist": "$pipeline.predict_io.list_studies(@input, @in_channels, @prediction_dir)",
         "max_voxels": 268435456,
         "save_probabilities": False,
         "postprocess": {"keep_largest": [], "fill_holes": []},

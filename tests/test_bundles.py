@@ -398,3 +398,9 @@ def test_segpipe_predict_and_monai_bundle_run_write_identical_masks(tmp_path, ct
         assert (int(a.header["qform_code"]), int(a.header["sform_code"])) == (int(b.header["qform_code"]),
                                                                                int(b.header["sform_code"]))
         assert np.asarray(a.dataobj).any()  # the shipped model finds organs: not two empty masks
+    inside = tmp_path / "in"  # prediction_dir inside the input: a rerun must not take the masks for studies
+    shutil.copytree(studies, inside)
+    for _ in range(2):
+        _bundle_run_here(bundle, ["common.json", "inference.json"], input=str(inside),
+                         prediction_dir=str(inside / "masks"))
+    assert sorted(p.relative_to(inside / "masks").as_posix() for p in (inside / "masks").rglob("*.nii.gz")) == ours
