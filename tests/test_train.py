@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoints import list_checkpoints
-from pipeline.errors import InputError, SegpipeError
+from pipeline.errors import InputError, SegpipeError, UsageError
 from pipeline.train import train_bundle
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
@@ -218,6 +218,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(workers: int, tw
 def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_checkpoint(two_epochs, data: Path, store: str) -> None:
     tmp, overrides = two_epochs
     nan_loss = {**overrides, "loss": "$lambda pred, target: pred.mean() * float('nan')"}
+    (Path(overrides["output_dir"]) / "config_resolved.json").unlink(missing_ok=True)  # resume with another loss
     with pytest.raises(SegpipeError, match=r"loss is nan at epoch 3, iteration 5 \(1 of the epoch\).*checkpoint_2\.pt"):
         train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store, overrides=nan_loss)
     saved = list_checkpoints(Path(overrides["output_dir"]) / "checkpoints")
@@ -226,6 +227,24 @@ def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_checkpoint(two_epoc
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     run_id = json.loads((Path(overrides["output_dir"]) / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
     assert MlflowClient(store).get_run(run_id).info.status == "FAILED"
+
+
+def test_resume_with_other_settings_is_refused_until_asked_for(tmp_path: Path, data: Path, store: str) -> None:
+    """The rest of a run on another recipe (here another learning rate) is refused in one line
+    naming the setting, before any training; more epochs are not a change of recipe; deleting
+    config_resolved.json is the way to resume with other settings on purpose."""
+    run = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1}
+    train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides=run)
+    other = {**run, "learning_rate": 0.02}
+    with pytest.raises(UsageError, match=r"--resume with other settings than the run was trained with "
+                                         r"\(learning_rate 0.01 -> 0.02\).*delete config_resolved.json") as e:
+        train_bundle(BUNDLE, manifest=data, epochs=2, resume=True, tracking_uri=store, overrides=other)
+    assert "\n" not in str(e.value)
+    assert [k for k, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
+    (tmp_path / "run" / "config_resolved.json").unlink()
+    assert train_bundle(BUNDLE, manifest=data, epochs=2, resume=True, tracking_uri=store, overrides=other)["epochs"] == 2
+    assert json.loads((tmp_path / "run" / "config_resolved.json").read_text())["learning_rate"] == 0.02
+    assert train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store, overrides=other)["epochs"] == 3
 
 
 def test_resume_with_a_different_network_is_one_line(two_epochs, data: Path, store: str) -> None:
@@ -251,7 +270,6 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_clear_error(monkeypatch)
     first step with the fix named (hippocampus_mri_3d trains compiled by default)."""
     from types import SimpleNamespace
 
-    from pipeline.errors import UsageError
     from pipeline.train import check_compile
 
     cpu, gpu = (SimpleNamespace(compile=True, state=SimpleNamespace(device=torch.device(d))) for d in ("cpu", "cuda"))
