@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,15 +27,24 @@ import numpy as np
 from pipeline.errors import InputError, first_line
 
 NIFTI_INTENT_LABEL = 1002
+#: this machine in temp names (8 hex digits of its host name's SHA-1): a process cleaning a folder
+#: that other machines share (batch shards on a network file system) can tell their temp files apart
+HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_prefix() -> str:
+    """``.tmp-<pid>.<host>-``: the start of this process's temp names (``pipeline.predict_io``
+    deletes those of dead processes of this machine only)."""
+    return f".tmp-{os.getpid()}.{HOST}-"
 
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a hidden temporary path in ``path``'s folder (``.tmp-<pid>-<name>``, so a batch
-    run can tell its own temp files from a dead process's); rename it onto ``path`` on success,
-    delete it on failure."""
+    """Yield a hidden temporary path in ``path``'s folder (``.tmp-<pid>.<host>-<name>``, so a
+    batch run can tell its own temp files from a dead process's, and from another machine's);
+    rename it onto ``path`` on success, delete it on failure."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{temp_prefix()}{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)

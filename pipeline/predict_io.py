@@ -1,8 +1,9 @@
 """Files around batch prediction: which studies, shards, weights, atomic outputs and report.csv.
 
 Completeness rule: a mask is written to a hidden temp name in the output folder
-(``.tmp-<pid>-<id>.nii.gz``, ``pipeline.fileio.atomic_path``) and renamed with ``os.replace``, so an existing ``<id>.nii.gz``
-is always complete; temp files of processes that no longer run are deleted at the next start.
+(``.tmp-<pid>.<host>-<id>.nii.gz``, ``pipeline.fileio.atomic_path``) and renamed with ``os.replace``, so an
+existing ``<id>.nii.gz`` is always complete; temp files of this machine's processes that no longer run are
+deleted at the next start, another machine's (shards sharing a folder) only once a day old.
 ``report.csv`` is merged and rewritten the same way under a lock, so several shards writing to
 one folder keep each other's rows.
 """
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError, UsageError, first_line
-from pipeline.fileio import atomic_path, locked, write_nifti
+from pipeline.fileio import HOST, atomic_path, locked, temp_prefix, write_nifti
 
 log = logging.getLogger(__name__)
 
 REPORT = "report.csv"
 BASE_COLUMNS = ["study_id", "input", "output", "status", "error", "seconds"]
-_TMP = re.compile(r"^\.tmp-(\d+)-.*")
+_TMP = re.compile(r"^\.tmp-(\d+)(?:\.([0-9a-f]{8}))?-")  # pid, host (absent in names from before hosts)
+#: another machine's temp file this old is a dead run's: its pid cannot be checked from here
+STALE_ELSEWHERE_S = 24 * 3600
 
 
 # ---------------------------------------------------------------- studies and shards
@@ -130,20 +134,27 @@ def check_output_dir(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=f".tmp-{os.getpid()}-probe"):
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=f"{temp_prefix()}probe"):
             pass
     except OSError as e:
         raise InputError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
 
 
 def clean_stale_temps(out_dir: Path) -> int:
-    """Delete temp files left by processes that no longer run (a killed run); keep live ones."""
-    removed = 0
+    """Delete temp files left by processes that no longer run (a killed run); keep live ones. A
+    pid means something only on its own machine: another machine's temp file (a shard writing to
+    the same shared folder) is left alone until it is ``STALE_ELSEWHERE_S`` old."""
+    removed, now = 0, time.time()
     for f in Path(out_dir).iterdir():
         m = _TMP.match(f.name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m:
             continue
         try:
+            if m.group(2) in (None, HOST):
+                if _pid_alive(int(m.group(1))):
+                    continue
+            elif now - f.stat().st_mtime < STALE_ELSEWHERE_S:
+                continue
             f.unlink()
             removed += 1
         except OSError:

@@ -221,3 +221,30 @@ def test_manifest_input_and_voxel_limit_refused_before_reading(bundle: Path, stu
     # the dataset's folder is its manifest: its label maps (labelsTr) are not studies
     folder = predict(bundle, studies.parent, tmp_path / "out2", overrides={"max_voxels": 1000}, progress=False)
     assert sorted(r["study_id"] for r in folder) == sorted(r["study_id"] for r in rows)
+
+
+def test_stale_temps_of_this_machine_go_another_machines_stay_a_day(tmp_path: Path) -> None:
+    """Shards on several machines may share one output folder: a pid says nothing about another
+    machine's process, so its temp files are left alone until a day old (before, a shard starting
+    on one machine deleted the files another machine was writing)."""
+    import os
+
+    from pipeline.fileio import HOST, atomic_path, temp_prefix
+    from pipeline.predict_io import STALE_ELSEWHERE_S, clean_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    other = "0" * 8 if HOST != "0" * 8 else "1" * 8
+    names = {"mine_dead": f".tmp-{dead}.{HOST}-a.nii.gz", "mine_live": f"{temp_prefix()}b.nii.gz",
+             "legacy_dead": f".tmp-{dead}-c.nii.gz", "other_fresh": f".tmp-{dead}.{other}-d.nii.gz",
+             "other_old": f".tmp-{dead}.{other}-e.nii.gz", "study": "f.nii.gz"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    old = time.time() - STALE_ELSEWHERE_S - 60
+    os.utime(tmp_path / names["other_old"], (old, old))
+    assert clean_stale_temps(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("mine_live", "other_fresh", "study"))
+    with atomic_path(tmp_path / "g.nii.gz") as tmp:  # the names atomic_path writes are this process's
+        assert tmp.name.startswith(temp_prefix()) and f".{HOST}-" in tmp.name
+        tmp.write_bytes(b"y")
+        assert clean_stale_temps(tmp_path) == 0
