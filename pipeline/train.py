@@ -286,8 +286,8 @@ def check_resume_settings(parser: Any, output_dir: Path) -> None:
         return  # a run from before this file existed, or an unreadable one: nothing to compare with
     now = parser.get()
 
-    def text(value: Any) -> str:
-        return json.dumps(value, sort_keys=True, default=str)
+    def text(value: Any) -> str:  # "#" is MONAI's old id separator, "::" what a parsed config holds
+        return json.dumps(value, sort_keys=True, default=str).replace("#", "::")
 
     changed = [k for k in sorted(set(saved) | set(now))
                if k not in RESUMABLE_CHANGES and text(saved.get(k)) != text(now.get(k))]

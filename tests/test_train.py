@@ -247,6 +247,19 @@ def test_resume_with_other_settings_is_refused_until_asked_for(tmp_path: Path, d
     assert train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store, overrides=other)["epochs"] == 3
 
 
+def test_resume_settings_compare_ids_as_monai_parses_them(tmp_path: Path) -> None:
+    """A parsed config holds "::" where the bundle file wrote MONAI's old "#" separator: the same
+    settings either way (before the run's first parse, the check saw every such id as changed)."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.train import check_resume_settings
+
+    (tmp_path / "config_resolved.json").write_text(json.dumps({"run": ["$@train::trainer.run()"], "lr": 0.01}))
+    check_resume_settings(ConfigParser({"run": ["$@train#trainer.run()"], "lr": 0.01}), tmp_path)
+    with pytest.raises(UsageError, match=r"\(lr 0.01 -> 0.02\)"):
+        check_resume_settings(ConfigParser({"run": ["$@train#trainer.run()"], "lr": 0.02}), tmp_path)
+
+
 def test_resume_with_a_different_network_is_one_line(two_epochs, data: Path, store: str) -> None:
     tmp, overrides = two_epochs
     other = {**overrides, "network_def#features": [8, 16, 24, 8]}
