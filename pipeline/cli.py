@@ -199,13 +199,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from pipeline.evaluation import evaluate
+    from pipeline.evaluation import evaluate, json_safe
 
     summary = evaluate(
         Path(a.pred), Path(a.ref), out_csv=Path(a.out) if a.out else None, run_id=a.run_id,
         tracking_uri=a.tracking_uri,
     )
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(json_safe(summary), indent=2, default=str))  # null, not NaN: standard JSON for jq
     return 0
 
 

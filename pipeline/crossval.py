@@ -70,7 +70,15 @@ def fold_cases(manifest: Path, folds: int, seed: int, splits: Path | str | None 
         if missing or extra:
             what = f"case {missing[0]} missing" if missing else f"case {extra[0]} not in the manifest"
             raise InputError(f"{saved}: does not match {manifest} ({what}; {len(missing)} missing, {len(extra)} extra)")
-    return [[e["id"] for e in datalist(manifest, "val", k, folds, seed, splits)] for k in range(folds)]
+    cases = [[e["id"] for e in datalist(manifest, "val", k, folds, seed, splits)] for k in range(folds)]
+    seen: dict[str, int] = {}
+    for k, ids in enumerate(cases):  # each case validated by exactly one fold: its out-of-fold prediction
+        for i in ids:
+            if i in seen:
+                raise InputError(f"{splits or saved}: case {i} is in the validation cases of folds {seen[i]} and {k}; "
+                                 "a cross-validation's validation sets must not overlap")
+            seen[i] = k
+    return cases
 
 
 # -- the folds ---------------------------------------------------------------------------------------
@@ -224,10 +232,12 @@ def choose_postprocessing(candidates: dict[str, list[list[float]]]) -> tuple[str
     selected = np.where(np.isin(np.arange(1, none.shape[1] + 1), helps), each, none)
     candidates[SELECTED] = selected.tolist()
     means = {c: float(np.mean(v)) for c, v in candidates.items()}
-    best = max(CANDIDATES, key=lambda c: (means[c] > means["none"] + 1e-6, means[c]))  # none unless one gains
-    if helps and means[SELECTED] > means[best] + 1e-6:  # some class is cut by keep-largest
-        best = SELECTED
-    return best, helps
+    gaining = [c for c in (*CANDIDATES[1:], SELECTED) if means[c] > means["none"] + 1e-6]
+    if not gaining:  # none unless one gains
+        return "none", helps
+    if helps and means[SELECTED] >= max(means[c] for c in gaining) - 1e-6:
+        return SELECTED, helps  # as good as the best, and it leaves the classes it does not help alone
+    return max(gaining, key=lambda c: means[c]), helps
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:

@@ -34,10 +34,18 @@ FOLD_WEIGHTS = "models/fold_{}.pt"
 
 
 def weight_paths(bundle_root: str | Path, model_path: str | Path, folds: Sequence[int]) -> list[str]:
-    """``[model_path]`` when ``folds`` is empty, else the bundle's ``models/fold_<k>.pt`` files."""
-    if not folds:
+    """``[model_path]`` when ``folds`` is empty (``[]`` or null), else the bundle's
+    ``models/fold_<k>.pt`` files. Anything but a list of fold numbers is a UsageError: ``folds=0``
+    once meant the single model (0 is falsy), in a bundle that ships both."""
+    from pipeline.errors import UsageError
+
+    if folds is None or (isinstance(folds, (list, tuple)) and not folds):
         return [str(model_path)]
-    return [str(Path(bundle_root) / FOLD_WEIGHTS.format(int(k))) for k in folds]
+    if not isinstance(folds, (list, tuple)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                                         for k in folds):
+        raise UsageError(f"folds: expected a list of fold numbers such as [0] or [0, 1, 2, 3, 4], or [] for the "
+                         f"single model, got {folds!r:.40} (--set 'folds=[0]')")
+    return [str(Path(bundle_root) / FOLD_WEIGHTS.format(k)) for k in folds]
 
 
 class Ensemble(nn.Module):

@@ -272,6 +272,10 @@ def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, ru
     if len(missing) == len(entries):
         raise InputError(f"{pred_dir}: none of the {len(entries)} studies of {ref_manifest} has a prediction "
                          f"<id>.nii.gz here (e.g. {ids[0] + '.nii.gz' if ids else 'none listed'})")
+    if errors and len(missing) + len(errors) == len(entries):
+        first = next(iter(errors.values()))
+        raise InputError(f"{pred_dir}: none of the {len(entries)} studies of {ref_manifest} could be compared "
+                         f"({len(errors)} refused, {len(missing)} missing; e.g. {first})")
     if missing:
         log.warning("%d of %d studies have no prediction in %s: %s", len(missing), len(entries), pred_dir,
                     ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))

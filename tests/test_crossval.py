@@ -250,6 +250,10 @@ def test_bad_input_is_one_line_and_trains_nothing(tmp_path: Path, ct6_dataset: P
     (data / "splits.json").write_text(json.dumps(splits))
     with pytest.raises(InputError, match=f"does not match .*case {ids[-1]} missing"):
         crossval(BUNDLE, data / "dataset.json", folds=2, **kw)
+    overlap = {"k": 2, "seed": 0, "folds": [{"train": ids[3:], "val": ids[:3]}, {"train": ids[:2], "val": ids[2:]}]}
+    (data / "splits.json").write_text(json.dumps(overlap))  # ids[2] validated by both folds
+    with pytest.raises(InputError, match=f"case {ids[2]} is in the validation cases of folds 0 and 1"):
+        crossval(BUNDLE, data / "dataset.json", folds=2, **kw)
     assert not list((tmp_path / "cv").glob("fold_*"))
 
 
@@ -288,6 +292,9 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     rows = predict(bundle, studies, tmp_path / "both", device="cpu", progress=False)
     assert all(r["status"] == "ok" for r in rows)
     predict(bundle, studies, tmp_path / "fold0", device="cpu", progress=False, overrides={"folds": [0]})
+    for bad in (0, "0", [True]):  # folds=0 once predicted with models/model.pt (0 is falsy)
+        with pytest.raises(UsageError, match=r"folds: expected a list of fold numbers"):
+            predict(bundle, studies, tmp_path / "bad", device="cpu", progress=False, overrides={"folds": bad})
     predict(bundle, studies, tmp_path / "single", device="cpu", progress=False,  # model_path alone: that file,
             overrides={"model_path": str(cv["out"] / "fold_0" / "model.pt")})   # not the bundle's folds
     for r in rows:
@@ -332,3 +339,19 @@ def test_keep_largest_is_chosen_per_class_and_spares_a_label_of_two_structures(t
     assert pp["keep_largest_helps"] == ["liver"]
     assert pp["mean_dice"][SELECTED] == pytest.approx(1.0) and pp["summary"]["mean_dice"] == pytest.approx(1.0)
     assert json.loads((tmp_path / "crossval.json").read_text())["postprocessing"]["chosen"] == SELECTED
+
+
+def test_postprocessing_ties_go_to_the_classes_it_helps_and_tiny_gains_to_none() -> None:
+    """Keep-largest of a class whose Dice it does not change (e.g. both kidneys under one label,
+    each intact) is not chosen for it: a tie between keeping every class's largest and keeping
+    only where it helps goes to the latter. A gain below 1e-6 is no gain."""
+    from pipeline.crossval import SELECTED, choose_postprocessing
+
+    tie = {"none": [[0.9, 0.5]], "largest_foreground": [[0.9, 0.5]], "largest_per_class": [[0.95, 0.5]]}
+    assert choose_postprocessing(tie) == (SELECTED, [1])
+    tiny = {"none": [[0.5, 0.5]], "largest_foreground": [[0.5000005, 0.5]], "largest_per_class": [[0.5, 0.5]]}
+    assert choose_postprocessing(tiny) == ("none", [])
+    foreground = {"none": [[0.5, 0.5]], "largest_foreground": [[0.7, 0.7]], "largest_per_class": [[0.6, 0.5]]}
+    assert choose_postprocessing(foreground) == ("largest_foreground", [1])
+    every = {"none": [[0.5, 0.5]], "largest_foreground": [[0.5, 0.5]], "largest_per_class": [[0.6, 0.6]]}
+    assert choose_postprocessing(every) == (SELECTED, [1, 2])

@@ -126,6 +126,11 @@ def test_geometry_shape_mismatch_and_nothing_to_evaluate(tmp_path: Path):
     empty.mkdir()
     with pytest.raises(InputError, match="none of the 2 studies"):
         evaluate(empty, manifest)
+    write_nifti(cube(shape=(12, 12, 13)), pred / "case_1.nii.gz", affine=AFFINE)  # now no case can be compared
+    with pytest.raises(InputError, match=r"none of the 2 studies .* could be compared \(2 refused, 0 missing; "
+                                         r"e\.g\. .*shape \(12, 12, 13\) differs"):
+        evaluate(pred, manifest, out_csv=tmp_path / "out2" / "m.csv")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_mlflow_logging_read_back(evaluated, tmp_path: Path):
@@ -154,7 +159,15 @@ def test_cli_exit_codes(evaluated, tmp_path: Path, capsys: pytest.CaptureFixture
     manifest, pred = evaluated
     cmd = ["evaluate", "--ref", str(manifest)]
     assert main(cmd + ["--pred", str(pred), "--out", str(tmp_path / "m.csv")]) == 0
-    assert json.loads(capsys.readouterr().out)["missing"] == ["case_2"] and (tmp_path / "m.csv").is_file()
+    printed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON: {c}"))
+    assert printed["missing"] == ["case_2"] and (tmp_path / "m.csv").is_file()
+    with pytest.MonkeyPatch.context() as mp:  # an undefined HD95 (no class found anywhere) prints as null
+        import pipeline.evaluation
+
+        mp.setattr(pipeline.evaluation, "evaluate", lambda *args, **kw: {"mean_hd95_mm": float("nan")})
+        assert main(cmd + ["--pred", str(pred)]) == 0
+    printed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON: {c}"))
+    assert printed == {"mean_hd95_mm": None}
     assert main(cmd + ["--pred", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
     assert "prediction folder not found" in err and len(err.strip().splitlines()) == 1
