@@ -46,6 +46,8 @@ SPLITS_FILE = "splits.json"
 RESULT_FILE = "crossval.json"
 TRAINED_FILE = "trained.json"
 LOCK_FILE = ".crossval.lock"
+#: ids of the split and of which weights predict: a fold's own values of these are not the bundle's
+SPLIT_IDS = frozenset({"fold", "num_folds", "seed", "splits_file", "folds", "model_path"})
 
 
 # -- the split --------------------------------------------------------------------------------------
@@ -372,8 +374,15 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
         postprocess = {"keep_largest": [], "fill_holes": [], **pp["postprocess"]}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{result_file}: not a segpipe crossval result ({type(e).__name__}: {first_line(e)})") from None
+    if result["cases_scored"] < result.get("cases_total", result["cases_scored"]):
+        log.warning("%s: only %s of %s cases scored; the bundle's out-of-fold figures and post-processing rest on "
+                    "those", result_file, result["cases_scored"], result["cases_total"])
+    ensemble["crossval"]["cases_total"] = result.get("cases_total", result["cases_scored"])
     sources = [crossval_dir / f"fold_{k}" / "model.pt" for k in chosen]
-    network = get(load_bundle(bundle_dir, ("common.json", "inference.json")), "network_def")
+    parser = load_bundle(bundle_dir, ("common.json", "inference.json"))
+    for k in chosen:
+        _check_trained_settings(parser, crossval_dir / f"fold_{k}" / TRAINED_FILE, bundle_dir)
+    network = get(parser, "network_def")
     for src in sources:
         load_weights(network, src)  # missing, or another network: one line naming the file
     meta_file = bundle_dir / "configs" / "metadata.json"
@@ -395,6 +404,28 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
             tmp.write_text(text)
     log.info("exported folds %s of %s into %s", chosen, crossval_dir, bundle_dir / "models")
     return dests
+
+
+def _check_trained_settings(parser: Any, trained_file: Path, bundle_dir: Path) -> None:
+    """UsageError when a fold was trained with a ``--set`` value of an id the bundle's inference
+    reads (common.json, inference.json) that the bundle does not hold: its ensemble would predict
+    at other settings (another spacing, window or network) than its members learnt. Ids that only
+    steer a run (``pipeline.train.RESUMABLE_CHANGES``) do not count."""
+    from pipeline.train import RESUMABLE_CHANGES
+
+    try:
+        overrides = json.loads(trained_file.read_text()).get("overrides") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # a fold carried in without its record: nothing to compare (the weights are still checked)
+    for key, value in overrides.items():
+        if key in RESUMABLE_CHANGES or key in SPLIT_IDS or key not in parser:
+            continue  # a run-control, split or training-only id
+        own = parser.get_parsed_content(key, instantiate=False)  # references resolved ("@features")
+        if json.dumps(own, sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
+            raise UsageError(f"{trained_file}: this fold was trained with --set {key}={json.dumps(value)} and "
+                             f"{bundle_dir}/configs says {json.dumps(own, default=str)[:60]}; set the fold's value "
+                             "in the bundle first, or its ensemble would predict with settings its members did not "
+                             "learn")
 
 
 def _config_with_value(path: Path, key: str, value: Any) -> str:

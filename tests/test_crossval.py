@@ -25,12 +25,25 @@ BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
 SMALL = {**FAST, "val_interval": 1}
 
 
+def _small_bundle(dest: Path) -> Path:
+    """The phantom bundle with SMALL's window and network in its own common.json, as a bundle whose
+    folds were trained with them must say (export refuses fold settings the bundle lacks)."""
+    shutil.copytree(BUNDLE, dest, ignore=shutil.ignore_patterns("runs*"))
+    common = dest / "configs" / "common.json"
+    text = common.read_text()
+    for key, value in (("roi_size", SMALL["roi_size"]), ("features", SMALL["network_def#features"])):
+        old = f'"{key}": {json.dumps(json.loads(text)[key])}'
+        assert old in text
+        text = text.replace(old, f'"{key}": {json.dumps(value)}')
+    common.write_text(text)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def cv(tmp_path_factory: pytest.TempPathFactory, ct6_dataset: Path, mlflow_store: str) -> dict:
     """Fold 1 alone for one epoch first (an interrupted cross-validation), then all folds for two."""
     tmp = tmp_path_factory.mktemp("cv")
-    out, bundle = tmp / "cv", tmp / "bundle"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    out, bundle = tmp / "cv", _small_bundle(tmp / "bundle")
     first = crossval(bundle, ct6_dataset, folds=2, fold_ids=[1], epochs=1, output_dir=out, tracking_uri=mlflow_store,
                      overrides={**SMALL, "export": True})  # as planned bundles have it
     result = crossval(bundle, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store,
@@ -120,14 +133,8 @@ def test_folds_started_side_by_side_share_one_parent_run(tmp_path: Path, ct6_dat
 
     client = MlflowClient(mlflow_store)
     client.search_experiments()  # the store exists before the two processes meet in it
-    out, bundle = tmp_path / "cv", tmp_path / "bundle"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
-    common = (bundle / "configs/common.json").read_text()  # the bundle's own network, as export checks it
-    features = f'"features": {json.dumps(json.loads(common)["features"])}'
-    assert features in common
-    (bundle / "configs/common.json").write_text(
-        common.replace(features, f'"features": {json.dumps(SMALL["network_def#features"])}'))
-    small = {k: v for k, v in SMALL.items() if k != "network_def#features"}
+    out, bundle = tmp_path / "cv", _small_bundle(tmp_path / "bundle")
+    small = {k: v for k, v in SMALL.items() if k != "network_def#features"}  # the bundle's own network
     cmd = [sys.executable, "-m", "pipeline", "crossval", str(bundle), "--manifest", str(ct6_dataset), "--folds", "2",
            "--epochs", "1", "--output", str(out), "--tracking-uri", mlflow_store, "--export", *_sets(small)]
     procs = [subprocess.Popen([*cmd, "--fold", str(k)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -279,7 +286,7 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     common = json.loads((bundle / "configs" / "common.json").read_text())
     common.update(features=FAST["network_def#features"], pixdim=FAST["pixdim"], roi_size=FAST["roi_size"])
     (bundle / "configs" / "common.json").write_text(json.dumps(common, indent=2))
-    with pytest.raises(InputError, match="weights do not fit"):  # into the shipped bundle's network: refused
+    with pytest.raises(UsageError, match="trained with --set"):  # into the shipped bundle's grid and network
         export_ensemble(BUNDLE, cv["out"])
     exported = export_ensemble(bundle, cv["out"])
     assert [p.name for p in exported] == ["fold_0.pt", "fold_1.pt"]
@@ -355,3 +362,15 @@ def test_postprocessing_ties_go_to_the_classes_it_helps_and_tiny_gains_to_none()
     assert choose_postprocessing(foreground) == ("largest_foreground", [1])
     every = {"none": [[0.5, 0.5]], "largest_foreground": [[0.5, 0.5]], "largest_per_class": [[0.6, 0.6]]}
     assert choose_postprocessing(every) == (SELECTED, [1, 2])
+
+
+def test_export_refuses_folds_trained_with_settings_the_bundle_lacks(cv: dict, tmp_path: Path) -> None:
+    """Folds trained with --set roi_size=... exported into a bundle that says otherwise would be
+    predicted with windows (or a spacing, a network) they never learnt: one line, nothing written."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=r"fold_0/trained\.json: this fold was trained with --set "
+                                         r"roi_size=\[16, 16, 12\] and .* says \[48, 48, 32\]"):
+        export_ensemble(bundle, cv["out"])
+    assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
