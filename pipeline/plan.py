@@ -146,8 +146,9 @@ def check_inputs(fingerprint: dict, manifest: dict) -> tuple[list[str], list[dic
             raise InputError(f"cases[{i}].{field}: {len(cases[i][field])} {what}, cases[0] has {n0}")
     raw = manifest.get("channel_names") or manifest.get("modality") or _get(fingerprint, "dataset.modality")
     modality, n = {str(k): str(v) for k, v in raw.items()}, len(cases[0]["intensity"])
-    if sorted(modality) != [str(i) for i in range(n)]:
-        raise InputError(f"modality: the manifest names channels {sorted(modality)}, the images have {n}")
+    if set(modality) != {str(i) for i in range(n)}:  # as sets: "10" sorts before "2" as text
+        named = sorted(modality, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+        raise InputError(f"modality: the manifest names channels {named}, the images have {n}")
     channels = [{"index": i, "name": m, "modality": "CT" if _is_ct(m) else "other"}
                 for i, m in ((i, modality[str(i)]) for i in range(n))]
     warnings = [f"class {name!r} (label {c['label']}) is absent from every label image"
@@ -210,7 +211,10 @@ def normalisation(channels: list[dict], stats: list[dict]) -> tuple[dict, str]:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi, mean, sd)):
             raise InputError(f"dataset.channels[{ch['index']}]: no foreground statistics for CT channel "
                              f"{ch['name']!r} (rerun `segpipe fingerprint`)")
-        sd = max(sd, 1e-8)
+        if not (hi > lo and sd > 0 and _r(sd) > 0):
+            raise InputError(f"dataset.channels[{ch['index']}]: CT channel {ch['name']!r} has one intensity over "
+                             f"the labelled voxels ({lo:.4g}..{hi:.4g}, sd {sd:.3g}): nothing to normalise; is it a "
+                             "CT, and are its labels on the image?")
         schemes.append({**ch, "scheme": "ct", "clip": _r([lo, hi]), "mean": _r(mean), "std": _r(sd)})
         whys.append(f"channel {ch['index']} {ch['name']!r} (CT): clip to the foreground 0.5/99.5 percentiles "
                     f"[{lo:.4g}, {hi:.4g}], z-score with the foreground mean {mean:.4g} and sd {sd:.4g}")
@@ -294,7 +298,7 @@ def make_plan(fingerprint: dict, manifest: dict, device: str = "cpu", budget_min
     ``compiler``: whether a C++ compiler is at hand for torch.compile on a CPU."""
     if device not in DEVICES:
         raise UsageError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
-    if not (isinstance(budget_min, (int, float)) and budget_min > 0):
+    if not (isinstance(budget_min, (int, float)) and 0 < budget_min < math.inf):
         raise UsageError(f"--budget-min {budget_min!r}: must be a positive number of minutes")
     labels, channels, warnings = check_inputs(fingerprint, manifest)
     cases, classes = fingerprint["cases"], _get(fingerprint, "dataset.classes")

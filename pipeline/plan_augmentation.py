@@ -63,13 +63,27 @@ def augmentation(labels: list[str], spatial_dims: int, slice_axis: int | None, a
                                          for a, n in sided.items() if a in axes and a != 0)
     why += f"; {why_lr}" if why_lr else ""
     scale = [[-0.3, 0.4]] * spatial_dims
+    # a half turn in a plane is a flip of both its axes without the label swap: in a plane holding the
+    # left-right axis, with labels named for a side, it would put a left organ (the mirror image of the
+    # right one) on the right still labelled left, so the turn is capped as in 3D. Anterior/posterior
+    # parts (the hippocampus's) differ in appearance, and their measured plans keep the half turn.
+    lateral = 0 in sided or bool(pairs)
+
+    def half_turn(plane: list[int]) -> tuple[float, str]:
+        if lateral and 0 in plane:
+            return math.radians(30), " (not +-180: a half turn would carry left labels to the right)"
+        return math.pi, ""
+
     if spatial_dims == 2:  # nnU-Net: +-180 deg, +-15 deg for elongated patches
-        rot = [math.radians(15) if max(roi_size) / min(roi_size) > 1.5 else math.pi]
-        why += f"; rotation +-{math.degrees(rot[0]):.0f} deg"
+        turn, because = half_turn(axes)
+        rot = [math.radians(15) if max(roi_size) / min(roi_size) > 1.5 else turn]
+        why += f"; rotation +-{math.degrees(rot[0]):.0f} deg" + (because if rot[0] == turn else "")
     elif anisotropic_axis is not None:
-        rot = [math.pi if a == anisotropic_axis else 0.0 for a in range(3)]
+        turn, because = half_turn([a for a in range(3) if a != anisotropic_axis])
+        rot = [turn if a == anisotropic_axis else 0.0 for a in range(3)]
         scale = [[0.0, 0.0] if a == anisotropic_axis else [-0.3, 0.4] for a in range(3)]
-        why += f"; anisotropic: rotation +-180 deg about axis {anisotropic_axis} only, no scaling along it"
+        why += (f"; anisotropic: rotation +-{math.degrees(turn):.0f} deg about axis {anisotropic_axis} only{because}, "
+                "no scaling along it")
     else:
         rot = [math.radians(30)] * 3
         why += "; rotation +-30 deg about each axis"

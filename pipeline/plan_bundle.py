@@ -61,8 +61,8 @@ def common_config(plan: dict[str, Any], dataset_dir: str, manifest_name: str) ->
         "imports": imports + (["$import pipeline.slice_inference"] if slices else []),
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/runs'",
-        "dataset_dir": f"$@bundle_root + '/{dataset_dir}'",
-        "manifest": f"$@dataset_dir + '/{manifest_name}'",
+        "dataset_dir": f"$@bundle_root + {'/' + dataset_dir!r}",  # repr: a folder named o'brien stays a string
+        "manifest": f"$@dataset_dir + {'/' + manifest_name!r}",
         "splits_file": "$@bundle_root + '/splits.json'",
         "model_path": "$@bundle_root + '/models/model.pt'",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
@@ -154,7 +154,7 @@ def train_config(plan: dict[str, Any]) -> dict[str, Any]:
         {"_target_": "RandScaleIntensityFixedMeand", "keys": "image", "factors": 0.25, "preserve_range": True,
          "prob": "@contrast_prob"},
         {"_target_": "RandSimulateLowResolutiond", "keys": "image", "zoom_range": [0.5, 1.0],
-         "prob": "@lowres_prob"},
+         "upsample_mode": "trilinear" if plan["spatial_dims"] == 3 else "bilinear", "prob": "@lowres_prob"},
         {"_target_": "RandAdjustContrastd", "keys": "image", "gamma": [0.7, 1.5], "retain_stats": True,
          "prob": "@gamma_prob"}]
     cached = {"_target_": "pipeline.loaders.cached_dataset", "cache_dir": "@cache_dir", "cache_rate": "@cache_rate",

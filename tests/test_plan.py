@@ -312,6 +312,23 @@ def test_a_sided_label_without_its_partner_forbids_the_left_right_flip_and_says_
     assert declared["flip_axes"] == [0, 1, 2] and "left_lung/right_lung, left_kidney/heart (declared)" in why
 
 
+def test_no_half_turns_in_a_plane_with_left_and_right_labels():
+    """A +-180 deg rotation in a plane holding the left-right axis is a flip of both its axes without
+    the swap: a left parotid turned onto the right side, still labelled left. Capped at +-30 deg
+    there; kept where the plane does not hold that axis or no label has a side."""
+    hn = ["background", "parotid_L", "parotid_R"]
+    aniso, why = P.augmentation(hn, 3, None, 2, [64, 64, 16], "cpu")  # 0.5x0.5x5 mm: turns about z
+    assert aniso["rotate_range"] == [0.0, 0.0, round(math.radians(30), 4)] and "left labels to the right" in why
+    assert P.augmentation(["background", "liver"], 3, None, 2, [64, 64, 16], "cpu")[0]["rotate_range"][2] == \
+        round(math.pi, 4)
+    axial, _ = P.augmentation(["background", "left lung", "right lung"], 2, 2, None, [64, 64], "cpu")
+    assert axial["rotate_range"] == [round(math.radians(30), 4)]  # (x, y) slices hold the left-right axis
+    sagittal, _ = P.augmentation(["background", "left lung", "right lung"], 2, 0, None, [64, 64], "cpu")
+    assert sagittal["rotate_range"] == [round(math.pi, 4)]  # (y, z) slices: no side within them
+    assert P.augmentation(["background", "Anterior", "Posterior"], 3, None, 2, [40, 56, 40], "cpu")[0][
+        "rotate_range"][2] == round(math.pi, 4)  # the hippocampus's parts: as measured
+
+
 def test_flip_axes_of_a_2d_plan_from_3d_data_are_in_the_network_axes():
     unpaired, _ = P.augmentation(["background", "left lung"], 2, 2, None, [64, 64], "cpu")
     assert unpaired["flip_axes"] == [1] and unpaired["lateral_axis"] == 0  # RAS axis 1: the slice's second
@@ -501,3 +518,24 @@ def test_large_images_are_validated_less_often_so_validation_stays_a_small_share
     assert s["schedule"]["estimated_epochs"] / s["schedule"]["val_interval"] <= 3
     assert "at most 15% of the budget" in s["rationale"]["schedule"]
     assert P.make_plan(hippo, HIPPO_MANIFEST, "cpu", 30)["schedule"]["val_interval"] == 6  # small: 6 validations
+
+
+def test_eleven_channels_are_named_in_number_order_not_text_order():
+    """Channel keys "0".."10" as text sort "10" before "2": the check compares them as a set."""
+    cases = [{"spacing": [1.0, 1.0, 1.0], "shape": [8, 8, 8], "intensity": [{}] * 11, "label_voxels": {"1": 5}}] * 5
+    fingerprint = {"cases": cases, "dataset": {"classes": {}}}
+    manifest = {"labels": {"0": "background", "1": "lesion"}, "channel_names": {str(i): f"MR{i}" for i in range(11)}}
+    _, channels, _ = P.check_inputs(fingerprint, manifest)
+    assert [c["name"] for c in channels] == [f"MR{i}" for i in range(11)]
+    with pytest.raises(InputError, match=r"names channels \['0', '1', '2', .*'9', '10', '11'\], the images have 11"):
+        P.check_inputs(fingerprint, {**manifest, "channel_names": {str(i): "MR" for i in range(12)}})
+
+
+def test_a_constant_ct_channel_and_an_endless_budget_are_one_line():
+    ct = [{"index": 0, "name": "CT", "modality": "CT"}]
+    flat = {"percentile_00_5": 40.0, "percentile_99_5": 40.0, "mean": 40.0, "std": 0.0}
+    with pytest.raises(InputError, match=r"CT channel 'CT' has one intensity over the labelled voxels"):
+        P.normalisation(ct, [flat])  # was a ZeroDivisionError: sd 1e-8 rounded to 0
+    for budget in (math.inf, -1, 0):
+        with pytest.raises(UsageError, match="--budget-min .*: must be a positive number of minutes"):
+            P.make_plan({}, {}, "cpu", budget)

@@ -301,3 +301,28 @@ def test_train_refuses_a_dataset_of_other_labels_in_one_line_before_training(tmp
     assert "\n" not in str(e.value) and "anterior" in str(e.value) and "liver" in str(e.value)
     assert main(["train", str(bundle), "--manifest", str(ct_dataset), "--epochs", "1", "--device", "cpu"]) == 1
     assert not (bundle / "runs").exists()
+
+
+def test_a_2d_plan_for_cuda_runs_its_intensity_augmentation(tmp_path: Path):
+    """Planned for a GPU, a 2D bundle gets nnU-Net's intensity augmentation; its low-resolution
+    simulation must upsample bilinearly (MONAI's default, trilinear, needs 5D input and crashed the
+    first training sample it hit)."""
+    from pipeline.manifest import datalist
+
+    cells = write_dataset("cells2d", 5, tmp_path / "cells", seed=0, shape=(64, 64))
+    plan = plan_bundle(cells, tmp_path / "bundle", device="cuda", budget_min=1)
+    assert plan["spatial_dims"] == 2 and plan["augmentation"]["lowres_prob"] > 0
+    every = {k: 1.0 for k in ("lowres_prob", "blur_prob", "contrast_prob", "gamma_prob", "noise_prob", "intensity_prob")}
+    parser = load_bundle(tmp_path / "bundle", ("common.json", "train.json"), {**every, "device": "$torch.device('cpu')"})
+    transform = get(parser, "train#preprocessing")
+    out = transform(datalist(cells, "all")[0])
+    sample = out[0] if isinstance(out, list) else out
+    assert sample["image"].ndim == 3 and torch.isfinite(sample["image"]).all()
+
+
+def test_a_dataset_folder_with_a_quote_in_its_name_plans_a_bundle_that_loads(tmp_path: Path):
+    """The dataset's relative path goes into a $-expression: o'brien used to end its string early."""
+    manifest = write_dataset("ct3d", 5, tmp_path / "o'brien", seed=0, shape=(24, 24, 8))
+    plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    parser = load_bundle(tmp_path / "bundle", ("common.json", "train.json"))
+    assert Path(parser.get_parsed_content("manifest")).resolve() == manifest.resolve()
