@@ -193,7 +193,7 @@ def train_config(plan: dict[str, Any]) -> dict[str, Any]:
             "weight_transforms": [
                 {"_target_": "pipeline.transforms.BoundaryWeightMapd", "keys": "label", "weight_key": "weight",
                  "w0": "@w0", "sigma": "@sigma_mm", "class_weights": "@class_weights", "border_on": "@border_on"}],
-            "pad_transforms": [{"_target_": "SpatialPadd", "keys": "@crop_keys", "mode": "reflect",
+            "pad_transforms": [{"_target_": "SpatialPadd", "keys": "@crop_keys", "mode": "symmetric",
                                 "spatial_size": "@crop_size"}],
             "random_transforms": _random_transforms(plan),
             "flip_transforms": {"_target_": "pipeline.transforms.flip_transforms", "keys": "@crop_keys",

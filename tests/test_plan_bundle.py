@@ -326,3 +326,17 @@ def test_a_dataset_folder_with_a_quote_in_its_name_plans_a_bundle_that_loads(tmp
     plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
     parser = load_bundle(tmp_path / "bundle", ("common.json", "train.json"))
     assert Path(parser.get_parsed_content("manifest")).resolve() == manifest.resolve()
+
+
+def test_a_case_far_smaller_than_the_patch_is_padded_not_a_crash(tmp_path: Path):
+    """Mirror padding by torch's "reflect" needs the pad smaller than the image: a case under about a
+    third of the patch crashed training. numpy's "symmetric" mirrors any size."""
+    from pipeline.manifest import datalist
+
+    manifest = _dataset(tmp_path / "data", shapes=[(48, 48, 24)] * 4 + [(8, 8, 4)])
+    plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    parser = load_bundle(tmp_path / "bundle", ("common.json", "train.json"))
+    tiny = next(e for e in datalist(manifest, "all") if e["image"].endswith("c4.nii.gz"))
+    out = get(parser, "train#preprocessing")(tiny)
+    sample = out[0] if isinstance(out, list) else out
+    assert list(sample["image"].shape[1:]) == list(parser.get_parsed_content("crop_size"))
