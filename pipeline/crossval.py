@@ -251,6 +251,18 @@ def _dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
     return out
 
 
+def _masks_current(out: Path, k: int) -> bool:
+    """Whether fold ``k``'s out-of-fold masks count: its ``model.pt`` is there and is the model they
+    were predicted with (``oof/.fold_<k>.model``; masks from before stamps count while the model
+    is there). A fold deleted, or trained again and not yet predicted, leaves its cases unscored."""
+    weights, stamp = out / f"fold_{k}" / "model.pt", out / "oof" / f".fold_{k}.model"
+    if not weights.is_file():
+        if any(stamp.parent.glob("*.nii.gz")):
+            log.warning("fold %d: no model.pt in %s; its out-of-fold masks are not scored", k, weights.parent)
+        return False
+    return not stamp.is_file() or stamp.read_text().strip() == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[str, Any]:
     """Dice and HD95 of every out-of-fold mask there is; the post-processing candidates' mean
     Dice; write ``out/crossval.json``."""
@@ -278,6 +290,8 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
     candidates = {c: [] for c in CANDIDATES}
     found = []
     for k, ids in enumerate(cases):
+        if not _masks_current(out, k):
+            continue
         for sid in ids:
             mask = out / "oof" / f"{sid}.nii.gz"
             if not mask.is_file():

@@ -335,6 +335,8 @@ def test_keep_largest_is_chosen_per_class_and_spares_a_label_of_two_structures(t
         pred[30 + i:33, 24:28, 1:3] = 2  # a stray blob of class 2, far from its organ
         nib.save(nib.Nifti1Image(pred, affine), tmp_path / "oof" / f"case{i}.nii.gz")
         entries.append({"image": f"img_{i}.nii.gz", "label": f"lab_{i}.nii.gz", "id": f"case{i}"})
+        (tmp_path / f"fold_{i}").mkdir()  # a fold's masks count while its model is there
+        (tmp_path / f"fold_{i}" / "model.pt").write_bytes(b"weights")
     manifest = tmp_path / "dataset.json"
     manifest.write_text(json.dumps({"labels": {"0": "background", "1": "kidney", "2": "liver"}, "training": entries}))
 
@@ -374,3 +376,22 @@ def test_export_refuses_folds_trained_with_settings_the_bundle_lacks(cv: dict, t
                                          r"roi_size=\[16, 16, 12\] and .* says \[48, 48, 32\]"):
         export_ensemble(bundle, cv["out"])
     assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+
+
+def test_scoring_counts_only_masks_of_a_fold_model_that_is_there_and_unchanged(cv: dict, tmp_path: Path,
+                                                                              ct6_dataset: Path) -> None:
+    """A fold folder deleted, or a fold trained again and not yet predicted: its masks are stale,
+    so its cases are not scored (before, crossval.json counted them and --export then failed on
+    the missing weights)."""
+    from pipeline.crossval import score
+
+    carried = tmp_path / "cv"
+    shutil.copytree(cv["out"], carried, ignore=shutil.ignore_patterns("checkpoints", "mlflow_run.json"))
+    folds = fold_cases(ct6_dataset, 2, 0)
+    assert score(carried, ct6_dataset, folds, "t")["cases_scored"] == 6
+    shutil.copy(carried / "fold_1" / "model.pt", carried / "fold_0" / "model.pt")  # fold 0 trained again
+    shutil.rmtree(carried / "fold_1")  # fold 1 deleted
+    result = score(carried, ct6_dataset, folds, "t")
+    assert result["cases_scored"] == 0 and result["cases_total"] == 6
+    (carried / "oof" / ".fold_0.model").unlink()  # masks from before stamps count while the model is there
+    assert score(carried, ct6_dataset, folds, "t")["cases_scored"] == len(folds[0])
