@@ -324,7 +324,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     from pipeline.plan_docs import LICENSE_TEXT, LOGGING_CONF, metadata, readme
     from pipeline.validation import validate_manifest
 
-    manifest, out = Path(manifest), Path(out)
+    manifest, out = Path(manifest), Path(os.path.abspath(out))  # abspath: "--out ." has a name, a parent
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out}: exists and is not empty; plan into a new folder (a bundle is never overwritten)")
     if device is None:
@@ -345,6 +345,8 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
                          f"cross-validation folds (at least {NUM_FOLDS} labelled cases are needed)")
     tmp = out.parent / f".{out.name}.plan-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first: gone on failure
+    moved: list[Path] = []
     try:
         for sub in ("configs", "docs", "models"):
             (tmp / sub).mkdir(parents=True)
@@ -363,11 +365,22 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         (tmp / "docs" / "README.md").write_text(readme(plan, data, fingerprint, dataset_dir, out.name))
         (tmp / "LICENSE").write_text(LICENSE_TEXT.format(name=plan["name"], data=data.get("name", manifest.name),
                                                          licence=data.get("licence", "not stated in the manifest")))
-        if out.exists():
-            out.rmdir()  # an empty folder given as --out
-        os.replace(tmp, out)
+        if out.exists():  # an empty folder given as --out (perhaps the current one): filled, not replaced
+            for child in tmp.iterdir():
+                moved.append(out / child.name)
+                os.replace(child, out / child.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for m in moved:  # an empty --out is left empty again
+            shutil.rmtree(m, ignore_errors=True) if m.is_dir() else m.unlink(missing_ok=True)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     log.info("planned bundle %s in %s", plan["name"], out)
     return plan

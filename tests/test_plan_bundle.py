@@ -99,10 +99,10 @@ BAD = {  # kind -> (dataset arguments, the error's text)
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, kind: str):
     kwargs, text = BAD[kind]
     manifest = _dataset(tmp_path / "data", **kwargs)
-    with pytest.raises(InputError) as e:
-        plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    with pytest.raises(InputError) as e:  # into folders that do not exist yet
+        plan_bundle(manifest, tmp_path / "new" / "deeper" / "bundle", device="cpu", budget_min=1)
     assert text in str(e.value) and "\n" not in str(e.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no bundle, no temp folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no bundle, no temp folder, no new folders
 
 
 def test_channel_counts_differing_between_cases_are_named(tmp_path: Path):
@@ -340,3 +340,15 @@ def test_a_case_far_smaller_than_the_patch_is_padded_not_a_crash(tmp_path: Path)
     out = get(parser, "train#preprocessing")(tiny)
     sample = out[0] if isinstance(out, list) else out
     assert list(sample["image"].shape[1:]) == list(parser.get_parsed_content("crop_size"))
+
+
+def test_plan_into_the_current_empty_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """--out . (an empty current folder) is filled in place; it failed after all the work, on
+    rmdir('.')."""
+    manifest = _dataset(tmp_path / "data")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    plan_bundle(manifest, Path("."), device="cpu", budget_min=1)
+    assert (tmp_path / "here" / "configs" / "common.json").is_file() and not list(tmp_path.glob(".*plan-*"))
+    parser = load_bundle(tmp_path / "here", ("common.json",))
+    assert Path(parser.get_parsed_content("manifest")).resolve() == manifest.resolve()
