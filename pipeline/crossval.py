@@ -113,6 +113,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     out = Path(output_dir or Path(parser.get_parsed_content("output_dir")) / "crossval").resolve()
     out.mkdir(parents=True, exist_ok=True)
     name = bundle_metadata(bundle_dir).get("name", bundle_dir.name)
+    for k in chosen:  # folds carried in from another cross-validation: refused before anything is written
+        _check_fold_split(out / f"fold_{k}", k, cases[k])
     with locked(out / LOCK_FILE):  # folds started side by side into one folder share one parent run
         _record_split(out, manifest, folds, seed, cases)
         parent = open_tracker(tracking_uri, name, out / "metrics.jsonl", out / "mlflow_run.json", resume=True,
@@ -131,7 +133,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
                                               "export": False},  # a fold is one member: export-ensemble ships them
                                    tags={"mlflow.parentRunId": parent.run_id, "fold": k})
             with atomic_path(fold_dir / TRAINED_FILE) as tmp:
-                tmp.write_text(json.dumps({"fold": k, "overrides": overrides, **summary}, indent=1, default=str) + "\n")
+                tmp.write_text(json.dumps({"fold": k, "num_folds": folds, "val": cases[k], "overrides": overrides,
+                                           **summary}, indent=1, default=str) + "\n")
         predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
     with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
         result = score(out, manifest, cases, name)
@@ -142,6 +145,20 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     complete = result["cases_scored"] == result["cases_total"]
     result["exported"] = [str(p) for p in export_ensemble(bundle_dir, out)] if export and complete else []
     return result
+
+
+def _check_fold_split(fold_dir: Path, k: int, val: list[str]) -> None:
+    """InputError when the fold in ``fold_dir`` was trained for another split than this one (its
+    ``trained.json`` names its validation cases): a fold carried in from another cross-validation
+    would score cases it trained on. Records from before the cases were kept are not checked."""
+    try:
+        record = json.loads((fold_dir / TRAINED_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict) and isinstance(record.get("val"), list) and sorted(record["val"]) != sorted(val):
+        other = sorted(set(record["val"]) ^ set(val))
+        raise InputError(f"{fold_dir / TRAINED_FILE}: fold {k} was trained for another split "
+                         f"({record.get('num_folds', '?')} folds; e.g. case {other[0]} differs); use another --output")
 
 
 def _trained_without_checkpoint(fold_dir: Path) -> bool:

@@ -179,6 +179,13 @@ def test_a_fold_carried_without_checkpoints_is_not_trained_again(cv: dict, tmp_p
     assert not list(carried.glob("fold_*/checkpoints/*.pt"))  # nothing trained from scratch
     assert {k: (carried / f"fold_{k}" / "model.pt").read_bytes() for k in (0, 1)} == weights
     assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
+    elsewhere = tmp_path / "three"  # the same folds carried into a 3-fold cross-validation: they trained
+    for k in (0, 1):                # on cases it would score them on
+        shutil.copytree(carried / f"fold_{k}", elsewhere / f"fold_{k}")
+    with pytest.raises(InputError, match=r"fold_0/trained\.json: fold 0 was trained for another split \(2 folds"):
+        crossval(BUNDLE, ct6_dataset, folds=3, fold_ids=[0, 1], epochs=2, output_dir=elsewhere,
+                 tracking_uri=mlflow_store, overrides=SMALL)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["fold_0", "fold_1"]  # nothing written
 
 
 def test_a_fold_trained_again_gets_its_out_of_fold_masks_predicted_again(cv: dict, tmp_path: Path,
