@@ -117,18 +117,32 @@ def _get(d: dict, path: str) -> Any:
     return d
 
 
+def check_arguments(device: str, budget_min: float) -> None:
+    """UsageError for a device the planner does not know or a budget that is not a finite positive
+    number of minutes (``plan_bundle`` calls it first, before reading any image)."""
+    if device not in DEVICES:
+        raise UsageError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    if not (isinstance(budget_min, (int, float)) and 0 < budget_min < math.inf):
+        raise UsageError(f"--budget-min {budget_min!r}: must be a positive number of minutes")
+
+
+def label_names(raw: Any) -> list[str]:
+    """The names of a manifest's ``labels`` in value order; InputError (naming the field) for keys
+    that are not label values or values not consecutive from 0 with a foreground class."""
+    try:
+        keys = sorted(int(k) for k in raw)
+    except (TypeError, ValueError):
+        raise InputError(f"labels: keys must be label values ('0', '1', ...), got {list(raw or [])}") from None
+    if keys != list(range(len(keys))) or len(keys) < 2:
+        raise InputError(f"labels: values {keys} must be consecutive from 0, with a foreground class")
+    return [str(raw.get(str(k), raw.get(k))) for k in keys]
+
+
 def check_inputs(fingerprint: dict, manifest: dict) -> tuple[list[str], list[dict], list[str]]:
     """(label names, channels [{index, name, modality}], warnings). InputError naming the field for
     labels not consecutive from 0 or found but not named, differing channel counts, 2D mixed with
     3D, fewer cases than folds; warnings for a class absent from every label and spacings > 10x apart."""
-    raw = manifest.get("labels") or _get(fingerprint, "dataset.labels")
-    try:
-        keys = sorted(int(k) for k in raw)
-    except (TypeError, ValueError):
-        raise InputError(f"labels: keys must be label values ('0', '1', ...), got {list(raw)}") from None
-    if keys != list(range(len(keys))) or len(keys) < 2:
-        raise InputError(f"labels: values {keys} must be consecutive from 0, with a foreground class")
-    names = [str(raw.get(str(k), raw.get(k))) for k in keys]
+    names = label_names(manifest.get("labels") or _get(fingerprint, "dataset.labels"))
     if unknown := fingerprint.get("dataset", {}).get("labels_not_in_manifest"):
         raise InputError(f"labels: values {unknown} occur in the label images but the manifest names none")
     if not (cases := _get(fingerprint, "cases")):
@@ -296,10 +310,7 @@ def make_plan(fingerprint: dict, manifest: dict, device: str = "cpu", budget_min
               name: str | None = None, compiler: bool = True) -> dict[str, Any]:
     """The plan: every decision a bundle needs, each with a rationale (rules: the module docstring).
     ``compiler``: whether a C++ compiler is at hand for torch.compile on a CPU."""
-    if device not in DEVICES:
-        raise UsageError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
-    if not (isinstance(budget_min, (int, float)) and 0 < budget_min < math.inf):
-        raise UsageError(f"--budget-min {budget_min!r}: must be a positive number of minutes")
+    check_arguments(device, budget_min)
     labels, channels, warnings = check_inputs(fingerprint, manifest)
     cases, classes = fingerprint["cases"], _get(fingerprint, "dataset.classes")
     target, aniso, median_shape, why_spacing = target_spacing(fingerprint)

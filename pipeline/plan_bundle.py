@@ -320,7 +320,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     from pipeline.fingerprint import write_fingerprint
     from pipeline.laterality import label_pairs
     from pipeline.manifest import load_manifest, saved_or_computed_splits
-    from pipeline.plan import NUM_FOLDS, make_plan, write_plan
+    from pipeline.plan import NUM_FOLDS, check_arguments, label_names, make_plan, write_plan
     from pipeline.plan_docs import LICENSE_TEXT, LOGGING_CONF, metadata, readme
     from pipeline.validation import validate_manifest
 
@@ -331,8 +331,12 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_arguments(device, budget_min)  # before reading a single image
     data = load_manifest(manifest)
-    labels = [data["labels"][k] for k in sorted(data["labels"], key=int)]
+    try:
+        labels = label_names(data.get("labels"))
+    except InputError as e:
+        raise InputError(f"{manifest}: {e}") from None
     if data.get("lateral_pairs") is not None and list(data["labels"]) == [str(i) for i in range(len(labels))]:
         label_pairs(labels, data, str(manifest))  # a bad declaration: its own line, before reading any image
     problems = validate_manifest(manifest)

@@ -103,6 +103,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, kind: str)
         plan_bundle(manifest, tmp_path / "new" / "deeper" / "bundle", device="cpu", budget_min=1)
     assert text in str(e.value) and "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no bundle, no temp folder, no new folders
+    if kind == "labels_not_from_0":  # named with its manifest, before any image is read
+        assert str(e.value).startswith(f"{manifest}: labels: values [0, 1, 3]")
 
 
 def test_channel_counts_differing_between_cases_are_named(tmp_path: Path):
