@@ -24,9 +24,19 @@ SIDES = {"left": "L", "l": "L", "lt": "L", "right": "R", "r": "R", "rt": "R"}
 
 
 def name_words(name: str) -> list[str]:
-    """The lower-case words of a label name: split at anything not a letter or digit and between a
-    lower-case and an upper-case letter (``LeftKidney`` -> ``["left", "kidney"]``)."""
-    return [w for w in re.split(r"[^a-z0-9]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", str(name)).lower()) if w]
+    """The lower-case words of a label name: split at anything not a letter or digit, between a
+    lower-case and an upper-case letter and after capitals that start a capitalised word
+    (``LeftKidney``, ``LKidney`` -> ``["left", "kidney"]``, ``["l", "kidney"]``); a word that starts
+    with ``left`` or ``right`` and goes on loses it as a word of its own (``leftkidney``)."""
+    text = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", re.sub(r"([a-z])([A-Z])", r"\1 \2", str(name)))
+    words = [w for w in re.split(r"[^a-z0-9]+", text.lower()) if w]
+    return [part for w in words for part in _side_prefix(w)]
+
+
+def _side_prefix(word: str) -> list[str]:
+    """``leftkidney`` -> ``["left", "kidney"]``; a word that only begins with the letters (cleft) stays."""
+    found = re.match(r"^(left|right)([a-z]{3,})$", word)
+    return [found.group(1), found.group(2)] if found else [word]
 
 
 def lateral_pairs(label_names: Sequence[str]) -> list[tuple[int, int]]:

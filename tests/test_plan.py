@@ -293,6 +293,9 @@ def test_a_third_of_patches_are_centred_on_foreground(hippo: dict):
     (["background", "Lung_L", "Lung_R"], {0: ["Lung_L", "Lung_R"]}, [0, 1, 2], [[1, 2]]),
     (["background", "RightKidney", "LeftKidney"], {0: ["RightKidney", "LeftKidney"]}, [0, 1, 2], [[2, 1]]),
     (["background", "LeftKidney"], {0: ["LeftKidney"]}, [1, 2], []),
+    (["background", "LKidney", "RKidney"], {0: ["LKidney", "RKidney"]}, [0, 1, 2], [[1, 2]]),  # capital side letter
+    (["background", "leftkidney", "rightkidney"], {0: ["leftkidney", "rightkidney"]}, [0, 1, 2], [[1, 2]]),
+    (["background", "cleft_palate", "liver"], {}, [0, 1, 2], []),  # "cleft" and "liver" are not sides
     (["background", "Anterior", "Posterior"], {1: ["Anterior", "Posterior"]}, [0, 2], []),
     (["background", "superior vena cava"], {2: ["superior vena cava"]}, [0, 1], []),
 ])
