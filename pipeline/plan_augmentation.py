@@ -19,7 +19,9 @@ def sided_axes(labels: list[str]) -> dict[int, list[str]]:
     """RAS axes a label name gives a side on: left/right 0, anterior/posterior 1, superior/inferior 2."""
     out: dict[int, list[str]] = {}
     for name in labels:
-        words = set(name_words(name))
+        listed = name_words(name)  # "post" of post-op (a resection cavity) is not posterior
+        words = {w for i, w in enumerate(listed)
+                 if not (w == "post" and listed[i + 1:i + 2] in (["op"], ["operative"], ["surgical"]))}
         for axis, side in enumerate(SIDES):
             if words & side:
                 out.setdefault(axis, []).append(name)

@@ -296,6 +296,7 @@ def test_a_third_of_patches_are_centred_on_foreground(hippo: dict):
     (["background", "LKidney", "RKidney"], {0: ["LKidney", "RKidney"]}, [0, 1, 2], [[1, 2]]),  # capital side letter
     (["background", "leftkidney", "rightkidney"], {0: ["leftkidney", "rightkidney"]}, [0, 1, 2], [[1, 2]]),
     (["background", "cleft_palate", "liver"], {}, [0, 1, 2], []),  # "cleft" and "liver" are not sides
+    (["background", "Post-op cavity", "edema"], {}, [0, 1, 2], []),  # brain tumour data: no posterior here
     (["background", "Anterior", "Posterior"], {1: ["Anterior", "Posterior"]}, [0, 2], []),
     (["background", "superior vena cava"], {2: ["superior vena cava"]}, [0, 1], []),
 ])
