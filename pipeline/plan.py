@@ -210,11 +210,22 @@ def dimensionality(target: list[float], median_shape: list[float], tensor_image_
     return 3, None, f"3D: the median image at target spacing has {slices:.1f} voxels along coarsest axis {k}"
 
 
+#: nnU-Net v2's channel names that name a normalisation: scheme, rationale
+NNUNET_SCHEMES = {"nonorm": ("none", "no normalisation"),
+                  "rescale_to_0_1": ("rescale_0_1", "per-image min-max to [0, 1]"),
+                  "rgb_to_0_1": ("rgb_0_1", "8-bit values divided by 255")}
+
+
 def normalisation(channels: list[dict], stats: list[dict]) -> tuple[dict, str]:
     """Rule 6: the scheme and parameters per channel (statistics by channel index: two CT channels
     may share a name), and MONAI transforms applying them to "image"."""
     schemes, whys = [], []
     for ch in channels:
+        named = NNUNET_SCHEMES.get(str(ch["name"]).lower())  # nnU-Net v2's channel names that choose a scheme
+        if named is not None and ch["modality"] != "CT":
+            schemes.append({**ch, "scheme": named[0]})
+            whys.append(f"channel {ch['index']} {ch['name']!r}: {named[1]} (nnU-Net's channel name)")
+            continue
         if ch["modality"] != "CT":
             schemes.append({**ch, "scheme": "zscore_per_image", "nonzero": False})
             whys.append(f"channel {ch['index']} {ch['name']!r}: per-image z-score (not CT)")
@@ -234,13 +245,20 @@ def normalisation(channels: list[dict], stats: list[dict]) -> tuple[dict, str]:
                     f"[{lo:.4g}, {hi:.4g}], z-score with the foreground mean {mean:.4g} and sd {sd:.4g}")
 
     def op(s: dict, key: str) -> dict:
+        if s["scheme"] == "none":
+            return {"_target_": "Identityd", "keys": key}
+        if s["scheme"] == "rescale_0_1":
+            return {"_target_": "ScaleIntensityd", "keys": key, "minv": 0.0, "maxv": 1.0, "channel_wise": True}
+        if s["scheme"] == "rgb_0_1":
+            return {"_target_": "ScaleIntensityRanged", "keys": key, "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
+                    "b_max": 1.0, "clip": True}
         if s["scheme"] != "ct":
             return {"_target_": "NormalizeIntensityd", "keys": key, "nonzero": False, "channel_wise": True}
         (lo, hi), m, sd = s["clip"], s["mean"], s["std"]  # (x - m) / sd on [lo, hi], clipped: exact
         return {"_target_": "ScaleIntensityRanged", "keys": key, "a_min": lo, "a_max": hi,
                 "b_min": _r((lo - m) / sd, 6), "b_max": _r((hi - m) / sd, 6), "clip": True}
 
-    if len(schemes) == 1 or all(s["scheme"] != "ct" for s in schemes):
+    if len(schemes) == 1 or len({s["scheme"] for s in schemes}) == 1 and schemes[0]["scheme"] != "ct":
         transforms = [op(schemes[0], "image")]
     else:  # one scheme per channel: split the channels into keys, normalise each, concatenate them again
         keys = [f"image_{i}" for i in range(len(schemes))]

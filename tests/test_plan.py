@@ -543,3 +543,24 @@ def test_a_constant_ct_channel_and_an_endless_budget_are_one_line():
     for budget in (math.inf, -1, 0):
         with pytest.raises(UsageError, match="--budget-min .*: must be a positive number of minutes"):
             P.make_plan({}, {}, "cpu", budget)
+
+
+def test_nnunet_channel_names_choose_their_normalisation():
+    """nnU-Net v2's channel names noNorm, rescale_to_0_1 and rgb_to_0_1 name a scheme: they were
+    z-scored per image like any other non-CT channel."""
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    names = ["T1", "noNorm", "rescale_to_0_1", "rgb_to_0_1"]
+    channels = [{"index": i, "name": n, "modality": "other"} for i, n in enumerate(names)]
+    norm, why = P.normalisation(channels, [{}] * 4)
+    assert [c["scheme"] for c in norm["channels"]] == ["zscore_per_image", "none", "rescale_0_1", "rgb_0_1"]
+    assert "no normalisation (nnU-Net's channel name)" in why
+    image = torch.stack([torch.linspace(0, 10, 64), torch.linspace(3, 7, 64), torch.linspace(2, 6, 64),
+                         torch.linspace(0, 255, 64)]).reshape(4, 4, 4, 4)
+    out = ConfigParser({"t": {"_target_": "Compose", "transforms": norm["transforms"]}}).get_parsed_content("t")(
+        {"image": MetaTensor(image.clone())})["image"]  # a loaded image, as in the bundle
+    assert abs(float(out[0].mean())) < 1e-5 and torch.equal(out[1], image[1])  # z-scored; left as it is
+    assert float(out[2].min()) == 0.0 and float(out[2].max()) == 1.0 and float(out[3].max()) == 1.0
+    single, _ = P.normalisation(channels[1:2], [{}])
+    assert single["transforms"] == [{"_target_": "Identityd", "keys": "image"}]
