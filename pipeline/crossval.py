@@ -433,6 +433,10 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
     for path, text in configs.items():
         with atomic_path(path) as tmp:
             tmp.write_text(text)
+    for old in (bundle_dir / "models").glob("fold_*.pt"):  # an earlier export's folds not in this one
+        if old not in dests:
+            old.unlink()
+            log.info("removed %s: not a fold of this export", old)
     log.info("exported folds %s of %s into %s", chosen, crossval_dir, bundle_dir / "models")
     return dests
 

@@ -182,6 +182,19 @@ def find_training_run(run: str, tracking_uri: str | None = None) -> tuple[str, s
                      "give the MLflow run id instead")
 
 
+def check_run(run_id: str, tracking_uri: str | None = None) -> Any:
+    """The MLflow client of ``tracking_uri`` once ``run_id`` is found there; else one InputError line."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise InputError(f"MLflow run {run_id} not found in {client.tracking_uri}: {e.message}") from None
+    return client
+
+
 def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, tracking_uri: str | None = None) -> None:
     """Log ``eval/dice_<label>``, ``eval/hd95_<label>``, ``eval/nsd_<label>``, ``eval/mean_dice`` ...
     (finite values only; flat names ``eval_*`` mapped by ``pipeline.tracking.mlflow_key``), the
@@ -189,17 +202,11 @@ def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, track
     ``metrics_summary.png`` beside the first of them (every class on shared axes; also the image
     ``eval/summary``) to an existing MLflow run."""
     from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from pipeline.manifest import manifest_hash
     from pipeline.tracking import dataset_input, manifest_dataset, mlflow_key
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException as e:
-        raise InputError(f"MLflow run {run_id} not found in {client.tracking_uri}: {e.message}") from None
+    client = check_run(run_id, tracking_uri)
     values = {"eval_mean_dice": summary["mean_dice"], "eval_mean_hd95": summary["mean_hd95_mm"],
               "eval_mean_nsd": summary["mean_nsd"], "eval_n_cases": summary["n_cases"],
               "eval_n_missing": len(summary["missing"])}
@@ -240,8 +247,9 @@ def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, ru
     """
     from pipeline.manifest import load_manifest
 
-    if run_id:  # before the work: a wrong folder is said at once
+    if run_id:  # before the work: a wrong folder or run id is said at once, nothing written
         run_id, tracking_uri = find_training_run(run_id, tracking_uri)
+        check_run(run_id, tracking_uri)
     pred_dir, ref_manifest = Path(pred_dir), Path(ref_manifest)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder not found")

@@ -402,3 +402,12 @@ def test_scoring_counts_only_masks_of_a_fold_model_that_is_there_and_unchanged(c
     assert result["cases_scored"] == 0 and result["cases_total"] == 6
     (carried / "oof" / ".fold_0.model").unlink()  # masks from before stamps count while the model is there
     assert score(carried, ct6_dataset, folds, "t")["cases_scored"] == len(folds[0])
+
+
+def test_exporting_fewer_folds_leaves_no_stale_fold_weights(cv: dict, tmp_path: Path) -> None:
+    bundle = _small_bundle(tmp_path / "bundle")
+    export_ensemble(bundle, cv["out"])
+    assert sorted(p.name for p in (bundle / "models").glob("fold_*.pt")) == ["fold_0.pt", "fold_1.pt"]
+    export_ensemble(bundle, cv["out"], folds=[1])
+    assert sorted(p.name for p in (bundle / "models").glob("fold_*.pt")) == ["fold_1.pt"]
+    assert json.loads((bundle / "configs" / "common.json").read_text())["folds"] == [1]

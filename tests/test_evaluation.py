@@ -147,8 +147,9 @@ def test_mlflow_logging_read_back(evaluated, tmp_path: Path):
     assert metrics["eval/nsd_lesion"] == 1.0 and "eval/mean_dice" in metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert names == {"evaluation/metrics.csv", "evaluation/metrics_summary.json", "evaluation/metrics_summary.png"}
-    with pytest.raises(InputError, match="not found"):
-        evaluate(pred, manifest, run_id="0" * 32, tracking_uri=uri)
+    with pytest.raises(InputError, match="not found"):  # before anything is written
+        evaluate(pred, manifest, out_csv=tmp_path / "bad" / "m.csv", run_id="0" * 32, tracking_uri=uri)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_exit_codes(evaluated, tmp_path: Path, capsys: pytest.CaptureFixture):
