@@ -231,6 +231,13 @@ class RunTracker:
         ``name`` (with ``description``)."""
         self._record(kind="model", path=str(folder), name=name, register=bool(register), description=description)
 
+    def has_model(self) -> bool:
+        """Whether this run (its journal, kept across resumes) has logged a model already."""
+        if not self.journal.is_file():
+            return False
+        return any(json.loads(line).get("kind") == "model" for line in self.journal.read_text().splitlines()
+                   if '"kind": "model"' in line)
+
     def start_system_metrics(self, interval_s: float | None = None) -> None:
         """CPU, memory, disk, network (and GPU where NVML sees one) every ``interval_s`` seconds as
         ``system/...`` metrics, through the journal; stopped by ``finish``."""

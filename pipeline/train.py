@@ -373,6 +373,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, _setting(parser, "checkpoint_interval", int))
 
     stopped = int(getattr(trainer.state, "budget_stopped_epoch", 0) or 0)  # the time budget ended the run
+    trained = False
     if stopped:  # its checkpoint is mid-epoch (the budget ends an epoch early), which ignite counts one short
         trainer.state.epoch = trainer.state.max_epochs = stopped
         log.info("the time budget ended this run at epoch %d: nothing to do", stopped)
@@ -381,16 +382,17 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     else:
         try:
             trainer.run()
+            trained = True
         except BaseException as e:
             if tracker is not None:
                 tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
     _setting(parser, "finalize")
-    return _summary(parser, meta, trainer, saver, output_dir, ckpt_dir, tracker, bundle_dir, register)
+    return _summary(parser, meta, trainer, saver, output_dir, ckpt_dir, tracker, bundle_dir, register, trained)
 
 
 def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output_dir: Path, ckpt_dir: Path,
-             tracker: Any, bundle_dir: Path, register: bool = True) -> dict[str, Any]:
+             tracker: Any, bundle_dir: Path, register: bool = True, trained: bool = True) -> dict[str, Any]:
     model = saver.path
     summary: dict[str, Any] = {
         "bundle": meta.get("name"), "version": meta.get("version"), "epochs": trainer.state.epoch,
@@ -405,7 +407,9 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
                             *[(p, "qc") for p in sorted((output_dir / "qc").glob("*.png"))]]:
             if path.is_file():
                 tracker.log_artifact(path, where)
-        if model.is_file():  # the bundle with these weights as an MLflow model (pipeline.mlflow_model)
+        # the bundle with these weights as an MLflow model (pipeline.mlflow_model); a rerun with nothing
+        # to train logs none again (a new registered version of the same weights), unless none was logged
+        if model.is_file() and (trained or not tracker.has_model()):
             from pipeline.mlflow_model import stage_bundle
 
             staged = stage_bundle(bundle_dir, parser, model, output_dir / "mlflow_model")

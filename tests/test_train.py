@@ -168,9 +168,12 @@ def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Pat
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == runs_before  # no new run
     assert {m.step for m in client.get_metric_history(run_id, "val/mean_dice")} == {2, 3}  # every 2nd epoch and the last
 
+    versions = len(client.search_model_versions(f"run_id = '{run_id}'"))
+    assert versions == 1
     again = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store,
                          overrides={**FAST, "output_dir": str(out), "val_interval": 2})
     assert again["epochs"] == 3  # nothing left to do: no restart from epoch 0
+    assert len(client.search_model_versions(f"run_id = '{run_id}'")) == versions  # and no new model version
 
 
 def test_a_run_its_time_budget_ended_resumes_to_nothing(tmp_path: Path, data: Path, store: str) -> None:
