@@ -1,4 +1,5 @@
-"""Checkpoints that survive a SIGKILL, resume at the right epoch, and refuse a different network.
+"""Checkpoints that survive a SIGKILL, resume at the right epoch, and refuse a different network
+or other settings (``check_resume_settings``).
 
 - ``checkpoint_<epoch>.pt`` in ``output_dir/checkpoints``: model, optimizer, LR scheduler, AMP
   grad scaler (CUDA fp16 only), weight average and early-stopping count when used, and trainer
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -24,12 +26,18 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from pipeline.errors import InputError, SegpipeError, first_line
+from pipeline.errors import InputError, SegpipeError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
 PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
 BEST_KEYS = ["best_val_mean_dice", "best_epoch", "best_val_dice"]
+#: ids a resumed run may change (they steer the run, not what it learns): more epochs, another device, ...
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "bundle_root", "manifest", "dataset_dir", "max_epochs", "val_interval", "checkpoint_interval",
+    "qc_cases", "export", "num_workers", "device", "amp", "compile", "cache_dir", "cache_rate", "time_budget_min",
+    "early_stop_patience",
+})
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -107,6 +115,31 @@ def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int
     log.info("resumed from %s at epoch %d (iteration %d), training to epoch %d", path, epoch,
              trainer.state.iteration, trainer.state.max_epochs)
     return epoch
+
+
+def check_resume_settings(parser: Any, output_dir: Path) -> None:
+    """UsageError when a resumed run with epochs left would go on with other settings than it was
+    trained with (its ``config_resolved.json``): a changed ``--set`` (learning rate, patch size,
+    fold, seed, ...) or an edited bundle would train the rest of the run on another recipe, and a
+    cross-validation rerun would mix folds of two recipes. Ids in ``RESUMABLE_CHANGES`` may change."""
+    saved_file = output_dir / "config_resolved.json"
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        return  # a run from before this file existed, or an unreadable one: nothing to compare with
+    now = parser.get()
+
+    def text(value: Any) -> str:  # "#" is MONAI's old id separator, "::" what a parsed config holds
+        return json.dumps(value, sort_keys=True, default=str).replace("#", "::")
+
+    changed = [k for k in sorted(set(saved) | set(now))
+               if k not in RESUMABLE_CHANGES and text(saved.get(k)) != text(now.get(k))]
+    if changed:
+        shown = "; ".join(f"{k} {text(saved.get(k))[:40]} -> {text(now.get(k))[:40]}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise UsageError(f"{output_dir}: --resume with other settings than the run was trained with ({shown}{more}); "
+                         f"resume with its settings, train into another output folder, or delete {saved_file.name} "
+                         "there to resume with these")
 
 
 def save_weights(network: nn.Module, path: Path) -> Path:

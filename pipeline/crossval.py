@@ -445,8 +445,8 @@ def _check_trained_settings(parser: Any, trained_file: Path, bundle_dir: Path) -
     """UsageError when a fold was trained with a ``--set`` value of an id the bundle's inference
     reads (common.json, inference.json) that the bundle does not hold: its ensemble would predict
     at other settings (another spacing, window or network) than its members learnt. Ids that only
-    steer a run (``pipeline.train.RESUMABLE_CHANGES``) do not count."""
-    from pipeline.train import RESUMABLE_CHANGES
+    steer a run (``pipeline.checkpoints.RESUMABLE_CHANGES``) do not count."""
+    from pipeline.checkpoints import RESUMABLE_CHANGES
 
     try:
         overrides = json.loads(trained_file.read_text()).get("overrides") or {}

@@ -29,7 +29,6 @@ validation; ``verbose`` adds Ignite's and MONAI's own lines and the per-epoch re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -74,12 +73,6 @@ TRAIN_IDS = (
     "time_budget_min", "ema_decay", "init_weights", "early_stop_patience", "checkpoint_interval", "export", "initialize",
     "finalize", "train#trainer", "validate#evaluator", "validate#handlers",
 )
-#: ids a resumed run may change (they steer the run, not what it learns): more epochs, another device, ...
-RESUMABLE_CHANGES = frozenset({
-    "output_dir", "bundle_root", "manifest", "dataset_dir", "max_epochs", "val_interval", "checkpoint_interval",
-    "qc_cases", "export", "num_workers", "device", "amp", "compile", "cache_dir", "cache_rate", "time_budget_min",
-    "early_stop_patience",
-})
 #: loggers whose INFO lines only ``verbose`` shows: Ignite's engines, MONAI's StatsHandler, the per-epoch record
 CHATTY_LOGGERS = ("ignite", "monai.handlers.StatsHandler", "pipeline.handlers.epochs")
 
@@ -274,31 +267,6 @@ def _setting(parser: Any, id: str, kind: type | None = None, empty_is_zero: bool
                          f"{value!r:.40} (the bundle's value or --set {id}=...)") from None
 
 
-def check_resume_settings(parser: Any, output_dir: Path) -> None:
-    """UsageError when a resumed run with epochs left would go on with other settings than it was
-    trained with (its ``config_resolved.json``): a changed ``--set`` (learning rate, patch size,
-    fold, seed, ...) or an edited bundle would train the rest of the run on another recipe, and a
-    cross-validation rerun would mix folds of two recipes. Ids in ``RESUMABLE_CHANGES`` may change."""
-    saved_file = output_dir / "config_resolved.json"
-    try:
-        saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError):
-        return  # a run from before this file existed, or an unreadable one: nothing to compare with
-    now = parser.get()
-
-    def text(value: Any) -> str:  # "#" is MONAI's old id separator, "::" what a parsed config holds
-        return json.dumps(value, sort_keys=True, default=str).replace("#", "::")
-
-    changed = [k for k in sorted(set(saved) | set(now))
-               if k not in RESUMABLE_CHANGES and text(saved.get(k)) != text(now.get(k))]
-    if changed:
-        shown = "; ".join(f"{k} {text(saved.get(k))[:40]} -> {text(now.get(k))[:40]}" for k in changed[:3])
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise UsageError(f"{output_dir}: --resume with other settings than the run was trained with ({shown}{more}); "
-                         f"resume with its settings, train into another output folder, or delete {saved_file.name} "
-                         "there to resume with these")
-
-
 def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None,
          tags: dict[str, Any] | None = None, register: bool = True) -> dict[str, Any]:
     from pipeline.run_tags import bundle_params, git_commit, run_name, standard_tags
@@ -344,7 +312,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         else:
             checkpoints.resume(last, objects, trainer, max_epochs)
             if trainer.state.epoch < max_epochs and not getattr(trainer.state, "budget_stopped_epoch", 0):
-                check_resume_settings(parser, output_dir)  # only where there is training left to do
+                checkpoints.check_resume_settings(parser, output_dir)  # only where there is training left
             saver.best, saver.best_epoch = trainer.state.best_val_mean_dice, trainer.state.best_epoch
     if bar is not None:
         bar.attach(trainer, output_transform=lambda out: {"loss": float(from_engine(["loss"], first=True)(out))})

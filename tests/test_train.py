@@ -255,7 +255,7 @@ def test_resume_settings_compare_ids_as_monai_parses_them(tmp_path: Path) -> Non
     settings either way (before the run's first parse, the check saw every such id as changed)."""
     from monai.bundle import ConfigParser
 
-    from pipeline.train import check_resume_settings
+    from pipeline.checkpoints import check_resume_settings
 
     (tmp_path / "config_resolved.json").write_text(json.dumps({"run": ["$@train::trainer.run()"], "lr": 0.01}))
     check_resume_settings(ConfigParser({"run": ["$@train#trainer.run()"], "lr": 0.01}), tmp_path)
