@@ -197,7 +197,7 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
     weights = out / f"fold_{k}" / "model.pt"
     if not weights.is_file():
         raise InputError(f"{weights}: fold {k} has no trained weights")
-    digest, stamp = hashlib.sha256(weights.read_bytes()).hexdigest(), out / "oof" / f".fold_{k}.model"
+    digest, stamp = _digest(weights), out / "oof" / f".fold_{k}.model"
     if stamp.is_file() and stamp.read_text().strip() != digest:
         log.info("fold %d: its model changed since its out-of-fold masks were predicted: predicting them again", k)
         for sid in ids:
@@ -277,7 +277,12 @@ def _masks_current(out: Path, k: int) -> bool:
         if any(stamp.parent.glob("*.nii.gz")):
             log.warning("fold %d: no model.pt in %s; its out-of-fold masks are not scored", k, weights.parent)
         return False
-    return not stamp.is_file() or stamp.read_text().strip() == hashlib.sha256(weights.read_bytes()).hexdigest()
+    return not stamp.is_file() or stamp.read_text().strip() == _digest(weights)
+
+
+def _digest(weights: Path) -> str:
+    """The sha256 of a fold's model.pt: the stamp of the out-of-fold masks it predicted."""
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[str, Any]:

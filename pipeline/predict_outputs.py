@@ -77,7 +77,9 @@ def recount_volumes(files: Mapping[str, Path], names: Sequence[str]) -> dict[str
             labels, voxel_ml = volume.array, float(volume.voxel_volume) / 1000
         else:
             return {}
-        return label_volumes(torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), names, voxel_ml)
+        labels = np.ascontiguousarray(labels)  # uint8 as written; label_volumes widens anything else itself
+        return label_volumes(torch.from_numpy(labels if labels.dtype == np.uint8 else labels.astype(np.int64)),
+                             names, voxel_ml)
     except Exception as e:  # noqa: BLE001 - the study stays skipped; only its volume cells stay empty
         log.warning("%s: cannot count its label volumes (%s)", next(iter(files.values())), first_line(e)[:120])
         return {}
