@@ -309,7 +309,7 @@ def _qc_pictures(views: list, report: dict, label_names: list[str], output_dir: 
     """This validation's QC pictures as ``(case, path, step)``: ``qc/epoch_<NNNN>/qc_<case>.png``
     at step ``epoch``; with ``reference`` (a run's first validation) also the reference alone in
     ``qc/epoch_0000/`` at step 0, where MLflow's image slider starts when there are several steps."""
-    case_dice = {case: float(np.nanmean(row)) for case, row in report["cases"]}
+    case_dice = {case: qc.case_mean(row) for case, row in report["cases"]}
     out = []
     pictures = [(epoch, f"epoch {epoch}", True)] + ([(0, "reference", False)] if reference else [])
     for step, title, predicted in pictures:

@@ -105,6 +105,13 @@ def summarize(evaluator: Engine, label_names: list[str], metric: str = "val_mean
     return {"metrics": metrics, "cases": list(zip(ids, per_case.tolist(), strict=False)), "names": names}
 
 
+def case_mean(row: Any) -> float:
+    """Mean Dice of one case over its classes with a reference; NaN, without numpy's warning, for a
+    case without any (an all-background label)."""
+    row = np.asarray(row, dtype=float)
+    return float(np.nanmean(row)) if np.isfinite(row).any() else float("nan")
+
+
 def write_case_csv(path: Path, report: dict[str, Any]) -> Path:
     """One row per validation case: id, Dice per class, mean."""
     path = Path(path)
@@ -113,7 +120,7 @@ def write_case_csv(path: Path, report: dict[str, Any]) -> Path:
         w = csv.writer(f)
         w.writerow(["case", *[f"dice_{n}" for n in report["names"]], "dice_mean"])
         for case, row in report["cases"]:
-            w.writerow([case, *[f"{v:.4f}" for v in row], f"{np.nanmean(row):.4f}"])
+            w.writerow([case, *[f"{v:.4f}" for v in row], f"{case_mean(row):.4f}"])
     return path
 
 
@@ -163,7 +170,8 @@ def write_overlays(folder: Path, qc: list[tuple[str, dict[str, Any]]], label_nam
             ax.set_title(v["plane"] + ("" if v["index"] is None else f" {v['index']}"), fontsize=11)
         head = " - ".join(p for p in (case, title) if p)
         if dice and case in dice:
-            head += f"\nmean Dice {dice[case]:.3f}"
+            head += (f"\nmean Dice {dice[case]:.3f}" if np.isfinite(dice[case])
+                     else "\nno structure in the reference")
         fig.suptitle(head, fontsize=14, y=0.985)
         out = folder / f"qc_{case}.png"
         with atomic_path(out) as tmp:

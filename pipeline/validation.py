@@ -4,7 +4,9 @@ Per file: the header checks of ``pipeline.studies.read_header`` (missing, unread
 NIfTI/DICOM, empty, truncated, bad spacing, absurd voxel count), then the dimensionality the
 manifest expects (``tensorImageSize``; a last axis of as many channels as ``modality`` /
 ``channel_names`` is fine), then the voxel values, read once: NaN or Inf voxels; for labels also
-non-integer values, values not declared in ``labels`` and all-background masks. An image given as
+non-integer values and values not declared in ``labels``. An all-background label is a valid
+case (a study without the structures, as nnU-Net's datasets have): it is logged, not a problem,
+unless every labelled case is all background (nothing to learn). An image given as
 a list of files (one per channel) must list one file per declared channel, each without a channel
 axis, all of one shape and affine. Per training entry: image and label must share spatial shape
 and affine (within ``AFFINE_ATOL`` mm / ``AFFINE_RTOL``). Lines read
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 AFFINE_ATOL = 1e-3  # mm
 AFFINE_RTOL = 1e-4
+EMPTY_LABEL = "label is empty (all background)"
 
 
 def validate_manifest(path: Path, allow_outside: bool = False) -> list[str]:
@@ -61,9 +64,25 @@ def validate_manifest(path: Path, allow_outside: bool = False) -> list[str]:
             except Exception as e:  # noqa: BLE001 - validate reports, it never crashes
                 log.debug("unexpected error on %s", where, exc_info=True)
                 problems.append(f"{where}: {entry.get('image')}: unexpected error {type(e).__name__}: {e}")
+    problems = _empty_labels(problems, sum(bool(e.get("label")) for e in data["training"]), path)
     log.info("validated %s: %d training, %d test entries, %d problem(s)",
              path, len(data["training"]), len(data["test"]), len(problems))
     return problems
+
+
+def _empty_labels(problems: list[str], labelled: int, path: Path) -> list[str]:
+    """``problems`` without the all-background labels, which are logged; one problem instead when
+    every labelled training case is all background."""
+    empty = [p for p in problems if p.endswith(EMPTY_LABEL)]
+    if not empty:
+        return problems
+    rest = [p for p in problems if not p.endswith(EMPTY_LABEL)]
+    cases = [p.split(":", 1)[0] for p in empty]
+    if labelled and sum(c.startswith("training[") for c in cases) == labelled:
+        return rest + [f"{path}: every training label ({labelled}) is all background: nothing to learn"]
+    log.warning("%s: %d label(s) all background, kept as cases without the structures: %s%s", path, len(empty),
+                ", ".join(cases[:5]), " ..." if len(cases) > 5 else "")
+    return rest
 
 
 def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
@@ -186,7 +205,7 @@ def label_value_problems(a: np.ndarray, declared: set[int]) -> list[str]:
     if undeclared:
         out.append(f"label values {undeclared[:10]} not declared in the manifest's labels {sorted(declared)}")
     if not out and set(values) <= {0}:
-        out.append("label is empty (all background)")
+        out.append(EMPTY_LABEL)
     return out
 
 

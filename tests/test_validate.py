@@ -148,11 +148,6 @@ def _undeclared_label(root):
     return LAB, "label values [7] not declared"
 
 
-def _empty_label(root):
-    save(root / LAB, np.zeros(SHAPE, np.uint8))
-    return LAB, "label is empty (all background)"
-
-
 def _absurd_voxels(root):
     patch_header(root / IMG, 40, "<4h", 3, 30000, 30000, 30000)  # dim[0..3]
     return IMG, "header claims 27000000000000 voxels"
@@ -165,7 +160,7 @@ BAD_INPUTS = {
     "shape_mismatch": _shape_mismatch, "affine_mismatch": _affine_mismatch, "zero_pixdim": _pixdim(0.0),
     "negative_pixdim": _pixdim(-1.0), "nan_pixdim": _pixdim(float("nan")), "nan_inf_voxels": _nan_inf,
     "non_integer_label": _non_integer_label, "undeclared_label": _undeclared_label,
-    "empty_label": _empty_label, "absurd_voxel_count": _absurd_voxels,
+    "absurd_voxel_count": _absurd_voxels,
 }
 
 
@@ -267,16 +262,29 @@ def test_cli_exit_codes_and_one_line_per_defect(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == f"{manifest}: ok"
     _missing(tmp_path)
-    save(tmp_path / "labelsTr/case_2.nii.gz", np.zeros(SHAPE, np.uint8))
+    save(tmp_path / "labelsTr/case_2.nii.gz", np.zeros(SHAPE, np.uint8))  # a case without the structures
     (tmp_path / "labelsTr/case_3.nii.gz").write_bytes(b"")
     r = subprocess.run(run, capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stdout.splitlines() == [
         f"training[0] case_0: image {tmp_path / IMG}: missing file",
-        f"training[2] case_2: label {tmp_path / 'labelsTr/case_2.nii.gz'}: label is empty (all background)",
         f"training[3] case_3: label {tmp_path / 'labelsTr/case_3.nii.gz'}: empty file (0 bytes)",
     ]
-    assert "3 problem(s)" in r.stderr
+    assert "2 problem(s)" in r.stderr
+    assert "1 label(s) all background, kept as cases without the structures: training[2] case_2" in r.stderr
+
+
+def test_all_background_labels_are_cases_unless_every_label_is_empty(tmp_path, caplog):
+    manifest = make_dataset(tmp_path, n=3)
+    save(tmp_path / LAB, np.zeros(SHAPE, np.uint8))
+    with caplog.at_level("WARNING", logger="pipeline.validation"):
+        assert validate(manifest) == []  # a study without the structures is a valid training case
+    assert "1 label(s) all background" in caplog.text and "training[0] case_0" in caplog.text
+    save(tmp_path / LAB, np.full(SHAPE, 7, np.uint8))  # another problem of the same label still counts
+    assert len(validate(manifest)) == 1
+    for i in range(3):
+        save(tmp_path / f"labelsTr/case_{i}.nii.gz", np.zeros(SHAPE, np.uint8))
+    assert validate(manifest) == [f"{manifest}: every training label (3) is all background: nothing to learn"]
 
 
 def test_synthetic_datasets_validate_clean(ct_dataset, cells_dataset):
