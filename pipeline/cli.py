@@ -167,7 +167,7 @@ def _postprocessing_line(pp: dict) -> str:
 
 
 def _cmd_export_ensemble(a: argparse.Namespace) -> int:
-    from pipeline.crossval import export_ensemble
+    from pipeline.crossval_export import export_ensemble
 
     for path in export_ensemble(Path(a.bundle), Path(a.crossval), folds=a.fold):
         print(f"exported {path}")

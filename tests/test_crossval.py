@@ -14,7 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_train import FAST  # tests/ is on sys.path
 
-from pipeline.crossval import crossval, export_ensemble, fold_cases, predict_fold
+from pipeline.crossval import crossval, fold_cases, predict_fold
+from pipeline.crossval_export import export_ensemble
 from pipeline.ensemble import Ensemble
 from pipeline.errors import InputError, UsageError
 from pipeline.manifest import load_manifest
