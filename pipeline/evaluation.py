@@ -31,12 +31,14 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.fileio import atomic_path, read_label
-from pipeline.studies import study_id
+from pipeline.studies import is_nifti, study_id
 
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["study_id", "class", "dice", "hd95_mm", "surface_dice", "ref_voxels", "pred_voxels", "error"]
 SUMMARY_NAME = "metrics_summary.json"
+#: the name ending of the probabilities that ``segpipe predict`` may write beside a mask (not a mask)
+PROBABILITIES = "_probs"
 
 
 def _label_names(labels: Mapping[Any, str] | Sequence[str]) -> dict[int, str]:
@@ -108,17 +110,63 @@ def _find_prediction(pred_dir: Path, sid: str) -> Path | None:
     return None
 
 
+def _is_mask(path: Path) -> bool:
+    """Whether a file of the prediction folder is a mask ``<id>.nii.gz``: not the probabilities
+    ``segpipe predict`` writes beside it (``<id>_probs.nii.gz``, ``pipeline.postprocess.SaveMaskd``),
+    nor a hidden temp file of a run still writing (``.tmp-...``, ``pipeline.fileio.atomic_path``)."""
+    return (is_nifti(path) and not path.name.startswith(".") and not study_id(path).endswith(PROBABILITIES)
+            and path.is_file())
+
+
 def _evaluate_case(pred_path: Path, ref_path: Path, labels: Mapping[Any, str], tolerance_mm: float,
                    affine_tol: float) -> dict[str, dict[str, Any]]:
     pred, pred_affine, _ = read_label(pred_path)
     ref, ref_affine, spacing = read_label(ref_path)
-    if pred.shape != ref.shape:
-        raise InputError(f"{pred_path}: shape {pred.shape} differs from reference {ref_path} shape {ref.shape}")
-    if not np.allclose(pred_affine, ref_affine, atol=affine_tol, rtol=0):
-        worst = float(np.abs(pred_affine - ref_affine).max())
-        raise InputError(f"{pred_path}: affine differs from reference {ref_path} by up to {worst:.4g} "
-                         f"(tolerance {affine_tol:g})")
+    pred = to_reference_grid(pred, pred_affine, ref.shape, ref_affine, affine_tol, pred_path, ref_path)
     return case_metrics(pred, ref, spacing, labels, tolerance_mm)
+
+
+def to_reference_grid(pred: np.ndarray, pred_affine: np.ndarray, ref_shape: Sequence[int],
+                      ref_affine: np.ndarray, affine_tol: float, pred_path: Path | str,
+                      ref_path: Path | str) -> np.ndarray:
+    """``pred`` on the reference's grid, in the reference's voxel order: as it is when its shape
+    and affine match the reference's (within ``affine_tol`` mm); reoriented when it is the same
+    grid stored in another orientation (axes flipped or permuted, its affine mapping every voxel
+    to the same world position: nibabel's ``io_orientation``, ``ornt_transform`` and
+    ``apply_orientation``, then the affines compared again). Otherwise one InputError line naming
+    the file: its shape or affine differs from the reference's (and, where its orientation
+    differs too, both orientations). A 2D map is taken as one slice of a 3D one."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    ref_shape = tuple(int(n) for n in ref_shape)
+    if pred.shape == ref_shape and np.allclose(pred_affine, ref_affine, atol=affine_tol, rtol=0):
+        return pred
+    what = f"{pred_path}: "
+    src, dst = io_orientation(pred_affine), io_orientation(ref_affine)
+    transform = None if np.isnan(src).any() or np.isnan(dst).any() else ornt_transform(src, dst)
+    if transform is not None and (transform != [[0, 1], [1, 1], [2, 1]]).any():  # another orientation
+        pred3 = pred.reshape(pred.shape + (1,) * (3 - pred.ndim))
+        moved = apply_orientation(pred3, transform)
+        moved_affine = pred_affine @ inv_ornt_aff(transform, pred3.shape)
+        ref3 = ref_shape + (1,) * (3 - len(ref_shape))
+        if moved.shape == ref3 and np.allclose(moved_affine, ref_affine, atol=affine_tol, rtol=0):
+            log.info("%s: orientation %s reoriented to the reference's %s (%s)", pred_path,
+                     _axcodes(pred_affine), _axcodes(ref_affine), ref_path)
+            return moved.reshape(ref_shape)
+        what += (f"orientation {_axcodes(pred_affine)} differs from the reference's {_axcodes(ref_affine)} "
+                 "and, reoriented to it, its ")
+        pred, pred_affine, ref_shape = moved, moved_affine, ref3
+    if pred.shape != ref_shape:
+        raise InputError(f"{what}shape {pred.shape} differs from reference {ref_path} shape {ref_shape}")
+    worst = float(np.abs(pred_affine - ref_affine).max())
+    raise InputError(f"{what}affine differs from reference {ref_path} by up to {worst:.4g} (tolerance {affine_tol:g})")
+
+
+def _axcodes(affine: np.ndarray) -> str:
+    """The voxel axes' world directions, e.g. ``RAS`` or ``LPS`` (nibabel's axis codes)."""
+    import nibabel as nib
+
+    return "".join(c or "?" for c in nib.aff2axcodes(affine))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -241,9 +289,12 @@ def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, ru
 
     Writes the per-case CSV (default ``pred_dir/metrics.csv``; one row per case and foreground
     class, or one error row for a case that could not be compared: missing prediction, shape or
-    affine mismatch, unreadable file) and ``metrics_summary.json`` beside it, logs to MLflow run
-    ``run_id`` if given (a run id, or the training's output folder: ``find_training_run``), and
-    returns the summary. Raises InputError when no prediction matches.
+    affine mismatch, unreadable file; a mask of the reference's grid stored in another orientation
+    is reoriented to the reference, ``to_reference_grid``) and ``metrics_summary.json`` beside it,
+    logs to MLflow run ``run_id`` if given (a run id, or the training's output folder:
+    ``find_training_run``), and returns the summary (``extra_predictions``: the ids of masks
+    without a reference, not counting ``<id>_probs`` probabilities). Raises InputError when no
+    prediction matches.
     """
     from pipeline.manifest import load_manifest
 
@@ -288,8 +339,7 @@ def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, ru
         log.warning("%d of %d studies have no prediction in %s: %s", len(missing), len(entries), pred_dir,
                     ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
     known = set(ids)
-    extra = sorted(sid for p in pred_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))
-                   and (sid := study_id(p)) not in known)
+    extra = sorted(sid for p in pred_dir.iterdir() if _is_mask(p) and (sid := study_id(p)) not in known)
 
     out_csv = Path(out_csv) if out_csv else pred_dir / "metrics.csv"
     _write_csv(rows, out_csv)

@@ -47,11 +47,25 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     """Segment every study of ``input`` (NIfTI file, folder of NIfTI/DICOM studies, or manifest)
     of this shard; return one row per study (``status`` ok, failed or skipped). ``output_format``
     nifti, dicom-seg or both and ``preview`` (a PNG per study, ``index.html``): see
-    ``pipeline.predict_outputs``."""
+    ``pipeline.predict_outputs``. A run that fails before writing anything (a bad bundle or
+    ``--set``, no studies) removes the output folder it made; nothing that existed is touched."""
     output_dir = Path(output_dir)
     predict_outputs.check_format(output_format)
-    predict_io.check_output_dir(output_dir)
     shard_i, shard_n = predict_io.parse_shard(shard)
+    created = predict_io.check_output_dir(output_dir)  # before the work: an unwritable folder is said at once
+    try:
+        return _predict(Path(bundle_dir), input, output_dir, (shard_i, shard_n), device, overrides, progress,
+                        prefetch, output_format, preview)
+    except BaseException:  # a bad bundle, no studies, a bad --set ...: no empty folder left behind
+        predict_io.remove_created(created)
+        raise
+
+
+def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, int], device: str | None,
+             overrides: dict[str, Any] | None, progress: bool, prefetch: int, output_format: str,
+             preview: bool) -> list[dict[str, Any]]:
+    """``predict`` once the output folder exists."""
+    shard_i, shard_n = shard
     from pipeline.validation import bundle_contract, check_contract
 
     if (manifest := as_manifest(input)).suffix.lower() == ".json":  # its labels and channels: the bundle's

@@ -129,15 +129,55 @@ def load_weights(network: Any, path: Path) -> Any:
 # ---------------------------------------------------------------- output folder and masks
 
 
-def check_output_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove it writable, before any work; else an InputError."""
+def check_output_dir(out_dir: Path) -> list[Path]:
+    """Create ``out_dir`` (and its missing parents) and prove it writable, before any work; else an
+    InputError, leaving no folder it made. Returns the folders it made, outermost first, for
+    :func:`remove_created` should the run fail before writing anything."""
     out_dir = Path(out_dir)
+    created: list[Path] = []
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(out_dir)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=f"{temp_prefix()}probe"):
             pass
     except OSError as e:
+        remove_created(created)
         raise InputError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from None
+    return created
+
+
+def _make_dirs(out_dir: Path) -> list[Path]:
+    """``mkdir -p out_dir``, one level at a time, returning the folders this call made (not those
+    another process made meanwhile), outermost first."""
+    missing = []
+    d = Path(os.path.abspath(out_dir))
+    while not os.path.lexists(d) and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue  # made by someone else meanwhile (a shard starting beside this one): not ours
+        created.append(d)
+    return created
+
+
+def remove_created(created: Sequence[Path]) -> None:
+    """Remove the folders :func:`check_output_dir` made, innermost first, each only while empty
+    (``rmdir``): a run that failed before writing anything leaves nothing behind, and nothing
+    else (a folder that existed, a file anyone put there) is ever deleted."""
+    removed = []
+    for d in reversed(list(created)):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): it and its parents stay
+            break
+        removed.append(d)
+    if removed:
+        log.info("removed %s: made by this run, which wrote nothing", ", ".join(map(str, removed)))
 
 
 def clean_stale_temps(out_dir: Path) -> int:

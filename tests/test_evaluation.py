@@ -172,3 +172,78 @@ def test_cli_exit_codes(evaluated, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(cmd + ["--pred", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
     assert "prediction folder not found" in err and len(err.strip().splitlines()) == 1
+
+
+def _reoriented(labels: np.ndarray, ornt: list[list[int]], path: Path, affine: np.ndarray = AFFINE) -> Path:
+    """``labels`` (on ``affine``'s grid) stored in another voxel order, its affine mapping every
+    voxel to the same world position (nibabel's ``as_reoriented``)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine).as_reoriented(np.array(ornt))
+    nib.save(img, str(path))
+    return path
+
+
+def test_a_mask_in_another_orientation_of_the_reference_grid_is_reoriented(tmp_path: Path):
+    """The reference's grid stored flipped (LPS vs RAS) or with permuted axes is the same mask:
+    compared in the reference's voxel order (before, refused as an affine mismatch)."""
+    import nibabel as nib
+
+    manifest = _dataset(tmp_path / "ref", n=3)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    perfect = cube()
+    perfect[9:11, 9:11, 9:11] = 2
+    flipped = _reoriented(perfect, [[0, -1], [1, -1], [2, 1]], pred / "case_0.nii.gz")
+    permuted = _reoriented(cube((2, 0, 0)), [[2, 1], [0, -1], [1, 1]], pred / "case_1.nii.gz")
+    assert nib.aff2axcodes(nib.load(str(flipped)).affine) != nib.aff2axcodes(AFFINE)
+    assert nib.aff2axcodes(nib.load(str(permuted)).affine) != nib.aff2axcodes(AFFINE)
+    moved = AFFINE.copy()
+    moved[0, 3] += 5.0  # another grid: refused, saying the orientation differs too
+    _reoriented(cube(), [[0, -1], [1, 1], [2, 1]], pred / "case_2.nii.gz", affine=moved)
+
+    summary = evaluate(pred, manifest)
+    by = {(r["study_id"], r["class"]): r for r in csv.DictReader((pred / "metrics.csv").open())}
+    assert float(by["case_0", "organ"]["dice"]) == 1.0 and float(by["case_0", "lesion"]["dice"]) == 1.0
+    # the shift along the reference's axis 0 (2 mm voxels): as in test_shifted_cubes_by_hand
+    assert float(by["case_1", "organ"]["dice"]) == pytest.approx(2 / 3)
+    assert float(by["case_1", "organ"]["hd95_mm"]) == pytest.approx(4.0)
+    assert list(summary["errors"]) == ["case_2"] and summary["n_cases"] == 2
+    error = summary["errors"]["case_2"]
+    assert "case_2.nii.gz" in error and "orientation" in error and "affine differs" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6), (5, 7)])
+def test_to_reference_grid_undoes_any_flip_and_permutation(shape: tuple[int, ...]):
+    import itertools
+
+    import nibabel as nib
+
+    from pipeline.evaluation import to_reference_grid
+
+    ref = np.random.default_rng(0).integers(0, 3, shape).astype(np.uint8)
+    img = nib.Nifti1Image(ref.reshape(shape + (1,) * (3 - len(shape))), AFFINE)  # a 2D map: one slice
+    for axes in itertools.permutations(range(3)):
+        for flips in itertools.product((1, -1), repeat=3):
+            other = img.as_reoriented(np.array([[a, f] for a, f in zip(axes, flips, strict=True)]))
+            data = np.asarray(other.dataobj)
+            while data.ndim > 2 and data.shape[-1] == 1:  # as pipeline.fileio.read_label reads it
+                data = data[..., 0]
+            out = to_reference_grid(data, other.affine, ref.shape, AFFINE, 1e-3, "p.nii.gz", "r.nii.gz")
+            assert out.shape == ref.shape and np.array_equal(out, ref), (axes, flips)
+
+
+def test_extra_predictions_count_masks_only(tmp_path: Path):
+    """``extra_predictions`` lists masks without a reference: not the probabilities that
+    ``segpipe predict`` writes beside masks (``<id>_probs.nii.gz``), nor a run's hidden temp files."""
+    manifest = _dataset(tmp_path / "ref", n=2)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    probs = np.zeros((12, 12, 12, 3), np.float32)
+    for sid in ("case_0", "case_1", "stray"):
+        write_nifti(cube(), pred / f"{sid}.nii.gz", affine=AFFINE)
+        write_nifti(probs, pred / f"{sid}_probs.nii.gz", affine=AFFINE)
+    write_nifti(cube(), pred / ".tmp-1.0badf00d-late.nii.gz", affine=AFFINE)
+    summary = evaluate(pred, manifest)
+    assert summary["extra_predictions"] == ["stray"]
+    assert not summary["errors"] and summary["n_cases"] == 2

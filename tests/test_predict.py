@@ -173,6 +173,39 @@ def test_bundle_without_weights_is_a_clear_error(bundle: Path, studies: Path, tm
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
+def test_a_run_that_fails_before_any_study_leaves_nothing_it_made(bundle: Path, studies: Path,
+                                                                   tmp_path: Path) -> None:
+    """A bad bundle, no studies or a bad --set stops the run before any study is written: the
+    output folder it made (with its missing parents) goes; a folder that existed, and whatever
+    anyone put there, stays."""
+    noweights = tmp_path / "noweights"
+    shutil.copytree(bundle / "configs", noweights / "configs")
+    new = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(InputError, match="no weights"):
+        predict(noweights, studies, new, progress=False)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(InputError, match="no such file"):
+        predict(bundle, tmp_path / "nowhere", new, progress=False)
+    assert not (tmp_path / "new").exists()
+
+    kept = tmp_path / "kept"  # an existing parent stays, the folder made below it goes
+    (kept / "mine").mkdir(parents=True)
+    (kept / "mine" / "notes.txt").write_text("the user's\n")
+    with pytest.raises(InputError, match="no weights"):
+        predict(noweights, studies, kept / "mine" / "out", progress=False)
+    assert sorted(p.name for p in (kept / "mine").iterdir()) == ["notes.txt"]
+    with pytest.raises(InputError, match="no weights"):
+        predict(noweights, studies, kept / "mine", progress=False)
+    assert (kept / "mine" / "notes.txt").read_text() == "the user's\n"
+    (kept / "empty").mkdir()
+    with pytest.raises(InputError, match="no weights"):
+        predict(noweights, studies, kept / "empty", progress=False)
+    assert (kept / "empty").is_dir()
+
+    r = _run(bundle, studies, tmp_path / "cli" / "out", "--set", "predictor=$no_such_name")  # a bad --set
+    assert r.returncode != 0 and not (tmp_path / "cli").exists(), r.stderr
+
+
 def test_dicom_series_good_mixed_and_empty(bundle: Path, tmp_path: Path) -> None:
     from test_studies import volume, write_series  # the DICOM writer of the studies tests
 
