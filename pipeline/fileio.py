@@ -38,6 +38,17 @@ def temp_prefix() -> str:
     return f".tmp-{os.getpid()}.{HOST}-"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a hidden temporary path in ``path``'s folder (``.tmp-<pid>.<host>-<name>``, so a

@@ -15,7 +15,8 @@
   ``segpipe train BUNDLE --set pixdim=[1,1,1] --set roi_size=[40,56,40]``.
 
 Spacings and shapes are given in the axis order the bundles see, i.e. after reorientation to RAS
-(``Orientationd(axcodes="RAS")``), so ``pixdim`` and ``roi_size`` apply as they are. The foreground
+(``Orientationd(axcodes="RAS")``), so ``pixdim`` and ``roi_size`` apply as they are; a 2D image
+stored as (X, Y, 1) keeps its third axis, as the loader does (:func:`loaded_axes`). The foreground
 is ``label > 0``; unlike nnU-Net the volumes are not cropped to their non-zero region first.
 """
 
@@ -87,6 +88,30 @@ def _read_image(image: Path | list[Path]) -> tuple[np.ndarray, Any]:
     return np.stack(arrays, axis=-1), first
 
 
+def loaded_axes(label: np.ndarray, image: Any, image_file: Path, label_file: Path) -> np.ndarray:
+    """``label`` (from :func:`pipeline.fileio.read_label`, trailing singletons dropped) with the
+    spatial axes the bundles' loader gives ``image``: MONAI's ``NibabelReader`` takes a file's first
+    three axes as spatial and a fourth as channels. So a 2D image stored as a single-slice volume,
+    (X, Y, 1) or (X, Y, 1, C), stays one voxel thick here as in training, and is planned as 2D
+    slices across that axis (``slice_axis``) as (1, X, Y) is. InputError (one line) for the two
+    layouts the loader cannot train: a 2D image with channels on its third axis, (X, Y, C), read as
+    C slices, and a label with other spatial axes than its image ((X, Y) beside (X, Y, 1))."""
+    import nibabel as nib
+
+    spatial = tuple(int(n) for n in image.shape[:3])
+    extra = spatial[label.ndim:] if spatial[:label.ndim] == label.shape else ()  # the axes read_label dropped
+    if any(n > 1 for n in extra):
+        raise InputError(f"{image_file}: shape {tuple(image.shape)} is read as a 3D volume of {spatial[-1]} slices "
+                         f"(a NIfTI's third axis is spatial), but its label {label_file} is 2D {label.shape}: store "
+                         f"a 2D image's channels on a fourth axis, {(*spatial[:2], 1, spatial[-1])}, or one file "
+                         "per channel")
+    if (label_rank := min(len(nib.load(str(label_file)).shape), 3)) != len(spatial):  # the header only
+        raise InputError(f"{label_file}: read with {label_rank} spatial axes, its image {image_file} "
+                         f"{tuple(image.shape)} with {len(spatial)}: store both alike (a single-slice image "
+                         "(X, Y, 1) with a label (X, Y, 1))")
+    return label.reshape(spatial) if extra else label
+
+
 def label_objects(label: np.ndarray) -> dict[str, int]:
     """Objects per foreground label: face-connected components of at least ``MIN_OBJECT_FRACTION``
     of that label's largest component (searched within the label's bounding box)."""
@@ -107,7 +132,7 @@ def case_fingerprint(image_path: Path | list[Path], label_path: Path, rng: np.ra
     """Statistics of one study and its sampled foreground intensities per channel (read once each).
     ``image_path`` is one file or a list of files, one per channel."""
     image, img = _read_image(image_path)
-    label, _, _ = read_label(label_path)
+    label = loaded_axes(read_label(label_path)[0], img, image_files(image_path)[0], label_path)
     ndim = label.ndim
     if image.shape[:ndim] != label.shape:
         raise InputError(f"{label_path}: shape {label.shape} differs from image {image_files(image_path)[0]} "

@@ -21,6 +21,11 @@ from typing import Any
 from pipeline.errors import InputError
 
 SIDES = {"left": "L", "l": "L", "lt": "L", "right": "R", "r": "R", "rt": "R"}
+#: words of a heart chamber's name (MM-WHS's LV/RV/LA/RA, ACDC's LVC, left_ventricle, atrium_right)
+HEART_WORDS = {"ventricle", "ventricles", "ventricular", "atrium", "atria", "atrial", "auricle",
+               "lv", "rv", "la", "ra", "lvc", "rvc"}
+#: words that make a "ventricle" the brain's (FreeSurfer's Left-Lateral-Ventricle, Left-Inf-Lat-Vent)
+BRAIN_WORDS = {"lateral", "lat", "brain", "cerebral", "horn"}
 
 
 def name_words(name: str) -> list[str]:
@@ -39,23 +44,53 @@ def _side_prefix(word: str) -> list[str]:
     return [found.group(1), found.group(2)] if found else [word]
 
 
+def heart_chamber(name: str) -> bool:
+    """Whether a label names a heart chamber: left and right chambers are not mirror images of each
+    other (a flipped left ventricle has the left ventricle's thick wall, not the right's crescent),
+    so a left-right flip must keep their labels, as nnU-Net's plain flip does, never swap them.
+
+    >>> [heart_chamber(n) for n in ("LV", "right_atrium", "Left-Lateral-Ventricle", "left_kidney")]
+    [True, True, False, False]
+    """
+    words = set(name_words(name))
+    return bool(words & HEART_WORDS) and not words & BRAIN_WORDS
+
+
 def lateral_pairs(label_names: Sequence[str]) -> list[tuple[int, int]]:
     """``(left, right)`` label indices whose names differ only by a side word: left/right, l/r or
     lt/rt, in any case, as a separate word (``left_parotid``/``right_parotid``,
-    ``Kidney_L``/``Kidney_R``, ``parotid lt``/``parotid rt``, ``LeftLung``/``RightLung``).
+    ``Kidney_L``/``Kidney_R``, ``parotid lt``/``parotid rt``, ``LeftLung``/``RightLung``); else,
+    for names without a side word, by a first letter l/r of a word when the other letter with the
+    same rest names another label (FLARE's ``LK``/``RK``, ``LAG``/``RAG``, BTCV's ``lkid``/``rkid``,
+    ``lad``/``rad``): a pair only, so a lone ``Lung`` or ``RML`` has no side. Heart chambers
+    (:func:`heart_chamber`) are never paired.
 
     >>> lateral_pairs(["background", "brainstem", "left_parotid", "right_parotid", "Kidney_R", "kidney_l"])
     [(2, 3), (5, 4)]
+    >>> lateral_pairs(["background", "Liver", "RK", "Lung", "LK"])
+    [(4, 2)]
     """
     sides: dict[tuple[str, ...], dict[str, int]] = {}
+    letters: dict[tuple[str, ...], dict[str, list[int]]] = {}
     for index, name in enumerate(label_names):
+        if heart_chamber(name):
+            continue
         words = name_words(name)
         marked = [i for i, w in enumerate(words) if w in SIDES]
-        if len(marked) != 1:
-            continue
-        key = tuple("*" if i == marked[0] else w for i, w in enumerate(words))
-        sides.setdefault(key, {})[SIDES[words[marked[0]]]] = index
-    return sorted((s["L"], s["R"]) for s in sides.values() if {"L", "R"} <= set(s))
+        if len(marked) == 1:
+            key = tuple("*" if i == marked[0] else w for i, w in enumerate(words))
+            sides.setdefault(key, {})[SIDES[words[marked[0]]]] = index
+        for k, w in enumerate(words if not marked else []):  # "lkid": l + kid, a side only with "rkid"
+            if re.match(r"^[lr][a-z]", w):
+                key = (*words[:k], "*" + w[1:], *words[k + 1:])
+                letters.setdefault(key, {}).setdefault(w[0].upper(), []).append(index)
+    pairs = [(s["L"], s["R"]) for s in sides.values() if {"L", "R"} <= set(s)]
+    used = {i for p in pairs for i in p}
+    for s in letters.values():  # one label each side, neither in another pair
+        if len(s.get("L", [])) == len(s.get("R", [])) == 1 and not used & {s["L"][0], s["R"][0]}:
+            pairs.append((s["L"][0], s["R"][0]))
+            used |= {s["L"][0], s["R"][0]}
+    return sorted(pairs)
 
 
 def declared_pairs(declared: Any, labels: Sequence[str], source: str = "manifest") -> list[tuple[int, int]]:

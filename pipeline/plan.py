@@ -10,9 +10,11 @@ from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwis
    Spacings > 10x apart between cases: planned for the median, with a warning.
 2-4. Patch, topology, width and batch: :mod:`pipeline.plan_network` (nnU-Net's rules within a
    device budget; 16 filters on the CPU).
-5. 2D for 2D data, single-slice volumes, and anisotropic data whose coarse axis has < 8 voxels at
-   target spacing (a 3D net could not pool it once: a 2D net with a few slices of context at 3D
-   cost). Slices then run across the coarse axis, which keeps its spacing (``pixdim`` 0 there):
+5. 2D for 2D data, single-slice volumes ((1, X, Y), and 2D images stored as (X, Y, 1) or
+   (X, Y, 1, C): MONAI loads a NIfTI's first three axes as spatial, so they are volumes one voxel
+   thick, :func:`pipeline.fingerprint.loaded_axes`), and anisotropic data whose coarse axis has < 8
+   voxels at target spacing (a 3D net could not pool it once: a 2D net with a few slices of context
+   at 3D cost). Slices then run across the coarse axis, which keeps its spacing (``pixdim`` 0 there):
    training crops are one voxel thick along it and squeezed to 2D (``SqueezeDimd``); validation and
    prediction run the overlap-tile predictor slice by slice (``pipeline.slice_inference``), so flip
    TTA and the mirror margin work in the slice plane as in 2D bundles (MONAI's ``SliceInferer`` is a
@@ -31,10 +33,11 @@ from. The rules, nnU-Net v2's planner (Isensee et al. 2021) unless said otherwis
 8. (:mod:`pipeline.plan_augmentation`) A third of the patches centred on foreground (nnU-Net's 33%); flips along every axis but those a
    label name gives a side (left/right: RAS axis 0, anterior/posterior: 1, superior/inferior: 2),
    except that along the patient's left-right axis a flip that swaps left/right label pairs
-   (``pipeline.laterality``: pairs by name, ``left_parotid``/``right_parotid``, or declared in the
-   manifest's ``lateral_pairs``) is planned when every label with a left/right side has its
+   (``pipeline.laterality``: pairs by name, ``left_parotid``/``right_parotid``, ``LK``/``RK``, or
+   declared in the manifest's ``lateral_pairs``) is planned when every label with a left/right side has its
    partner (``RandLateralFlipd``; nnU-Net mirrors such labels wrongly, TotalSegmentator gives the
-   flip up); a sided label without a partner still forbids that axis;
+   flip up); a sided label without a partner still forbids that axis; heart chambers are not
+   mirror images and flip without a swap, as in nnU-Net (``laterality.heart_chamber``);
    rotation +-30 deg and scaling 0.7-1.4 on 20% of patches, in-plane only (+-180 deg about the
    coarse axis) for anisotropic 3D data.
 9. (:mod:`pipeline.plan_schedule`, with rule 10) Schedule: AdamW 2e-3, cosine over the wall-time budget (``time_budget_min``), ``max_epochs`` a

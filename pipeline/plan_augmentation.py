@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from pipeline.laterality import SIDES as LATERAL_WORDS
-from pipeline.laterality import label_pairs, name_words
+from pipeline.laterality import heart_chamber, label_pairs, name_words
 from pipeline.plan_network import rounded as _r
 
 SIDES = (set(LATERAL_WORDS),
@@ -16,9 +16,13 @@ NNUNET_INTENSITY = {"blur_prob": 0.2, "contrast_prob": 0.15, "lowres_prob": 0.25
 
 
 def sided_axes(labels: list[str]) -> dict[int, list[str]]:
-    """RAS axes a label name gives a side on: left/right 0, anterior/posterior 1, superior/inferior 2."""
+    """RAS axes a label name gives a side on: left/right 0, anterior/posterior 1, superior/inferior 2.
+    A heart chamber's side names the chamber, which its shape tells apart, not a mirror image of
+    another: it gives none (``pipeline.laterality.heart_chamber``)."""
     out: dict[int, list[str]] = {}
     for name in labels:
+        if heart_chamber(name):
+            continue
         listed = name_words(name)  # "post" of post-op (a resection cavity) is not posterior
         words = {w for i, w in enumerate(listed)
                  if not (w == "post" and listed[i + 1:i + 2] in (["op"], ["operative"], ["surgical"]))}

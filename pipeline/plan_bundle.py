@@ -14,8 +14,11 @@ predictor, every id ``segpipe train``/``predict`` read declared)::
     out/LICENSE, out/models/    (weights land in models/model.pt when training ends: export)
     out/plan.json, out/fingerprint.json, out/splits.json
 
-Everything is written into a hidden folder beside ``out`` and renamed onto it at the end, so an
-error leaves no partial bundle; an existing non-empty ``out`` is refused (never overwritten).
+Everything is written into a hidden folder beside ``out`` (``.<name>.plan-<pid>.<host>``, pid and
+host as in :mod:`pipeline.fileio`'s temp names) and renamed onto it at the end, so an error leaves
+no partial bundle; a killed plan's folder is removed by the next plan into the same parent folder
+(:func:`clean_stale_plans`: this machine's, of processes that no longer run). An existing non-empty
+``out`` is refused (never overwritten).
 Paths in the configs are relative to ``bundle_root``: ``dataset_dir`` points from the bundle to
 the manifest's folder, and the training split is the bundle's own ``splits.json`` (the one beside
 the manifest when it matches, else the same patient-grouped split computed afresh).
@@ -30,17 +33,43 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, UsageError
 from pipeline.evaluation import json_safe
+from pipeline.fileio import HOST, pid_alive
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILES = ("common.json", "train.json", "inference.json", "evaluate.json")
 TARGET_PREFIX = {"OverlapTileInferer": "pipeline.inference.", "SliceTileInferer": "pipeline.slice_inference."}
+#: a plan's temp folder: ``.<name>.plan-<pid>.<host>`` (no host in names from before hosts)
+_PLAN_TMP = re.compile(r"^\..+\.plan-(\d{1,9})(?:\.([0-9a-f]{8}))?$")
+
+
+def temp_dir(out: Path) -> Path:
+    """The hidden folder beside ``out`` this process writes the bundle into."""
+    return out.parent / f".{out.name}.plan-{os.getpid()}.{HOST}"
+
+
+def clean_stale_plans(folder: Path) -> list[Path]:
+    """Remove the temp folders that killed plans left in ``folder``: this machine's (or without a
+    host) whose process no longer runs. A live process's folder, and another machine's (its pid
+    means nothing here), are left alone. Returns the folders removed."""
+    removed = []
+    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _PLAN_TMP.match(d.name)
+        if not m or m.group(2) not in (None, HOST) or pid_alive(int(m.group(1))):
+            continue
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    if removed:
+        log.info("removed %s: left by a plan that was killed", ", ".join(str(d) for d in removed))
+    return removed
 
 
 def _inferer(plan: dict[str, Any], **ids: str) -> dict[str, Any]:
@@ -347,8 +376,9 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     if len(data["training"]) < NUM_FOLDS:
         raise InputError(f"{manifest}: training: {len(data['training'])} cases, fewer than the {NUM_FOLDS} "
                          f"cross-validation folds (at least {NUM_FOLDS} labelled cases are needed)")
-    tmp = out.parent / f".{out.name}.plan-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    clean_stale_plans(out.parent)
+    tmp = temp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # a dead process's, whose pid this one has
     created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first: gone on failure
     moved: list[Path] = []
     try:
@@ -361,7 +391,9 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         plan = {**make_plan(fingerprint, data, device, budget_min, name, compiler), "fingerprint_sha256": digest}
         write_plan(plan, tmp / "plan.json")
         _write_json(tmp / "splits.json", saved_or_computed_splits(manifest, plan["schedule"]["num_folds"], 0))
-        dataset_dir = Path(os.path.relpath(manifest.resolve().parent, os.path.abspath(out))).as_posix()
+        # both sides resolved: the system follows a symlink in --out before a "..", so the path from the
+        # bundle's real folder is the one that reaches the data (bundle_root is resolved, pipeline.bundle)
+        dataset_dir = Path(os.path.relpath(manifest.resolve().parent, out.resolve())).as_posix()
         for f, config in bundle_configs(plan, dataset_dir, manifest.name).items():
             _write_json(tmp / "configs" / f, config)
         _write_json(tmp / "configs" / "metadata.json", metadata(plan, data))

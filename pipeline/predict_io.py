@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError, UsageError, first_line
-from pipeline.fileio import HOST, atomic_path, locked, temp_prefix, write_nifti
+from pipeline.fileio import HOST, atomic_path, locked, pid_alive, temp_prefix, write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def clean_stale_temps(out_dir: Path) -> int:
             continue
         try:
             if m.group(2) in (None, HOST):
-                if _pid_alive(int(m.group(1))):
+                if pid_alive(int(m.group(1))):
                     continue
             elif now - f.stat().st_mtime < STALE_ELSEWHERE_S:
                 continue
@@ -202,16 +202,6 @@ def clean_stale_temps(out_dir: Path) -> int:
     if removed:
         log.info("removed %d temp file(s) of an interrupted run in %s", removed, out_dir)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _geometry(source: Path, affine: np.ndarray | None) -> dict[str, Any]:

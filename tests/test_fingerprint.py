@@ -134,3 +134,43 @@ def test_label_objects_count_components_and_ignore_specks():
     label[15, 15, 5] = 1  # a one-voxel speck: < 5% of the largest component
     label[10:14, 2:6, 2:6] = 2
     assert label_objects(label) == {"1": 2, "2": 1}
+
+
+def _two_d(root: Path, image_shape: tuple[int, ...], label_shape: tuple[int, ...], channels: int = 1) -> Path:
+    """5 cases of one 2D image layout (an LPS affine, 0.5 mm in-plane) and a manifest for them."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    affine = np.diag([-0.5, -0.5, 1.0, 1.0])
+    label = np.zeros((16, 16), np.uint8)
+    label[4:10, 5:12] = 1
+    for i in range(5):
+        image = np.broadcast_to((label * 50.0 + i)[:, :, None], (16, 16, channels)).astype(np.float32)
+        write_nifti(image.reshape(image_shape), root / "imagesTr" / f"c{i}.nii.gz", affine=affine)
+        write_nifti(label.reshape(label_shape), root / "labelsTr" / f"c{i}.nii.gz", affine=affine)
+    doc = {"name": "2d", "modality": {str(c): "MR" for c in range(channels)}, "labels": {"0": "bg", "1": "a"},
+           "training": [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(5)]}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    return root / "dataset.json"
+
+
+def test_single_slice_volumes_keep_their_third_axis_as_the_loader_does(tmp_path: Path):
+    """MONAI reads a NIfTI's first three axes as spatial: (X, Y, 1) and (X, Y, 1, C) are volumes one
+    voxel thick in training, so the fingerprint (and the plan) must see them so; (X, Y) stays 2D."""
+    for name, image, channels in (("xy1", (16, 16, 1), 1), ("xy1c", (16, 16, 1, 2), 2), ("xy", (16, 16), 1)):
+        label = (16, 16, 1) if len(image) > 2 else (16, 16)
+        fp = json.loads(write_fingerprint(_two_d(tmp_path / name, image, label, channels)).read_text())
+        assert fp["cases"][0]["shape"] == list(label) and len(fp["cases"][0]["spacing"]) == len(label), name
+        assert len(fp["cases"][0]["intensity"]) == channels
+
+
+@pytest.mark.parametrize("image, label, text", [
+    ((16, 16, 2), (16, 16), r"c0.nii.gz: shape \(16, 16, 2\) is read as a 3D volume of 2 slices .* "
+                            r"on a fourth axis, \(16, 16, 1, 2\), or one file per channel"),
+    ((16, 16, 1), (16, 16), r"labelsTr/c0.nii.gz: read with 2 spatial axes, its image .* with 3: store both alike"),
+    ((16, 16), (16, 16, 1), r"labelsTr/c0.nii.gz: read with 3 spatial axes, its image .* with 2: store both alike"),
+], ids=["xyc", "xy1-image-xy-label", "xy-image-xy1-label"])
+def test_2d_layouts_the_loader_cannot_train_are_one_line(tmp_path: Path, image, label, text: str):
+    channels = image[-1] if len(image) == 3 and image[-1] > 1 else 1
+    with pytest.raises(InputError, match=text) as e:
+        write_fingerprint(_two_d(tmp_path, image, label, channels))
+    assert "\n" not in str(e.value)

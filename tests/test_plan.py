@@ -299,12 +299,45 @@ def test_a_third_of_patches_are_centred_on_foreground(hippo: dict):
     (["background", "Post-op cavity", "edema"], {}, [0, 1, 2], []),  # brain tumour data: no posterior here
     (["background", "Anterior", "Posterior"], {1: ["Anterior", "Posterior"]}, [0, 2], []),
     (["background", "superior vena cava"], {2: ["superior vena cava"]}, [0, 1], []),
+    (["background", "Liver", "RK", "RAG", "LAG", "LK"], {}, [0, 1, 2], [[4, 3], [5, 2]]),  # FLARE: one letter
+    (["background", "rkid", "lkid", "rad", "lad"], {}, [0, 1, 2], [[2, 1], [4, 3]]),  # BTCV
+    (["background", "Lung", "RML"], {}, [0, 1, 2], []),  # no counterpart: no side
 ])
 def test_sided_labels_forbid_their_axis_but_left_right_pairs_flip_with_a_swap(names, sided, flips, pairs):
     assert P.sided_axes(names) == sided
     aug, why = P.augmentation(names, 3, None, None, [64, 64, 64], "cpu")
     assert aug["flip_axes"] == flips and aug["lateral_pairs"] == pairs and aug["lateral_axis"] == 0
     assert ("swaps the lateral pairs" in why) == bool(pairs)
+
+
+def test_a_one_letter_side_needs_the_counterpart_with_the_other_letter():
+    from pipeline.laterality import lateral_pairs
+
+    assert lateral_pairs(["background", "LK", "RK", "liver"]) == [(1, 2)]
+    assert lateral_pairs(["background", "Lung", "liver", "rectum", "LK"]) == []  # no partner: no side
+    assert lateral_pairs(["background", "LUL", "LLL", "RUL", "RML", "RLL"]) == [(1, 3), (2, 5)]
+    assert lateral_pairs(["background", "L1", "R1"]) == []  # vertebra L1: the rest must start with a letter
+    assert lateral_pairs(["background", "left_lk", "rk", "lk"]) == [(3, 2)]  # a side word's label is not a letter's
+    assert lateral_pairs(["background", "LK", "RK", "lk"]) == []  # two left kidneys: ambiguous, no pair
+
+
+@pytest.mark.parametrize("names", [
+    ["background", "LV", "RV", "LA", "RA", "myocardium"],  # MM-WHS
+    ["background", "RV", "MLV", "LVC"],  # ACDC
+    ["background", "left_ventricle", "right_ventricle", "atrium_left", "atrium_right"],
+])
+def test_heart_chambers_flip_left_right_without_a_swap(names):
+    """Left and right chambers are not mirror images: a flipped left ventricle keeps its label, as in
+    nnU-Net's plain flip; a swap would call its thick wall the right ventricle's."""
+    assert P.sided_axes(names) == {}
+    aug, why = P.augmentation(names, 3, None, None, [64, 64, 64], "cpu")
+    assert aug["flip_axes"] == [0, 1, 2] and aug["lateral_pairs"] == [] and "swaps" not in why
+
+
+def test_brain_ventricles_are_mirror_images_and_swap():
+    names = ["background", "Left-Lateral-Ventricle", "Right-Lateral-Ventricle", "3rd-Ventricle"]
+    aug, _ = P.augmentation(names, 3, None, None, [64, 64, 64], "cpu")
+    assert aug["flip_axes"] == [0, 1, 2] and aug["lateral_pairs"] == [[1, 2]]
 
 
 def test_a_sided_label_without_its_partner_forbids_the_left_right_flip_and_says_so():

@@ -354,3 +354,87 @@ def test_plan_into_the_current_empty_folder(tmp_path: Path, monkeypatch: pytest.
     assert (tmp_path / "here" / "configs" / "common.json").is_file() and not list(tmp_path.glob(".*plan-*"))
     parser = load_bundle(tmp_path / "here", ("common.json",))
     assert Path(parser.get_parsed_content("manifest")).resolve() == manifest.resolve()
+
+
+def _single_slice(root: Path, layout: str) -> Path:
+    """5 cell images (32x32, LPS affine) stored as single-slice volumes: "xy1" (X, Y, 1) or "xy1c"
+    (X, Y, 1, 2), labels (X, Y, 1)."""
+    manifest = write_dataset("cells2d", 5, root, seed=0, shape=(32, 32))
+    doc = json.loads(manifest.read_text())
+    for e in doc["training"]:
+        e.pop("instance")
+        for key in ("image", "label"):
+            img = nib.load(root / e[key])
+            a = np.asarray(img.dataobj)[:, :, None]
+            a = np.stack([a, a * 0.5 + 3], -1) if key == "image" and layout == "xy1c" else a
+            nib.save(nib.Nifti1Image(a, img.affine), root / e[key])
+    channels = {"0": "microscopy", "1": "phase"} if layout == "xy1c" else {"0": "microscopy"}
+    manifest.write_text(json.dumps({**doc, "tensorImageSize": "3D", "modality": channels}))
+    return manifest
+
+
+@pytest.mark.parametrize("layout", ["xy1", "xy1c"])
+def test_2d_images_stored_as_single_slice_volumes_plan_2d_slices_and_predict_in_their_geometry(tmp_path, layout):
+    """(X, Y, 1) and (X, Y, 1, C) load as volumes one voxel thick: planned as 2D slices across that
+    axis, as (1, X, Y) is (a plain 2D plan crashed on Orientationd: 2 axcodes for 3 axes)."""
+    from pipeline.manifest import datalist
+    from pipeline.predict import predict
+
+    manifest = _single_slice(tmp_path / "data", layout)
+    plan = plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    assert (plan["spatial_dims"], plan["slice_axis"], plan["spacing"]["pixdim"]) == (2, 2, [0.5, 0.5, 0.0])
+    parser = load_bundle(tmp_path / "bundle", ("common.json", "train.json"))
+    out = get(parser, "train#preprocessing")(datalist(manifest, "all")[0])
+    sample = out[0] if isinstance(out, list) else out
+    assert tuple(sample["image"].shape) == (len(plan["channels"]), *plan["patch"]["roi_size"])
+    torch.save(get(parser, "network_def").state_dict(), tmp_path / "bundle/models/model.pt")
+    rows = predict(tmp_path / "bundle", manifest, tmp_path / "masks", device="cpu", progress=False)
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 5
+    mask, label = nib.load(tmp_path / "masks/cells_003.nii.gz"), nib.load(manifest.parent / "labelsTr/cells_003.nii.gz")
+    assert mask.shape == label.shape == (32, 32, 1) and np.allclose(mask.affine, label.affine)
+
+
+@pytest.mark.slow
+def test_a_bundle_planned_from_single_slice_volumes_trains(tmp_path: Path, mlflow_store: str):
+    from pipeline.train import train_bundle
+
+    manifest = _single_slice(tmp_path / "data", "xy1")
+    plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    summary = train_bundle(tmp_path / "bundle", device="cpu", tracking_uri=mlflow_store, epochs=1,
+                           overrides={"epoch_length": 2})
+    assert summary["exported"] and set(summary["val_dice"]) == {"cell"}
+
+
+def test_out_through_a_symlinked_folder_points_at_the_data(tmp_path: Path):
+    """The system follows a symlink before "..": a path to the data computed from the unresolved
+    --out (bundle/../../data) led from the link's target to another folder."""
+    manifest = _dataset(tmp_path / "data")
+    (tmp_path / "real/a/b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real/a/b")
+    plan_bundle(manifest, tmp_path / "link/bundle", device="cpu", budget_min=1)
+    parser = load_bundle(tmp_path / "link/bundle", ("common.json",))
+    assert Path(parser.get_parsed_content("manifest")).resolve() == manifest.resolve()
+    assert json.loads((tmp_path / "real/a/b/bundle/configs/common.json").read_text())["dataset_dir"] == \
+        "$@bundle_root + '/../../../../data'"
+
+
+def test_a_killed_plans_temp_folder_is_removed_by_the_next_plan_but_a_live_ones_is_kept(tmp_path: Path):
+    import subprocess
+
+    from pipeline.fileio import HOST
+
+    manifest = _dataset(tmp_path / "data")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        names = {"dead": f".bundle.plan-{dead.pid}.{HOST}", "dead_old": f".other.plan-{dead.pid}",
+                 "live": f".bundle.plan-{live.pid}.{HOST}", "elsewhere": f".bundle.plan-{dead.pid}.0badc0de"}
+        for name in names.values():
+            (tmp_path / name / "configs").mkdir(parents=True)
+        plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    finally:
+        live.kill()
+        live.wait()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"data", "bundle", names["live"], names["elsewhere"]}
