@@ -13,8 +13,10 @@ than trust that layout, :func:`to_frames` derives the mapping from the two geome
 source frames' own ImagePositionPatient / ImageOrientationPatient / PixelSpacing give the affine
 from DICOM indices (column, row, frame) to RAS millimetres; composed with the inverse of the
 mask's affine it must be a signed axis permutation with integer offsets (checked at the grid's
-corners and at every frame's position, to a tenth of a voxel), which is then applied with
-transposes and flips. A mask whose grid is not the series' grid is refused, never resampled.
+corners and at every frame's position, per axis to ``pipeline.studies.grid_tolerance_mm``: a
+tenth of a voxel, at least 0.1 mm, the tolerance the series reader applies to slice positions, so
+a series it accepts is not refused here for its geometry), which is then applied with transposes
+and flips. A mask whose grid is not the series' grid is refused, never resampled.
 
     >>> sources = source_datasets(Path("export/CT_abdomen"))           # doctest: +SKIP
     >>> write_dicom_seg(labels, affine, sources, Path("out/ct.seg.dcm"),  # doctest: +SKIP
@@ -32,31 +34,32 @@ import numpy as np
 
 from pipeline.errors import InputError, first_line
 from pipeline.fileio import atomic_path
+from pipeline.studies import (
+    ENHANCED_SOP_CLASSES,
+    MULTIFRAME_ADVICE,
+    dicom_series_files,
+    grid_tolerance_mm,
+    pixel_spacings_differ,
+)
 
 log = logging.getLogger(__name__)
 
 SEG_SUFFIX = ".seg.dcm"
 GENERIC_CODE = ("85756007", "SCT", "Tissue")  # SNOMED CT "Tissue": category and type of an uncoded label
-_TOL_VOXELS = 0.1  # how far (in voxels) the two grids may disagree anywhere
-#: the SOP classes of multi-frame ("enhanced") images: one object holds the whole volume
-_ENHANCED = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR",
-             "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT",
-             "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR",
-             "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET"}
+_FLOAT_SLACK_VOXELS = 1e-3  # on top of the shared tolerance: the NIfTI affine is stored as float32
 
 
 def source_datasets(folder: Path | str) -> list[Any]:
     """The headers (pydicom, no pixel data) of the one single-frame DICOM series in ``folder``,
     in the order of their positions along the slice normal. InputError (one line naming the
     folder) for what a SEG cannot reference frame by frame: no series, several series, missing
-    or duplicated slices (``pipeline.studies``), multi-frame (enhanced) objects, slices without
-    position or orientation, or slices of different studies or frames of reference. A series
+    or duplicated slices, mixed pixel spacings, a tilted stack (``pipeline.studies``), multi-frame
+    (enhanced) objects, slices without position or orientation, or slices of different studies or
+    frames of reference (the checks that read tags SimpleITK does not are repeated here). A series
     without any FrameOfReferenceUID (some exporters leave the required tag out) gets one derived
     from its series UID, with a warning. SpacingBetweenSlices is dropped from these copies: the
     SEG's is measured from the frames' positions."""
     import pydicom
-
-    from pipeline.studies import dicom_series_files
 
     folder = Path(folder)
     files = dicom_series_files(folder)
@@ -68,16 +71,21 @@ def source_datasets(folder: Path | str) -> list[Any]:
             raise InputError(f"{f}: unreadable DICOM slice ({first_line(e)})") from None
         sop_class = str(getattr(ds, "SOPClassUID", ""))
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        if sop_class in _ENHANCED or frames > 1:
-            kind = f"{_ENHANCED[sop_class]}, " if sop_class in _ENHANCED else ""
-            raise InputError(f"{folder}: {Path(f).name} is a multi-frame image ({kind}{frames} frames in one file); "
-                             "a DICOM SEG is written for series of single-frame images only")
+        if sop_class in ENHANCED_SOP_CLASSES or frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            kind = f"{ENHANCED_SOP_CLASSES[sop_class]}, " if sop_class in ENHANCED_SOP_CLASSES else ""
+            raise InputError(f"{folder}: {Path(f).name} is a multi-frame image ({kind}{frames} "
+                             f"frame{'s' if frames != 1 else ''} in one file); {MULTIFRAME_ADVICE}")
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
                                "StudyInstanceUID", "SOPInstanceUID") if k not in ds]
         if missing:
             raise InputError(f"{folder}: {Path(f).name} lacks {', '.join(missing)}; cannot reference it in a DICOM SEG")
         if "SpacingBetweenSlices" in ds:  # often absent or wrong (1 where slices are 2.5 mm apart); highdicom
             del ds.SpacingBetweenSlices  # would copy it into the SEG, so let it measure the frames' positions
+        if sources and pixel_spacings_differ(ds.PixelSpacing, sources[0].PixelSpacing,
+                                             (sources[0].Rows, sources[0].Columns)):
+            spacings = " and ".join(" x ".join(f"{float(v):g}" for v in d.PixelSpacing) for d in (sources[0], ds))
+            raise InputError(f"{folder}: series mixes pixel spacings {spacings} mm ({Path(f).name}); "
+                             "one grid needs one spacing (two reconstructions under one series UID?)")
         sources.append(ds)
     for key in ("StudyInstanceUID", "FrameOfReferenceUID"):
         values = {str(ds.get(key)) for ds in sources}
@@ -131,10 +139,14 @@ def to_frames(volume: np.ndarray, affine: np.ndarray, sources: Sequence[Any], na
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in dicom_shape], indexing="ij")).reshape(3, -1)
     frames_at = np.linalg.inv(np.asarray(affine, dtype=float)) @ np.c_[
         np.array([ds.ImagePositionPatient for ds in sources], dtype=float) * [-1, -1, 1], np.ones(len(sources))].T
-    error = max(np.abs(m[:3, :3] @ corners + m[:3, 3:] - (p @ corners + offset[:, None])).max(),
-                np.abs(frames_at[:3] - (p[:, 2:] * np.arange(len(sources)) + offset[:, None])).max())
+    errors = np.maximum(  # per volume axis, in voxels
+        np.abs(m[:3, :3] @ corners + m[:3, 3:] - (p @ corners + offset[:, None])).max(axis=1),
+        np.abs(frames_at[:3] - (p[:, 2:] * np.arange(len(sources)) + offset[:, None])).max(axis=1))
+    voxel = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    tolerance = np.array([grid_tolerance_mm(v) / v for v in voxel]) + _FLOAT_SLACK_VOXELS
+    error = float(errors.max())
     shape = tuple(volume.shape[:3])
-    if sorted(perm) != [0, 1, 2] or error > _TOL_VOXELS or tuple(shape[i] for i in perm) != dicom_shape:
+    if sorted(perm) != [0, 1, 2] or (errors > tolerance).any() or tuple(shape[i] for i in perm) != dicom_shape:
         raise InputError(f"{name}: grid {list(shape)} does not lie on the source series' grid "
                          f"({dicom_shape[2]} frames of {dicom_shape[1]}x{dicom_shape[0]}; off by up to {error:.3g} "
                          "voxels); refusing to write a DICOM SEG that would not overlay its images")

@@ -37,16 +37,21 @@ SPACING = (0.9, 1.1, 1.5)  # between rows, between columns, between slices (mm)
 LABELS = ["background", "body", "organ", "bone"]
 
 
-def write_dicom(folder: Path, frames: np.ndarray, orientation: str, origin=(-12.0, 30.0, 55.0),
-                spacing=SPACING, positions: list[int] | None = None, multiframe: bool = False,
-                spacing_tag: float | None = None) -> list[Path]:
+def write_dicom(folder: Path, frames: np.ndarray, orientation: str | tuple, origin=(-12.0, 30.0, 55.0),
+                spacing=SPACING, positions: list[float] | None = None, multiframe: bool = False,
+                spacing_tag: float | None = None, advance=None, decimals: int = 6) -> list[Path]:
     """``frames`` (slices, rows, columns) int16 HU as a CT series of single-frame files (or one
     multi-frame Enhanced CT file), files named in reverse slice order so file order is not slice
-    order; ``positions`` puts frame k at slice position positions[k] (gaps, duplicates);
+    order; ``orientation``: a name in ORIENTATIONS or (row direction, column direction);
+    ``positions`` puts frame k at slice position positions[k] (gaps, duplicates, jitter);
+    ``advance``: the LPS direction slice positions advance along (default the slice normal; the
+    table axis for a gantry-tilted CT); ``decimals``: ImagePositionPatient rounded so;
     ``spacing_tag`` writes that SpacingBetweenSlices (right or wrong)."""
     folder.mkdir(parents=True, exist_ok=True)
-    row_dir, col_dir = (np.asarray(v, dtype=float) for v in ORIENTATIONS[orientation])
+    pair = ORIENTATIONS[orientation] if isinstance(orientation, str) else orientation
+    row_dir, col_dir = (np.asarray(v, dtype=float) for v in pair)
     normal = np.cross(row_dir, col_dir)
+    advance = normal if advance is None else np.asarray(advance, dtype=float)
     study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
     positions = list(range(len(frames))) if positions is None else positions
     files = []
@@ -61,7 +66,7 @@ def write_dicom(folder: Path, frames: np.ndarray, orientation: str, origin=(-12.
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 3, k + 1, "test"
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(origin) + at * spacing[2] * normal]
+        ds.ImagePositionPatient = [f"{v:.{decimals}f}" for v in np.asarray(origin) + at * spacing[2] * advance]
         ds.PixelSpacing, ds.SliceThickness = [spacing[0], spacing[1]], spacing[2]
         if spacing_tag is not None:
             ds.SpacingBetweenSlices = spacing_tag
@@ -292,3 +297,111 @@ def test_dicom_seg_only_keeps_the_seg_and_refuses_a_nifti_study(bundle: Path, tm
     assert got.shape == want.shape and np.abs(got - want).max() <= 1 / 255 + 1e-3
     again = predict(bundle, inp, out, progress=False, output_format="dicom-seg", overrides={"save_probabilities": "float32"})
     assert {r["study_id"]: r["status"] for r in again} == {"sag": "skipped", "nifti_study": "failed"}
+
+
+# ---------------------------------------------------------------- series that are not one regular grid
+
+_TILT = np.deg2rad(20)
+#: a CT acquired with the gantry tilted 20 degrees: the slices' orientation is tilted about the
+#: left-right axis, their positions advance along the table (LPS z), not along their normal
+GANTRY_TILT = {"orientation": ((1, 0, 0), (0, np.cos(_TILT), np.sin(_TILT))), "advance": (0, 0, 1)}
+
+
+def _legacy_enhanced(folder: Path, files: list[Path], descending: bool) -> Path:
+    """The single-frame ``files`` as one Legacy Converted Enhanced CT file (highdicom), frames in
+    ascending or descending order of position (highdicom picks one; the other is made by
+    reversing the frames and their per-frame positions)."""
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage([pydicom.dcmread(f) for f in files], series_instance_uid=hd.UID(),
+                                                  series_number=4, sop_instance_uid=hd.UID(), instance_number=1)
+    z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in mf.PerFrameFunctionalGroupsSequence]
+    if (z[0] > z[-1]) != descending:
+        mf.PixelData = np.ascontiguousarray(mf.pixel_array[::-1]).tobytes()
+        mf.PerFrameFunctionalGroupsSequence = pydicom.Sequence(list(mf.PerFrameFunctionalGroupsSequence)[::-1])
+    folder.mkdir(parents=True)
+    mf.save_as(folder / "enhanced.dcm")
+    return folder
+
+
+def test_odd_series_are_refused_from_their_headers_before_any_inference(
+        bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gantry-tilted series, multi-frame (Enhanced) objects (frames in either order) and a
+    series of mixed pixel spacings each fail as their own study, in one line naming the folder and
+    the problem, before the model runs (even with --format nifti, which reads no SEG sources)."""
+    import pipeline.predict
+
+    ran: list[int] = []
+    run_model = pipeline.predict.run_model
+    monkeypatch.setattr(pipeline.predict, "run_model", lambda *a: ran.append(1) or run_model(*a))
+    inp = tmp_path / "in"
+    write_dicom(inp / "ok", phantom((6, 9, 11)), "axial_lps")
+    write_dicom(inp / "tilted", phantom((6, 9, 11)), GANTRY_TILT["orientation"], spacing=(0.9, 1.1, 2.5),
+                advance=GANTRY_TILT["advance"])
+    single = write_dicom(tmp_path / "single", phantom(), "axial_lps")
+    for order in ("ascending", "descending"):
+        _legacy_enhanced(inp / f"enhanced_{order}", single, order == "descending")
+    write_dicom(inp / "enhanced_ct", phantom((4, 6, 7)), "axial_lps", multiframe=True)
+    for f in write_dicom(inp / "mixed_spacing", phantom((6, 9, 11)), "axial_lps")[3:]:
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.save_as(f)
+    rows = {r["study_id"]: r for r in predict(bundle, inp, tmp_path / "out", progress=False, output_format="nifti")}
+    assert rows["ok"]["status"] == "ok" and len(ran) == 1, "the model ran for the good series only"
+    advice = "multi-frame (Enhanced) DICOM is not supported: export classic single-frame slices, or convert with dcm2niix"
+    want = {
+        "tilted": "gantry-tilted series: slices advance 20 degrees off the slice normal (IM0001.dcm lies 4.28 mm",
+        "enhanced_ascending": f"enhanced.dcm is a multi-frame image (Legacy Converted Enhanced CT, 12 frames in one "
+                              f"file); {advice}",
+        "enhanced_descending": f"enhanced.dcm is a multi-frame image (Legacy Converted Enhanced CT, 12 frames in one "
+                               f"file); {advice}",
+        "enhanced_ct": f"IM0004.dcm is a multi-frame image (Enhanced CT, 4 frames in one file); {advice}",
+        "mixed_spacing": "mixes pixel spacings 0.9 x 1.1 and 0.7 x 0.7 mm (IM000",
+    }
+    for sid, problem in want.items():
+        error = rows[sid]["error"]
+        assert rows[sid]["status"] == "failed" and error.startswith(f"{inp / sid}: ") and problem in error, rows[sid]
+        assert "\n" not in error and not list((tmp_path / "out").glob(f"{sid}*"))
+    assert "dcm2niix corrects gantry tilt" in rows["tilted"]["error"]
+
+
+def test_source_datasets_refuses_mixed_pixel_spacings_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SEG's sources are read with pydicom, apart from SimpleITK's header check: a PixelSpacing
+    that differs there is refused there too."""
+    import pipeline.dicom_seg
+
+    files = write_dicom(tmp_path / "ct", phantom((4, 5, 6)), "sagittal")
+    ds = pydicom.dcmread(files[2])
+    ds.PixelSpacing = [0.7, 0.7]
+    ds.save_as(files[2])
+    monkeypatch.setattr(pipeline.dicom_seg, "dicom_series_files", lambda folder: sorted(map(str, files)))
+    with pytest.raises(InputError, match=r"series mixes pixel spacings 0.9 x 1.1 and 0.7 x 0.7 mm \(IM0002.dcm\)") as e:
+        source_datasets(tmp_path / "ct")
+    assert str(e.value).startswith(f"{tmp_path / 'ct'}: ")
+
+
+@pytest.mark.parametrize("case", ["one_decimal", "near_the_tolerance"])
+def test_a_series_the_reader_accepts_is_not_refused_by_the_seg_writer(tmp_path: Path, case: str) -> None:
+    """The reader and the SEG writer share one tolerance (``pipeline.studies.grid_tolerance_mm``):
+    0.625 mm slices with positions written to 1 decimal (0.6 and 0.7 mm gaps), and 0.5 mm voxels
+    whose slices lie 0.09 mm (0.18 voxels, under the 0.1 mm floor) off the uniform grid along the
+    normal and in-plane get a SEG whose frames land on their source pixels; 0.12 mm is refused by
+    the reader."""
+    from pipeline.studies import read_header
+
+    frames = np.arange(12 * 5 * 6, dtype=np.int16).reshape(12, 5, 6) * 3 - 300  # every value unique
+    if case == "one_decimal":
+        files = write_dicom(tmp_path / "ct", frames, "axial_lps", origin=(-12.0, 30.0, -100.0),
+                            spacing=(0.7, 0.7, 0.625), decimals=1)
+    else:
+        lean = np.array([0.0, 0.0, 1.0]) + [0.09 / 11 / 0.5, 0, 0]  # the last slice 0.09 mm off along the rows
+        at = [k + (0.09 / 0.5 if k == 5 else 0) for k in range(12)]
+        files = write_dicom(tmp_path / "ct", frames, "axial_lps", spacing=(0.5, 0.5, 0.5), positions=at, advance=lean)
+        write_dicom(tmp_path / "beyond", frames, "axial_lps", spacing=(0.5, 0.5, 0.5),
+                    positions=[k + (0.12 / 0.5 if k == 5 else 0) for k in range(12)])
+        with pytest.raises(InputError, match="non-uniform slice spacing"):
+            read_header(tmp_path / "beyond")
+    read_header(tmp_path / "ct")
+    nii = nib.load(dicom_series_to_nifti(tmp_path / "ct", tmp_path / "ct.nii.gz"))
+    labels = (np.asarray(nii.dataobj).astype(int) // 3 % 4).astype(np.uint8)
+    out = write_dicom_seg(labels, nii.affine, source_datasets(tmp_path / "ct"), tmp_path / "ct.seg.dcm", LABELS, {})
+    for f, got in zip(files, seg_labels_on(hd.seg.segread(out), files), strict=True):
+        np.testing.assert_array_equal(got, pydicom.dcmread(f).pixel_array.astype(int) // 3 % 4, err_msg=f.name)

@@ -24,9 +24,9 @@ _T = np.deg2rad(20)
 DIRECTION = np.array([[np.cos(_T), -np.sin(_T), 0], [np.sin(_T), np.cos(_T), 0], [0, 0, 1]])
 
 
-def volume(shape_zyx=(5, 6, 7)) -> sitk.Image:
+def volume(shape_zyx=(5, 6, 7), spacing=SPACING) -> sitk.Image:
     img = sitk.GetImageFromArray(np.arange(np.prod(shape_zyx), dtype=np.int16).reshape(shape_zyx))
-    img.SetSpacing(SPACING)
+    img.SetSpacing(spacing)
     img.SetOrigin(ORIGIN)
     img.SetDirection(DIRECTION.ravel().tolist())
     return img
@@ -48,24 +48,31 @@ def keep_locale() -> Iterator[None]:
 @keep_locale()
 def write_series(folder: Path, img: sitk.Image, uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
                  skip: tuple[int, ...] = (), repeat: tuple[int, ...] = (), prefix: str = "slice",
-                 shift: dict[int, float] | None = None) -> Path:
+                 shift: dict[int, float] | None = None, lean: float = 0.0,
+                 pixel_spacing: dict[int, tuple[float, float]] | None = None, decimals: int = 6) -> Path:
     """One DICOM file per slice with the tags a scanner writes; `skip` drops slices,
     `repeat` writes a slice twice under another instance number, `shift` moves slice k's
-    position by that many mm along the slice normal (non-uniform spacing)."""
+    position by that many mm along the slice normal (non-uniform spacing), `lean` moves slice k
+    by k * lean mm along the column direction (a gantry tilt of atan(lean / slice spacing) with
+    the orientation kept: a sheared stack), `pixel_spacing` gives slice k another PixelSpacing
+    (between rows, between columns), `decimals` rounds ImagePositionPatient."""
     folder.mkdir(parents=True, exist_ok=True)
     d = img.GetDirection()
+    sp = img.GetSpacing()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     slices = [i for i in range(img.GetDepth()) if i not in skip] + list(repeat)
     for n, k in enumerate(slices):
         s = img[:, :, k]
+        rows_cols = (pixel_spacing or {}).get(k, (sp[1], sp[0]))
+        s.SetSpacing((rows_cols[1], rows_cols[0]))
+        at = np.add(img.TransformIndexToPhysicalPoint((0, 0, k)), np.multiply(d[2::3], (shift or {}).get(k, 0.0)))
         for tag, value in {
             "0008|0060": "CT", "0020|000d": uid.rsplit(".", 1)[0], "0020|000e": uid,
             "0008|0018": f"{uid}.{n + 1}", "0020|0013": str(n + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in np.add(img.TransformIndexToPhysicalPoint((0, 0, k)),
-                                                              np.multiply(d[2::3], (shift or {}).get(k, 0.0)))),
+            "0020|0032": "\\".join(f"{v:.{decimals}f}" for v in np.add(at, np.multiply(d[1::3], k * lean))),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-            "0028|0030": f"{SPACING[1]}\\{SPACING[0]}", "0018|0050": str(SPACING[2]),
+            "0028|0030": f"{rows_cols[0]}\\{rows_cols[1]}", "0018|0050": str(sp[2]),
         }.items():
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}_{n:03d}.dcm"))
@@ -145,6 +152,70 @@ def test_mixed_and_incomplete_series_are_refused(tmp_path, make):
     assert str(e.value).startswith(f"{folder}: ") and "\n" not in str(e.value)
     with pytest.raises(InputError, match=problem):
         read_header(folder)
+
+
+def _manifest(root: Path, image: Path, shape: tuple[int, ...]) -> Path:
+    """A one-entry manifest: ``image`` with an all-ones label of ``shape`` beside it."""
+    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), np.eye(4)), str(root / "label.nii.gz"))
+    doc = {"labels": {"0": "background", "1": "organ"},
+           "training": [{"image": f"./{image.relative_to(root)}", "label": "./label.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    return root / "dataset.json"
+
+
+def test_a_gantry_tilted_series_is_refused_naming_the_tilt(tmp_path):
+    """Gantry tilt: the slices advance along the table (here 2.5 mm down the normal and 0.91 mm
+    along the columns per slice), not along the normal of their orientation. SimpleITK stacks them
+    along the normal, so slice k would be misplaced by k * 0.91 mm; refused, from the headers."""
+    folder = write_series(tmp_path / "images" / "tilted", volume(), lean=2.5 * np.tan(np.deg2rad(20)))
+    problem = (r"gantry-tilted series: slices advance 20 degrees off the slice normal \(slice_004.dcm lies "
+               r"3.64 mm off it in-plane, more than the 0.1 mm tolerated\).*"
+               r"resample it to an untilted grid first \(e.g. dcm2niix")
+    with pytest.raises(InputError, match=problem) as e:
+        read_header(folder)
+    assert str(e.value).startswith(f"{folder}: ") and "\n" not in str(e.value)
+    with pytest.raises(InputError, match=problem):
+        find_studies(tmp_path / "images")
+    [line] = validate(_manifest(tmp_path, folder, (7, 6, 5)))
+    assert line.startswith(f"training[0] tilted: image {folder}: gantry-tilted series")
+    # a drift of less than 0.1 mm over the series is rounding, not a tilt
+    assert read_header(write_series(tmp_path / "straight", volume(), lean=0.09 / 4))["shape"] == (7, 6, 5)
+
+
+def test_mixed_pixel_spacings_in_one_series_are_refused(tmp_path):
+    folder = write_series(tmp_path / "ct", volume(), pixel_spacing={3: (0.6, 0.6), 4: (0.6, 0.6)})
+    with pytest.raises(InputError, match=r"mixes pixel spacings 0.8 x 0.7 and 0.6 x 0.6 mm \(slice_00[34].dcm\)") as e:
+        read_header(folder)
+    assert str(e.value).startswith(f"{folder}: ") and "\n" not in str(e.value)
+    # spacings written with other decimals are one spacing
+    same = write_series(tmp_path / "same", volume(), pixel_spacing={3: (0.80001, 0.69999)})
+    np.testing.assert_allclose(read_header(same)["pixdim"], SPACING, atol=1e-4)
+
+
+@pytest.mark.parametrize("decimals", [1, 2])
+def test_uniform_thin_slices_written_with_few_decimals_are_accepted(tmp_path, decimals):
+    """0.625 mm slices whose positions are written with 2 (or 1) decimals have gaps of 0.62 and
+    0.63 mm (0.6 and 0.7 mm), uniform to within the rounding: accepted, spaced first to last."""
+    folder = write_series(tmp_path / "ct", volume((24, 6, 7), spacing=(0.7, 0.8, 0.625)), decimals=decimals)
+    header = read_header(folder)
+    assert header["shape"] == (7, 6, 24) and abs(header["pixdim"][2] - 0.625) < 0.1 / 23
+    nii = nib.load(dicom_series_to_nifti(folder, tmp_path / "ct.nii.gz"))
+    np.testing.assert_allclose(nii.affine, header["affine"], atol=1e-4)
+
+
+def test_small_gap_differences_adding_up_along_a_series_are_refused(tmp_path):
+    """Gaps of 2.5 mm, then 2.524 mm (each within 1% of the other): SimpleITK would stack the
+    slices 2.512 mm apart, slice 29 0.35 mm (0.14 slices) off its position. A series is checked
+    slice by slice against that uniform grid, so this is refused from its headers, not after
+    inference by the DICOM SEG writer; a smaller drift (0.1 mm) passes."""
+    shift = {k: 0.024 * (k - 29) for k in range(30, 60)}
+    folder = write_series(tmp_path / "ct", volume((60, 6, 7)), shift=shift)
+    with pytest.raises(InputError, match=r"non-uniform slice spacing: gaps of 2.5 to 2.524 mm add up to "
+                                         r"slice_029.dcm \(slice 29\) lying 0.354 mm off the uniform 2.512 mm grid") as e:
+        read_header(folder)
+    assert str(e.value).startswith(f"{folder}: ") and "\n" not in str(e.value)
+    small = write_series(tmp_path / "small", volume((60, 6, 7)), shift={k: 0.007 * (k - 29) for k in range(30, 60)})
+    assert read_header(small)["shape"] == (7, 6, 60)
 
 
 def test_dicom_series_entries_validate_against_nifti_labels(tmp_path):
