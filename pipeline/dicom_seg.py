@@ -165,12 +165,22 @@ def segment_codes(metadata: Mapping[str, Any], name: str) -> tuple[Any, Any]:
         "dicom_seg": {"segments": {"liver": {"category": ["91723000", "SCT", "Anatomical Structure"],
                                              "type": ["10200004", "SCT", "Liver"]}}}
 
-    (value, scheme designator, meaning), keys matched ignoring case; else the generic code."""
+    (value, scheme designator, meaning), keys matched ignoring case; else the generic code. An
+    entry's ``"modifier"`` (e.g. ``["7771000", "SCT", "Left"]``, ``pipeline.segment_codes``) goes
+    into the type's Segmented Property Type Modifier Code Sequence, as DICOM nests it."""
     from highdicom.sr import CodedConcept
 
+    given = segment_entry(metadata, name)
+    category, prop = (CodedConcept(*map(str, given.get(key) or GENERIC_CODE)) for key in ("category", "type"))
+    if given.get("type") and given.get("modifier"):  # highdicom keeps a CodedConcept's extra attributes
+        prop.SegmentedPropertyTypeModifierCodeSequence = [CodedConcept(*map(str, given["modifier"]))]
+    return category, prop
+
+
+def segment_entry(metadata: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The ``dicom_seg.segments`` entry of label ``name`` in a bundle's metadata (case ignored), or {}."""
     segments = {str(k).lower(): v for k, v in (metadata.get("dicom_seg", {}) or {}).get("segments", {}).items()}
-    given = segments.get(name.lower(), {})
-    return tuple(CodedConcept(*map(str, given.get(key) or GENERIC_CODE)) for key in ("category", "type"))
+    return dict(segments.get(name.lower(), {}))
 
 
 def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, sources: Sequence[Any], out_file: Path | str,
@@ -205,6 +215,8 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, sources: Sequence[An
             segment_number=number, segment_label=name[:64], segmented_property_category=category,
             segmented_property_type=prop, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo, display_color=colour))
+        if text := segment_entry(algorithm, name).get("description"):
+            descriptions[-1].SegmentDescription = str(text)[:64]  # LO
     stem = out_file.name.removesuffix(SEG_SUFFIX)
     if probabilities is not None:
         stacked = np.moveaxis(np.asarray(probabilities, dtype=np.float32)[1:], 0, -1).clip(0, 1)

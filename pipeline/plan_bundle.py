@@ -7,7 +7,8 @@ ones (``bundles/hippocampus_mri_3d``: DynUNet, the boundary-weighted loss, the o
 predictor, every id ``segpipe train``/``predict`` read declared)::
 
     out/configs/metadata.json   labels and channels from the manifest, the input/output contract,
-                                version, changelog, the fingerprint's sha256
+                                version, changelog, the fingerprint's sha256, the labels' DICOM SEG
+                                codes (pipeline.segment_codes; a warning names labels without one)
     out/configs/common.json     shared ids: paths, network, deterministic transforms, inferer
     out/configs/train.json, inference.json, evaluate.json, logging.conf
     out/docs/README.md          every decision with the fingerprint figure it came from
@@ -351,6 +352,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     from pipeline.manifest import load_manifest, saved_or_computed_splits
     from pipeline.plan import NUM_FOLDS, check_arguments, label_names, make_plan, write_plan
     from pipeline.plan_docs import LICENSE_TEXT, LOGGING_CONF, metadata, readme
+    from pipeline.segment_codes import dicom_seg_block, uncoded_warning
     from pipeline.validation import validate_manifest
 
     manifest, out = Path(manifest), Path(os.path.abspath(out))  # abspath: "--out ." has a name, a parent
@@ -389,6 +391,10 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         fingerprint = json.loads(fp_path.read_text())
         compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
         plan = {**make_plan(fingerprint, data, device, budget_min, name, compiler), "fingerprint_sha256": digest}
+        uncoded = uncoded_warning(dicom_seg_block(plan["labels"])[1])  # segments a DICOM SEG calls "Tissue"
+        if uncoded:
+            log.warning("%s", uncoded)
+            plan["warnings"].append(uncoded)
         write_plan(plan, tmp / "plan.json")
         _write_json(tmp / "splits.json", saved_or_computed_splits(manifest, plan["schedule"]["num_folds"], 0))
         # both sides resolved: the system follows a symlink in --out before a "..", so the path from the

@@ -81,7 +81,11 @@ def _modality(plan: dict[str, Any]) -> str:
 
 def metadata(plan: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """``configs/metadata.json``: name, version, changelog, the network's input/output contract
-    (channels and labels from the manifest, the patch as spatial shape), the fingerprint digest."""
+    (channels and labels from the manifest, the patch as spatial shape), the fingerprint digest,
+    the SNOMED CT codes of the labels' DICOM SEG segments (:mod:`pipeline.segment_codes`; a label
+    the table does not know is left out: "Tissue" in the SEG, a warning of the planner)."""
+    from pipeline.segment_codes import dicom_seg_block
+
     labels = {str(i): n for i, n in enumerate(plan["labels"])}
     channels = {str(c["index"]): c["name"] for c in plan["channels"]}
     dims = plan["spatial_dims"]
@@ -124,6 +128,7 @@ def metadata(plan: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
                                  "spatial_shape": shape, "dtype": "float32", "value_range": [],
                                  "is_patch_data": True, "channel_def": labels}},
         },
+        "dicom_seg": dicom_seg_block(plan["labels"])[0],
     }
 
 

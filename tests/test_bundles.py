@@ -113,6 +113,32 @@ def test_metadata_contract(name, request):
 
 
 @pytest.mark.parametrize("name", STATIC)
+def test_dicom_seg_codes_are_snomed_ct_codes_of_the_labels(name, request):
+    """Every 3D bundle codes its labels' DICOM SEG segments (``dicom_seg`` in metadata.json, read by
+    pipeline.dicom_seg): one entry per label but the background, each code (value, scheme, meaning)
+    as in pydicom's SNOMED CT dictionary, no label left to the generic "Tissue". The 2D cells
+    bundle writes no SEG."""
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    cfg = _configs(_folder(name, request))
+    meta, labels = cfg["metadata.json"], cfg["common.json"]["label_names"]
+    if name == "cells_2d":
+        assert "dicom_seg" not in meta
+        return
+    segments = meta["dicom_seg"]["segments"]
+    assert list(segments) == labels[1:]
+    snomed = {(c.value, c.meaning) for c in (getattr(codes.SCT, k) for k in dir(codes.SCT)) if isinstance(c, Code)}
+    for label, entry in segments.items():
+        assert set(entry) <= {"category", "type", "modifier", "description"}, label
+        for key in ("category", "type", "modifier"):
+            if key in entry:
+                value, scheme, meaning = entry[key]
+                assert scheme == "SCT" and (value, meaning) in snomed, (label, key, entry[key])
+        assert entry["type"][0] != "85756007", label
+
+
+@pytest.mark.parametrize("name", STATIC)
 def test_standard_ids(name, request):
     cfg = _configs(_folder(name, request))
     common, train, infer, evaluate = (cfg[f] for f in ["common.json", *WORKFLOW_CONFIGS])

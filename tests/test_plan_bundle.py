@@ -129,6 +129,35 @@ def test_warnings_small_volumes_absent_class_and_tenfold_spacing(tmp_path: Path)
     assert all(line in (tmp_path / "bundle/docs/README.md").read_text() for line in plan["warnings"])
 
 
+def test_the_planned_metadata_codes_the_labels_for_dicom_seg(per_file: tuple[Path, Path]):
+    """liver, kidney, spleen: SNOMED CT Anatomical Structure and the organ's own code, so a DICOM
+    SEG of the planned bundle does not call every segment "Tissue"."""
+    _, bundle = per_file
+    segments = json.loads((bundle / "configs/metadata.json").read_text())["dicom_seg"]["segments"]
+    assert {n: (s["category"][0], s["type"]) for n, s in segments.items()} == {
+        "liver": ("91723000", ["10200004", "SCT", "Liver"]), "kidney": ("91723000", ["64033007", "SCT", "Kidney"]),
+        "spleen": ("91723000", ["78961009", "SCT", "Spleen"])}
+    assert not [w for w in json.loads((bundle / "plan.json").read_text())["warnings"] if "SNOMED" in w]
+
+
+def test_labels_without_a_code_are_left_to_the_generic_code_with_a_warning(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture):
+    manifest = _dataset(tmp_path / "data", values=(0, 1, 2, 3),
+                        labels={"0": "background", "1": "Parotid_L", "2": "blob", "3": "kidney right"})
+    with caplog.at_level("WARNING", logger="pipeline.plan_bundle"):
+        plan = plan_bundle(manifest, tmp_path / "bundle", device="cpu", budget_min=1)
+    segments = json.loads((tmp_path / "bundle/configs/metadata.json").read_text())["dicom_seg"]["segments"]
+    assert segments == {
+        "Parotid_L": {"category": ["91723000", "SCT", "Anatomical Structure"],
+                      "type": ["45289007", "SCT", "Parotid gland"], "modifier": ["7771000", "SCT", "Left"]},
+        "kidney right": {"category": ["91723000", "SCT", "Anatomical Structure"],
+                         "type": ["64033007", "SCT", "Kidney"], "modifier": ["24028007", "SCT", "Right"]}}
+    [warning] = [w for w in plan["warnings"] if "SNOMED" in w]
+    assert "'blob'" in warning and "Parotid" not in warning and "85756007" in warning
+    assert warning in caplog.text and warning in (tmp_path / "bundle/docs/README.md").read_text()
+    assert warning in json.loads((tmp_path / "bundle/plan.json").read_text())["warnings"]
+
+
 def test_cli_plan_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture):
     from pipeline.cli import main
 
