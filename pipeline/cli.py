@@ -218,7 +218,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_ui(a: argparse.Namespace) -> int:
     from pipeline.ui import serve_ui
 
-    return serve_ui(host=a.host, port=a.port, tracking_uri=a.tracking_uri,
+    return serve_ui(host=a.host, port=a.port, tracking_uri=a.tracking_uri, allowed_hosts=a.allowed_hosts,
                     echo=lambda line: print(line, flush=True))
 
 
@@ -340,9 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("ui", help="start the MLflow UI on the project's store (prints the training view)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all its addresses)")
+    s.add_argument("--port", type=int, default=5000, help="1-65535 (default 5000)")
+    s.add_argument("--tracking-uri", default=None,
+                   help="the store (default: MLFLOW_TRACKING_URI, else ./mlflow.db); it must exist")
+    s.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
+                   help="comma-separated Host names (MLflow's patterns: name, name:port, 10.*) the UI answers "
+                        "to, besides localhost; default: localhost for a loopback --host, else also this "
+                        "machine's names and addresses and private IPs")
     s.set_defaults(func=_cmd_ui)
     return p
 

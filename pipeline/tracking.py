@@ -8,7 +8,10 @@ Every record (param, tag, metric, artifact, image, dataset input, model) is appe
 JSONL file first and sent to MLflow in batches. If MLflow fails (server down, network), training
 goes on: one warning, the tracker stops calling MLflow, and at ``finish`` it tries once more to
 send what is pending; if the server is still away the JSONL file keeps everything and its path
-is reported. Images and the model are files on disk that the journal points to.
+is reported. Images and the model are files on disk that the journal points to. A marker beside
+the journal (``<journal>.sent``: the run and the journal offset before which every record reached
+it) is rewritten as records are sent, so that a ``--resume`` of the same run sends the journal's
+records after it that MLflow still lacks (records it holds already are not sent twice).
 
 Metric names: the engines and the bundles use flat names (``val_mean_dice`` is the bundles'
 MONAI key metric, ``ModelSaver``'s and early stopping's); MLflow gets them grouped into sections
@@ -22,12 +25,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
+import shlex
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from pipeline.errors import InputError, first_line
 from pipeline.fileio import atomic_path
@@ -65,12 +72,63 @@ def mlflow_key(name: str) -> str:
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default, made absolute."""
+    """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default, made absolute
+    (``absolute_uri``): the same store from any working folder."""
     import mlflow
 
-    if tracking_uri:
-        return tracking_uri
-    return mlflow.get_tracking_uri()
+    return absolute_uri(tracking_uri or mlflow.get_tracking_uri())
+
+
+def absolute_uri(uri: str) -> str:
+    """A local store's URI with its path made absolute against the working folder
+    (``sqlite:///mlflow.db`` -> ``sqlite:////work/mlflow.db``, ``file:./mlruns`` and a plain
+    ``./mlruns`` likewise); servers, databases and absolute paths as they are."""
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        if path and path != ":memory:" and not path.startswith("/"):
+            return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
+        return uri
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" and not parsed.netloc:
+        path = url2pathname(parsed.path)
+        return uri if os.path.isabs(path) else Path(os.path.abspath(path)).as_uri()
+    if not parsed.scheme and uri not in ("databricks", "") and not os.path.isabs(uri):
+        return os.path.abspath(uri)  # a plain path: MLflow's file store
+    return uri
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local store (SQLite database, file store); None for others."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].partition("?")[0]
+        return Path(path) if path and path != ":memory:" else None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" and not parsed.netloc:
+        return Path(url2pathname(parsed.path))
+    if not parsed.scheme and uri not in ("databricks", ""):
+        return Path(uri)
+    return None
+
+
+def file_store_refusal(uri: str) -> str | None:
+    """For a file store (``./mlruns``) that the installed MLflow refuses to open, one line saying
+    so and how to migrate it to a database; None for other stores (or when MLflow still opens
+    file stores: ``MLFLOW_ALLOW_FILE_STORE=true``, MLflow < 3.7)."""
+    if uri.startswith("sqlite:") or local_store_path(uri) is None:
+        return None
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow that opens file stores
+        return None
+    if MLFLOW_ALLOW_FILE_STORE.get():
+        return None
+    import mlflow
+
+    folder = Path(os.path.abspath(local_store_path(uri)))
+    target = f"sqlite:///{folder.parent / 'mlflow.db'}"
+    return (f"{uri} is a file store, which MLflow {mlflow.__version__} no longer opens: migrate it with "
+            f"`mlflow migrate-filestore --source {shlex.quote(str(folder))} --target {shlex.quote(target)}` "
+            f"and use --tracking-uri {shlex.quote(target)} (or set MLFLOW_ALLOW_FILE_STORE=true)")
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
@@ -88,7 +146,7 @@ def run_address(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
-    return f"segpipe ui --tracking-uri {uri}, then http://127.0.0.1:{UI_PORT}/{page}"
+    return f"segpipe ui --tracking-uri {shlex.quote(uri)}, then http://127.0.0.1:{UI_PORT}/{page}"
 
 
 class RunTracker:
@@ -102,15 +160,80 @@ class RunTracker:
         self.experiment = experiment
         self.journal = Path(journal)
         self.journal.parent.mkdir(parents=True, exist_ok=True)
+        self.marker = sent_marker(self.journal)
         self.run_id, self.run_name, self.experiment_id = run_id, run_name, None
         self.offline = False
         self._warned = False
-        self.pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # the system-metrics thread records too
         self._stop_system: Callable[[], None] | None = None
         self._logged_params: dict[str, str] = {}
         self._client: Any = None
+        self._marked: tuple[int, str | None] | None = None
+        self._end = self._journal_end()
+        #: records to send, each with ``_off``, its offset in the journal; first the journal's
+        #: records that did not reach this run before (``_replay``: MLflow may hold some already)
+        self.pending: list[dict[str, Any]] = self._unsent_records(run_id)
+        self.refused = file_store_refusal(self.uri)  # MLflow will never open this store
+        if self.refused:
+            self.offline = self._warned = True
+            log.warning("MLflow tracking is off: %s. Training goes on; its records are kept in %s and are not "
+                        "sent to this store", self.refused, self.journal)
         self._call(self._open)
+
+    # -- the journal and its sent marker --------------------------------------------------------
+    def _journal_end(self) -> int:
+        """The journal's size, after ending a line a killed process left half written (the next
+        record must not be glued to it)."""
+        if not self.journal.is_file():
+            return 0
+        with self.journal.open("rb+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end and (f.seek(end - 1), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+                end += 1
+        return end
+
+    def _unsent_records(self, run_id: str | None) -> list[dict[str, Any]]:
+        """The journal's records after the sent marker that belong to this run: all after it for a
+        continued run (from the start without a marker for it), for a new run only those that
+        never reached any run (the marker of a tracker that never had one)."""
+        try:
+            marker = json.loads(self.marker.read_text())
+            start, marked_run = int(marker["offset"]), marker.get("run_id")
+        except (OSError, ValueError, KeyError, TypeError):
+            marker, start, marked_run = None, 0, None
+        if marker is None or not 0 <= start <= self._end:
+            start = 0 if run_id else self._end
+        elif (marked_run or None) != (run_id or None):
+            start = 0 if run_id else self._end  # another run's marker: all of it (continued) or none (new)
+        records = []
+        if start < self._end:
+            with self.journal.open("rb") as f:
+                f.seek(start)
+                offset = start
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        record = None  # a line a killed process left half written
+                    if isinstance(record, dict) and "kind" in record:
+                        records.append({**record, "_off": offset, "_replay": True})
+                    offset += len(line)
+        if records:
+            log.info("MLflow: %d records of %s after its last send are sent again where MLflow lacks them",
+                     len(records), self.journal)
+        return records
+
+    def _mark(self, left: list[dict[str, Any]]) -> None:
+        """Rewrite the sent marker: every record before the first unsent one (``left`` holds
+        those in flight, ``pending`` the newer ones) reached the run."""
+        with self._lock:
+            first = left[0] if left else self.pending[0] if self.pending else None
+            offset = first["_off"] if first is not None else self._end
+        if (offset, self.run_id) != self._marked:
+            with atomic_path(self.marker) as tmp:
+                tmp.write_text(json.dumps({"run_id": self.run_id, "offset": offset}))
+            self._marked = (offset, self.run_id)
 
     # -- MLflow calls, all through _call --------------------------------------------------------
     def _open(self) -> None:
@@ -142,9 +265,10 @@ class RunTracker:
                 log.debug("MLflow call failed again: %s", e)
                 return False
             self._warned = True
+            away = "server" if self.uri.startswith(("http://", "https://")) else "store"
             log.warning("MLflow tracking at %s failed (%s: %s); training goes on, records are kept in %s "
-                        "and sent at the end if the server is back", self.uri, type(e).__name__,
-                        first_line(e)[:200], self.journal)
+                        "and sent at the end if the %s is back (else by a --resume)", self.uri, type(e).__name__,
+                        first_line(e)[:200], self.journal, away)
             return False
 
     def _send(self, left: list[dict[str, Any]]) -> None:
@@ -153,6 +277,8 @@ class RunTracker:
 
         if self._client is None or self.run_id is None:
             self._open()
+        if any(r.get("_replay") for r in left):
+            left[:] = self._drop_sent(left)
         metrics = [Metric(mlflow_key(r["key"]), r["value"], r["ts"], r["step"]) for r in left if r["kind"] == "metric"]
         params = [Param(r["key"], r["value"]) for r in left if r["kind"] == "param"
                   and r["key"] not in self._logged_params]
@@ -165,11 +291,72 @@ class RunTracker:
             self._client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
         self._logged_params.update({p.key: p.value for p in params})
         left[:] = [r for r in left if r["kind"] not in ("metric", "param", "tag")]
+        self._mark(left)
         while left:
             self._send_file(left[0])
             left.pop(0)
+            self._mark(left)
+
+    def _drop_sent(self, left: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``left`` without the replayed records (``_replay``) that the run holds already: metric
+        points (key, step, time, value), params, images (key, step, time), dataset inputs, a
+        model logged since the record, artifacts of the same name and size; of a file sent
+        several times only the last record."""
+        replay = [r for r in left if r.get("_replay")]
+        run = self._client.get_run(self.run_id)
+        self._logged_params.update(run.data.params)
+        points = {(mlflow_key(r["key"]), r["step"], r["ts"], r["value"]) for r in replay if r["kind"] == "metric"}
+        held = set()
+        for key in {p[0] for p in points}:
+            held |= {(key, m.step, m.timestamp, m.value) for m in self._client.get_metric_history(self.run_id, key)}
+        images = ([f.path for f in self._client.list_artifacts(self.run_id, "images")]
+                  if any(r["kind"] == "image" for r in replay) else [])
+        inputs = {(d.dataset.name, d.dataset.digest, next((t.value for t in d.tags if t.key == "mlflow.data.context"), None))
+                  for d in (run.inputs.dataset_inputs if run.inputs else [])}
+        artifacts: dict[str, int | None] = {}
+        for folder in {r.get("artifact_path") or "" for r in replay if r["kind"] == "artifact"}:
+            artifacts.update({f.path: f.file_size for f in self._client.list_artifacts(self.run_id, folder or None)})
+        last = {(r["path"], r.get("artifact_path")): id(r) for r in replay if r["kind"] == "artifact"}
+
+        def held_already(r: dict[str, Any]) -> bool:
+            kind = r["kind"]
+            if kind == "metric":
+                return (mlflow_key(r["key"]), r["step"], r["ts"], r["value"]) in held
+            if kind == "param":
+                return r["key"] in self._logged_params
+            if kind == "image":
+                prefix = f"images/{r['key'].replace('/', '~')}+step+{r['step'] or 0}+timestamp+{r['ts']}+"
+                return any(path.startswith(prefix) for path in images)
+            if kind == "dataset":
+                return (r["name"], r["digest"], r.get("context", "training")) in inputs
+            if kind == "model":
+                return self._model_logged_since(run, r.get("ts"))
+            if kind == "artifact":
+                if last[(r["path"], r.get("artifact_path"))] != id(r):
+                    return True  # sent as its last record (the file as it is now)
+                name = posixpath.join(r.get("artifact_path") or "", Path(r["path"]).name)
+                return Path(r["path"]).is_file() and artifacts.get(name) == Path(r["path"]).stat().st_size
+            return False  # tags: setting one again changes nothing
+
+        kept = [r for r in left if not (r.get("_replay") and held_already(r))]
+        for r in kept:
+            r.pop("_replay", None)
+        if len(kept) < len(left):
+            log.info("MLflow: %d of the %d journal records sent again were in run %s already", len(left) - len(kept),
+                     len(replay), self.run_id)
+        return kept
+
+    def _model_logged_since(self, run: Any, ts: int | None) -> bool:
+        """Whether the run has a logged model created at or after ``ts`` (any, without ``ts``)."""
+        outputs = getattr(getattr(run, "outputs", None), "model_outputs", None) or []
+        if ts is None or not outputs:
+            return bool(outputs)
+        return any(self._client.get_logged_model(o.model_id).creation_timestamp >= ts for o in outputs)
 
     def _send_file(self, r: dict[str, Any]) -> None:
+        if r["kind"] in ("artifact", "image", "model") and not Path(r["path"]).exists():
+            log.warning("MLflow: %s is gone; its %s record in %s is not sent", r["path"], r["kind"], self.journal)
+            return
         if r["kind"] == "artifact":
             self._client.log_artifact(self.run_id, r["path"], r["artifact_path"])
         elif r["kind"] == "image":
@@ -194,8 +381,10 @@ class RunTracker:
     def _record(self, **record: Any) -> None:
         with self._lock:
             with self.journal.open("a") as f:
+                offset = f.tell()
                 f.write(json.dumps(record, default=str) + "\n")
-            self.pending.append(record)
+                self._end = f.tell()
+            self.pending.append({**record, "_off": offset})
 
     def log_params(self, params: dict[str, Any]) -> None:
         for key, value in params.items():
@@ -229,7 +418,8 @@ class RunTracker:
         """The staged bundle in ``folder`` (``pipeline.mlflow_model.stage_bundle``) as an MLflow
         model named ``name``; with ``register`` also a new version of the registered model
         ``name`` (with ``description``)."""
-        self._record(kind="model", path=str(folder), name=name, register=bool(register), description=description)
+        self._record(kind="model", path=str(folder), name=name, register=bool(register), description=description,
+                     ts=int(time.time() * 1000))
 
     def has_model(self) -> bool:
         """Whether this run (its journal, kept across resumes) has logged a model already."""
@@ -256,21 +446,25 @@ class RunTracker:
         if left and not self._call(self._send, left):
             with self._lock:
                 self.pending = left + self.pending
+            self._mark([])  # what was sent before the failure
 
     def finish(self, status: str = "FINISHED") -> dict[str, Any]:
         """Send what is pending (retrying once if MLflow had failed) and end the run."""
         if self._stop_system is not None:
             self._stop_system()
             self._stop_system = None
-        if self.offline:
+        if self.offline and not self.refused:
             self.offline = False
             log.info("MLflow: retrying %d pending records to %s", len(self.pending), self.uri)
         self.flush()
         if not self.offline and self.run_id:
             self._call(self._client.set_terminated, self.run_id, status)
-        if self.offline:
-            log.warning("MLflow unreachable at %s: the run's %d unsent records stay in %s", self.uri,
+        if self.refused:
+            log.warning("MLflow did not get this run (%s is refused): its %d records stay in %s", self.uri,
                         len(self.pending), self.journal)
+        elif self.offline:
+            log.warning("MLflow unreachable at %s: the run's %d unsent records stay in %s (a --resume of the run "
+                        "sends them)", self.uri, len(self.pending), self.journal)
         return {"mlflow_run_id": self.run_id, "tracking_uri": self.uri, "tracking_ok": not self.offline,
                 "metrics_jsonl": str(self.journal), "mlflow_run_view": self.address()}
 
@@ -315,16 +509,26 @@ def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_f
         if not isinstance(saved, dict):
             raise InputError(f"{run_file}: not the record of an MLflow run (delete it to start a new run; "
                              f"the local journal {journal.name} keeps the records)")
-        if saved.get("tracking_uri") == uri:
+        before = resolve_tracking_uri(saved["tracking_uri"]) if isinstance(saved.get("tracking_uri"), str) else None
+        if before == uri:  # (a relative URI saved before they were made absolute: this folder's)
             run_id = saved.get("run_id")
+        elif before and saved.get("run_id"):
+            log.warning("--resume: run %s is in %s, not in %s: a new run starts there (--tracking-uri %s "
+                        "continues that one)", saved["run_id"], before, uri, shlex.quote(before))
     elif not resume:
         journal.unlink(missing_ok=True)
+        sent_marker(journal).unlink(missing_ok=True)
     tracker = RunTracker(uri, experiment, journal, run_id=run_id, run_name=run_name)
     if tracker.run_id:
         with atomic_path(run_file) as tmp:  # a kill mid-write must not break every later --resume
             tmp.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri,
                                        "experiment_id": tracker.experiment_id}))
     return tracker
+
+
+def sent_marker(journal: Path) -> Path:
+    """The file beside ``journal`` that says up to where its records reached MLflow."""
+    return Path(journal).with_name(Path(journal).name + ".sent")
 
 
 def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1, progress_png: Path | None = None) -> None:

@@ -11,10 +11,22 @@ behind.
 Before that it prints the address of the model-training view of the store's newest experiment
 (the one with the newest run): MLflow 3's home page is its GenAI view, and a training run sits
 under "Evaluation runs" there unless ``?workflowType=machine_learning`` is asked for.
+
+MLflow's security middleware answers only requests whose ``Host`` header it allows (localhost,
+private IPs) and refuses state-changing requests from other origins (the UI's own, reached by
+name). On a loopback ``--host`` MLflow's defaults stand; on another the allowed hosts are
+``--allowed-hosts`` if given, else this machine's names and addresses and MLflow's defaults, and
+the UI's origin on each of them (``http://NAME:PORT``) is allowed too (``server_args``).
+
+A store that is missing (MLflow would create an empty one) or that MLflow refuses (a file store,
+``./mlruns``) is one error line before MLflow runs.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
+import ipaddress
 import logging
 import os
 import socket
@@ -25,7 +37,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import UsageError
-from pipeline.tracking import UI_PORT, resolve_tracking_uri
+from pipeline.tracking import UI_PORT, file_store_refusal, local_store_path, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,8 @@ log = logging.getLogger(__name__)
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
               "DO_NOT_TRACK": "true"}
 TRAINING_VIEW = "#/experiments/{}/runs?workflowType=machine_learning"
+#: the Host headers of this machine's own loopback (MLflow's own list; any port)
+LOCALHOST_HOSTS = ["localhost", "127.0.0.1", "[::1]", "localhost:*", "127.0.0.1:*", "[[]::1]:*"]
 
 
 def server_command(host: str, port: int, backend_store_uri: str, artifacts: Path | None = None) -> list[str]:
@@ -64,17 +78,184 @@ def newest_experiment(uri: str) -> str | None:
         return None
 
 
-def ui_address(host: str, port: int, experiment_id: str | None) -> str:
-    base = f"http://{host}:{port}/"
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it stands in a URL (an IPv6 address in brackets)."""
+    ip = _ip(host)
+    return f"[{ip}]" if ip is not None and ip.version == 6 else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine's loopback (127.0.0.1, ::1, localhost, a name for them)."""
+    ip = _ip(host)
+    if ip is not None:
+        return ip.is_loopback
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(found) and all((a := _ip(f.split("%")[0])) is not None and a.is_loopback for f in found)
+
+
+def _is_wildcard(host: str) -> bool:
+    ip = _ip(host)
+    return host == "" or (ip is not None and ip.is_unspecified)
+
+
+def machine_name() -> str:
+    """The name other machines reach this one by: its fully qualified name, else its host name."""
+    fqdn, name = socket.getfqdn(), socket.gethostname()
+    return fqdn if "." in fqdn and not fqdn.startswith("localhost") else name
+
+
+def machine_hosts() -> list[str]:
+    """This machine's names and its (not loopback, not link-local) addresses, as Host headers
+    name them (IPv6 in brackets)."""
+    names = [machine_name(), socket.gethostname(), socket.getfqdn()]
+    addresses: list[str] = []
+    try:
+        import psutil
+
+        addresses = [a.address for nic in psutil.net_if_addrs().values() for a in nic
+                     if a.family in (socket.AF_INET, socket.AF_INET6)]
+    except Exception:  # noqa: BLE001 - the names still do
+        pass
+    try:
+        addresses += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
+    except (OSError, UnicodeError):
+        pass
+    for address in addresses:
+        ip = _ip(address.split("%")[0])
+        if ip is not None and not ip.is_loopback and not ip.is_link_local:
+            names.append(_url_host(str(ip)))
+    out: list[str] = []
+    for name in names:
+        if name and not name.startswith("localhost") and name not in out:
+            out.append(name)
+    return out
+
+
+def _mlflow_default_hosts() -> list[str]:
+    try:
+        from mlflow.server.security_utils import get_default_allowed_hosts
+
+        return list(get_default_allowed_hosts())
+    except Exception:  # noqa: BLE001 - an MLflow without it: localhost
+        return list(LOCALHOST_HOSTS)
+
+
+def allowed_hosts_for(host: str, port: int, allowed_hosts: str | None = None) -> tuple[list[str], list[str]]:
+    """``(Host headers, origins)`` to allow (``--allowed-hosts``, ``--cors-allowed-origins``), or
+    empty lists for MLflow's own defaults: those of ``allowed_hosts`` (comma-separated, MLflow's
+    patterns) with localhost's; else, on a ``host`` other than loopback (and without MLflow's
+    ``MLFLOW_SERVER_ALLOWED_HOSTS``), this machine's names and addresses at ``port`` (and
+    ``host``) with MLflow's defaults (localhost, private IPs). The origins are the UI's own at each
+    named host (not MLflow's wildcards): the UI reached by name posts from there."""
+    if allowed_hosts is not None:
+        given = [h.strip() for h in allowed_hosts.split(",") if h.strip()]
+        if not given:
+            raise UsageError("--allowed-hosts: no host given (comma-separated names, addresses or patterns)")
+        hosts = list(LOCALHOST_HOSTS)  # a name without a port: also at the UI's (a browser's Host names it)
+        for h in given:
+            hosts += [x for x in ((h,) if "*" in h or _has_port(h) else (h, f"{h}:{port}")) if x not in hosts]
+        origins = [_origin(h, port) for h in given if h != "*" and h.split(":")[0] not in ("localhost", "127.0.0.1")]
+        return hosts, origins
+    if is_loopback(host) or os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS"):
+        return [], []
+    names = machine_hosts()
+    if not _is_wildcard(host) and _url_host(host) not in names:
+        names.insert(0, _url_host(host))
+    hosts = _mlflow_default_hosts()
+    hosts += [h for name in names for h in (name, f"{name}:{port}") if h not in hosts]
+    return hosts, [f"http://{name}:{port}" for name in names]
+
+
+def _has_port(pattern: str) -> bool:
+    return "]:" in pattern if pattern.startswith("[") else ":" in pattern
+
+
+def _origin(pattern: str, port: int) -> str:
+    """The UI's origin at a Host pattern: ``http://name:port`` (the pattern's own port, or any
+    for a pattern ending in ``*``)."""
+    return f"http://{pattern}" if _has_port(pattern) or pattern.endswith("*") else f"http://{pattern}:{port}"
+
+
+def host_allowed(hosts: list[str], host: str) -> bool:
+    """Whether MLflow's middleware lets the Host header ``host`` in (its fnmatch rule)."""
+    return not hosts or "*" in hosts or any(fnmatch.fnmatch(host, h) if "*" in h else host == h for h in hosts)
+
+
+def display_host(host: str, port: int, hosts: list[str]) -> str:
+    """The host to print in the UI's address: ``host`` (loopback, or a name or address given),
+    for all interfaces (0.0.0.0, ::) this machine's name, or the first plain allowed host when
+    that name is not allowed."""
+    if not _is_wildcard(host):
+        return _url_host(host)
+    name = machine_name()
+    if host_allowed(hosts, f"{name}:{port}"):
+        return name
+    plain = [h for h in hosts if h not in LOCALHOST_HOSTS and "*" not in h and not _has_port(h)]
+    return plain[0] if plain else name
+
+
+def ui_address(host: str, port: int, experiment_id: str | None, hosts: list[str] | None = None) -> str:
+    base = f"http://{display_host(host, port, hosts or [])}:{port}/"
     return base + TRAINING_VIEW.format(experiment_id) if experiment_id is not None else base
 
 
-def _check_port(host: str, port: int) -> None:
-    with socket.socket() as s:
+def server_args(host: str, port: int, uri: str, allowed_hosts: str | None = None) -> list[str]:
+    """The arguments ``segpipe ui`` gives MLflow's ``server`` command (``allowed_hosts_for``)."""
+    args = ["--host", host, "--port", str(port), "--backend-store-uri", uri, "--workers", "1"]
+    if uri.startswith("sqlite:///"):  # the tracker keeps a local store's artifacts beside it
+        args += ["--artifacts-destination", str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")]
+    hosts, origins = allowed_hosts_for(host, port, allowed_hosts)
+    if hosts:
+        args += ["--allowed-hosts", ",".join(hosts)]
+    if origins and not os.environ.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"):
+        args += ["--cors-allowed-origins", ",".join(origins)]
+    return args
+
+
+def check_store(uri: str) -> None:
+    """A local store that is missing (MLflow would serve a new empty one) or that MLflow refuses
+    (a file store) is a UsageError line."""
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        raise UsageError(f"no MLflow store at {path} ({uri}): run segpipe ui in the folder that holds mlflow.db, "
+                         "or name the store with --tracking-uri (segpipe ui creates none)")
+    refusal = file_store_refusal(uri)
+    if refusal:
+        raise UsageError(refusal)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """A port number out of range, a ``--host`` that is not this machine's, a port in use: each a
+    UsageError line naming the option at fault."""
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port}: not a port number (1-65535)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as e:
+        raise UsageError(f"--host {host}: not a name or address this machine knows "
+                         f"({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind(address)
         except OSError as e:
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise UsageError(f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1 "
+                                 "(this machine only), 0.0.0.0 (all its addresses) or one of its own") from None
+            if e.errno == errno.EACCES:
+                raise UsageError(f"--port {port}: not allowed to listen on it ({e.strerror}); "
+                                 "ports below 1024 need privileges: choose another --port") from None
             raise UsageError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); "
                              "is another UI running? choose another --port") from None
 
@@ -87,28 +268,36 @@ def _exec_in_place(cmd: list[str], extra_env: dict[str, str] | None = None, **_:
 
 
 def serve_ui(host: str = "127.0.0.1", port: int = UI_PORT, tracking_uri: str | None = None,
-             echo: Callable[[str], None] = log.info) -> int:
+             echo: Callable[[str], None] = log.info, allowed_hosts: str | None = None) -> int:
     """Serve the MLflow UI for the resolved store on ``host:port`` (127.0.0.1 unless told
-    otherwise). The address of the newest experiment's training view goes to ``echo`` (the CLI
-    passes ``print``); then this process *becomes* the server (see the module docstring) and does
-    not return unless MLflow refuses to start (its exit code)."""
-    import mlflow.server
-    from mlflow.cli import server
-
+    otherwise; ``allowed_hosts``: see ``allowed_hosts_for``). The address of the newest
+    experiment's training view goes to ``echo`` (the CLI passes ``print``); then this process
+    *becomes* the server (see the module docstring) and does not return unless MLflow refuses to
+    start (its exit code)."""
     uri = resolve_tracking_uri(tracking_uri)
     if urlparse(uri).scheme in ("http", "https"):
         raise UsageError(f"tracking URI {uri} is already a server: open it in a browser")
-    _check_port(host, port)
-    args = ["--host", host, "--port", str(port), "--backend-store-uri", uri, "--workers", "1"]
-    if uri.startswith("sqlite:///"):  # the tracker keeps a local store's artifacts beside it
-        args += ["--artifacts-destination", str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")]
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port}: not a port number (1-65535)")
+    check_store(uri)
+    _check_listen(host, port)
+    args = server_args(host, port, uri, allowed_hosts)
+    hosts = args[args.index("--allowed-hosts") + 1].split(",") if "--allowed-hosts" in args else []
+
+    import mlflow.server
+    from mlflow.cli import server
+
     os.environ.update(SERVER_ENV)
-    echo(f"MLflow UI for {uri}: {ui_address(host, port, newest_experiment(uri))}  (Ctrl-C to stop)")
+    echo(f"MLflow UI for {uri}: {ui_address(host, port, newest_experiment(uri), hosts)}  (Ctrl-C to stop)")
     mlflow.server._exec_cmd = _exec_in_place  # the one hook: MLflow's server starts its web server here
     try:
         server.main(args=args, prog_name="segpipe ui", standalone_mode=False)
     except KeyboardInterrupt:
         return 0
+    except SystemExit as e:  # MLflow logs why, then exits
+        if not e.code:
+            return 0
+        raise UsageError(f"MLflow server did not start for {uri} (exit code {e.code}; its messages are above)") from None
     except Exception as e:  # noqa: BLE001 - click/MLflow refusing the arguments or the store
         raise UsageError(f"MLflow server did not start: {e}") from None
     return 1  # only reached if MLflow no longer starts its server through _exec_cmd

@@ -61,3 +61,51 @@ def test_a_setting_of_the_wrong_type_is_a_usage_error_naming_it(capsys):
     assert main(["train", "bundles/phantom_ct_3d", "--set", "max_epochs=ten"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "setting 'max_epochs': expected an integer, got 'ten'" in err
+
+
+def _no_mlflow_server(monkeypatch):
+    """A regression must fail here, not turn the test process into the UI server."""
+    from mlflow.cli import server
+
+    def refuse(*a, **k):
+        raise AssertionError("MLflow's server was started")
+
+    monkeypatch.setattr(server, "main", refuse)
+
+
+def test_ui_port_and_host_errors_are_one_usage_line_naming_the_option(tmp_path, monkeypatch, capsys):
+    """--port 70000 was an OverflowError (exit 1), an unusable --host a complaint about the port."""
+    import socket
+
+    _no_mlflow_server(monkeypatch)
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    (tmp_path / "mlflow.db").touch()  # only its existence is checked before these
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for args, said, not_said in ((["--port", "70000"], "--port 70000: not a port number (1-65535)", "Overflow"),
+                                 (["--port", "0"], "--port 0: not a port number", "--host"),
+                                 (["--host", "192.0.2.1", "--port", port], "--host 192.0.2.1: not an address of this machine",
+                                  "--port"),
+                                 (["--allowed-hosts", " , ", "--port", port], "--allowed-hosts: no host given", "Traceback"),
+                                 (["--host", "no-such-host.invalid", "--port", port], "--host no-such-host.invalid: not a name",
+                                  "--port")):  # last: with a resolver that knows no name
+        if "no-such-host.invalid" in args:  # no resolver round trip in a test
+            def unknown(*a, **k):
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+            monkeypatch.setattr(socket, "getaddrinfo", unknown)
+        assert main(["ui", *args, *store]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and said in err and not_said not in err, err
+    r = subprocess.run([sys.executable, "-m", "pipeline", "ui", "--port", "70000", *store], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--port 70000" in r.stderr
+
+
+def test_ui_on_a_missing_store_is_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    _no_mlflow_server(monkeypatch)
+    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no MLflow store at" in err and "--tracking-uri" in err
+    assert not (tmp_path / "none").exists()

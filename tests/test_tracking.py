@@ -3,7 +3,9 @@ logs there (metrics in sections, per-epoch QC images, progress.png, dataset inpu
 metrics, a registered model that loads back and predicts, evaluation found from the output
 folder); a server that stops mid-run does not stop training and the records stay local; a server
 that comes back gets them replayed; `segpipe ui` prints the training view, stays one light
-process and leaves nothing behind on SIGTERM."""
+process and leaves nothing behind on SIGTERM, answers the host names it is told to; records an
+outage left unsent reach MLflow on a --resume, once; store URIs are absolute, missing or
+refused stores are one line."""
 
 from __future__ import annotations
 
@@ -30,14 +32,16 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoints import list_checkpoints
 from pipeline.errors import UsageError
 from pipeline.manifest import manifest_hash
-from pipeline.tracking import RunTracker, mlflow_key
+from pipeline.tracking import RunTracker, mlflow_key, open_tracker, resolve_tracking_uri, run_address
 from pipeline.train import train_bundle
-from pipeline.ui import newest_experiment, serve_ui, server_command
+from pipeline.ui import newest_experiment, serve_ui, server_args, server_command
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
 FAST = {"pixdim": [1.6, 1.6, 2.5], "roi_size": [16, 16, 12], "network_def#features": [8, 16, 32, 8],
         "num_workers": 0, "num_folds": 3, "batch_size": 2, "num_samples": 1, "val_interval": 1}
 SECTIONS = {"train", "val", "perf", "system"}
+#: the name `segpipe ui` is told to answer to besides localhost (as a server reached from elsewhere)
+UI_NAME = "gpu-node-7.hospital.test"
 
 
 def _free_port() -> int:
@@ -79,8 +83,11 @@ def data(ct6_dataset: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One SQLite store for the servers of this module (MLflow creates its tables once)."""
-    return tmp_path_factory.mktemp("store") / "mlflow.db"
+    """One SQLite store for the servers of this module (MLflow creates its tables once, here:
+    `segpipe ui` serves stores that exist)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,7 @@ def ui_server(store: Path) -> Iterator[SimpleNamespace]:
     stdout = store.parent / f"ui-{port}.txt"
     with stdout.open("w") as f:
         proc = _start([sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--tracking-uri",
-                       f"sqlite:///{store}"], port, store.parent, stdout=f)
+                       f"sqlite:///{store}", "--allowed-hosts", UI_NAME], port, store.parent, stdout=f)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, stdout=stdout)
     _stop(proc)
 
@@ -316,6 +323,220 @@ def test_ui_refuses_a_server_uri_and_binds_localhost_by_default() -> None:
     assert server_command("127.0.0.1", 5000, "sqlite:///x.db")[4:8] == ["--host", "127.0.0.1", "--port", "5000"]
 
 
+@pytest.fixture
+def mlflow_main(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """MLflow's ``server`` command replaced by one that records its arguments (``serve_ui`` then
+    returns 1); what ``serve_ui`` changes in this process is put back afterwards."""
+    import mlflow.server
+    from mlflow.cli import server
+
+    import pipeline.ui
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(server, "main", lambda args, **_: calls.append(args))
+    monkeypatch.setattr(mlflow.server, "_exec_cmd", mlflow.server._exec_cmd)
+    monkeypatch.setattr(pipeline.ui, "newest_experiment", lambda uri: "3")
+    for key in pipeline.ui.SERVER_ENV:
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    monkeypatch.delenv("MLFLOW_SERVER_ALLOWED_HOSTS", raising=False)
+    monkeypatch.delenv("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", raising=False)
+    return calls
+
+
+def _option(args: list[str], name: str) -> list[str] | None:
+    return args[args.index(name) + 1].split(",") if name in args else None
+
+
+def test_ui_on_all_interfaces_answers_this_machine_by_name(tmp_path: Path, mlflow_store: str,
+                                                          mlflow_main: list[list[str]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow answers only localhost and private IPs unless told (--allowed-hosts), and refuses the
+    UI's own posts from another origin: on 0.0.0.0 `segpipe ui` allows this machine's names and
+    addresses and their origins, and prints an address with its name (not 0.0.0.0)."""
+    import pipeline.ui
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-node-7")
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "gpu-node-7.hospital.test")
+    monkeypatch.setattr(pipeline.ui, "_check_listen", lambda host, port: None)  # binds nothing but 127.0.0.1 here
+    MlflowClient(mlflow_store).search_experiments()  # the store exists
+    printed: list[str] = []
+    assert serve_ui("0.0.0.0", 5123, mlflow_store, echo=printed.append) == 1
+    (args,) = mlflow_main
+    assert args[:4] == ["--host", "0.0.0.0", "--port", "5123"]
+    hosts, origins = _option(args, "--allowed-hosts"), _option(args, "--cors-allowed-origins")
+    assert {"gpu-node-7.hospital.test:5123", "gpu-node-7:5123", "localhost:*", "127.0.0.1:*", "10.*"} <= set(hosts)
+    assert {"http://gpu-node-7.hospital.test:5123", "http://gpu-node-7:5123"} <= set(origins)
+    assert "http://10.*" not in origins  # the UI's own origins, not every private address
+    assert "http://gpu-node-7.hospital.test:5123/#/experiments/3/runs?workflowType=machine_learning" in printed[0]
+    # a loopback --host keeps MLflow's defaults; --allowed-hosts is passed on, with localhost
+    assert _option(server_args("127.0.0.1", 5123, mlflow_store), "--allowed-hosts") is None
+    args = server_args("127.0.0.1", 5123, mlflow_store, "mlflow.example.org,10.1.*")
+    assert _option(args, "--allowed-hosts")[-3:] == ["mlflow.example.org", "mlflow.example.org:5123", "10.1.*"]
+    assert "localhost:*" in args[-3]
+    assert _option(args, "--cors-allowed-origins") == ["http://mlflow.example.org:5123", "http://10.1.*"]
+    monkeypatch.setenv("MLFLOW_SERVER_ALLOWED_HOSTS", "mine.example")  # MLflow's own setting stands
+    assert _option(server_args("0.0.0.0", 5123, mlflow_store), "--allowed-hosts") is None
+
+
+def test_ui_refuses_a_missing_store_or_a_file_store_in_one_line(tmp_path: Path, mlflow_main: list[list[str]],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow would create an empty database (and its folder) and serve it; a file store it
+    refuses with a traceback and exits: both are one line before MLflow runs."""
+    with pytest.raises(UsageError, match=r"no MLflow store at .*none.*--tracking-uri"):
+        serve_ui(tracking_uri=f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}")
+    assert not (tmp_path / "none").exists()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UsageError, match="no MLflow store at"):
+        serve_ui()  # MLflow's default, ./mlflow.db
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "mlruns" / "0").mkdir(parents=True)
+    (tmp_path / "mlruns" / "0" / "meta.yaml").write_text('experiment_id: "0"\nname: Default\nlifecycle_stage: active\n')
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(UsageError, match=r"is a file store.*mlflow migrate-filestore --source .*mlruns") as e:
+        serve_ui(tracking_uri="./mlruns")
+    assert "\n" not in str(e.value) and not mlflow_main
+    (tmp_path / "mlruns").rename(tmp_path / "old_mlruns")
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # the default store, made
+    assert serve_ui(port=_free_port(), echo=lambda line: None) == 1
+    assert _option(mlflow_main[0], "--backend-store-uri") == [f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def test_a_file_store_warning_says_the_records_stay_local_and_a_resume_into_a_database_sends_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    journal, run_file = tmp_path / "metrics.jsonl", tmp_path / "mlflow_run.json"
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        t = open_tracker(str(tmp_path / "mlruns"), "fs", journal, run_file, resume=False)
+        t.log_metrics({"val_mean_dice": 0.5}, step=1)
+        t.flush()
+        assert not t.finish()["tracking_ok"]
+    first = caplog.records[0].getMessage()
+    assert "is a file store" in first and "mlflow migrate-filestore" in first and "if the server is back" not in first
+    assert "sent at the end" not in " ".join(r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "mlruns").exists()  # not a call to MLflow
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the store migrated (here: a new one); the training resumed
+    t = open_tracker(uri, "fs", journal, run_file, resume=True)
+    assert t.finish()["tracking_ok"]
+    assert [m.value for m in MlflowClient(uri).get_metric_history(t.run_id, "val/mean_dice")] == [0.5]
+
+
+def test_store_uris_are_absolute_so_a_run_is_found_from_any_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative ``sqlite:///mlflow.db`` saved in mlflow_run.json pointed, from another folder, at
+    another (new, empty) database: a resume or `segpipe evaluate --run` there missed the run."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert resolve_tracking_uri("sqlite:///mlflow.db?timeout=20") == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}?timeout=20"
+    assert resolve_tracking_uri("file:./mlruns") == (tmp_path / "a" / "mlruns").as_uri()
+    assert resolve_tracking_uri("mlruns") == str(tmp_path / "a" / "mlruns")
+    for kept in ("sqlite:////abs/mlflow.db", "sqlite:///:memory:", "http://127.0.0.1:5000", "postgresql://u@h/db"):
+        assert resolve_tracking_uri(kept) == kept
+    journal, run_file = tmp_path / "a" / "metrics.jsonl", tmp_path / "a" / "mlflow_run.json"
+    t = open_tracker("sqlite:///mlflow.db", "rel", journal, run_file, resume=False)
+    t.log_metrics({"val_mean_dice": 0.1}, step=1)
+    info = t.finish()
+    absolute = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    assert info["tracking_uri"] == absolute and json.loads(run_file.read_text())["tracking_uri"] == absolute
+    monkeypatch.chdir(tmp_path / "b")
+    from pipeline.evaluation import check_run, find_training_run
+
+    run_id, uri = find_training_run(str(tmp_path / "a"))
+    assert (run_id, uri) == (info["mlflow_run_id"], absolute)
+    check_run(run_id, uri)  # found from b
+    t = open_tracker(absolute, "rel", journal, run_file, resume=True)  # the store as the summary names it
+    t.log_metrics({"val_mean_dice": 0.2}, step=2)
+    assert t.run_id == info["mlflow_run_id"] and t.finish()["tracking_ok"]
+    assert not (tmp_path / "b" / "mlflow.db").exists()
+
+
+def test_the_ui_command_printed_for_a_run_can_be_pasted_into_a_shell() -> None:
+    import shlex
+
+    address = run_address("sqlite:////data/my store/mlflow.db", "1", "abc")
+    command = address.split(", then ")[0]
+    assert shlex.split(command) == ["segpipe", "ui", "--tracking-uri", "sqlite:////data/my store/mlflow.db"]
+    assert address.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning")
+
+
+def test_a_resume_sends_again_only_what_the_run_lacks(tmp_path: Path, mlflow_store: str) -> None:
+    """Records after the sent marker (here: all, as if a kill came between the sends and the
+    marker) are sent again on a resume without a second copy of anything MLflow holds."""
+    from PIL import Image
+
+    journal, run_file = tmp_path / "metrics.jsonl", tmp_path / "mlflow_run.json"
+    (tmp_path / "a.csv").write_text("case,dice\n")
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "qc.png")
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "toy", "training": []}))
+    t = open_tracker(mlflow_store, "again", journal, run_file, resume=False)
+    t.log_params({"lr": 0.01})
+    t.set_tags({"bundle": "x"})
+    t.log_metrics({"train_loss": 1.5}, step=1)
+    t.log_metrics({"train_loss": 1.0}, step=2)
+    t.log_artifact(tmp_path / "a.csv", "validation")
+    t.log_image(tmp_path / "qc.png", "qc/case 1", step=2)
+    t.log_dataset(tmp_path / "dataset.json", "0123456789abcdef")
+    assert t.finish()["tracking_ok"]
+    marker = tmp_path / "metrics.jsonl.sent"
+    assert json.loads(marker.read_text()) == {"run_id": t.run_id, "offset": journal.stat().st_size}
+    assert open_tracker(mlflow_store, "again", journal, run_file, resume=True).pending == []  # all sent
+    marker.unlink()
+    t2 = open_tracker(mlflow_store, "again", journal, run_file, resume=True)
+    assert t2.run_id == t.run_id and len(t2.pending) == 7
+    assert t2.finish()["tracking_ok"]
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(t.run_id)
+    assert [m.value for m in client.get_metric_history(t.run_id, "train/loss_iteration")] == [1.5, 1.0]
+    assert run.data.params == {"lr": "0.01"} and len(run.inputs.dataset_inputs) == 1
+    assert len(client.list_artifacts(t.run_id, "images")) == 2  # the PNG and its thumbnail, once
+    assert [f.path for f in client.list_artifacts(t.run_id, "validation")] == ["validation/a.csv"]
+    assert json.loads(marker.read_text())["offset"] == journal.stat().st_size
+
+
+@pytest.mark.slow  # two mlflow server starts
+def test_records_an_outage_left_unsent_reach_mlflow_on_resume(tmp_path: Path, store: Path,
+                                                              ui_server: SimpleNamespace) -> None:
+    """The server goes away mid-run and is back for the resume: the run gets every record once
+    and ends FINISHED (it stayed RUNNING with only the records sent before the outage)."""
+    from PIL import Image
+
+    port = _free_port()
+    uri, cmd = f"http://127.0.0.1:{port}", server_command("127.0.0.1", port, f"sqlite:///{store}", tmp_path / "art")
+    journal, run_file = tmp_path / "metrics.jsonl", tmp_path / "mlflow_run.json"
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "qc.png")
+    (tmp_path / "a.csv").write_text("case,dice\n")
+    server = _start(cmd, port, tmp_path)
+    try:
+        t = open_tracker(uri, "outage", journal, run_file, resume=False)
+        t.log_params({"lr": 0.01})
+        t.log_metrics({"val_mean_dice": 0.1}, step=1)
+        t.flush()
+    finally:
+        _stop(server)  # mid-run
+    t.log_metrics({"val_mean_dice": 0.2}, step=2)
+    t.log_image(tmp_path / "qc.png", "qc/case", step=2)
+    t.flush()
+    t.log_metrics({"val_mean_dice": 0.3}, step=3)
+    t.log_artifact(tmp_path / "a.csv", "validation")
+    assert not t.finish()["tracking_ok"]
+    server = _start(cmd, port, tmp_path)
+    try:
+        for _ in range(2):  # the second resume has nothing left to send
+            resumed = open_tracker(uri, "outage", journal, run_file, resume=True)
+            resumed.log_params({"lr": 0.01})  # as a resumed training logs them again
+            assert resumed.run_id == t.run_id and resumed.finish()["tracking_ok"]
+        client = MlflowClient(uri)
+        history = client.get_metric_history(t.run_id, "val/mean_dice")
+        assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+        run = client.get_run(t.run_id)
+        assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.01"}
+        assert len(client.list_artifacts(t.run_id, "images")) == 2
+        assert [f.path for f in client.list_artifacts(t.run_id, "validation")] == ["validation/a.csv"]
+    finally:
+        _stop(server)
+
+
 def test_newest_experiment_is_the_one_with_the_newest_run(tmp_path: Path) -> None:
     """Its own store: the module's is shared with tests that add runs in any order."""
     uri = f"sqlite:///{tmp_path / 'own.db'}"
@@ -329,6 +550,33 @@ def test_newest_experiment_is_the_one_with_the_newest_run(tmp_path: Path) -> Non
     assert newest_experiment(uri) == client.get_experiment_by_name("older").experiment_id
     client.create_experiment("empty")  # newest by creation, but without runs
     assert newest_experiment(uri) == client.get_experiment_by_name("older").experiment_id
+
+
+def test_ui_answers_the_host_names_it_is_told_and_the_ui_posts_from_them(ui_server: SimpleNamespace) -> None:
+    """`segpipe ui --allowed-hosts NAME` on 127.0.0.1 (tests serve nothing else): requests that
+    name it (as a browser on another machine does) are answered, the UI's own posts from it too;
+    other names are refused (MLflow's DNS rebinding guard), localhost still answered."""
+    import http.client
+
+    def request(host: str, method: str = "GET", origin: str | None = None) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", ui_server.port, timeout=30)
+        headers = {"Host": f"{host}:{ui_server.port}", "Content-Type": "application/json"}
+        if origin:
+            headers["Origin"] = origin
+        if method == "GET":
+            conn.request("GET", "/ajax-api/2.0/mlflow/experiments/search?max_results=5", headers=headers)
+        else:
+            conn.request("POST", "/ajax-api/2.0/mlflow/runs/search", body=json.dumps({"experiment_ids": ["0"]}),
+                         headers=headers)
+        try:
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert request(UI_NAME) == 200 and request("127.0.0.1") == 200 and request("localhost") == 200
+    assert request("evil.example") == 403
+    assert request(UI_NAME, "POST", origin=f"http://{UI_NAME}:{ui_server.port}") == 200
+    assert request(UI_NAME, "POST", origin="http://evil.example") == 403
 
 
 # keep last: it stops the module's `segpipe ui`
