@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,5 +80,5 @@ def _print_summary(ev: dict, out: Path, train: dict, seconds: float, echo: Calla
     echo(f"  report:  {out / 'masks' / 'report.csv'} and {out / 'masks' / 'metrics.csv'}")
     echo(f"  model:   {train.get('model_path')}")
     echo(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
-    echo(f"  open the MLflow UI:  .venv/bin/segpipe ui --tracking-uri {train.get('tracking_uri')}")
+    echo(f"  open the MLflow UI:  .venv/bin/segpipe ui --tracking-uri {shlex.quote(str(train.get('tracking_uri')))}")
     echo(f"  total time: {seconds / 60:.1f} min")
