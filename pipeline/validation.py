@@ -79,7 +79,7 @@ def _empty_labels(problems: list[str], labelled: int, path: Path) -> list[str]:
     rest = [p for p in problems if not p.endswith(EMPTY_LABEL)]
     cases = [p.split(":", 1)[0] for p in empty]
     if labelled and sum(c.startswith("training[") for c in cases) == labelled:
-        return rest + [f"{path}: every training label ({labelled}) is all background: nothing to learn"]
+        return rest + [f"{empty[0]}, as every training label ({labelled}) is: nothing to learn"]
     log.warning("%s: %d label(s) all background, kept as cases without the structures: %s%s", path, len(empty),
                 ", ".join(cases[:5]), " ..." if len(cases) > 5 else "")
     return rest

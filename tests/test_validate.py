@@ -284,7 +284,8 @@ def test_all_background_labels_are_cases_unless_every_label_is_empty(tmp_path, c
     assert len(validate(manifest)) == 1
     for i in range(3):
         save(tmp_path / f"labelsTr/case_{i}.nii.gz", np.zeros(SHAPE, np.uint8))
-    assert validate(manifest) == [f"{manifest}: every training label (3) is all background: nothing to learn"]
+    assert validate(manifest) == [f"training[0] case_0: label {tmp_path / LAB}: label is empty (all background), "
+                                  "as every training label (3) is: nothing to learn"]
 
 
 def test_synthetic_datasets_validate_clean(ct_dataset, cells_dataset):
