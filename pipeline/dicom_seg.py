@@ -8,12 +8,12 @@ a generic "Tissue" code), the bundle's name and version as the segmentation algo
 encoding, or fractional where the bundle keeps probabilities (``--set save_probabilities=true``).
 
 Geometry. The mask is written in the grid of the NIfTI converted from the series
-(``pipeline.studies.dicom_series_to_nifti``: RAS affine, x = column, y = row, z = slice). Rather
+(``pipeline.dicom_series.dicom_series_to_nifti``: RAS affine, x = column, y = row, z = slice). Rather
 than trust that layout, :func:`to_frames` derives the mapping from the two geometries: the
 source frames' own ImagePositionPatient / ImageOrientationPatient / PixelSpacing give the affine
 from DICOM indices (column, row, frame) to RAS millimetres; composed with the inverse of the
 mask's affine it must be a signed axis permutation with integer offsets (checked at the grid's
-corners and at every frame's position, per axis to ``pipeline.studies.grid_tolerance_mm``: a
+corners and at every frame's position, per axis to ``pipeline.dicom_series.grid_tolerance_mm``: a
 tenth of a voxel, at least 0.1 mm, the tolerance the series reader applies to slice positions, so
 a series it accepts is not refused here for its geometry), which is then applied with transposes
 and flips. A mask whose grid is not the series' grid is refused, never resampled.
@@ -32,15 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError, first_line
-from pipeline.fileio import atomic_path
-from pipeline.studies import (
+from pipeline.dicom_series import (
     ENHANCED_SOP_CLASSES,
     MULTIFRAME_ADVICE,
     dicom_series_files,
     grid_tolerance_mm,
     pixel_spacings_differ,
 )
+from pipeline.errors import InputError, first_line
+from pipeline.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def source_datasets(folder: Path | str) -> list[Any]:
     """The headers (pydicom, no pixel data) of the one single-frame DICOM series in ``folder``,
     in the order of their positions along the slice normal. InputError (one line naming the
     folder) for what a SEG cannot reference frame by frame: no series, several series, missing
-    or duplicated slices, mixed pixel spacings, a tilted stack (``pipeline.studies``), multi-frame
+    or duplicated slices, mixed pixel spacings, a tilted stack (``pipeline.dicom_series``), multi-frame
     (enhanced) objects, slices without position or orientation, or slices of different studies or
     frames of reference (the checks that read tags SimpleITK does not are repeated here). A series
     without any FrameOfReferenceUID (some exporters leave the required tag out) gets one derived

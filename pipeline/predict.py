@@ -181,7 +181,8 @@ def read_study(study: dict[str, Any], model: dict[str, Any], scratch: Path) -> d
     """Check the header(s) (refusing before any voxel is read), convert DICOM, preprocess; refuse
     NaN or Inf voxels left after preprocessing. ``study["image"]`` is one file or folder, or a
     list of files, one per channel; a study listed with a ``problem`` fails with it."""
-    from pipeline.studies import dicom_series_to_nifti, read_header
+    from pipeline.dicom_series import dicom_series_to_nifti
+    from pipeline.studies import read_header
 
     if study.get("problem"):
         raise InputError(study["problem"])

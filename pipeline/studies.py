@@ -5,17 +5,8 @@ DICOM slice's header with SimpleITK, and refuses what cannot be loaded safely (m
 unreadable, not an image, truncated, bad spacing, an absurd voxel count) with an InputError
 naming the file and the problem. ``validate`` and the batch predictor share it.
 
-DICOM series are grouped by SeriesInstanceUID (``ImageSeriesReader.GetGDCMSeriesIDs``). A series
-is read as a regular grid (SimpleITK stacks the slices along the slice normal, spaced by the
-first-to-last distance), so what is not one is refused before any voxel is read: a folder holding
-several series; multi-frame (Enhanced) objects; slices of mixed sizes, orientations or pixel
-spacings; a gantry-tilted (sheared) series; a missing or duplicated slice or non-uniform slice
-spacing. A slice missing at either end of a series leaves no trace and passes.
-``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader reads it.
-
-Tolerance. Every slice must lie on that grid to within ``grid_tolerance_mm`` of its voxel size, along
-the normal and in-plane; ``pipeline.dicom_seg`` accepts a mask on the series' grid with the same
-tolerance, so a series read here is never refused by the SEG writer for its geometry.
+A DICOM series folder's geometry, and what is refused before any voxel is read, is
+``pipeline.dicom_series``'s.
 
     >>> find_studies(Path("incoming"))        # doctest: +SKIP
     [{'id': 'case_001', 'image': '/abs/incoming/case_001.nii.gz'}, {'id': 'ct_head', 'image': ...}]
@@ -36,53 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.dicom_series import dicom_series, dicom_series_files, lps_to_ras_affine
 from pipeline.errors import InputError, first_line
-from pipeline.fileio import write_nifti
 
 log = logging.getLogger(__name__)
 
 MAX_VOXELS = 2**31
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-#: How far a slice may lie off the regular grid a series is read as, shared with ``pipeline.dicom_seg``
-#: (see ``grid_tolerance_mm``): a tenth of a voxel, and at least a tenth of a millimetre.
-GRID_TOL_VOXELS = 0.1
-GRID_TOL_MM = 0.1
-#: SOP classes of multi-frame ("enhanced") images: one object holds the whole volume, its geometry in
-#: per-frame functional groups that SimpleITK does not read
-ENHANCED_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR", "1.2.840.10008.5.1.4.1.1.4.3": "Enhanced MR Color",
-    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR", "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET",
-    "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET", "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced US Volume",
-    "1.2.840.10008.5.1.4.1.1.12.1.1": "Enhanced XA", "1.2.840.10008.5.1.4.1.1.12.2.1": "Enhanced XRF",
-    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis"}
-MULTIFRAME_ADVICE = ("multi-frame (Enhanced) DICOM is not supported: export classic single-frame slices, "
-                     "or convert with dcm2niix")
-
-
-def grid_tolerance_mm(voxel_size: float) -> float:
-    """How far (mm) a slice or frame may lie off the regular grid of a series along an axis whose
-    voxels are ``voxel_size`` mm: ``max(GRID_TOL_VOXELS * voxel_size, GRID_TOL_MM)``.
-
-    A tenth of a voxel moves nothing a network or a viewer can see. The 0.1 mm floor is the decimal
-    rounding of ImagePositionPatient: exporters and anonymisers write it with as few as 1 decimal,
-    which puts each slice up to 0.05 mm off and the grid through the first and last slices up to
-    another 0.05 mm (a uniform 0.625 mm series written so is off by 0.16 voxels yet is uniform).
-    That covers 2 decimals in any orientation, 1 decimal along the patient axes; an oblique
-    series written with 1 decimal (each coordinate rounded) can be refused.
-    The reader (slice positions, ``_check_stacking``/``_check_gaps``; pixel spacings) and the SEG
-    writer (``pipeline.dicom_seg.to_frames``, per axis of the mask) both use this one rule."""
-    return max(GRID_TOL_VOXELS * float(voxel_size), GRID_TOL_MM)
-
-
-def pixel_spacings_differ(a: Any, b: Any, size: Any) -> bool:
-    """Whether two in-plane pixel spacings (mm per axis, in the same order as ``size``, the
-    pixels along each axis) put a slice's far edge further apart than ``grid_tolerance_mm``."""
-    return any(abs(float(x) - float(y)) * max(int(n) - 1, 1) > grid_tolerance_mm(min(float(x), float(y)))
-               for x, y, n in zip(a, b, size, strict=True))
-
-
 def is_nifti(path: Path | str) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
@@ -205,177 +156,13 @@ def _gzip_truncated(path: Path, expected: int) -> str | None:
 # ---------------------------------------------------------------- DICOM
 
 
-def dicom_series_files(folder: Path | str) -> list[str]:
-    """The files of the one DICOM series in ``folder``, sorted along the slice normal.
-    InputError for no series, several series (mixed folder) or an incomplete series."""
-    return _dicom_series(Path(folder))["files"]
-
-
-def _dicom_series(folder: Path) -> dict[str, Any]:
-    import SimpleITK as sitk
-
-    if not folder.is_dir():
-        raise InputError(f"{folder}: missing DICOM series folder")
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise InputError(f"{folder}: cannot read folder (permission denied)")
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not uids:
-        raise InputError(f"{folder}: no DICOM series in folder")
-    if len(uids) > 1:
-        raise InputError(f"{folder}: {len(uids)} DICOM series mixed in one folder ({', '.join(uids)}); "
-                         "put each series in a folder of its own")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uids[0])
-    slices = [_slice_info(f) for f in files]
-    for s in slices:
-        if s["frames"] > 1 or s["sop_class"] in ENHANCED_SOP_CLASSES:
-            kind = f"{ENHANCED_SOP_CLASSES[s['sop_class']]}, " if s["sop_class"] in ENHANCED_SOP_CLASSES else ""
-            raise InputError(f"{folder}: {Path(s['file']).name} is a multi-frame image ({kind}{s['frames']} "
-                             f"frame{'s' if s['frames'] != 1 else ''} in one file); {MULTIFRAME_ADVICE}")
-    first = slices[0]
-    for s in slices[1:]:
-        if s["size"] != first["size"] or not np.allclose(s["direction"], first["direction"], atol=1e-4):
-            raise InputError(f"{folder}: series {uids[0]} mixes slice sizes or orientations ({s['file']})")
-        if pixel_spacings_differ(s["spacing"][:2], first["spacing"][:2], first["size"][:2]):
-            raise InputError(f"{folder}: series {uids[0]} mixes pixel spacings {_pixel_spacing(first)} and "
-                             f"{_pixel_spacing(s)} mm ({Path(s['file']).name}); one grid needs one spacing "
-                             "(two reconstructions under one series UID?)")
-    direction = first["direction"]
-    normal = direction[:, 2]
-    slices.sort(key=lambda s: float(normal @ s["origin"]))
-    where = np.array([normal @ s["origin"] for s in slices])
-    out = {"uid": uids[0], "files": [s["file"] for s in slices], "direction": direction,
-           "origin": slices[0]["origin"], "size": first["size"], "spacing": first["spacing"]}
-    if len(slices) > 1:
-        _check_stacking(folder, slices, direction, first["spacing"])
-        _check_gaps(folder, slices, where)
-        step = float(where[-1] - where[0]) / (len(slices) - 1)  # as SimpleITK spaces them: first to last
-        out.update(size=(*first["size"][:2], len(slices)), spacing=(*first["spacing"][:2], step))
-    return out
-
-
-def _pixel_spacing(s: dict[str, Any]) -> str:
-    """A slice's PixelSpacing as DICOM writes it: between rows, between columns."""
-    return f"{s['spacing'][1]:g} x {s['spacing'][0]:g}"
-
-
-def _slice_info(file: str) -> dict[str, Any]:
-    import SimpleITK as sitk
-
-    r = sitk.ImageFileReader()
-    r.SetFileName(file)
-    try:
-        r.ReadImageInformation()
-    except RuntimeError as e:
-        raise InputError(f"{file}: unreadable DICOM slice ({str(e).strip().splitlines()[-1]})") from None
-    size = tuple(r.GetSize())
-    frames = r.GetMetaData("0028|0008").strip() if r.HasMetaDataKey("0028|0008") else ""
-    return {"file": file, "origin": np.array(r.GetOrigin(), dtype=float), "size": size,
-            "spacing": tuple(r.GetSpacing()), "direction": np.array(r.GetDirection(), dtype=float).reshape(3, 3),
-            "frames": max(int(frames) if frames.isdigit() else 1, size[2] if len(size) > 2 else 1),
-            "sop_class": r.GetMetaData("0008|0016").strip(" \0") if r.HasMetaDataKey("0008|0016") else ""}
-
-
-def _check_stacking(folder: Path, slices: list[dict], direction: np.ndarray, spacing: Any) -> None:
-    """Refuse slices that do not advance along their normal: a gantry-tilted CT (positions advance
-    along the table while the orientation is tilted) or otherwise sheared stack, any slice off the
-    normal through the first one by more than ``grid_tolerance_mm`` of a pixel, along a row or a
-    column. Refused rather than de-sheared: a sheared grid can be written neither as a NIfTI qform
-    (orthogonal axes only) nor as a regular DICOM SEG frame grid, and SimpleITK would stack the
-    slices along the normal, misplacing slice k by k * step * tan(tilt)."""
-    offsets = np.array([s["origin"] - slices[0]["origin"] for s in slices])
-    inplane = offsets @ direction[:, :2]  # along the rows' and the columns' direction (mm)
-    off = np.abs(inplane) / [grid_tolerance_mm(v) for v in spacing[:2]]
-    k = int(off.max(axis=1).argmax())
-    if off[k].max() <= 1:
-        return
-    shear = float(np.linalg.norm(inplane[k]))
-    tilt = math.degrees(math.atan2(shear, float(offsets[k] @ direction[:, 2])))
-    tol = min(grid_tolerance_mm(v) for v in spacing[:2])
-    raise InputError(f"{folder}: gantry-tilted series: slices advance {tilt:.3g} degrees off the slice normal "
-                     f"({Path(slices[k]['file']).name} lies {shear:.3g} mm off it in-plane, more than the {tol:.2g} "
-                     "mm tolerated), a sheared grid that fits neither a NIfTI nor a DICOM SEG; resample it to an "
-                     "untilted grid first (e.g. dcm2niix corrects gantry tilt)")
-
-
-def _check_gaps(folder: Path, slices: list[dict], where: np.ndarray) -> None:
-    """Refuse duplicate positions and slices off the uniform grid SimpleITK stacks them on (first
-    slice + k * the first-to-last distance / (n - 1)) by more than ``grid_tolerance_mm`` of that
-    step: a gap of a whole number of steps (a missing slice), one other odd gap, or small
-    differences adding up along the series. ``where``: the sorted positions along the normal."""
-    names = [Path(s["file"]).name for s in slices]
-    gaps = np.diff(where)
-    for i, gap in enumerate(gaps):
-        if gap < 1e-3:
-            raise InputError(f"{folder}: duplicate slice position ({names[i]} and {names[i + 1]}); "
-                             "incomplete or mixed series")
-    step = float(where[-1] - where[0]) / (len(where) - 1)
-    off = where - (where[0] + step * np.arange(len(where)))
-    tol = grid_tolerance_mm(step)
-    if np.abs(off).max() <= tol:
-        return
-    ref = float(np.median(gaps))  # the usual gap
-    for i, gap in enumerate(gaps):
-        steps = max(1, round(gap / ref))
-        fits = abs(gap - steps * ref) <= grid_tolerance_mm(ref)
-        if steps == 1 and fits:
-            continue
-        at = f"{gap:.3g} mm gap after slice {i} ({names[i]}) where slices are {ref:.3g} mm apart"
-        if fits:
-            raise InputError(f"{folder}: incomplete series: {at} (missing slice?)")
-        raise InputError(f"{folder}: non-uniform slice spacing: {at}")
-    k = int(np.abs(off).argmax())
-    raise InputError(f"{folder}: non-uniform slice spacing: gaps of {gaps.min():.4g} to {gaps.max():.4g} mm add up "
-                     f"to {names[k]} (slice {k}) lying {abs(off[k]):.3g} mm off the uniform {step:.4g} mm grid "
-                     f"through the first and last slices (at most {tol:.3g} mm)")
-
-
 def _dicom_header(folder: Path, max_voxels: int) -> dict[str, Any]:
-    s = _dicom_series(folder)
+    s = dicom_series(folder)
     shape = tuple(int(n) for n in s["size"])
     _check_voxel_count(folder, shape, math.prod(shape), max_voxels)
     _check_spacing(folder, s["spacing"])
     return {"shape": shape, "affine": lps_to_ras_affine(s["direction"], s["spacing"], s["origin"]),
             "pixdim": tuple(s["spacing"]), "dtype": None, "format": "dicom"}
-
-
-def lps_to_ras_affine(direction: Any, spacing: Any, origin: Any) -> np.ndarray:
-    """The NIfTI (RAS) voxel-to-world affine of an ITK/DICOM geometry given in LPS:
-    direction (3x3, columns = axes), spacing and origin."""
-    affine = np.eye(4)
-    affine[:3, :3] = LPS_TO_RAS @ np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(spacing)
-    affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin, dtype=float)
-    return affine
-
-
-def read_dicom_series(folder: Path | str) -> Any:
-    """The checked series as a ``SimpleITK.Image`` (slices in the order of their positions)."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(dicom_series_files(folder))
-    # the slice positions are checked (``_check_gaps``, to ``grid_tolerance_mm``); ITK would still print a
-    # multi-line "Non uniform sampling" warning for, e.g., positions written with 1 or 2 decimals
-    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return reader.Execute()
-    except RuntimeError as e:
-        raise InputError(f"{folder}: cannot read DICOM series ({str(e).strip().splitlines()[-1]})") from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
-
-
-def dicom_series_to_nifti(folder: Path | str, out_file: Path | str) -> Path:
-    """Write the DICOM series in ``folder`` as a NIfTI file whose affine maps voxels to RAS
-    millimetres (SimpleITK's LPS direction and origin converted), qform and sform both set."""
-    import SimpleITK as sitk
-
-    img = read_dicom_series(folder)
-    affine = lps_to_ras_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
-    data = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))  # (z, y, x) -> (x, y, z)
-    out_file = write_nifti(data, out_file, affine=affine)
-    log.debug("wrote %s from DICOM series %s", out_file, folder)
-    return out_file
 
 
 def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> list[dict[str, Any]]:

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.bundle import bundle_metadata
+from pipeline.dicom_series import read_dicom_series
 from pipeline.errors import InputError, UsageError, first_line
 from pipeline.manifest import parse_manifest
-from pipeline.studies import is_nifti, read_dicom_series, read_header
+from pipeline.studies import is_nifti, read_header
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pipeline.cli import main
 from pipeline.dicom_seg import source_datasets, to_frames, write_dicom_seg
+from pipeline.dicom_series import dicom_series_to_nifti
 from pipeline.errors import InputError
 from pipeline.predict import predict
-from pipeline.studies import dicom_series_to_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 _C, _S = np.cos(np.deg2rad(25)), np.sin(np.deg2rad(25))
@@ -380,7 +380,7 @@ def test_source_datasets_refuses_mixed_pixel_spacings_itself(tmp_path: Path, mon
 
 @pytest.mark.parametrize("case", ["one_decimal", "near_the_tolerance"])
 def test_a_series_the_reader_accepts_is_not_refused_by_the_seg_writer(tmp_path: Path, case: str) -> None:
-    """The reader and the SEG writer share one tolerance (``pipeline.studies.grid_tolerance_mm``):
+    """The reader and the SEG writer share one tolerance (``pipeline.dicom_series.grid_tolerance_mm``):
     0.625 mm slices with positions written to 1 decimal (0.6 and 0.7 mm gaps), and 0.5 mm voxels
     whose slices lie 0.09 mm (0.18 voxels, under the 0.1 mm floor) off the uniform grid along the
     normal and in-plane get a SEG whose frames land on their source pixels; 0.12 mm is refused by

@@ -209,7 +209,7 @@ def test_a_run_that_fails_before_any_study_leaves_nothing_it_made(bundle: Path, 
 def test_dicom_series_good_mixed_and_empty(bundle: Path, tmp_path: Path) -> None:
     from test_studies import volume, write_series  # the DICOM writer of the studies tests
 
-    from pipeline.studies import dicom_series_to_nifti
+    from pipeline.dicom_series import dicom_series_to_nifti
 
     inp = tmp_path / "in"
     write_series(inp / "good", volume())

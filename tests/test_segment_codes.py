@@ -19,9 +19,9 @@ from test_dicom_seg import phantom, write_dicom
 
 from pipeline.bundle import bundle_metadata
 from pipeline.dicom_seg import GENERIC_CODE, source_datasets, write_dicom_seg
+from pipeline.dicom_series import dicom_series_to_nifti
 from pipeline.predict import predict
 from pipeline.segment_codes import ABNORMAL, SIDE_CODES, TABLE, TISSUE, code, dicom_seg_block, lookup
-from pipeline.studies import dicom_series_to_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from pipeline.dicom_series import dicom_series_to_nifti
 from pipeline.errors import InputError
-from pipeline.studies import dicom_series_to_nifti, find_studies, read_header
+from pipeline.studies import find_studies, read_header
 from pipeline.validation import validate_manifest as validate
 
 SPACING = (0.7, 0.8, 2.5)
