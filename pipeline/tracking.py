@@ -33,11 +33,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from pipeline.errors import InputError, first_line
 from pipeline.fileio import atomic_path
+from pipeline.tracking_store import artifact_location, file_store_refusal, resolve_tracking_uri, run_address
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ METRIC_KEYS = {
 }
 #: flat prefixes -> MLflow prefixes, for names with a label in them
 KEY_PREFIXES = (("val_dice_", "val/dice_"), ("eval_", "eval/"))
-UI_PORT = 5000
 
 
 def mlflow_key(name: str) -> str:
@@ -69,84 +67,6 @@ def mlflow_key(name: str) -> str:
         if name.startswith(flat):
             return sectioned + name[len(flat):]
     return name
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default, made absolute
-    (``absolute_uri``): the same store from any working folder."""
-    import mlflow
-
-    return absolute_uri(tracking_uri or mlflow.get_tracking_uri())
-
-
-def absolute_uri(uri: str) -> str:
-    """A local store's URI with its path made absolute against the working folder
-    (``sqlite:///mlflow.db`` -> ``sqlite:////work/mlflow.db``, ``file:./mlruns`` and a plain
-    ``./mlruns`` likewise); servers, databases and absolute paths as they are."""
-    if uri.startswith("sqlite:///"):
-        path, sep, query = uri[len("sqlite:///"):].partition("?")
-        if path and path != ":memory:" and not path.startswith("/"):
-            return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
-        return uri
-    parsed = urlparse(uri)
-    if parsed.scheme == "file" and not parsed.netloc:
-        path = url2pathname(parsed.path)
-        return uri if os.path.isabs(path) else Path(os.path.abspath(path)).as_uri()
-    if not parsed.scheme and uri not in ("databricks", "") and not os.path.isabs(uri):
-        return os.path.abspath(uri)  # a plain path: MLflow's file store
-    return uri
-
-
-def local_store_path(uri: str) -> Path | None:
-    """The file or folder of a local store (SQLite database, file store); None for others."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].partition("?")[0]
-        return Path(path) if path and path != ":memory:" else None
-    parsed = urlparse(uri)
-    if parsed.scheme == "file" and not parsed.netloc:
-        return Path(url2pathname(parsed.path))
-    if not parsed.scheme and uri not in ("databricks", ""):
-        return Path(uri)
-    return None
-
-
-def file_store_refusal(uri: str) -> str | None:
-    """For a file store (``./mlruns``) that the installed MLflow refuses to open, one line saying
-    so and how to migrate it to a database; None for other stores (or when MLflow still opens
-    file stores: ``MLFLOW_ALLOW_FILE_STORE=true``, MLflow < 3.7)."""
-    if uri.startswith("sqlite:") or local_store_path(uri) is None:
-        return None
-    try:
-        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
-    except ImportError:  # an MLflow that opens file stores
-        return None
-    if MLFLOW_ALLOW_FILE_STORE.get():
-        return None
-    import mlflow
-
-    folder = Path(os.path.abspath(local_store_path(uri)))
-    target = f"sqlite:///{folder.parent / 'mlflow.db'}"
-    return (f"{uri} is a file store, which MLflow {mlflow.__version__} no longer opens: migrate it with "
-            f"`mlflow migrate-filestore --source {shlex.quote(str(folder))} --target {shlex.quote(target)}` "
-            f"and use --tracking-uri {shlex.quote(target)} (or set MLFLOW_ALLOW_FILE_STORE=true)")
-
-
-def _artifact_location(uri: str, experiment: str) -> str | None:
-    """For a local SQLite store keep artifacts beside the database (MLflow would use ./mlruns of
-    whatever folder the process runs in); servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).resolve()
-        return (db.parent / "mlartifacts" / experiment).as_uri()
-    return None
-
-
-def run_address(uri: str, experiment_id: str | None, run_id: str | None) -> str:
-    """Where a run opens in the MLflow UI: the page itself for a server, else the ``segpipe ui``
-    command that serves the store and the page there."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"segpipe ui --tracking-uri {shlex.quote(uri)}, then http://127.0.0.1:{UI_PORT}/{page}"
 
 
 class RunTracker:
@@ -249,7 +169,7 @@ class RunTracker:
             return
         exp = self._client.get_experiment_by_name(self.experiment)
         self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(
-            self.experiment, artifact_location=_artifact_location(self.uri, self.experiment))
+            self.experiment, artifact_location=artifact_location(self.uri, self.experiment))
         self.run_id = self._client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
         log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
 

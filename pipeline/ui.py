@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import UsageError
-from pipeline.tracking import UI_PORT, file_store_refusal, local_store_path, resolve_tracking_uri
+from pipeline.tracking_store import UI_PORT, file_store_refusal, local_store_path, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoints import list_checkpoints
 from pipeline.errors import UsageError
 from pipeline.manifest import manifest_hash
-from pipeline.tracking import RunTracker, mlflow_key, open_tracker, resolve_tracking_uri, run_address
+from pipeline.tracking import RunTracker, mlflow_key, open_tracker
+from pipeline.tracking_store import resolve_tracking_uri, run_address
 from pipeline.train import train_bundle
 from pipeline.ui import newest_experiment, serve_ui, server_args, server_command
 
