@@ -73,7 +73,7 @@ class RunTracker:
     """One MLflow run with a local JSONL journal; see the module docstring. Rank 0 only."""
 
     def __init__(self, tracking_uri: str | None, experiment: str, journal: Path,
-                 run_id: str | None = None, run_name: str | None = None) -> None:
+                 run_id: str | None = None, run_name: str | None = None, run_file: Path | None = None) -> None:
         for key, value in HTTP_SETTINGS.items():
             os.environ.setdefault(key, value)
         self.uri = resolve_tracking_uri(tracking_uri)
@@ -82,6 +82,7 @@ class RunTracker:
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         self.marker = sent_marker(self.journal)
         self.run_id, self.run_name, self.experiment_id = run_id, run_name, None
+        self.run_file = Path(run_file) if run_file is not None else None  # where --resume finds the run
         self.offline = False
         self._warned = False
         self._lock = threading.Lock()  # the system-metrics thread records too
@@ -166,12 +167,16 @@ class RunTracker:
             self.experiment_id = run.info.experiment_id
             self._client.update_run(self.run_id, status="RUNNING")
             log.info("MLflow: continuing run %s in %s", self.run_id, self.uri)
-            return
-        exp = self._client.get_experiment_by_name(self.experiment)
-        self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(
-            self.experiment, artifact_location=artifact_location(self.uri, self.experiment))
-        self.run_id = self._client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
-        log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        else:
+            exp = self._client.get_experiment_by_name(self.experiment)
+            self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.uri, self.experiment))
+            self.run_id = self._client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
+            log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        if self.run_file is not None:  # also for a run made late, once the server is back
+            with atomic_path(self.run_file) as tmp:  # a kill mid-write must not break every later --resume
+                tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri,
+                                           "experiment_id": self.experiment_id}))
 
     def _call(self, fn: Any, *args: Any) -> bool:
         if self.offline:
@@ -438,12 +443,7 @@ def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_f
     elif not resume:
         journal.unlink(missing_ok=True)
         sent_marker(journal).unlink(missing_ok=True)
-    tracker = RunTracker(uri, experiment, journal, run_id=run_id, run_name=run_name)
-    if tracker.run_id:
-        with atomic_path(run_file) as tmp:  # a kill mid-write must not break every later --resume
-            tmp.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri,
-                                       "experiment_id": tracker.experiment_id}))
-    return tracker
+    return RunTracker(uri, experiment, journal, run_id=run_id, run_name=run_name, run_file=run_file)
 
 
 def sent_marker(journal: Path) -> Path:

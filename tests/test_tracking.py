@@ -496,6 +496,28 @@ def test_a_resume_sends_again_only_what_the_run_lacks(tmp_path: Path, mlflow_sto
 
 
 @pytest.mark.slow  # two mlflow server starts
+def test_a_run_made_once_the_server_is_back_is_recorded_for_resume(tmp_path: Path, store: Path) -> None:
+    """The server is down when training starts and back at the end: the run made then is saved in
+    the run file, so a --resume continues it instead of starting another."""
+    port = _free_port()
+    uri, cmd = f"http://127.0.0.1:{port}", server_command("127.0.0.1", port, f"sqlite:///{store}", tmp_path / "art")
+    journal, run_file = tmp_path / "metrics.jsonl", tmp_path / "mlflow_run.json"
+    t = open_tracker(uri, "late", journal, run_file, resume=False)
+    t.log_metrics({"val_mean_dice": 0.1}, step=1)
+    t.flush()
+    assert t.run_id is None and not run_file.exists()
+    server = _start(cmd, port, tmp_path)
+    try:
+        info = t.finish()  # retries once: the run is made and every record sent
+        assert info["tracking_ok"] and json.loads(run_file.read_text())["run_id"] == t.run_id
+        resumed = open_tracker(uri, "late", journal, run_file, resume=True)
+        assert resumed.run_id == t.run_id and resumed.finish()["tracking_ok"]
+        history = MlflowClient(uri).get_metric_history(t.run_id, "val/mean_dice")
+        assert [(m.step, m.value) for m in history] == [(1, 0.1)]
+    finally:
+        _stop(server)
+
+
 def test_records_an_outage_left_unsent_reach_mlflow_on_resume(tmp_path: Path, store: Path,
                                                               ui_server: SimpleNamespace) -> None:
     """The server goes away mid-run and is back for the resume: the run gets every record once
