@@ -155,7 +155,10 @@ def _check_stacking(folder: Path, slices: list[dict], direction: np.ndarray, spa
     shear = float(np.linalg.norm(inplane[k]))
     tilt = math.degrees(math.atan2(shear, float(offsets[k] @ direction[:, 2])))
     tol = min(grid_tolerance_mm(v) for v in spacing[:2])
-    raise InputError(f"{folder}: gantry-tilted series: slices advance {tilt:.3g} degrees off the slice normal "
+    # off by no more than 1-decimal positions can be (0.05 mm a coordinate, twice): perhaps rounding, not a gantry
+    what = "gantry-tilted series" if shear > 0.15 else ("sheared series (positions written with too few "
+                                                        "decimals for an oblique series?)")
+    raise InputError(f"{folder}: {what}: slices advance {tilt:.3g} degrees off the slice normal "
                      f"({Path(slices[k]['file']).name} lies {shear:.3g} mm off it in-plane, more than the {tol:.2g} "
                      "mm tolerated), a sheared grid that fits neither a NIfTI nor a DICOM SEG; resample it to an "
                      "untilted grid first (e.g. dcm2niix corrects gantry tilt)")

@@ -181,6 +181,10 @@ def test_a_gantry_tilted_series_is_refused_naming_the_tilt(tmp_path):
     assert line.startswith(f"training[0] tilted: image {folder}: gantry-tilted series")
     # a drift of less than 0.1 mm over the series is rounding, not a tilt
     assert read_header(write_series(tmp_path / "straight", volume(), lean=0.09 / 4))["shape"] == (7, 6, 5)
+    # a drift beyond it that decimal rounding could make is named a shear, with its likely cause
+    with pytest.raises(InputError, match=r"sheared series \(positions written with too few decimals for an oblique "
+                                         r"series\?\): slices advance 0.688 degrees .* lies 0.12 mm off"):
+        read_header(write_series(tmp_path / "drift", volume(), lean=0.03))
 
 
 def test_mixed_pixel_spacings_in_one_series_are_refused(tmp_path):
