@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -132,7 +133,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         register=a.register,
     )
-    if summary:
+    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary: rank 0's (with MLflow's)
         print(json.dumps(summary, indent=2, default=str))
     return 0
 

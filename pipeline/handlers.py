@@ -110,7 +110,10 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
     The time spent and the epoch the budget ended are trainer state (``budget_elapsed_s``,
     ``budget_stopped_epoch``, in ``state_dict_user_keys``), so a checkpoint keeps them: a resumed
     run continues the schedule where it was and spends only what is left of the budget, and a run
-    the budget has ended stays ended (``segpipe train`` then has nothing to do)."""
+    the budget has ended stays ended (``segpipe train`` then has nothing to do). The time is taken
+    after each iteration and, under torchrun, is the slowest rank's (an all-reduce MAX): every rank
+    stops at the same iteration (one that stopped alone left the others waiting in DDP's gradient
+    all-reduce) and steps with the same lr (set from the time after the previous iteration)."""
     if minutes <= 0:
         return
     budget, base = 60.0 * minutes, [g["lr"] for g in optimizer.param_groups]
@@ -120,21 +123,24 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
             trainer.state_dict_user_keys.append(key)
     start: dict[str, float] = {}
 
-    def _elapsed(engine: Engine) -> float:  # this session's time on top of what a checkpoint brought
-        t0 = start.setdefault("t", time.perf_counter() - float(engine.state.budget_elapsed_s))
-        engine.state.budget_elapsed_s = time.perf_counter() - t0
-        return engine.state.budget_elapsed_s
+    def _clock(engine: Engine) -> float:  # this session's start, less what a checkpoint brought
+        return start.setdefault("t", time.perf_counter() - float(engine.state.budget_elapsed_s))
 
     @trainer.on(Events.ITERATION_STARTED)
     def _lr(engine: Engine) -> None:
-        frac = min(_elapsed(engine) / budget, 1.0)
+        _clock(engine)
+        frac = min(float(engine.state.budget_elapsed_s) / budget, 1.0)
         scale = final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
         for group, lr in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = lr * scale
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _stop(engine: Engine) -> None:
-        if _elapsed(engine) >= budget and engine.state.max_epochs != engine.state.epoch:
+        elapsed = time.perf_counter() - _clock(engine)
+        if idist.get_world_size() > 1:  # one clock for all ranks: they stop at one iteration, with one lr
+            elapsed = float(idist.all_reduce(elapsed, op="MAX"))
+        engine.state.budget_elapsed_s = elapsed
+        if elapsed >= budget and engine.state.max_epochs != engine.state.epoch:
             log.info("time budget of %.1f min reached in epoch %d: last epoch", minutes, engine.state.epoch)
             engine.state.max_epochs = engine.state.budget_stopped_epoch = engine.state.epoch
             engine.terminate_epoch()

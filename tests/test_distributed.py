@@ -43,3 +43,22 @@ def test_two_process_torchrun_trains_and_logs_once(tmp_path: Path, ct6_dataset: 
     ckpt = torch.load(out / "checkpoints" / "checkpoint_2.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped from DDP
     assert set(torch.load(out / "model.pt", weights_only=True)) == set(ckpt["model"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_a_time_budget_under_torchrun_stops_every_rank_at_one_iteration(tmp_path: Path, ct6_dataset: Path) -> None:
+    """Rank 0 starts its clock later (it opens MLflow first): on its own clock each rank reached the
+    budget at another iteration, and the one that stopped left the other waiting in DDP's gradient
+    all-reduce (a hang until gloo's 30-minute timeout). One clock, the slowest rank's: both stop."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {**FAST, "output_dir": str(out), "time_budget_min": 0.03, "batch_size": 1, "val_interval": 50}
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "pipeline", "train", str(BUNDLE),
+                           "--manifest", str(ct6_dataset), "--epochs", "500", "--tracking-uri", uri, *sets],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("time budget of") == 2  # each rank, at the same epoch
+    summary = json.loads(proc.stdout)  # one summary on stdout (rank 0's), not one per rank
+    assert summary["epochs"] < 500 and summary["mlflow_run_id"]
+    assert (out / "model.pt").is_file()  # the last epoch was validated
