@@ -218,10 +218,10 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
     head = ["preview", "study", "status", *[f"{n} (mL)" for n in names], "seconds", "files", "error"]
     body = []
     for r in rows:
-        link = {k: _relative(r.get(k, ""), out_dir) for k in ("preview", "output", "seg")}
-        src = e(quote(link["preview"]))
+        link = {k: _href(r.get(k, ""), out_dir) for k in ("preview", "output", "seg")}
+        src = e(link["preview"])
         thumb = f'<a href="{src}"><img src="{src}" alt="{e(r["study_id"])}" loading="lazy"></a>' if src else ""
-        files = " ".join(f'<a href="{e(quote(link[k]))}">{label}</a>'
+        files = " ".join(f'<a href="{e(link[k])}">{label}</a>'
                          for k, label in (("output", "NIfTI"), ("seg", "SEG")) if link[k])
         cells = [f'<td data-v="{int(bool(thumb))}">{thumb}</td>', f"<td>{e(r['study_id'])}</td>",
                  f"<td>{e(r.get('status', ''))}</td>"]
@@ -240,14 +240,16 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
             + "</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table></body></html>\n")
 
 
-def _relative(path: str, out_dir: Path) -> str:
+def _href(path: str, out_dir: Path) -> str:
+    """A link to ``path`` from ``out_dir/index.html``, URL-encoded once: relative where it lies
+    under ``out_dir``, else a ``file://`` URI (already encoded: quoting it again broke it)."""
     if not path:
         return ""
     p = Path(path)
     try:
-        return p.resolve().relative_to(Path(out_dir).resolve()).as_posix()
+        return quote(p.resolve().relative_to(Path(out_dir).resolve()).as_posix())
     except ValueError:
-        return p.as_uri() if p.is_absolute() else path
+        return p.as_uri() if p.is_absolute() else quote(path)
 
 
 def write_index(out_dir: Path | str, label_names: Sequence[str], running: bool = False) -> Path:

@@ -155,6 +155,15 @@ def test_index_lists_every_study_from_the_report(tmp_path: Path) -> None:
     assert 'http-equiv="refresh"' in index_html([], NAMES, tmp_path, running=True)
 
 
+def test_links_are_url_encoded_once_inside_and_outside_the_output_folder(tmp_path: Path) -> None:
+    out, other = tmp_path / "out", tmp_path / "other run"
+    rows = [{"study_id": "s 1", "status": "ok", "preview": str(out / "s 1#_preview.png"),
+             "output": str(other / "s 1.nii.gz"), "seg": ""}]
+    page = index_html(rows, NAMES, out, running=False)
+    assert 'src="s%201%23_preview.png"' in page  # under the folder: relative, encoded
+    assert f'href="{(other / "s 1.nii.gz").as_uri()}"' in page and "%2520" not in page  # outside: one file URI
+
+
 _CHECK = """<!DOCTYPE html><html><body><pre id="result">pending</pre>
 <iframe id="f" src="index.html" width="1400" height="6000"></iframe>
 <script>
