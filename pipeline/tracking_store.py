@@ -73,13 +73,18 @@ def file_store_refusal(uri: str) -> str | None:
             f"and use --tracking-uri {shlex.quote(target)} (or set MLFLOW_ALLOW_FILE_STORE=true)")
 
 
+def artifacts_root(uri: str) -> Path | None:
+    """Where a local SQLite store's artifacts go: ``mlartifacts/`` beside the database (MLflow
+    would use ./mlruns of whatever folder the process runs in); None for other stores (servers
+    choose their own). The tracker and ``segpipe ui`` both use it."""
+    db = local_store_path(uri) if uri.startswith("sqlite:///") else None
+    return db.resolve().parent / "mlartifacts" if db is not None else None
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
-    """For a local SQLite store keep artifacts beside the database (MLflow would use ./mlruns of
-    whatever folder the process runs in); servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).resolve()
-        return (db.parent / "mlartifacts" / experiment).as_uri()
-    return None
+    """An experiment's artifact location in a local SQLite store (``artifacts_root``), else None."""
+    root = artifacts_root(uri)
+    return (root / experiment).as_uri() if root is not None else None
 
 
 def run_address(uri: str, experiment_id: str | None, run_id: str | None) -> str:

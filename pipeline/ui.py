@@ -37,7 +37,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import UsageError
-from pipeline.tracking_store import UI_PORT, file_store_refusal, local_store_path, resolve_tracking_uri
+from pipeline.tracking_store import (
+    UI_PORT,
+    artifacts_root,
+    file_store_refusal,
+    local_store_path,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +218,8 @@ def ui_address(host: str, port: int, experiment_id: str | None, hosts: list[str]
 def server_args(host: str, port: int, uri: str, allowed_hosts: str | None = None) -> list[str]:
     """The arguments ``segpipe ui`` gives MLflow's ``server`` command (``allowed_hosts_for``)."""
     args = ["--host", host, "--port", str(port), "--backend-store-uri", uri, "--workers", "1"]
-    if uri.startswith("sqlite:///"):  # the tracker keeps a local store's artifacts beside it
-        args += ["--artifacts-destination", str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")]
+    if (root := artifacts_root(uri)) is not None:  # where the tracker keeps a local store's artifacts
+        args += ["--artifacts-destination", str(root)]
     hosts, origins = allowed_hosts_for(host, port, allowed_hosts)
     if hosts:
         args += ["--allowed-hosts", ",".join(hosts)]

@@ -33,7 +33,7 @@ from pipeline.checkpoints import list_checkpoints
 from pipeline.errors import UsageError
 from pipeline.manifest import manifest_hash
 from pipeline.tracking import RunTracker, mlflow_key, open_tracker
-from pipeline.tracking_store import resolve_tracking_uri, run_address
+from pipeline.tracking_store import artifact_location, resolve_tracking_uri, run_address
 from pipeline.train import train_bundle
 from pipeline.ui import newest_experiment, serve_ui, server_args, server_command
 
@@ -430,6 +430,9 @@ def test_store_uris_are_absolute_so_a_run_is_found_from_any_folder(tmp_path: Pat
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     assert resolve_tracking_uri("sqlite:///mlflow.db?timeout=20") == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}?timeout=20"
+    # a query string is no part of the database path: artifacts go beside the database
+    assert artifact_location(resolve_tracking_uri("sqlite:///mlflow.db?timeout=20"), "e") == (
+        tmp_path / "a" / "mlartifacts" / "e").as_uri()
     assert resolve_tracking_uri("file:./mlruns") == (tmp_path / "a" / "mlruns").as_uri()
     assert resolve_tracking_uri("mlruns") == str(tmp_path / "a" / "mlruns")
     for kept in ("sqlite:////abs/mlflow.db", "sqlite:///:memory:", "http://127.0.0.1:5000", "postgresql://u@h/db"):
