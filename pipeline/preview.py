@@ -3,8 +3,8 @@
 ``segpipe predict --preview`` calls :func:`write_preview` for every study it segments
 (``<id>_preview.png``: axial, coronal and sagittal slices through the centre of the largest
 structure, each cut to the body, each label in its colour, a legend with its volume in mL) and :func:`write_index`
-after every report update, so ``index.html`` in the output folder follows the batch as it runs
-(while running it reloads itself every 15 s) and, written from ``report.csv``, also lists the
+at the start, every ``INDEX_EVERY_S`` or so and at the end, so ``index.html`` in the output folder
+follows the batch as it runs (while running it reloads itself every 15 s) and, written from ``report.csv``, also lists the
 studies of earlier runs and of other shards. The table sorts by any column (click its header).
 
 Views are drawn as radiologists read them: patient right on the image's left, anterior (axial)
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import html
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 PREVIEW_SUFFIX = "_preview.png"
 INDEX = "index.html"
+#: seconds between rewrites of a running batch's index.html (it reloads every 15 s); at least 20
+#: times the last rewrite took, so that a batch of many thousand studies spends under 5% on it
+INDEX_EVERY_S = 10.0
 #: view name -> (RAS axis held fixed, RAS axis shown down the rows, RAS axis across the columns);
 #: rows and columns run towards decreasing R/A/S (left, posterior, inferior)
 VIEWS = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
@@ -213,12 +217,14 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
     error, links to the outputs); images and links relative to ``out_dir``."""
     e = html.escape
     names = list(label_names)[1:]
+    root = Path(out_dir).resolve()
+    resolved = functools.lru_cache(maxsize=64)(lambda folder: Path(folder).resolve())  # outputs share folders
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     head = ["preview", "study", "status", *[f"{n} (mL)" for n in names], "seconds", "files", "error"]
     body = []
     for r in rows:
-        link = {k: _href(r.get(k, ""), out_dir) for k in ("preview", "output", "seg")}
+        link = {k: _href(r.get(k, ""), root, resolved) for k in ("preview", "output", "seg")}
         src = e(link["preview"])
         thumb = f'<a href="{src}"><img src="{src}" alt="{e(r["study_id"])}" loading="lazy"></a>' if src else ""
         files = " ".join(f'<a href="{e(link[k])}">{label}</a>'
@@ -240,14 +246,15 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
             + "</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table></body></html>\n")
 
 
-def _href(path: str, out_dir: Path) -> str:
-    """A link to ``path`` from ``out_dir/index.html``, URL-encoded once: relative where it lies
-    under ``out_dir``, else a ``file://`` URI (already encoded: quoting it again broke it)."""
+def _href(path: str, root: Path, resolve: Callable[[str], Path]) -> str:
+    """A link to ``path`` from ``root/index.html`` (``root`` resolved), URL-encoded once: relative
+    where it lies under ``root``, else a ``file://`` URI (already encoded: quoting it again broke
+    it). ``resolve`` resolves a folder (one cached call per folder, not one per file)."""
     if not path:
         return ""
     p = Path(path)
     try:
-        return quote(p.resolve().relative_to(Path(out_dir).resolve()).as_posix())
+        return quote((resolve(str(p.parent)) / p.name).relative_to(root).as_posix())
     except ValueError:
         return p.as_uri() if p.is_absolute() else quote(path)
 

@@ -219,10 +219,14 @@ def test_index_loads_in_headless_chromium(tmp_path: Path) -> None:
 
 def test_predict_preview_follows_the_batch_and_a_resumed_run(bundle: Path, tmp_path: Path,  # noqa: F811
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """segpipe predict --preview: a PNG per segmented study, index.html rewritten after every
-    study (rows only grow), and after a rerun that redoes one study every row is there again."""
+    """segpipe predict --preview: a PNG per segmented study, index.html rewritten as the batch
+    goes (here after every study: INDEX_EVERY_S 0; rows only grow), and after a rerun that redoes
+    one study every row is there again."""
     import pipeline.predict
+    import pipeline.preview
     from pipeline.predict import predict
+
+    monkeypatch.setattr(pipeline.preview, "INDEX_EVERY_S", 0.0)
 
     inp, out = tmp_path / "in", tmp_path / "out"
     for k, orientation in enumerate(["sagittal", "axial_lps", "oblique"]):
@@ -254,3 +258,25 @@ def test_predict_preview_follows_the_batch_and_a_resumed_run(bundle: Path, tmp_p
         got = open_in_chromium(out, tmp_path)
         assert got["rows"] == ["broken", "s0", "s1", "s2"]
         assert sorted(s for s, w, h in got["images"] if w > 0 and h > 0) == ["s0", "s1", "s2"]
+
+
+def test_a_running_batch_rewrites_index_html_at_most_every_few_seconds(bundle: Path, tmp_path: Path,  # noqa: F811
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page is the whole report: rewritten after every study it made a batch quadratic (1.4 s
+    a study at 10,000 rows). Within INDEX_EVERY_S it is written at the start and at the end only."""
+    import pipeline.predict
+    from pipeline.predict import predict
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for k in range(3):
+        write_dicom(inp / f"s{k}", phantom((8, 12, 14), seed=k), "axial_lps")
+    seen: list[tuple[int, bool]] = []
+
+    def spy(out_dir: Path, names: list[str], running: bool = False) -> Path:
+        page = write_index(out_dir, names, running)
+        seen.append((page.read_text().count("<tr class="), running))
+        return page
+
+    monkeypatch.setattr(pipeline.predict, "write_index", spy)
+    predict(bundle, inp, out, progress=False, preview=True)
+    assert seen == [(0, True), (3, False)]
