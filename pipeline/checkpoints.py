@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
 BEST_KEYS = ["best_val_mean_dice", "best_epoch", "best_val_dice"]
 #: ids a resumed run may change (they steer the run, not what it learns): more epochs, another device, ...
+#: and the bundle's ``_meta_`` (a new version, changelog or DICOM SEG codes do not change the recipe)
 RESUMABLE_CHANGES = frozenset({
-    "output_dir", "bundle_root", "manifest", "dataset_dir", "max_epochs", "val_interval", "checkpoint_interval",
+    "_meta_", "output_dir", "bundle_root", "manifest", "dataset_dir", "max_epochs", "val_interval", "checkpoint_interval",
     "qc_cases", "export", "num_workers", "device", "amp", "compile", "cache_dir", "cache_rate", "time_budget_min",
     "early_stop_patience",
 })
@@ -129,17 +130,30 @@ def check_resume_settings(parser: Any, output_dir: Path) -> None:
         return  # a run from before this file existed, or an unreadable one: nothing to compare with
     now = parser.get()
 
-    def text(value: Any) -> str:  # "#" is MONAI's old id separator, "::" what a parsed config holds
-        return json.dumps(value, sort_keys=True, default=str).replace("#", "::")
-
     changed = [k for k in sorted(set(saved) | set(now))
-               if k not in RESUMABLE_CHANGES and text(saved.get(k)) != text(now.get(k))]
+               if k not in RESUMABLE_CHANGES and _text(saved.get(k)) != _text(now.get(k))]
     if changed:
-        shown = "; ".join(f"{k} {text(saved.get(k))[:40]} -> {text(now.get(k))[:40]}" for k in changed[:3])
+        shown = "; ".join(_difference(k, saved.get(k), now.get(k)) for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UsageError(f"{output_dir}: --resume with other settings than the run was trained with ({shown}{more}); "
                          f"resume with its settings, train into another output folder, or delete {saved_file.name} "
                          "there to resume with these")
+
+
+def _text(value: Any) -> str:  # "#" is MONAI's old id separator, "::" what a parsed config holds
+    return json.dumps(value, sort_keys=True, default=str).replace("#", "::")
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    """``key old -> new`` at the first nested entry that differs (``train::handlers::2::interval``),
+    so that a change deep in a long section is shown, not the section's common beginning."""
+    while isinstance(old, (dict, list)) and type(old) is type(new) and len(old) == len(new):
+        keys = sorted(old) if isinstance(old, dict) else range(len(old))
+        if isinstance(old, dict) and set(old) != set(new):
+            break
+        sub = next(k for k in keys if _text(old[k]) != _text(new[k]))
+        key, old, new = f"{key}::{sub}", old[sub], new[sub]
+    return f"{key} {_text(old)[:40]} -> {_text(new)[:40]}"
 
 
 def save_weights(network: nn.Module, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 - ``ModelSaver``: the one writer of ``model.pt``; bundles list it in ``validate#handlers``, so
   ``python -m monai.bundle run`` uses it too.
+- ``ValidationHandler``: MONAI's, and the last epoch is always validated (``train#handlers``).
 - attached by ``pipeline.train.train_bundle``: gradient clipping, the per-epoch record (timing,
   samples/s, a stop on a non-finite loss; logged by ``pipeline.handlers.epochs``, which
   ``segpipe train`` shows only with ``--verbose``), a wall-time budget with a cosine learning
@@ -29,6 +30,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Timer
 from monai.data.utils import set_rnd
 from monai.engines import IterationEvents
+from monai.handlers import ValidationHandler as MonaiValidationHandler
 from monai.handlers import from_engine
 
 from pipeline import checkpoints, qc
@@ -249,6 +251,22 @@ def attach_epoch_seeds(trainer: Engine, seed: int) -> None:
     trainer.add_event_handler(Events.EPOCH_STARTED, _seed)
 
 
+class ValidationHandler(MonaiValidationHandler):
+    """MONAI's epoch-level ``ValidationHandler`` that also validates the last epoch when
+    ``max_epochs`` is not a multiple of ``interval``: under ``python -m monai.bundle run`` a
+    200-epoch run validated every 6 epochs would otherwise end with ``model.pt`` chosen at
+    epoch 198 at best, or with no ``model.pt`` at all when no epoch was validated."""
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self.epoch_level:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._last_epoch)
+
+    def _last_epoch(self, engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs and engine.state.epoch % self.interval:
+            self(engine)
+
+
 def find_model_saver(handlers: list) -> ModelSaver:
     """The bundle's ``ModelSaver`` among the evaluator handlers (UsageError when it has none)."""
     found = [h for h in handlers if isinstance(h, ModelSaver)]
@@ -299,8 +317,9 @@ def attach_validation(trainer: Engine, evaluator: Engine, saver: ModelSaver, lab
                      trainer.state.best_val_mean_dice, trainer.state.best_epoch)
 
     @trainer.on(Events.EPOCH_COMPLETED)
-    def _final(engine: Engine) -> None:
-        if engine.state.epoch == engine.state.max_epochs and engine.state.epoch % val_interval:
+    def _final(engine: Engine) -> None:  # for bundles whose train#handlers hold MONAI's ValidationHandler
+        validated = evaluator.state.epoch == engine.state.epoch  # by this module's ValidationHandler
+        if engine.state.epoch == engine.state.max_epochs and engine.state.epoch % val_interval and not validated:
             evaluator.run(engine.state.epoch)
 
     @trainer.on(Events.COMPLETED)

@@ -147,7 +147,7 @@ def common_config(plan: dict[str, Any], dataset_dir: str, manifest_name: str) ->
                             tta_shift="@tta_shift", lateral_axis="@lateral_axis", lateral_pairs="@lateral_pairs",
                             sw_batch_size="@sw_batch_size", amp="@amp", tiling="@tiling", tile_margin="@tile_margin",
                             tile_window="@tile_window", tile_multiple="@tile_multiple"),
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataset": {"_target_": "pipeline.predict_io.StudyStream", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "folds": [],
@@ -241,8 +241,8 @@ def train_config(plan: dict[str, Any]) -> dict[str, Any]:
                         "device": "@device", "dtype": "@amp_dtype"},
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},
-                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-                 "interval": "@val_interval"},
+                {"_target_": "pipeline.handlers.ValidationHandler", "validator": "@validate#evaluator",
+                 "epoch_level": True, "interval": "@val_interval"},
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "iteration_log": False,
                  "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}],
             "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
@@ -295,7 +295,7 @@ def inference_config() -> dict[str, Any]:
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@predictor", "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": False},
-        "run": ["$@evaluator.run()"],
+        "run": ["$@evaluator.run()", "$pipeline.predict_io.exit_if_failed(@dataset)"],
     }
 
 
@@ -316,7 +316,7 @@ def evaluate_config() -> dict[str, Any]:
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@predictor", "inferer": "@inferer", "postprocessing": "@metric_postprocessing",
                       "key_val_metric": "@key_metric", "val_handlers": "@handlers", "amp": False},
-        "run": ["$@evaluator.run()"],
+        "run": ["$@evaluator.run()", "$pipeline.predict_io.exit_if_failed(@dataset)"],
     }
 
 

@@ -17,11 +17,14 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data import IterableDataset
+from monai.transforms import apply_transform
+from torch.utils.data import get_worker_info
 
 from pipeline.errors import InputError, UsageError, first_line
 from pipeline.fileio import HOST, atomic_path, locked, pid_alive, temp_prefix, write_nifti
@@ -36,6 +39,46 @@ STALE_ELSEWHERE_S = 24 * 3600
 
 
 # ---------------------------------------------------------------- studies and shards
+
+class StudyStream(IterableDataset):
+    """The studies (``inference.json``) or cases (``evaluate.json``) of a bundle run with
+    ``python -m monai.bundle run``: common.json's ``dataset``, preprocessed one at a time. A study that cannot be read or preprocessed is logged (its file,
+    the cause's first line) and left out, so that one bad study never stops the others;
+    :func:`exit_if_failed` ends the run with exit status 1 when any was. (``segpipe predict``
+    reads studies itself and reports such a study in ``report.csv``.)"""
+
+    def __init__(self, data: Sequence[dict[str, Any]], transform: Any) -> None:
+        super().__init__(data, transform)
+        self.failed: list[str] = []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        for i, study in enumerate(self.data):
+            if i % workers != worker:
+                continue
+            try:
+                yield apply_transform(self.transform, study)
+            except Exception as e:  # noqa: BLE001 - any reading or preprocessing failure of this study
+                cause = e
+                while cause.__cause__ is not None:  # MONAI wraps it: "applying transform <...>"
+                    cause = cause.__cause__
+                image = study.get("image")
+                msg = f"{image[0] if isinstance(image, list) else image}: {type(cause).__name__}: {first_line(cause)}"
+                log.error("study %s left out: %s", study.get("id", i), msg)
+                self.failed.append(msg)
+
+
+def exit_if_failed(dataset: Any) -> None:
+    """After a bundle's inference or evaluate run: exit with status 1, naming how many were left out,
+    when ``dataset`` (a :class:`StudyStream`) left any out (counted in this process: the bundles
+    load studies with ``num_workers`` 0)."""
+    failed = getattr(dataset, "failed", [])
+    if failed:
+        log.error("%d of %d studies could not be read and have no mask (first: %s); masks written for the other %d",
+                  len(failed), len(dataset.data), failed[0], len(dataset.data) - len(failed))
+        raise SystemExit(1)
+
 
 
 def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = None) -> list[dict[str, Any]]:

@@ -274,17 +274,40 @@ def _check_run_outputs(out: Path, n_pred: int) -> None:
 def test_cells_2d_monai_bundle_run(tmp_path):
     """train (1 epoch) with ``python -m monai.bundle run``, then inference and evaluate with its
     weights through ``monai.bundle.run`` (the CLI's function; all three as subprocesses for every
-    bundle in the slow tests)."""
+    bundle in the slow tests). Two epochs validated every three: the last epoch is validated all
+    the same (pipeline.handlers.ValidationHandler; MONAI's validated none, and wrote no model.pt)."""
     data = write_dataset("cells2d", 4, tmp_path / "data", seed=0, shape=(48, 48))
     out = tmp_path / "out"
     common = {"dataset_dir": str(data.parent), "output_dir": str(out), "num_folds": 2}
-    r = _bundle_run(BUNDLES / "cells_2d", ["common.json", "train.json"], max_epochs=1, val_interval=1,
+    r = _bundle_run(BUNDLES / "cells_2d", ["common.json", "train.json"], max_epochs=2, val_interval=3,
                     num_workers=0, roi_size=[32, 32], **common)
-    assert "val_mean_dice" in r.stdout + r.stderr
+    assert (r.stdout + r.stderr).count("Got new best metric of val_mean_dice") == 1
     assert (out / "model.pt").is_file()  # the best model, by validate#handlers' ModelSaver
     for configs in (["common.json", "inference.json"], ["common.json", "evaluate.json"]):
         _bundle_run_here(BUNDLES / "cells_2d", configs, model_path=str(out / "model.pt"), roi_size=[32, 32], **common)
     _check_run_outputs(out, 4)
+
+
+def test_bundle_inference_leaves_out_a_study_it_cannot_read(tmp_path):
+    """``python -m monai.bundle run`` with inference.json over a folder holding one corrupt file:
+    the other studies get their masks, the bad one is named in one log line, and the run exits 1
+    (before, the first bad study stopped the run with a traceback and left the rest unsegmented)."""
+    data = write_dataset("cells2d", 2, tmp_path / "data", seed=0, shape=(48, 48))
+    inp = tmp_path / "in"
+    shutil.copytree(data.parent / "imagesTr", inp)
+    (inp / "a_broken.nii.gz").write_bytes(b"not gzip")  # sorted first: read before the good ones
+    weights = _random_weights(BUNDLES / "cells_2d", tmp_path / "model.pt")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           "['configs/common.json','configs/inference.json']", "--bundle_root", ".", "--input", str(inp),
+           "--output_dir", str(tmp_path / "out"), "--model_path", str(weights), "--dataset_dir", str(data.parent)]
+    r = subprocess.run(cmd, cwd=BUNDLES / "cells_2d", capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    log = r.stdout + r.stderr
+    assert r.returncode == 1, log[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out" / "predictions").iterdir()) == ["cells_000.nii.gz",
+                                                                                    "cells_001.nii.gz"]
+    assert re.search(r"study a_broken left out: \S*a_broken\.nii\.gz: ImageFileError", log)
+    assert "1 of 3 studies could not be read and have no mask" in log and "Traceback" not in log
 
 
 @pytest.mark.skipif(not (HIPPO_DATA / "dataset.json").is_file(), reason="no ../shared/data/Task04_Hippocampus")

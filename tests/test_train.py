@@ -5,6 +5,8 @@ with one clear line."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -96,12 +98,16 @@ def _losses(summary: dict) -> list[tuple[str, int, float]]:
 
 
 def test_validation_leaves_the_training_random_stream_alone(three_epochs: dict, tmp_path: Path, data: Path,
-                                                            store: str) -> None:
-    """One seed, a validation after every epoch (with QC pictures) or after the last only: the same
-    training, loss for loss (the validation loader used to draw its seed from torch's generator)."""
-    s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store, register=False,
-                     overrides={**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 3})
+                                                            store: str, caplog: pytest.LogCaptureFixture) -> None:
+    """One seed, a validation after every epoch (with QC pictures) or after the 2nd and the last:
+    the same training, loss for loss (the validation loader used to draw its seed from torch's
+    generator). The last epoch is validated once (the bundle's handler and segpipe's own both see
+    it is not a multiple of val_interval)."""
+    with caplog.at_level(logging.INFO, logger="pipeline.handlers"):
+        s = train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store, register=False,
+                         overrides={**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 2})
     assert len(_losses(s)) == 3 * 2 + 3 and _losses(s) == _losses(three_epochs)
+    assert re.findall(r"epoch (\d)/3 validation", caplog.text) == ["2", "3"]
 
 
 def test_a_bundle_evaluator_leaves_the_random_state_alone(tmp_path: Path, data: Path) -> None:
@@ -261,6 +267,23 @@ def test_resume_settings_compare_ids_as_monai_parses_them(tmp_path: Path) -> Non
     check_resume_settings(ConfigParser({"run": ["$@train#trainer.run()"], "lr": 0.01}), tmp_path)
     with pytest.raises(UsageError, match=r"\(lr 0.01 -> 0.02\)"):
         check_resume_settings(ConfigParser({"run": ["$@train#trainer.run()"], "lr": 0.02}), tmp_path)
+
+
+def test_resume_shows_the_nested_change_and_ignores_the_bundle_metadata(tmp_path: Path) -> None:
+    """A bundle's new version or changelog (``_meta_``) is not another recipe: the resume goes on.
+    A change deep in a section is named by its nested id, not by the section's common beginning."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.checkpoints import check_resume_settings
+
+    train = {"handlers": [{"_target_": "A", "interval": 1}, {"_target_": "B", "interval": 5}]}
+    (tmp_path / "config_resolved.json").write_text(json.dumps(
+        {"_meta_": {"version": "0.6.0", "authors": "x" * 60}, "train": train}))
+    check_resume_settings(ConfigParser({"_meta_": {"version": "0.6.1", "authors": "x" * 60}, "train": train}),
+                          tmp_path)
+    other = {"handlers": [train["handlers"][0], {"_target_": "B", "interval": 6}]}
+    with pytest.raises(UsageError, match=r"\(train::handlers::1::interval 5 -> 6\)"):
+        check_resume_settings(ConfigParser({"train": other}), tmp_path)
 
 
 def test_resume_with_a_different_network_is_one_line(two_epochs, data: Path, store: str) -> None:
