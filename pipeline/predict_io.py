@@ -109,8 +109,9 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
         studies = [{"id": study_id(p) if is_nifti(p) else p.name, "image": str(p.absolute())}]
     else:
         studies = find_studies(p, strict=False, channels=int(channels))  # a bad study fails as its own
-        if not studies and not any(c.is_dir() for c in p.iterdir()):
-            studies = [{"id": p.name, "image": str(p.absolute())}]  # e.g. an empty DICOM folder
+        entries = [c for c in p.iterdir() if not c.name.startswith(".")]
+        if not studies and entries and not any(c.is_dir() for c in entries):  # files, none an image: a DICOM
+            studies = [{"id": p.name, "image": str(p.absolute())}]  # folder that fails as one study, by name
     if exclude is not None:
         from pipeline.manifest import image_files
 

@@ -14,7 +14,7 @@ from typing import Any
 # MLflow param name -> bundle id; ids a bundle lacks are skipped.
 PARAM_IDS = {
     "network": "network_def#name", "features": "network_def#features", "spatial_dims": "spatial_dims",
-    "out_channels": "out_channels", "loss": "loss#_target_", "w0": "w0", "sigma_mm": "sigma_mm",
+    "in_channels": "in_channels", "out_channels": "out_channels", "loss": "loss#_target_", "w0": "w0", "sigma_mm": "sigma_mm",
     "optimizer": "optimizer#_target_", "lr": "learning_rate", "weight_decay": "weight_decay",
     "lr_scheduler": "lr_scheduler#_target_", "batch_size": "batch_size", "num_samples": "num_samples",
     "roi_size": "roi_size", "pixdim": "pixdim", "amp": "amp", "amp_dtype": "amp_dtype", "max_epochs": "max_epochs",

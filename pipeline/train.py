@@ -314,6 +314,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
             if trainer.state.epoch < max_epochs and not getattr(trainer.state, "budget_stopped_epoch", 0):
                 checkpoints.check_resume_settings(parser, output_dir)  # only where there is training left
             saver.best, saver.best_epoch = trainer.state.best_val_mean_dice, trainer.state.best_epoch
+    trained_already = bool(getattr(trainer.state, "budget_stopped_epoch", 0)) or trainer.state.epoch >= max_epochs
     if bar is not None:
         bar.attach(trainer, output_transform=lambda out: {"loss": float(from_engine(["loss"], first=True)(out))})
 
@@ -327,10 +328,11 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
                           "git_commit": commit, "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
                           "device": str(trainer.state.device), "world_size": idist.get_world_size(),
                           **standard_tags(commit), **(tags or {})})
-        tracker.log_params(bundle_params(parser))
-        tracker.log_dataset(manifest, manifest_hash(manifest))
         config_path = output_dir / "config_resolved.json"
-        parser.export_config_file(parser.get(), str(config_path), indent=2)
+        if not (trained_already and config_path.is_file()):  # a rerun with nothing to train keeps the run's
+            tracker.log_params(bundle_params(parser))     # record: its --set values trained nothing
+            parser.export_config_file(parser.get(), str(config_path), indent=2)
+        tracker.log_dataset(manifest, manifest_hash(manifest))
         tracker.log_artifact(config_path, "config")
         tracker.start_system_metrics()
         attach_tracker(tracker, trainer, progress_png=output_dir / "progress.png")

@@ -225,9 +225,14 @@ def test_dicom_series_good_mixed_and_empty(bundle: Path, tmp_path: Path) -> None
     ref = nib.load(str(dicom_series_to_nifti(inp / "good", tmp_path / "ref.nii.gz")))
     mask = nib.load(str(tmp_path / "out" / "good.nii.gz"))
     assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-4)
-    (tmp_path / "empty").mkdir()
-    [row] = predict(bundle, tmp_path / "empty", tmp_path / "out2", progress=False)
+    (tmp_path / "notdicom").mkdir()
+    (tmp_path / "notdicom" / "slice_000.dcm").write_bytes(b"not DICOM")
+    [row] = predict(bundle, tmp_path / "notdicom", tmp_path / "out2", progress=False)
     assert row["status"] == "failed" and "no DICOM series" in row["error"]
+    (tmp_path / "empty").mkdir()  # nothing in it: no studies, and no output folder left behind
+    with pytest.raises(InputError, match=r"empty: no studies \(NIfTI files or DICOM series\) found"):
+        predict(bundle, tmp_path / "empty", tmp_path / "out3", progress=False)
+    assert not (tmp_path / "out3").exists()
 
 
 def test_an_output_folder_inside_the_input_is_not_read_as_studies(bundle: Path, tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ def test_training_logs_everything_to_mlflow(three_epochs: dict, store: str) -> N
     assert run.info.status == "FINISHED"
     p = run.data.params
     assert p["network"] == "unet" and p["features"] == "[8, 16, 32, 8]" and p["lr"] == "0.01"
+    assert (p["in_channels"], p["out_channels"]) == ("1", "4")
     assert p["roi_size"] == "[16, 16, 12]" and p["w0"] == "10.0" and p["sigma_mm"] == "5.0"
     assert p["loss"].endswith("BoundaryWeightedDiceCELoss") and p["amp"] == "True" and p["max_epochs"] == "3"
     t = run.data.tags
@@ -245,6 +246,9 @@ def test_resume_with_other_settings_is_refused_until_asked_for(tmp_path: Path, d
     run = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1}
     train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides=run)
     other = {**run, "learning_rate": 0.02}
+    # nothing to train: no refusal, and the run's record keeps the settings it was trained with
+    assert train_bundle(BUNDLE, manifest=data, epochs=1, resume=True, tracking_uri=store, overrides=other)["epochs"] == 1
+    assert json.loads((tmp_path / "run" / "config_resolved.json").read_text())["learning_rate"] == 0.01
     with pytest.raises(UsageError, match=r"--resume with other settings than the run was trained with "
                                          r"\(learning_rate 0.01 -> 0.02\).*delete config_resolved.json") as e:
         train_bundle(BUNDLE, manifest=data, epochs=2, resume=True, tracking_uri=store, overrides=other)
