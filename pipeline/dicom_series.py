@@ -3,7 +3,8 @@
 A series is grouped by SeriesInstanceUID (``ImageSeriesReader.GetGDCMSeriesIDs``) and read as a
 regular grid (SimpleITK stacks the slices along the slice normal, spaced by the first-to-last
 distance), so what is not one is refused from the slice headers before any voxel is read
-(``dicom_series``): a folder holding several series; multi-frame (Enhanced) objects; slices of mixed
+(``dicom_series``): a folder holding several image series (a SEG, RT structure set or report
+beside one is left out); multi-frame (Enhanced) objects; slices of mixed
 sizes, orientations or pixel spacings; a gantry-tilted (sheared) series; a missing or duplicated
 slice or non-uniform slice spacing. A slice missing at either end of a series leaves no trace and
 passes. ``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader
@@ -43,6 +44,16 @@ ENHANCED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET", "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced US Volume",
     "1.2.840.10008.5.1.4.1.1.12.1.1": "Enhanced XA", "1.2.840.10008.5.1.4.1.1.12.2.1": "Enhanced XRF",
     "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis"}
+#: SOP classes that are not an image series to segment but objects made from one, often exported into the
+#: same folder (a SEG or an RT structure set beside the CT it outlines, a dose report)
+DERIVED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation", "1.2.840.10008.5.1.4.1.1.66.5": "Surface Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set", "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan", "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR", "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR", "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection",
+    "1.2.840.10008.5.1.4.1.1.88.67": "X-Ray Radiation Dose SR", "1.2.840.10008.5.1.4.1.1.11.1": "Presentation State"}
 MULTIFRAME_ADVICE = ("multi-frame (Enhanced) DICOM is not supported: export classic single-frame slices, "
                      "or convert with dcm2niix")
 
@@ -85,6 +96,7 @@ def dicom_series(folder: Path) -> dict[str, Any]:
     uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not uids:
         raise InputError(f"{folder}: no DICOM series in folder")
+    uids = _image_series(folder, uids)
     if len(uids) > 1:
         raise InputError(f"{folder}: {len(uids)} DICOM series mixed in one folder ({', '.join(uids)}); "
                          "put each series in a folder of its own")
@@ -115,6 +127,29 @@ def dicom_series(folder: Path) -> dict[str, Any]:
         step = float(where[-1] - where[0]) / (len(slices) - 1)  # as SimpleITK spaces them: first to last
         out.update(size=(*first["size"][:2], len(slices)), spacing=(*first["spacing"][:2], step))
     return out
+
+
+def _image_series(folder: Path, uids: tuple[str, ...]) -> tuple[str, ...]:
+    """``uids`` without the series of derived objects (``DERIVED_SOP_CLASSES``: a SEG, RT structure
+    set, report, ...) when an image series remains; InputError naming them when none does."""
+    import pydicom
+    import SimpleITK as sitk
+
+    kinds = {}
+    for uid in uids:
+        first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0]
+        try:
+            sop = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+        except Exception:  # noqa: BLE001 - unreadable or without the tag: judged as an image series
+            sop = ""
+        kinds[uid] = DERIVED_SOP_CLASSES.get(sop)
+    images = tuple(uid for uid in uids if kinds[uid] is None)
+    derived = sorted({k for k in kinds.values() if k})
+    if not images:
+        raise InputError(f"{folder}: no image series, only {', '.join(derived)} objects")
+    if len(images) < len(uids):
+        log.info("%s: reading the image series, not the %s object(s) beside it", folder, ", ".join(derived))
+    return images
 
 
 def _pixel_spacing(s: dict[str, Any]) -> str:

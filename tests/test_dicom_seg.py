@@ -307,6 +307,30 @@ _TILT = np.deg2rad(20)
 GANTRY_TILT = {"orientation": ((1, 0, 0), (0, np.cos(_TILT), np.sin(_TILT))), "advance": (0, 0, 1)}
 
 
+def test_a_seg_beside_its_series_is_left_out_and_a_seg_alone_is_no_study(bundle: Path, tmp_path: Path) -> None:
+    """A PACS export often puts a SEG (or RT structure set) in the CT's folder: the CT is the study
+    and the SEG is left out (before: '2 DICOM series mixed in one folder'). The SEG written here is
+    the same again, so the masks of both runs agree; a folder holding only a SEG is a failed study
+    that says so (before: 'a multi-frame image')."""
+    inp = tmp_path / "in"
+    write_dicom(inp / "ct", phantom((6, 9, 11)), "axial_lps")
+    rows = predict(bundle, inp, tmp_path / "out", progress=False, output_format="both")
+    assert [r["status"] for r in rows] == ["ok"]
+    shutil.copy(tmp_path / "out" / "ct.seg.dcm", inp / "ct" / "ct.seg.dcm")
+    (inp / "segonly").mkdir()
+    shutil.copy(tmp_path / "out" / "ct.seg.dcm", inp / "segonly" / "old.seg.dcm")
+    rows = {r["study_id"]: r for r in predict(bundle, inp, tmp_path / "again", progress=False, output_format="both")}
+    assert rows["ct"]["status"] == "ok", rows["ct"]["error"]
+    first, again = (np.asarray(nib.load(d / "ct.nii.gz").dataobj) for d in (tmp_path / "out", tmp_path / "again"))
+    assert np.array_equal(first, again)
+    seg = hd.seg.segread(tmp_path / "again" / "ct.seg.dcm")  # it references the CT's slices, not the old SEG
+    referenced = {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    ct = [f for f in (inp / "ct").iterdir() if f.name != "ct.seg.dcm"]
+    assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ct}
+    assert rows["segonly"]["status"] == "failed"
+    assert rows["segonly"]["error"].endswith("segonly: no image series, only Segmentation objects")
+
+
 def _legacy_enhanced(folder: Path, files: list[Path], descending: bool) -> Path:
     """The single-frame ``files`` as one Legacy Converted Enhanced CT file (highdicom), frames in
     ascending or descending order of position (highdicom picks one; the other is made by
