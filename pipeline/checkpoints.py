@@ -133,7 +133,7 @@ def check_resume_settings(parser: Any, output_dir: Path) -> None:
     changed = [k for k in sorted(set(saved) | set(now))
                if k not in RESUMABLE_CHANGES and _text(saved.get(k)) != _text(now.get(k))]
     if changed:
-        shown = "; ".join(_difference(k, saved.get(k), now.get(k)) for k in changed[:3])
+        shown = "; ".join(first_difference(k, saved.get(k), now.get(k)) for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UsageError(f"{output_dir}: --resume with other settings than the run was trained with ({shown}{more}); "
                          f"resume with its settings, train into another output folder, or delete {saved_file.name} "
@@ -144,15 +144,20 @@ def _text(value: Any) -> str:  # "#" is MONAI's old id separator, "::" what a pa
     return json.dumps(value, sort_keys=True, default=str).replace("#", "::")
 
 
-def _difference(key: str, old: Any, new: Any) -> str:
-    """``key old -> new`` at the first nested entry that differs (``train::handlers::2::interval``),
-    so that a change deep in a long section is shown, not the section's common beginning."""
-    while isinstance(old, (dict, list)) and type(old) is type(new) and len(old) == len(new):
-        keys = sorted(old) if isinstance(old, dict) else range(len(old))
-        if isinstance(old, dict) and set(old) != set(new):
-            break
-        sub = next(k for k in keys if _text(old[k]) != _text(new[k]))
-        key, old, new = f"{key}::{sub}", old[sub], new[sub]
+def first_difference(key: str, old: Any, new: Any) -> str:
+    """``key old -> new`` at the first nested entry that differs (``train::handlers::2::interval``;
+    an entry one side lacks shows as absent), so that a change deep in a long section is shown,
+    not the section's common beginning."""
+    absent = "(absent)"
+
+    def at(value: dict | list, sub: Any) -> Any:
+        return value.get(sub, absent) if isinstance(value, dict) else value[sub]
+
+    while (isinstance(old, dict) and isinstance(new, dict)) or (
+            isinstance(old, list) and isinstance(new, list) and len(old) == len(new)):
+        keys = sorted(set(old) | set(new), key=str) if isinstance(old, dict) else range(len(old))
+        sub = next(k for k in keys if _text(at(old, k)) != _text(at(new, k)))
+        key, old, new = f"{key}::{sub}", at(old, sub), at(new, sub)
     return f"{key} {_text(old)[:40]} -> {_text(new)[:40]}"
 
 

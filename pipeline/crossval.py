@@ -11,8 +11,10 @@ out-of-fold masks) are all a later run needs, so the checkpoints of finished fol
 and the folds carried to another machine or session.
 
 Then every validation case is predicted by the model that did not see it (``OUT/oof/<id>.nii.gz``,
-the bundle's own inference path) and scored against its label: ``OUT/crossval.json`` holds Dice
-and HD95 per case, per fold and over all cases (mean, sd), and the post-processing chosen on
+the bundle's own inference path; stamped with the sha256 of the fold's model.pt, so a fold
+trained again is predicted again) and scored against its label: ``OUT/crossval.json`` holds Dice
+and HD95 per case, per fold and over all cases (mean, sd), the sha256 of each scored fold's
+model.pt (``model_sha256``: export-ensemble ships only those weights), and the post-processing chosen on
 those out-of-fold masks as nnU-Net does: keeping the largest connected component of all
 foreground, or of each class, is switched on only where it raises the out-of-fold mean Dice, and
 per class only for the classes whose Dice it raises (``choose_postprocessing``; ``postprocessing``:
@@ -51,32 +53,37 @@ SPLIT_IDS = frozenset({"fold", "num_folds", "seed", "splits_file", "folds", "mod
 def fold_cases(manifest: Path, folds: int, seed: int, splits: Path | str | None = None) -> list[list[str]]:
     """The validation case ids of each fold, as training will see them (``pipeline.manifest.datalist``
     with the bundle's ``splits_file``, ``splits``, where it declares one). Refused in one line: fewer
-    patients than folds, or, without ``splits``, a ``splits.json`` beside the manifest that does not
-    cover exactly the manifest's cases."""
-    from pipeline.manifest import datalist, load_manifest, splits_folds
+    patients than folds, a splits file training would read that is not this manifest's split into
+    ``folds`` folds with ``seed`` (``pipeline.manifest.split_file``, strict), and a split where a fold
+    has no validation cases, a case is validated by two folds or by none (it would have no
+    out-of-fold prediction)."""
+    from pipeline.manifest import datalist, group_key, load_manifest, split_file
 
     entries = load_manifest(manifest)["training"]
-    groups = {e.get("patient") or f"id:{e['id']}" for e in entries}
+    groups = {group_key(e) for e in entries}  # as the split groups them: patient 0 is a patient
     if folds < 2:
         raise UsageError(f"--folds {folds}: cross-validation needs at least 2 folds")
     if folds > len(groups):
         raise UsageError(f"--folds {folds}: {manifest} has only {len(groups)} patients")
-    saved = Path(manifest).parent / SPLITS_FILE
-    if not splits and saved.is_file():
-        ids = {e["id"] for e in entries}
-        listed = {i for fold in splits_folds(saved)[0] for part in (fold["train"], fold["val"]) for i in part}
-        missing, extra = sorted(ids - listed), sorted(listed - ids)
-        if missing or extra:
-            what = f"case {missing[0]} missing" if missing else f"case {extra[0]} not in the manifest"
-            raise InputError(f"{saved}: does not match {manifest} ({what}; {len(missing)} missing, {len(extra)} extra)")
+    ids = {e["id"] for e in entries}
+    _, source = split_file(manifest, folds, seed, ids, splits, strict=True)
+    where = source or manifest
     cases = [[e["id"] for e in datalist(manifest, "val", k, folds, seed, splits)] for k in range(folds)]
+    empty = [k for k, val in enumerate(cases) if not val]
+    if empty:  # trained, then never scored
+        raise InputError(f"{where}: fold {empty[0]} has no validation cases; every fold of a cross-validation "
+                         "needs some")
     seen: dict[str, int] = {}
-    for k, ids in enumerate(cases):  # each case validated by exactly one fold: its out-of-fold prediction
-        for i in ids:
+    for k, val in enumerate(cases):  # each case validated by exactly one fold: its out-of-fold prediction
+        for i in val:
             if i in seen:
-                raise InputError(f"{splits or saved}: case {i} is in the validation cases of folds {seen[i]} and {k}; "
+                raise InputError(f"{where}: case {i} is in the validation cases of folds {seen[i]} and {k}; "
                                  "a cross-validation's validation sets must not overlap")
             seen[i] = k
+    uncovered = sorted(ids - set(seen))
+    if uncovered:
+        raise InputError(f"{where}: case {', '.join(uncovered[:3])} in no fold's validation cases "
+                         f"({len(uncovered)} such); every case needs its out-of-fold prediction")
     return cases
 
 
@@ -118,25 +125,33 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
                               run_name=f"crossval-{name}")
         parent.set_tags({"crossval": "parent", "folds": folds, "manifest": str(manifest), "bundle": name})
         parent.flush()
-    for k in chosen:
-        log.info("fold %d of %d: %d validation cases -> %s", k, folds, len(cases[k]), out / f"fold_{k}")
-        fold_dir = out / f"fold_{k}"
-        if _trained_without_checkpoint(fold_dir):
-            log.info("fold %d: trained (%s) and its checkpoints are gone: not trained again", k, fold_dir / TRAINED_FILE)
-        else:
-            summary = train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True,
-                                   tracking_uri=parent.uri, device=device, verbose=verbose, progress=progress,
-                                   overrides={**overrides, "fold": k, "num_folds": folds, "output_dir": str(fold_dir),
-                                              "export": False},  # a fold is one member: export-ensemble ships them
-                                   tags={"mlflow.parentRunId": parent.run_id, "fold": k})
-            with atomic_path(fold_dir / TRAINED_FILE) as tmp:
-                tmp.write_text(json.dumps({"fold": k, "num_folds": folds, "val": cases[k], "overrides": overrides,
-                                           **summary}, indent=1, default=str) + "\n")
-        predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
-    with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
-        result = score(out, manifest, cases, name)
-    parent.log_metrics(_flat_metrics(result), step=0)
-    parent.log_artifact(out / RESULT_FILE, "crossval")
+    selection = str(parser.get_parsed_content("model_selection")) if "model_selection" in parser else "best"
+    try:  # the parent run ends FAILED (KILLED on Ctrl-C) with the command, as train.py's runs do
+        for k in chosen:
+            log.info("fold %d of %d: %d validation cases -> %s", k, folds, len(cases[k]), out / f"fold_{k}")
+            fold_dir = out / f"fold_{k}"
+            if _trained_without_checkpoint(fold_dir):
+                log.info("fold %d: trained (%s) and its checkpoints are gone: not trained again", k,
+                         fold_dir / TRAINED_FILE)
+            else:
+                summary = train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True,
+                                       tracking_uri=parent.uri, device=device, verbose=verbose, progress=progress,
+                                       overrides={**overrides, "fold": k, "num_folds": folds,
+                                                  "output_dir": str(fold_dir),
+                                                  "export": False},  # a fold is one member: export-ensemble ships them
+                                       tags={"mlflow.parentRunId": parent.run_id, "fold": k})
+                with atomic_path(fold_dir / TRAINED_FILE) as tmp:
+                    tmp.write_text(json.dumps({"fold": k, "num_folds": folds, "val": cases[k], "overrides": overrides,
+                                               **summary}, indent=1, default=str) + "\n")
+            recover_weights(fold_dir, k, _trained_selection(fold_dir, selection))
+            predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
+        with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
+            result = score(out, manifest, cases, name)
+        parent.log_metrics(_flat_metrics(result), step=0)
+        parent.log_artifact(out / RESULT_FILE, "crossval")
+    except BaseException as e:
+        parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     result["mlflow"], result["output_dir"] = parent.finish(), str(out)
     # only from complete figures: a fold finishing while others run beside it leaves the export to the last
     complete = result["cases_scored"] == result["cases_total"]
@@ -172,6 +187,52 @@ def _trained_without_checkpoint(fold_dir: Path) -> bool:
             and checkpoints.latest_checkpoint(fold_dir / "checkpoints") is None)
 
 
+def _retrain_hint(fold_dir: Path, k: int) -> str:
+    return f"delete {fold_dir / 'checkpoints'} and {fold_dir / TRAINED_FILE} to train fold {k} again"
+
+
+def _trained_selection(fold_dir: Path, default: str) -> str:
+    """The ``model_selection`` fold ``fold_dir`` was trained with (its ``config_resolved.json``), else
+    ``default``."""
+    try:
+        value = json.loads((fold_dir / "config_resolved.json").read_text()).get("model_selection")
+    except (OSError, ValueError, AttributeError):
+        return default
+    return value if value in ("best", "last") else default
+
+
+def recover_weights(fold_dir: Path, k: int, selection: str) -> None:
+    """A finished fold whose ``model.pt`` is gone while its checkpoints are kept (training then has
+    nothing to do): ``model.pt`` written from the last checkpoint's network where that is the
+    fold's model, i.e. ``selection`` is "last" or the checkpoint's epoch is the best epoch; else
+    an InputError saying how to train the fold again. Nothing to do where ``model.pt`` is there or
+    no checkpoint is (``predict_fold`` says what to do)."""
+    import torch
+
+    from pipeline import checkpoints
+    from pipeline.errors import first_line
+
+    weights = fold_dir / "model.pt"
+    found = [] if weights.is_file() else checkpoints.list_checkpoints(fold_dir / "checkpoints")
+    if not found:
+        return
+    epoch, last = found[-1]
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model, best = state["model"], int(state.get("trainer", {}).get("best_epoch") or 0)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise InputError(f"{last}: cannot read checkpoint ({type(e).__name__}: {first_line(e)[:80]}); "
+                         f"{_retrain_hint(fold_dir, k)}") from None
+    if selection != "last" and best != epoch:
+        raise InputError(f"{weights}: missing; fold {k} kept its best epoch's weights (model_selection "
+                         f"{selection!r}, epoch {best}), which only model.pt held, and its last checkpoint is of "
+                         f"epoch {epoch}; {_retrain_hint(fold_dir, k)}")
+    with atomic_path(weights) as tmp:
+        torch.save(model, tmp)
+    log.warning("fold %d: %s was missing; written from %s (model_selection %s: epoch %d's weights)", k, weights,
+                last, selection, epoch)
+
+
 def _record_split(out: Path, manifest: Path, folds: int, seed: int, cases: list[list[str]]) -> None:
     """The split this cross-validation uses, in its folder (refused if a rerun's split differs)."""
     record = {"manifest": str(manifest), "k": folds, "seed": seed, "val": cases}
@@ -190,28 +251,37 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
                  overrides: dict[str, Any]) -> None:
     """Predict fold ``k``'s validation cases with its own model into ``out/oof``, without
     post-processing (finished masks are skipped, so this resumes too). The masks are stamped with
-    the model's hash (``oof/.fold_<k>.model``): where the fold's model has changed since (trained
-    again in this folder), its masks are predicted again instead of kept."""
-    from pipeline.bundle import load_bundle
+    the model's hash (``oof/.fold_<k>.model``), written before the first of them: where the stamp
+    is not of the fold's model.pt (trained again in this folder, or no stamp: a run killed before
+    stamps came first), its masks are predicted again instead of kept. The weights are loaded
+    into the bundle's network first: a model.pt that cannot predict deletes nothing."""
+    from pipeline.bundle import get, load_bundle
     from pipeline.manifest import load_manifest
     from pipeline.predict import CONFIGS, predict
+    from pipeline.predict_io import load_weights
 
     weights = out / f"fold_{k}" / "model.pt"
     if not weights.is_file():
-        raise InputError(f"{weights}: fold {k} has no trained weights")
-    digest, stamp = _digest(weights), out / "oof" / f".fold_{k}.model"
-    if stamp.is_file() and stamp.read_text().strip() != digest:
-        log.info("fold %d: its model changed since its out-of-fold masks were predicted: predicting them again", k)
+        raise InputError(f"{weights}: fold {k} has no trained weights; {_retrain_hint(weights.parent, k)}")
+    inference = load_bundle(bundle_dir, CONFIGS)
+    shared = {key: v for key, v in overrides.items() if key in inference}  # training-only ids do not apply
+    if "network_def" in inference:  # a corrupt or foreign model.pt: refused before its masks are deleted
+        load_weights(get(load_bundle(bundle_dir, CONFIGS, shared), "network_def", bundle_dir), weights)
+    digest, stamp = model_digest(weights), out / "oof" / f".fold_{k}.model"
+    if _stamp(stamp) != digest:  # another model's masks, or unstamped ones (a kill before the stamp)
+        if any((out / "oof" / f"{sid}.nii.gz").is_file() for sid in ids):
+            log.info("fold %d: its out-of-fold masks are not of its model.pt: predicting them again", k)
         for sid in ids:
             (out / "oof" / f"{sid}.nii.gz").unlink(missing_ok=True)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(stamp) as tmp:  # before the first mask: every mask of the fold is this model's
+            tmp.write_text(digest + "\n")
     m = load_manifest(manifest)
     wanted = set(ids)
     fold_manifest = out / f"fold_{k}" / "validation.json"
     entries = [{key: e[key] for key in ("id", "image", "label") if e.get(key)} for e in m["training"] if e["id"] in wanted]
     with atomic_path(fold_manifest) as tmp:
         tmp.write_text(json.dumps({"labels": m["labels"], "training": entries, "allow_outside": True}, indent=1))
-    inference = load_bundle(bundle_dir, CONFIGS)
-    shared = {key: v for key, v in overrides.items() if key in inference}  # training-only ids do not apply
     # raw masks: the post-processing is chosen on them, so the bundle's own (set by an earlier
     # export-ensemble) must not be applied to them
     rows = predict(bundle_dir, fold_manifest, out / "oof", device=device, progress=False,
@@ -220,8 +290,6 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise InputError(f"fold {k}: {len(failed)} out-of-fold prediction(s) failed, first: {failed[0]['error']}")
-    with atomic_path(stamp) as tmp:
-        tmp.write_text(digest + "\n")
 
 
 # -- scoring and post-processing ----------------------------------------------------------------------
@@ -270,19 +338,28 @@ def _dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
     return out
 
 
-def _masks_current(out: Path, k: int) -> bool:
-    """Whether fold ``k``'s out-of-fold masks count: its ``model.pt`` is there and is the model they
-    were predicted with (``oof/.fold_<k>.model``; masks from before stamps count while the model
-    is there). A fold deleted, or trained again and not yet predicted, leaves its cases unscored."""
+def _current_model(out: Path, k: int) -> str | None:
+    """The sha256 of fold ``k``'s ``model.pt`` where its out-of-fold masks count: the model is there
+    and is the one they were predicted with (``oof/.fold_<k>.model``); else None. A fold deleted,
+    trained again and not yet predicted, or masks without a stamp (from before stamps, or of a run
+    killed before its stamp) leave its cases unscored."""
     weights, stamp = out / f"fold_{k}" / "model.pt", out / "oof" / f".fold_{k}.model"
     if not weights.is_file():
         if any(stamp.parent.glob("*.nii.gz")):
             log.warning("fold %d: no model.pt in %s; its out-of-fold masks are not scored", k, weights.parent)
-        return False
-    return not stamp.is_file() or stamp.read_text().strip() == _digest(weights)
+        return None
+    digest = model_digest(weights)
+    return digest if _stamp(stamp) == digest else None
 
 
-def _digest(weights: Path) -> str:
+def _stamp(stamp: Path) -> str | None:
+    try:
+        return stamp.read_text().strip()
+    except OSError:
+        return None
+
+
+def model_digest(weights: Path) -> str:
     """The sha256 of a fold's model.pt: the stamp of the out-of-fold masks it predicted."""
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
@@ -313,9 +390,12 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
     per_case: dict[str, Any] = {}
     candidates = {c: [] for c in CANDIDATES}
     found = []
+    models: dict[str, str] = {}  # each scored fold's model.pt: what export-ensemble may ship
     for k, ids in enumerate(cases):
-        if not _masks_current(out, k):
+        digest = _current_model(out, k)
+        if digest is None:
             continue
+        models[str(k)] = digest
         for sid in ids:
             mask = out / "oof" / f"{sid}.nii.gz"
             if not mask.is_file():
@@ -352,6 +432,7 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
                                         for k in range(len(cases))},
                            "cases": chosen_cases},
         "cases": per_case,
+        "model_sha256": models,
     }
     with atomic_path(out / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps(json_safe(result), indent=1) + "\n")

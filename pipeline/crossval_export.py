@@ -3,24 +3,35 @@
 ``export_ensemble`` copies the fold weights into the bundle (``models/fold_<k>.pt``), lists them in
 its metadata with the out-of-fold figures and makes them the bundle's default predictor (``folds``
 in common.json) with the post-processing the cross-validation chose (``postprocess`` in
-inference.json). It refuses, before writing anything, a result that is not a crossval's, folds of
-another network, and folds trained with ``--set`` values of inference ids the bundle lacks.
+inference.json). It refuses, before writing anything, a result that is not a crossval's, a fold
+it does not have, folds of another network, folds trained with ``--set`` values of inference ids
+the bundle lacks or with another network definition, preprocessing or labels than the bundle's
+(their ``config_resolved.json``), and a fold whose ``model.pt`` is not the one ``crossval.json``
+scored. The files are then written all or nothing: each staged as a temp file beside its target,
+and all renamed into place once every one is written.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.crossval import RESULT_FILE, SPLIT_IDS, TRAINED_FILE
+from pipeline.crossval import RESULT_FILE, SPLIT_IDS, TRAINED_FILE, model_digest
 from pipeline.errors import InputError, UsageError, first_line
-from pipeline.fileio import atomic_path
+from pipeline.fileio import temp_prefix
 
 log = logging.getLogger(__name__)
+
+#: what a fold's weights mean: its network, what is done to an image before it (orientation,
+#: spacing, intensity normalisation) and its classes; a bundle that says otherwise predicts wrongly
+MEANING_IDS = ("network_def", "preprocessing", "label_names")
 
 
 def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | None = None) -> list[Path]:
@@ -51,36 +62,147 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
         log.warning("%s: only %s of %s cases scored; the bundle's out-of-fold figures and post-processing rest on "
                     "those", result_file, result["cases_scored"], result["cases_total"])
     ensemble["crossval"]["cases_total"] = result.get("cases_total", result["cases_scored"])
+    bad = [k for k in chosen if not 0 <= k < int(result["folds"])]
+    if bad:
+        raise UsageError(f"--fold {bad[0]}: not among the cross-validation's folds 0..{int(result['folds']) - 1} "
+                         f"({result_file})")
     sources = [crossval_dir / f"fold_{k}" / "model.pt" for k in chosen]
     parser = load_bundle(bundle_dir, ("common.json", "inference.json"))
     for k in chosen:
         _check_trained_settings(parser, crossval_dir / f"fold_{k}" / TRAINED_FILE, bundle_dir)
+        _check_trained_config(parser, crossval_dir / f"fold_{k}" / "config_resolved.json", bundle_dir)
     network = get(parser, "network_def")
-    for src in sources:
-        load_weights(network, src)  # missing, or another network: one line naming the file
+    for k, src in zip(chosen, sources, strict=True):
+        if not src.is_file():
+            raise InputError(f"{src}: fold {k} has no trained weights; run segpipe crossval (--fold {k}) first")
+        load_weights(network, src)  # another network: one line naming the file
+        _check_scored(result, crossval_dir, k, src)
     meta_file = bundle_dir / "configs" / "metadata.json"
     meta = {**json.loads(meta_file.read_text()), "ensemble": ensemble}  # load_bundle has parsed it
-    configs = {meta_file: json.dumps(meta, indent=2) + "\n",
-               bundle_dir / "configs" / "common.json": _config_with_value(bundle_dir / "configs" / "common.json",
-                                                                        "folds", chosen),
-               bundle_dir / "configs" / "inference.json": _config_with_value(
-                   bundle_dir / "configs" / "inference.json", "postprocess", postprocess)}
-    dests = []
-    (bundle_dir / "models").mkdir(exist_ok=True)  # a planned bundle has none before its first weights
-    for k, src in zip(chosen, sources, strict=True):
-        dest = bundle_dir / "models" / f"fold_{k}.pt"
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
-        dests.append(dest)
-    for path, text in configs.items():
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
-    for old in (bundle_dir / "models").glob("fold_*.pt"):  # an earlier export's folds not in this one
+    texts = {meta_file: json.dumps(meta, indent=2) + "\n",
+             bundle_dir / "configs" / "common.json": _config_with_value(bundle_dir / "configs" / "common.json",
+                                                                      "folds", chosen),
+             bundle_dir / "configs" / "inference.json": _config_with_value(
+                 bundle_dir / "configs" / "inference.json", "postprocess", postprocess)}
+    models = bundle_dir / "models"
+    dests = [models / f"fold_{k}.pt" for k in chosen]
+    writers: dict[Path, Callable[[Path], Any]] = {
+        dest: lambda tmp, src=src: shutil.copyfile(src, tmp) for dest, src in zip(dests, sources, strict=True)}
+    writers.update({path: lambda tmp, text=text: tmp.write_text(text) for path, text in texts.items()})
+    created = not models.is_dir()
+    models.mkdir(exist_ok=True)  # a planned bundle has none before its first weights
+    try:
+        _write_all(writers)
+    except BaseException:
+        if created and not any(models.iterdir()):
+            models.rmdir()
+        raise
+    for old in models.glob("fold_*.pt"):  # an earlier export's folds not in this one
         if old not in dests:
             old.unlink()
             log.info("removed %s: not a fold of this export", old)
-    log.info("exported folds %s of %s into %s", chosen, crossval_dir, bundle_dir / "models")
+    log.info("exported folds %s of %s into %s", chosen, crossval_dir, models)
     return dests
+
+
+def _write_all(writers: dict[Path, Callable[[Path], Any]]) -> None:
+    """``writers[path](tmp)`` writes each file's content to a temp name beside ``path``; once every
+    one is written they are renamed onto their paths. A failure anywhere leaves every path as it
+    was (those already replaced are put back from hard links to their old content) and no temp
+    file behind; a failed write is an InputError naming the file."""
+    staged: dict[Path, Path] = {}
+    kept: dict[Path, Path] = {}
+    done: list[Path] = []
+    try:
+        for path, write in writers.items():
+            staged[path] = path.with_name(f"{temp_prefix()}{path.name}")
+            try:
+                write(staged[path])
+            except OSError as e:
+                raise InputError(f"{path}: cannot write ({e.strerror or first_line(e)}); the bundle is left as "
+                                 "it was") from None
+        for path in writers:
+            if path.exists():
+                kept[path] = path.with_name(f"{temp_prefix()}old-{path.name}")
+                try:
+                    os.link(path, kept[path])
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(path, kept[path])
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException:
+        for path in reversed(done):
+            if path in kept:
+                os.replace(kept[path], path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for tmp in [*staged.values(), *kept.values()]:
+            tmp.unlink(missing_ok=True)
+
+
+def _check_scored(result: dict[str, Any], crossval_dir: Path, k: int, weights: Path) -> None:
+    """InputError when fold ``k``'s ``model.pt`` is not the model whose out-of-fold masks
+    ``crossval.json`` scored (its ``model_sha256``; for a result from before it recorded them, the
+    masks' stamp): the fold was trained again since, perhaps killed halfway, and the bundle's
+    figures would be of other weights."""
+    recorded = result.get("model_sha256")
+    if isinstance(recorded, dict):
+        scored = recorded.get(str(k))
+    else:
+        try:
+            scored = (crossval_dir / "oof" / f".fold_{k}.model").read_text().strip()
+        except OSError:  # e.g. a result committed without its out-of-fold masks: nothing to check against
+            log.warning("%s: from before it recorded its models, and no stamp of fold %d's masks: cannot check "
+                        "that %s is the model it scored", crossval_dir / RESULT_FILE, k, weights)
+            return
+    if scored != model_digest(weights):
+        raise InputError(f"{weights}: not the model of fold {k} that {crossval_dir / RESULT_FILE} scored (its "
+                         "out-of-fold predictions were made with other weights, or none); rerun segpipe crossval")
+
+
+def _check_trained_config(parser: Any, config_file: Path, bundle_dir: Path) -> None:
+    """UsageError when a fold was trained (its ``config_resolved.json``) with another value of an id
+    in ``MEANING_IDS`` than the bundle's inference has, compared with references resolved
+    (``@features`` and ``network_def#features`` alike; ``pipeline.checkpoints._text``; ``$``
+    expressions as text): the weights load, and predict wrongly. Run-control and split ids take the
+    bundle's values first, so a moved bundle or another device does not count."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.checkpoints import RESUMABLE_CHANGES, _text, first_difference
+
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return  # a fold carried in without it: nothing to compare (the weights are still checked)
+    if not isinstance(saved, dict):
+        return
+    bundle = ConfigParser(copy.deepcopy(parser.get()))
+    trained = ConfigParser(saved)
+    for key in (RESUMABLE_CHANGES | SPLIT_IDS) - {"_meta_"}:
+        if key in bundle and key in trained:
+            trained[key] = bundle.get(key)
+    for key in MEANING_IDS:
+        if key not in bundle or key not in trained:
+            continue
+        old, new = _plain(trained, trained.get(key)), _plain(bundle, bundle.get(key))
+        if _text(old) != _text(new):
+            raise UsageError(f"{config_file}: this fold was trained with another {key} than {bundle_dir}/configs "
+                             f"has ({first_difference(key, old, new)}); export into a bundle with its settings")
+
+
+def _plain(parser: Any, value: Any, seen: tuple[str, ...] = ()) -> Any:
+    """``value`` with every ``@id`` reference replaced by that id's value, recursively; nothing is
+    evaluated or built (``$`` expressions stay text)."""
+    if isinstance(value, str) and value.startswith("@") and value[1:] in parser and value[1:] not in seen:
+        return _plain(parser, parser.get(value[1:]), (*seen, value[1:]))
+    if isinstance(value, dict):
+        return {k: _plain(parser, v, seen) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(parser, v, seen) for v in value]
+    return value
 
 
 def _check_trained_settings(parser: Any, trained_file: Path, bundle_dir: Path) -> None:

@@ -36,7 +36,8 @@ FOLD_WEIGHTS = "models/fold_{}.pt"
 def weight_paths(bundle_root: str | Path, model_path: str | Path, folds: Sequence[int]) -> list[str]:
     """``[model_path]`` when ``folds`` is empty (``[]`` or null), else the bundle's
     ``models/fold_<k>.pt`` files. Anything but a list of fold numbers is a UsageError: ``folds=0``
-    once meant the single model (0 is falsy), in a bundle that ships both."""
+    once meant the single model (0 is falsy), in a bundle that ships both; so is a fold the bundle
+    does not ship (``--set folds=[7]``: not in its ``exported_folds``), naming those it does."""
     from pipeline.errors import UsageError
 
     if folds is None or (isinstance(folds, (list, tuple)) and not folds):
@@ -45,7 +46,30 @@ def weight_paths(bundle_root: str | Path, model_path: str | Path, folds: Sequenc
                                                          for k in folds):
         raise UsageError(f"folds: expected a list of fold numbers such as [0] or [0, 1, 2, 3, 4], or [] for the "
                          f"single model, got {folds!r:.40} (--set 'folds=[0]')")
-    return [str(Path(bundle_root) / FOLD_WEIGHTS.format(k)) for k in folds]
+    paths = [Path(bundle_root) / FOLD_WEIGHTS.format(k) for k in folds]
+    have = exported_folds(bundle_root)
+    stray = [k for k, p in zip(folds, paths, strict=True) if not p.is_file() and k not in have]
+    if stray:  # a fold the bundle never had; one it lists whose file is gone: load_weights names the file
+        raise UsageError(f"folds: fold {stray[0]} is not among the bundle's exported folds {have} "
+                         f"({Path(bundle_root) / 'models'}); " +
+                         ("choose among them" if have else "export some with segpipe export-ensemble") +
+                         ", or --set folds=[] for the single model")
+    return [str(p) for p in paths]
+
+
+def exported_folds(bundle_root: str | Path) -> list[int]:
+    """The folds the bundle ships: those its metadata's ``ensemble`` lists (export-ensemble), else
+    those it has ``models/fold_<k>.pt`` files of."""
+    import json
+
+    try:
+        listed = json.loads((Path(bundle_root) / "configs" / "metadata.json").read_text())["ensemble"]["folds"]
+        if isinstance(listed, list) and all(isinstance(k, int) for k in listed):
+            return sorted(listed)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = (p.name.removeprefix("fold_").removesuffix(".pt") for p in (Path(bundle_root) / "models").glob("fold_*.pt"))
+    return sorted(int(k) for k in found if k.isdigit())
 
 
 class Ensemble(nn.Module):

@@ -20,7 +20,8 @@ Splits are patient-grouped k-fold: groups (a patient, or an entry without one) a
 the seed, then each goes, largest first, to the fold with the fewest cases; entries with an
 explicit ``fold`` stay in it. ``write_splits`` saves them as ``splits.json`` beside the manifest
 (like nnU-Net's splits_final.json, which may be edited by hand); ``datalist`` reads that file
-when it matches k, seed and the manifest's ids, and otherwise computes the same split in memory.
+when it matches k, seed and the manifest's ids, and otherwise computes the same split in memory
+with a warning; cross-validation refuses such a file (``split_file``).
 With ``folds <= 1`` there is no cross-validation: role "train" is every training entry and
 role "val" is empty.
 """
@@ -222,12 +223,19 @@ def manifest_hash(manifest: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def group_key(entry: dict[str, Any]) -> str:
+    """The split group of a training entry: its ``patient`` (any value but null or "", so patient 0
+    is a patient), else the entry alone."""
+    patient = entry.get("patient")
+    return f"patient:{patient}" if patient not in (None, "") else f"id:{entry['id']}"
+
+
 def _group_splits(path: Path | str, entries: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, list]]:
     groups: dict[str, list[str]] = {}
     pinned: dict[str, int] = {}
     for e in entries:
         patient = e.get("patient")
-        key = f"patient:{patient}" if patient not in (None, "") else f"id:{e['id']}"
+        key = group_key(e)
         groups.setdefault(key, []).append(e["id"])
         fold = e.get("fold")
         if fold is None:
@@ -290,16 +298,65 @@ def splits_folds(f: Path) -> tuple[list[dict[str, list[str]]], int | None]:
     return folds, seed
 
 
+def splits_mismatch(f: Path | str, k: int, seed: int, ids: set[str]) -> str | None:
+    """Why the splits file ``f`` is not a split of these case ``ids`` into ``k`` folds with ``seed``
+    (nnU-Net's files record no seed: any fits), in a few words; None when it is one."""
+    folds, saved_seed = splits_folds(Path(f))
+    listed = {i for fo in folds for part in (fo["train"], fo["val"]) for i in part}
+    missing, extra = sorted(ids - listed), sorted(listed - ids)
+    if missing or extra:
+        what = f"case {missing[0]} missing" if missing else f"case {extra[0]} not in the manifest"
+        return f"{what}; {len(missing)} missing, {len(extra)} extra"
+    if len(folds) != k:
+        return f"it has {len(folds)} folds, not {k}"
+    if saved_seed not in (seed, None):
+        return f"it was written with seed {saved_seed}, not {seed}"
+    short = [i for i, fo in enumerate(folds) if set(fo["train"]) | set(fo["val"]) != ids]
+    if short:
+        return f"fold {short[0]} does not list every case in its train or val list"
+    return None
+
+
 def _read_splits(f: Path, k: int, seed: int, ids: set[str]) -> list[dict] | None:
     """The folds of the splits file ``f`` when it matches k, seed (not recorded by nnU-Net) and the ids."""
     if not f.is_file():
         return None
-    folds, saved_seed = splits_folds(f)
-    if len(folds) != k or saved_seed not in (seed, None) or any(set(fo["train"]) | set(fo["val"]) != ids
-                                                                for fo in folds):
+    if splits_mismatch(f, k, seed, ids) is not None:
         log.warning("%s does not match k=%d, seed=%d and the manifest's ids; splitting in memory", f, k, seed)
         return None
-    return folds
+    return splits_folds(f)[0]
+
+
+def split_file(manifest: Path | str, k: int, seed: int, ids: set[str], splits: Path | str | None = None,
+               strict: bool = False) -> tuple[list[dict] | None, Path | None]:
+    """``(folds, file)`` of the split ``datalist`` reads, or ``(None, None)`` for the split computed
+    from the seed. The file is ``splits`` (a planned bundle's own ``splits.json``) where it exists
+    and lists any of the manifest's cases (one listing none of them is another dataset's: the
+    bundle trained on other data), else ``splits.json`` beside the manifest where it exists. A file
+    that does not fit (other cases: one added or removed since it was written, or a subset
+    manifest; another number of folds or seed) is, with ``strict`` (cross-validation: its
+    out-of-fold estimate is of that file's split, and its folds must not change silently), an
+    InputError naming it; else the split is computed in memory with a warning saying why (a
+    training on a few of a bundle's cases, a deliberate ``--set num_folds=3`` or ``seed=1``)."""
+    path = Path(manifest)
+    f = path.parent / SPLITS_FILE
+    if splits and Path(splits).is_file():
+        theirs = {i for fo in splits_folds(Path(splits))[0] for part in (fo["train"], fo["val"]) for i in part}
+        if theirs & ids:
+            f = Path(splits)
+        else:
+            log.info("%s: none of its cases is in %s (another dataset's split); using %s", splits, path,
+                     f if f.is_file() else "the split computed from the seed")
+    if not f.is_file():
+        return None, None
+    why = splits_mismatch(f, k, seed, ids)
+    if why is None:
+        return splits_folds(f)[0], f
+    if strict:
+        raise InputError(f"{f}: does not match {path} ({why}); make it match, or delete it to split the "
+                         "manifest afresh")
+    log.warning("%s does not match k=%d, seed=%d (%s); splitting in memory", f, k, seed, why)
+    return None, None
 
 
 def saved_or_computed_splits(path: Path, k: int = 5, seed: int = 0) -> dict[str, Any]:
@@ -318,7 +375,8 @@ def datalist(manifest: Path | str, role: str = "train", fold: int = 0, folds: in
     "train"/"val" of ``fold`` of ``folds``, "all" (every training entry) or "test". With
     ``folds <= 1``, "train" is every training entry and "val" is empty. The folds come from
     ``splits`` (a splits file, e.g. a planned bundle's own) or else ``splits.json`` beside the
-    manifest, when it matches k, seed and the ids; otherwise they are computed the same way."""
+    manifest, when it matches k, seed and the ids; otherwise they are computed the same way
+    (``split_file``)."""
     path = Path(manifest)
     data = load_manifest(path)
     if role == "test":
@@ -332,8 +390,7 @@ def datalist(manifest: Path | str, role: str = "train", fold: int = 0, folds: in
         return []
     if not 0 <= fold < folds:
         raise UsageError(f"fold {fold} is not in 0..{folds - 1}")
-    split = _read_splits(Path(splits) if splits else path.parent / SPLITS_FILE, folds, seed,
-                         {e["id"] for e in entries})
+    split, _ = split_file(path, folds, seed, {e["id"] for e in entries}, splits)
     if split is None:
         split = _group_splits(path, entries, folds, seed)
     wanted = set(split[fold][role])

@@ -3,6 +3,7 @@ Dice, MLflow parent and children, resume), bad input, the fold ensemble in predi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -307,6 +308,8 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     rows = predict(bundle, studies, tmp_path / "both", device="cpu", progress=False)
     assert all(r["status"] == "ok" for r in rows)
     predict(bundle, studies, tmp_path / "fold0", device="cpu", progress=False, overrides={"folds": [0]})
+    with pytest.raises(UsageError, match=r"folds: fold 7 is not among the bundle's exported folds \[0, 1\]"):
+        predict(bundle, studies, tmp_path / "bad", device="cpu", progress=False, overrides={"folds": [7]})
     for bad in (0, "0", [True]):  # folds=0 once predicted with models/model.pt (0 is falsy)
         with pytest.raises(UsageError, match=r"folds: expected a list of fold numbers"):
             predict(bundle, studies, tmp_path / "bad", device="cpu", progress=False, overrides={"folds": bad})
@@ -343,8 +346,9 @@ def test_keep_largest_is_chosen_per_class_and_spares_a_label_of_two_structures(t
         pred[30 + i:33, 24:28, 1:3] = 2  # a stray blob of class 2, far from its organ
         nib.save(nib.Nifti1Image(pred, affine), tmp_path / "oof" / f"case{i}.nii.gz")
         entries.append({"image": f"img_{i}.nii.gz", "label": f"lab_{i}.nii.gz", "id": f"case{i}"})
-        (tmp_path / f"fold_{i}").mkdir()  # a fold's masks count while its model is there
+        (tmp_path / f"fold_{i}").mkdir()  # a fold's masks count while its model is there and stamped theirs
         (tmp_path / f"fold_{i}" / "model.pt").write_bytes(b"weights")
+        (tmp_path / "oof" / f".fold_{i}.model").write_text(hashlib.sha256(b"weights").hexdigest())
     manifest = tmp_path / "dataset.json"
     manifest.write_text(json.dumps({"labels": {"0": "background", "1": "kidney", "2": "liver"}, "training": entries}))
 
@@ -401,8 +405,8 @@ def test_scoring_counts_only_masks_of_a_fold_model_that_is_there_and_unchanged(c
     shutil.rmtree(carried / "fold_1")  # fold 1 deleted
     result = score(carried, ct6_dataset, folds, "t")
     assert result["cases_scored"] == 0 and result["cases_total"] == 6
-    (carried / "oof" / ".fold_0.model").unlink()  # masks from before stamps count while the model is there
-    assert score(carried, ct6_dataset, folds, "t")["cases_scored"] == len(folds[0])
+    (carried / "oof" / ".fold_0.model").unlink()  # unstamped masks (a run killed before its stamp): of no
+    assert score(carried, ct6_dataset, folds, "t")["cases_scored"] == 0  # known model, so not scored
 
 
 def test_exporting_fewer_folds_leaves_no_stale_fold_weights(cv: dict, tmp_path: Path) -> None:
@@ -412,3 +416,229 @@ def test_exporting_fewer_folds_leaves_no_stale_fold_weights(cv: dict, tmp_path: 
     export_ensemble(bundle, cv["out"], folds=[1])
     assert sorted(p.name for p in (bundle / "models").glob("fold_*.pt")) == ["fold_1.pt"]
     assert json.loads((bundle / "configs" / "common.json").read_text())["folds"] == [1]
+    with pytest.raises(UsageError, match=r"--fold 7: not among the cross-validation's folds 0\.\.1"):
+        export_ensemble(bundle, cv["out"], folds=[0, 7])
+    assert sorted(p.name for p in (bundle / "models").glob("fold_*.pt")) == ["fold_1.pt"]
+
+
+# -- refusals and recoveries ----------------------------------------------------------------------------
+class Trained(Exception):
+    """Raised by a stand-in for train_bundle: the run got as far as training a fold."""
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.train
+
+    def train_bundle(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(pipeline.train, "train_bundle", train_bundle)
+
+
+def _data_copy(tmp_path: Path, ct6_dataset: Path) -> tuple[Path, list[str]]:
+    data = tmp_path / "data"
+    shutil.copytree(ct6_dataset.parent, data)
+    return data / "dataset.json", sorted(e["id"] for e in load_manifest(data / "dataset.json")["training"])
+
+
+def _carried(cv: dict, dest: Path, checkpoints: bool = False) -> Path:
+    shutil.copytree(cv["out"], dest, ignore=shutil.ignore_patterns(
+        *(() if checkpoints else ("checkpoints",)), "mlflow_run.json"))
+    return dest
+
+
+def _mtimes(out: Path, ids: list[str]) -> dict[str, int]:
+    return {s: (out / "oof" / f"{s}.nii.gz").stat().st_mtime_ns for s in ids}
+
+
+def test_unstamped_masks_are_predicted_again_by_the_current_model(cv: dict, tmp_path: Path, ct6_dataset: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold killed while its out-of-fold masks were predicted left masks without a stamp; trained
+    again since, its masks are all predicted by the new model (the stamp of the model being
+    predicted is written before its first mask), and unstamped masks are never scored."""
+    import pipeline.predict
+
+    out, folds = _carried(cv, tmp_path / "cv"), fold_cases(ct6_dataset, 2, 0)
+    (out / "oof" / ".fold_0.model").unlink()  # killed before the stamp was written
+    shutil.copy(out / "fold_1" / "model.pt", out / "fold_0" / "model.pt")  # then trained again
+    before, digest = _mtimes(out, sum(folds, [])), hashlib.sha256((out / "fold_0" / "model.pt").read_bytes()).hexdigest()
+    stamps, predict_ = [], pipeline.predict.predict
+
+    def predict(*args, **kwargs):
+        stamps.append((out / "oof" / ".fold_0.model").read_text().strip())
+        return predict_(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.predict, "predict", predict)
+    predict_fold(cv["bundle"], ct6_dataset, out, 0, folds[0], "cpu", SMALL)
+    assert stamps == [digest]  # stamped before predicting
+    after = _mtimes(out, sum(folds, []))
+    assert all(after[s] != before[s] for s in folds[0]) and all(after[s] == before[s] for s in folds[1])
+
+
+def test_a_splits_file_that_does_not_fit_the_run_is_one_line_and_trains_nothing(
+        tmp_path: Path, ct6_dataset: Path, mlflow_store: str, no_training: None) -> None:
+    """The splits file training would read (the bundle's splits_file, else splits.json beside the
+    manifest) must be this run's split: a case added to the manifest since, another number of folds
+    or another seed is refused naming the file, not replaced by a split computed in memory."""
+    manifest, ids = _data_copy(tmp_path, ct6_dataset)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    common = json.loads((bundle / "configs/common.json").read_text())
+    common["splits_file"] = "$@bundle_root + '/splits.json'"
+    (bundle / "configs/common.json").write_text(json.dumps(common))
+    kw = {"folds": 2, "output_dir": tmp_path / "cv", "tracking_uri": mlflow_store, "overrides": SMALL}
+    planned = ids[:-1]  # planned before the last case was added to the manifest
+    (bundle / "splits.json").write_text(json.dumps({"k": 2, "seed": 0, "folds": [
+        {"train": planned[3:], "val": planned[:3]}, {"train": planned[:3], "val": planned[3:]}]}))
+    with pytest.raises(InputError, match=rf"bundle/splits\.json: does not match .*case {ids[-1]} missing"):
+        crossval(bundle, manifest, **kw)
+    three = [{"train": [i for i in ids if i not in ids[k::3]], "val": ids[k::3]} for k in range(3)]
+    (bundle / "splits.json").write_text(json.dumps({"k": 3, "seed": 0, "folds": three}))
+    with pytest.raises(InputError, match=r"bundle/splits\.json: does not match .*it has 3 folds, not 2"):
+        crossval(bundle, manifest, **kw)
+    (bundle / "splits.json").unlink()  # the manifest's own, written with another seed
+    (manifest.parent / "splits.json").write_text(json.dumps({"k": 2, "seed": 1, "folds": [
+        {"train": ids[3:], "val": ids[:3]}, {"train": ids[:3], "val": ids[3:]}]}))
+    with pytest.raises(InputError, match=r"data/splits\.json: does not match .*written with seed 1, not 0"):
+        crossval(bundle, manifest, **kw)
+    assert not (tmp_path / "cv").exists()
+
+
+def test_a_case_no_fold_validates_or_a_fold_without_validation_cases_is_refused(
+        tmp_path: Path, ct6_dataset: Path, mlflow_store: str, no_training: None) -> None:
+    """Every case needs its out-of-fold prediction and every fold some validation cases: a splits
+    file that leaves a case out of every fold's val list, or leaves a fold's empty, is one line
+    naming it, before anything is trained; patient 0 is a patient (it once counted as none)."""
+    manifest, ids = _data_copy(tmp_path, ct6_dataset)
+    kw = {"output_dir": tmp_path / "cv", "tracking_uri": mlflow_store, "overrides": SMALL}
+    (manifest.parent / "splits.json").write_text(json.dumps({"k": 2, "seed": 0, "folds": [
+        {"train": ids[2:], "val": ids[:2]}, {"train": ids[:2] + ids[-1:], "val": ids[2:-1]}]}))
+    with pytest.raises(InputError, match=rf"data/splits\.json: case {ids[-1]} in no fold's validation cases"):
+        crossval(BUNDLE, manifest, folds=2, **kw)
+    (manifest.parent / "splits.json").write_text(json.dumps({"k": 3, "seed": 0, "folds": [
+        {"train": ids[3:], "val": ids[:3]}, {"train": ids[:3], "val": ids[3:]}, {"train": ids, "val": []}]}))
+    with pytest.raises(InputError, match=r"data/splits\.json: fold 2 has no validation cases"):
+        crossval(BUNDLE, manifest, folds=3, **kw)
+    (manifest.parent / "splits.json").unlink()
+    doc = json.loads(manifest.read_text())
+    for i, e in enumerate(doc["training"]):
+        e["patient"] = i // 3  # two patients: 0 and 1
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(UsageError, match=r"--folds 3: .* has only 2 patients"):
+        crossval(BUNDLE, manifest, folds=3, **kw)
+    assert not list((tmp_path / "cv").glob("fold_*"))
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_the_parent_run_ends_failed_or_killed_with_the_command(tmp_path: Path, ct6_dataset: Path, mlflow_store: str,
+                                                               monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                                                               status: str) -> None:
+    import pipeline.train
+
+    def train_bundle(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline.train, "train_bundle", train_bundle)
+    out = tmp_path / "cv"
+    with pytest.raises(type(error)):
+        crossval(BUNDLE, ct6_dataset, folds=2, output_dir=out, tracking_uri=mlflow_store, overrides=SMALL)
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(mlflow_store).get_run(run_id).info.status == status
+
+
+def test_export_refuses_folds_trained_with_another_network_or_preprocessing(cv: dict, tmp_path: Path) -> None:
+    """A bundle edited since its folds were trained (another activation: the weights still load;
+    another intensity window) would predict with weights that mean something else there: one
+    line naming the fold's config_resolved.json and the id, nothing written."""
+    for key, edit in (("network_def", lambda c: c["network_def"].update(act="elu")),
+                      ("preprocessing", lambda c: c["deterministic_transforms"][-1].update(a_min=-100))):
+        bundle = _small_bundle(tmp_path / key)
+        common = json.loads((bundle / "configs" / "common.json").read_text())
+        edit(common)
+        (bundle / "configs" / "common.json").write_text(json.dumps(common, indent=2))
+        before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+        with pytest.raises(UsageError, match=rf"fold_0/config_resolved\.json: this fold was trained with another "
+                                             rf"{key} than .*{key}::"):
+            export_ensemble(bundle, cv["out"])
+        assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+
+
+def test_export_refuses_weights_crossval_json_did_not_score(cv: dict, tmp_path: Path) -> None:
+    """A fold trained again (killed halfway: model.pt changed, its masks not predicted again) has
+    weights crossval.json never scored: export refuses them, from crossval.json's record of each
+    fold's model, or for an older result from the masks' stamp."""
+    out, bundle = _carried(cv, tmp_path / "cv"), _small_bundle(tmp_path / "bundle")
+    before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    state = torch.load(out / "fold_0" / "model.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, out / "fold_0" / "model.pt")
+    with pytest.raises(InputError, match=r"fold_0/model\.pt: not the model of fold 0 that .*crossval\.json scored"):
+        export_ensemble(bundle, out)
+    result = json.loads((out / "crossval.json").read_text())
+    del result["model_sha256"]
+    (out / "crossval.json").write_text(json.dumps(result))
+    with pytest.raises(InputError, match=r"fold_0/model\.pt: not the model of fold 0"):
+        export_ensemble(bundle, out)
+    assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+    shutil.rmtree(out / "oof")  # as the repository keeps a result: no masks, no stamps: nothing to check
+    assert [p.name for p in export_ensemble(bundle, out)] == ["fold_0.pt", "fold_1.pt"]
+
+
+@pytest.mark.parametrize("fail", ["copy", "rename"])
+def test_a_failed_export_leaves_the_bundle_as_it_was(cv: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     fail: str) -> None:
+    """The second fold's copy fails, or the rename of metadata.json after both weights are in
+    place: every file of the bundle is as it was, and no temp file is left."""
+    import os
+
+    bundle = _small_bundle(tmp_path / "bundle")
+    before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    module, name, nth = (shutil, "copyfile", 2) if fail == "copy" else (os, "replace", 3)
+    real, calls = getattr(module, name), []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == nth:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)
+    with pytest.raises((InputError, OSError)):
+        export_ensemble(bundle, cv["out"])
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+
+
+def test_a_corrupt_fold_model_deletes_no_out_of_fold_masks(cv: dict, tmp_path: Path, ct6_dataset: Path) -> None:
+    out, folds = _carried(cv, tmp_path / "cv"), fold_cases(ct6_dataset, 2, 0)
+    stamp = (out / "oof" / ".fold_0.model").read_text()
+    (out / "fold_0" / "model.pt").write_bytes(b"not weights")
+    with pytest.raises(InputError, match=r"fold_0/model\.pt: cannot load weights"):
+        predict_fold(cv["bundle"], ct6_dataset, out, 0, folds[0], "cpu", SMALL)
+    assert all((out / "oof" / f"{s}.nii.gz").is_file() for s in folds[0])
+    assert (out / "oof" / ".fold_0.model").read_text() == stamp
+
+
+def test_a_missing_fold_model_is_written_from_its_last_checkpoint_where_that_is_it(
+        cv: dict, tmp_path: Path, ct6_dataset: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.pt deleted, checkpoints kept: training has nothing to do. Where the last checkpoint
+    holds the fold's model (model_selection "last", or its best epoch is the last) model.pt is
+    written from it; else one line says how to train the fold again."""
+    import pipeline.train
+
+    out = _carried(cv, tmp_path / "cv", checkpoints=True)
+    monkeypatch.setattr(pipeline.train, "train_bundle", lambda *a, **kw: {})  # "already trained: nothing to do"
+    ckpt = torch.load(out / "fold_0" / "checkpoints" / "checkpoint_2.pt", weights_only=True)
+    ckpt["trainer"]["best_epoch"] = 1  # "best": epoch 1's weights, which only model.pt held
+    torch.save(ckpt, out / "fold_0" / "checkpoints" / "checkpoint_2.pt")
+    (out / "fold_0" / "model.pt").unlink()
+    kw = {"folds": 2, "fold_ids": [0], "output_dir": out, "tracking_uri": mlflow_store, "overrides": SMALL}
+    with pytest.raises(InputError, match=r"fold_0/model\.pt: missing; fold 0 kept its best epoch's weights .*"
+                                         r"delete .*fold_0/checkpoints and .*fold_0/trained\.json to train fold 0"):
+        crossval(cv["bundle"], ct6_dataset, **kw)
+    config = json.loads((out / "fold_0" / "config_resolved.json").read_text())
+    (out / "fold_0" / "config_resolved.json").write_text(json.dumps({**config, "model_selection": "last"}))
+    result = crossval(cv["bundle"], ct6_dataset, **kw)
+    saved = torch.load(out / "fold_0" / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in ckpt["model"].items())
+    assert result["cases_scored"] == result["cases_total"] == 6

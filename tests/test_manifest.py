@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import Counter
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InputError, UsageError
-from pipeline.manifest import datalist, load_manifest, write_splits
+from pipeline.manifest import datalist, load_manifest, split_file, write_splits
 from pipeline.validation import validate_manifest as validate
 
 TASK04 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus" / "dataset.json"
@@ -213,6 +214,37 @@ def test_datalist_reads_a_matching_splits_json_and_ignores_a_stale_one(tmp_path)
     assert [d["id"] for d in datalist(m, "val", 0, folds=2, seed=0)] == everyone[:2]
     in_memory = [d["id"] for d in datalist(m, "val", 0, folds=2, seed=5)]  # other seed: not this file
     assert in_memory == sorted(_folds(write_splits(m, k=2, seed=5))[0]["val"])
+
+
+def test_a_splits_file_of_other_cases_is_refused_and_another_datasets_passed_by(tmp_path, caplog):
+    """A splits file that lists the manifest's cases but not exactly them (a case added since it was
+    written) is refused naming it for cross-validation (strict), and training splits in memory
+    with a warning saying why; a bundle's splits file that lists none of them (the dataset the
+    bundle was planned on) gives way to the manifest's own."""
+    m = write_manifest(tmp_path / "data", cases(6))
+    everyone = [f"c{i:03d}" for i in range(6)]
+    planned = tmp_path / "bundle" / "splits.json"
+    planned.parent.mkdir()
+    planned.write_text(json.dumps({"k": 2, "seed": 0, "folds": [
+        {"train": everyone[2:5], "val": everyone[:2]}, {"train": everyone[:2], "val": everyone[2:5]}]}))
+    ids = set(everyone)
+    with pytest.raises(InputError, match=r"bundle/splits\.json: does not match .*dataset\.json \(case c005 missing"):
+        split_file(m, 2, 0, ids, planned, strict=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.manifest"):
+        computed = [d["id"] for d in datalist(m, "val", 0, folds=2, seed=0, splits=planned)]
+    assert "bundle/splits.json does not match k=2, seed=0 (case c005 missing" in caplog.text
+    assert len(computed) == 3 and computed != everyone[:2]  # the split computed from the seed
+    own = write_splits(m, k=2, seed=0)
+    doc = json.loads(own.read_text())
+    doc["folds"] = [{"train": everyone[2:], "val": everyone[:2]}, {"train": everyone[:2], "val": everyone[2:]}]
+    own.write_text(json.dumps(doc))  # hand-made
+    other = [f"x{i:03d}" for i in range(4)]
+    planned.write_text(json.dumps([{"train": other[2:], "val": other[:2]}, {"train": other[:2], "val": other[2:]}]))
+    assert [d["id"] for d in datalist(m, "val", 0, folds=2, seed=0, splits=planned)] == everyone[:2]
+    doc["folds"][1]["train"] = everyone[:1]  # c001 in neither list of fold 1
+    own.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=r"data/splits\.json: does not match .*fold 1 does not list every case"):
+        split_file(m, 2, 0, ids, strict=True)
 
 
 def test_nnunet_splits_final_json_is_read_and_a_leaking_fold_refused(tmp_path):
