@@ -15,7 +15,11 @@ stage              modules                                        leaves
                    weightmap, losses, networks, checkpoints,      ``val_cases.csv``,
                    tracking, qc, progress, system_metrics,        ``progress.png``, an MLflow
                    mlflow_model, amp                              run and model
-``predict``        predict, predict_io, inference, postprocess    ``<id>.nii.gz`` + ``report.csv``
+``crossval``       crossval, crossval_score, crossval_export,     ``crossval.json``, ``oof/``, fold
+                   ensemble                                       weights in the bundle
+``predict``        predict, predict_io, inference, postprocess,   ``<id>.nii.gz`` + ``report.csv``,
+                   predict_outputs, dicom_series, dicom_seg,      ``<id>.seg.dcm``, ``index.html``
+                   preview
 ``evaluate``       evaluation                                     ``metrics.csv``, summary JSON
 ``ui`` / ``demo``  ui / demo                                      the MLflow UI / the whole path
 =================  =============================================  ==================================

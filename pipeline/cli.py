@@ -161,7 +161,7 @@ def _cmd_crossval(a: argparse.Namespace) -> int:
 
 def _postprocessing_line(pp: dict) -> str:
     """The chosen post-processing, with the classes keep-largest applies to when chosen per class."""
-    from pipeline.crossval import SELECTED
+    from pipeline.crossval_score import SELECTED
 
     helps = pp.get("keep_largest_helps") or []
     return f"{pp['chosen']} ({', '.join(helps)})" if pp["chosen"] == SELECTED else pp["chosen"]

@@ -22,27 +22,30 @@ each candidate's Dice, and the chosen one's Dice and HD95 per case, over all cas
 
 MLflow: one parent run (``crossval-<bundle>``) with a nested child run per fold (the folds'
 training runs); the out-of-fold summary is logged on the parent. ``pipeline.crossval_export``
-copies the fold weights into the bundle.
+copies the fold weights into the bundle; ``pipeline.crossval_score`` scores the masks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from pipeline.crossval_score import (
+    RESULT_FILE,
+    flat_metrics,
+    model_digest,
+    postprocess_options,
+    read_stamp,
+    score,
+)
 from pipeline.errors import InputError, UsageError
 from pipeline.fileio import atomic_path, locked
 
 log = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.json"
-RESULT_FILE = "crossval.json"
 TRAINED_FILE = "trained.json"
 LOCK_FILE = ".crossval.lock"
 #: ids of the split and of which weights predict: a fold's own values of these are not the bundle's
@@ -147,7 +150,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
             predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
         with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
             result = score(out, manifest, cases, name)
-        parent.log_metrics(_flat_metrics(result), step=0)
+        parent.log_metrics(flat_metrics(result), step=0)
         parent.log_artifact(out / RESULT_FILE, "crossval")
     except BaseException as e:
         parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -268,7 +271,7 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
     if "network_def" in inference:  # a corrupt or foreign model.pt: refused before its masks are deleted
         load_weights(get(load_bundle(bundle_dir, CONFIGS, shared), "network_def", bundle_dir), weights)
     digest, stamp = model_digest(weights), out / "oof" / f".fold_{k}.model"
-    if _stamp(stamp) != digest:  # another model's masks, or unstamped ones (a kill before the stamp)
+    if read_stamp(stamp) != digest:  # another model's masks, or unstamped ones (a kill before the stamp)
         if any((out / "oof" / f"{sid}.nii.gz").is_file() for sid in ids):
             log.info("fold %d: its out-of-fold masks are not of its model.pt: predicting them again", k)
         for sid in ids:
@@ -290,182 +293,3 @@ def predict_fold(bundle_dir: Path, manifest: Path, out: Path, k: int, ids: list[
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise InputError(f"fold {k}: {len(failed)} out-of-fold prediction(s) failed, first: {failed[0]['error']}")
-
-
-# -- scoring and post-processing ----------------------------------------------------------------------
-CANDIDATES = ("none", "largest_foreground", "largest_per_class")
-#: keep-largest only for the classes whose out-of-fold Dice it raises (nnU-Net's per-class decision)
-SELECTED = "largest_where_it_helps"
-
-
-def postprocess_options(candidate: str, n_classes: int, classes: list[int] | None = None) -> dict[str, Any]:
-    """The ``postprocess`` id (``pipeline.postprocess.label_cleanup``) of a candidate; ``classes``:
-    the labels ``SELECTED`` keeps the largest component of."""
-    fg = list(range(1, n_classes))
-    return {"none": {}, "largest_foreground": {"keep_largest_foreground": True},
-            "largest_per_class": {"keep_largest": fg}, SELECTED: {"keep_largest": list(classes or [])}}[candidate]
-
-
-def choose_postprocessing(candidates: dict[str, list[list[float]]]) -> tuple[str, list[int]]:
-    """The candidate with the highest out-of-fold mean Dice (``none`` unless another gains), and
-    the classes (1-based) whose Dice keep-largest raises. ``candidates``: per candidate of
-    ``CANDIDATES``, Dice per case and foreground class. Keep-largest of one class leaves every other
-    class's voxels as they are, so the per-class choice's Dice is, class by class, the better of
-    ``none`` and ``largest_per_class``: it differs from keeping the largest of every class where a
-    class is several separate structures (both kidneys under one label), which that would cut.
-    That choice's Dice per case and class is added to ``candidates`` as ``SELECTED``."""
-    if not candidates["none"]:
-        return "none", []
-    none, each = np.array(candidates["none"]), np.array(candidates["largest_per_class"])
-    helps = [c + 1 for c in range(none.shape[1]) if each[:, c].mean() > none[:, c].mean() + 1e-6]
-    selected = np.where(np.isin(np.arange(1, none.shape[1] + 1), helps), each, none)
-    candidates[SELECTED] = selected.tolist()
-    means = {c: float(np.mean(v)) for c, v in candidates.items()}
-    gaining = [c for c in (*CANDIDATES[1:], SELECTED) if means[c] > means["none"] + 1e-6]
-    if not gaining:  # none unless one gains
-        return "none", helps
-    if helps and means[SELECTED] >= max(means[c] for c in gaining) - 1e-6:
-        return SELECTED, helps  # as good as the best, and it leaves the classes it does not help alone
-    return max(gaining, key=lambda c: means[c]), helps
-
-
-def _dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
-    out = []
-    for c in range(1, n_classes):
-        p, r = pred == c, ref == c
-        denom = int(p.sum()) + int(r.sum())
-        out.append(1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom)
-    return out
-
-
-def _current_model(out: Path, k: int) -> str | None:
-    """The sha256 of fold ``k``'s ``model.pt`` where its out-of-fold masks count: the model is there
-    and is the one they were predicted with (``oof/.fold_<k>.model``); else None. A fold deleted,
-    trained again and not yet predicted, or masks without a stamp (from before stamps, or of a run
-    killed before its stamp) leave its cases unscored."""
-    weights, stamp = out / f"fold_{k}" / "model.pt", out / "oof" / f".fold_{k}.model"
-    if not weights.is_file():
-        if any(stamp.parent.glob("*.nii.gz")):
-            log.warning("fold %d: no model.pt in %s; its out-of-fold masks are not scored", k, weights.parent)
-        return None
-    digest = model_digest(weights)
-    return digest if _stamp(stamp) == digest else None
-
-
-def _stamp(stamp: Path) -> str | None:
-    try:
-        return stamp.read_text().strip()
-    except OSError:
-        return None
-
-
-def model_digest(weights: Path) -> str:
-    """The sha256 of a fold's model.pt: the stamp of the out-of-fold masks it predicted."""
-    return hashlib.sha256(weights.read_bytes()).hexdigest()
-
-
-def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[str, Any]:
-    """Dice and HD95 of every out-of-fold mask there is; the post-processing candidates' mean
-    Dice; write ``out/crossval.json``."""
-    import torch
-
-    from pipeline.evaluation import case_metrics, json_safe
-    from pipeline.fileio import read_label
-    from pipeline.manifest import load_manifest
-    from pipeline.postprocess import label_cleanup
-
-    m = load_manifest(manifest)
-    labels = m["labels"]
-    names = [labels[str(i)] for i in range(len(labels))]
-    refs = {e["id"]: e["label"] for e in m["training"]}
-    def cleaned(pred: np.ndarray, options: dict[str, Any]) -> np.ndarray:
-        tensor = torch.as_tensor(pred.astype(np.int64))[None]
-        return np.asarray(label_cleanup(options)(tensor)[0])
-
-    def row(k: int, pred: np.ndarray, ref: np.ndarray, spacing: Any) -> dict[str, Any]:
-        metrics = case_metrics(pred, ref, spacing, labels)
-        return {"fold": k, "dice": {n: metrics[n]["dice"] for n in names[1:]},
-                "hd95_mm": {n: metrics[n]["hd95_mm"] for n in names[1:]}}
-
-    per_case: dict[str, Any] = {}
-    candidates = {c: [] for c in CANDIDATES}
-    found = []
-    models: dict[str, str] = {}  # each scored fold's model.pt: what export-ensemble may ship
-    for k, ids in enumerate(cases):
-        digest = _current_model(out, k)
-        if digest is None:
-            continue
-        models[str(k)] = digest
-        for sid in ids:
-            mask = out / "oof" / f"{sid}.nii.gz"
-            if not mask.is_file():
-                continue
-            pred, _, _ = read_label(mask)
-            ref, _, spacing = read_label(refs[sid])
-            per_case[sid] = row(k, pred, ref, spacing)
-            found.append((k, sid, mask))
-            for c in CANDIDATES:
-                candidates[c].append(_dice(cleaned(pred, postprocess_options(c, len(names))), ref, len(names)))
-    best, helps = choose_postprocessing(candidates)
-    means = {c: float(np.mean(v)) if v else math.nan for c, v in candidates.items()}  # over cases and classes
-    per_class = {c: {n: float(np.mean([d[i] for d in v])) for i, n in enumerate(names[1:])} if v else {}
-                 for c, v in candidates.items()}
-    options = postprocess_options(best, len(names), helps)
-    # the chosen post-processing's Dice and HD95 (removed fragments far away change the HD95 most)
-    chosen_cases = dict(per_case)
-    if best != "none":
-        for k, sid, mask in found:
-            ref, _, spacing = read_label(refs[sid])
-            chosen_cases[sid] = row(k, cleaned(read_label(mask)[0], options), ref, spacing)
-    chosen_rows = list(chosen_cases.values())
-    result = {
-        "bundle": name, "manifest": str(manifest), "folds": len(cases), "cases_scored": len(per_case),
-        "cases_total": sum(map(len, cases)),
-        "summary": _summary(per_case.values(), names[1:]),
-        "per_fold": {str(k): _summary([v for v in per_case.values() if v["fold"] == k], names[1:])
-                     for k in range(len(cases))},
-        "postprocessing": {"mean_dice": means, "dice": per_class, "chosen": best,
-                           "postprocess": options,
-                           "keep_largest_helps": [names[c] for c in helps],
-                           "summary": _summary(chosen_rows, names[1:]),
-                           "per_fold": {str(k): _summary([v for v in chosen_rows if v["fold"] == k], names[1:])
-                                        for k in range(len(cases))},
-                           "cases": chosen_cases},
-        "cases": per_case,
-        "model_sha256": models,
-    }
-    with atomic_path(out / RESULT_FILE) as tmp:
-        tmp.write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    log.info("cross-validation of %s: %d of %d cases scored, out-of-fold mean Dice %.4f; post-processing: %s",
-             name, result["cases_scored"], result["cases_total"], result["summary"]["mean_dice"], best)
-    return result
-
-
-def _summary(rows: Any, classes: list[str]) -> dict[str, Any]:
-    rows = list(rows)
-    out: dict[str, Any] = {"n": len(rows)}
-    for metric in ("dice", "hd95_mm"):
-        out[metric] = {}
-        for c in classes:
-            v = np.array([r[metric][c] for r in rows], dtype=float)
-            v = v[np.isfinite(v)]
-            out[metric][c] = {"mean": float(v.mean()) if v.size else math.nan,
-                              "sd": float(v.std()) if v.size else math.nan}
-    means = [out["dice"][c]["mean"] for c in classes]
-    out["mean_dice"] = float(np.mean(means)) if rows else math.nan
-    return out
-
-
-def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:
-    s = result["summary"]
-    flat = {"oof_mean_dice": s["mean_dice"], "oof_cases": float(result["cases_scored"])}
-    for c, v in s["dice"].items():
-        flat[f"oof_dice_{c}"] = v["mean"]
-    for c, v in s["hd95_mm"].items():
-        flat[f"oof_hd95_{c}"] = v["mean"]
-    for k, v in result["per_fold"].items():
-        flat[f"fold{k}_mean_dice"] = v["mean_dice"]
-    return {k: v for k, v in flat.items() if isinstance(v, float) and math.isfinite(v)}
-
-
-# -- the ensemble into the bundle ---------------------------------------------------------------------

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.crossval import RESULT_FILE, SPLIT_IDS, TRAINED_FILE, model_digest
+from pipeline.crossval import SPLIT_IDS, TRAINED_FILE
+from pipeline.crossval_score import RESULT_FILE, model_digest
 from pipeline.errors import InputError, UsageError, first_line
 from pipeline.fileio import temp_prefix
 

@@ -330,7 +330,7 @@ def test_keep_largest_is_chosen_per_class_and_spares_a_label_of_two_structures(t
     """Out-of-fold masks where keep-largest helps one class (a stray blob) and would cut the other
     (a label of two separate structures, as both kidneys under one name): it is switched on for
     the first class only, and the chosen masks score perfectly."""
-    from pipeline.crossval import SELECTED, score
+    from pipeline.crossval_score import SELECTED, score
 
     affine = np.array([[0.0, -1.5, 0, 20], [1.2, 0, 0, -7], [0, 0, 2.5, 3], [0, 0, 0, 1]])
     ref = np.zeros((40, 32, 12), np.uint8)
@@ -366,7 +366,7 @@ def test_postprocessing_ties_go_to_the_classes_it_helps_and_tiny_gains_to_none()
     """Keep-largest of a class whose Dice it does not change (e.g. both kidneys under one label,
     each intact) is not chosen for it: a tie between keeping every class's largest and keeping
     only where it helps goes to the latter. A gain below 1e-6 is no gain."""
-    from pipeline.crossval import SELECTED, choose_postprocessing
+    from pipeline.crossval_score import SELECTED, choose_postprocessing
 
     tie = {"none": [[0.9, 0.5]], "largest_foreground": [[0.9, 0.5]], "largest_per_class": [[0.95, 0.5]]}
     assert choose_postprocessing(tie) == (SELECTED, [1])
@@ -395,7 +395,7 @@ def test_scoring_counts_only_masks_of_a_fold_model_that_is_there_and_unchanged(c
     """A fold folder deleted, or a fold trained again and not yet predicted: its masks are stale,
     so its cases are not scored (before, crossval.json counted them and --export then failed on
     the missing weights)."""
-    from pipeline.crossval import score
+    from pipeline.crossval_score import score
 
     carried = tmp_path / "cv"
     shutil.copytree(cv["out"], carried, ignore=shutil.ignore_patterns("checkpoints", "mlflow_run.json"))
