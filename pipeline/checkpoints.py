@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -118,11 +118,14 @@ def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int
     return epoch
 
 
-def check_resume_settings(parser: Any, output_dir: Path) -> None:
+def check_resume_settings(parser: Any, output_dir: Path, roots: Sequence[str] | None = None) -> None:
     """UsageError when a resumed run with epochs left would go on with other settings than it was
     trained with (its ``config_resolved.json``): a changed ``--set`` (learning rate, patch size,
     fold, seed, ...) or an edited bundle would train the rest of the run on another recipe, and a
-    cross-validation rerun would mix folds of two recipes. Ids in ``RESUMABLE_CHANGES`` may change."""
+    cross-validation rerun would mix folds of two recipes. Ids in ``RESUMABLE_CHANGES`` may change.
+    With ``roots`` (the ids training reads) only they and the ids they reference, however deep,
+    count: a setting only prediction reads (``folds`` after an export, TTA, the inference
+    dataset) is not the recipe."""
     saved_file = output_dir / "config_resolved.json"
     try:
         saved = json.loads(saved_file.read_text())
@@ -130,14 +133,33 @@ def check_resume_settings(parser: Any, output_dir: Path) -> None:
         return  # a run from before this file existed, or an unreadable one: nothing to compare with
     now = parser.get()
 
-    changed = [k for k in sorted(set(saved) | set(now))
-               if k not in RESUMABLE_CHANGES and _text(saved.get(k)) != _text(now.get(k))]
+    used = None if roots is None else _referenced(saved, roots) | _referenced(now, roots)
+    changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and (used is None or k in used)
+               and _text(saved.get(k)) != _text(now.get(k))]
     if changed:
         shown = "; ".join(first_difference(k, saved.get(k), now.get(k)) for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UsageError(f"{output_dir}: --resume with other settings than the run was trained with ({shown}{more}); "
                          f"resume with its settings, train into another output folder, or delete {saved_file.name} "
                          "there to resume with these")
+
+
+def _referenced(config: dict[str, Any], roots: Sequence[str]) -> set[str]:
+    """The top-level ids of ``config`` that ``roots`` are or reference (``@id``, also inside ``$``
+    expressions), transitively (MONAI's ``ReferenceResolver``)."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.reference_resolver import ReferenceResolver
+
+    parser = ConfigParser(config)
+    todo = [ReferenceResolver.normalize_id(r) for r in roots]
+    seen: set[str] = set()
+    while todo:
+        ref = todo.pop()
+        if ref in seen or ref not in parser:
+            continue
+        seen.add(ref)
+        todo += ReferenceResolver.find_refs_in_config(parser.get(ref), ref)
+    return {ref.split(ReferenceResolver.sep)[0] for ref in seen}
 
 
 def _text(value: Any) -> str:  # "#" is MONAI's old id separator, "::" what a parsed config holds

@@ -312,7 +312,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         else:
             checkpoints.resume(last, objects, trainer, max_epochs)
             if trainer.state.epoch < max_epochs and not getattr(trainer.state, "budget_stopped_epoch", 0):
-                checkpoints.check_resume_settings(parser, output_dir)  # only where there is training left
+                checkpoints.check_resume_settings(parser, output_dir, (*TRAIN_IDS, "seed", "fold"))  # training left
             saver.best, saver.best_epoch = trainer.state.best_val_mean_dice, trainer.state.best_epoch
     trained_already = bool(getattr(trainer.state, "budget_stopped_epoch", 0)) or trainer.state.epoch >= max_epochs
     if bar is not None:

@@ -258,6 +258,10 @@ def test_resume_with_other_settings_is_refused_until_asked_for(tmp_path: Path, d
     assert train_bundle(BUNDLE, manifest=data, epochs=2, resume=True, tracking_uri=store, overrides=other)["epochs"] == 2
     assert json.loads((tmp_path / "run" / "config_resolved.json").read_text())["learning_rate"] == 0.02
     assert train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store, overrides=other)["epochs"] == 3
+    # a setting only prediction reads (here the TTA axes) is not the recipe: the run goes on
+    predicting = {**other, "tta_axes": [0]}
+    assert train_bundle(BUNDLE, manifest=data, epochs=4, resume=True, tracking_uri=store,
+                        overrides=predicting)["epochs"] == 4
 
 
 def test_resume_settings_compare_ids_as_monai_parses_them(tmp_path: Path) -> None:
@@ -288,6 +292,23 @@ def test_resume_shows_the_nested_change_and_ignores_the_bundle_metadata(tmp_path
     other = {"handlers": [train["handlers"][0], {"_target_": "B", "interval": 6}]}
     with pytest.raises(UsageError, match=r"\(train::handlers::1::interval 5 -> 6\)"):
         check_resume_settings(ConfigParser({"train": other}), tmp_path)
+
+
+def test_resume_compares_only_what_training_reads(tmp_path: Path) -> None:
+    """With the ids training reads as roots, an id only prediction reads (``folds`` after an
+    export) may change; one a root references, however deep, may not."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.checkpoints import check_resume_settings
+
+    config = {"lr": 0.01, "opt": {"lr": "$@lr * 2"}, "trainer": {"optimizer": "@opt"}, "folds": [],
+              "predictor": {"weights": "@folds"}}
+    (tmp_path / "config_resolved.json").write_text(json.dumps(config))
+    check_resume_settings(ConfigParser({**config, "folds": [0, 1]}), tmp_path, ("trainer",))
+    with pytest.raises(UsageError, match=r"\(folds \[\] -> \[0, 1\]\)"):
+        check_resume_settings(ConfigParser({**config, "folds": [0, 1]}), tmp_path)  # no roots: everything
+    with pytest.raises(UsageError, match=r"\(lr 0.01 -> 0.02\)"):
+        check_resume_settings(ConfigParser({**config, "lr": 0.02}), tmp_path, ("trainer",))
 
 
 def test_resume_with_a_different_network_is_one_line(two_epochs, data: Path, store: str) -> None:
