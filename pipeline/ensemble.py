@@ -60,14 +60,15 @@ def weight_paths(bundle_root: str | Path, model_path: str | Path, folds: Sequenc
 def exported_folds(bundle_root: str | Path) -> list[int]:
     """The folds the bundle ships: those its metadata's ``ensemble`` lists (export-ensemble), else
     those it has ``models/fold_<k>.pt`` files of."""
-    import json
+    from pipeline.bundle import bundle_metadata
+    from pipeline.errors import SegpipeError
 
     try:
-        listed = json.loads((Path(bundle_root) / "configs" / "metadata.json").read_text())["ensemble"]["folds"]
-        if isinstance(listed, list) and all(isinstance(k, int) for k in listed):
-            return sorted(listed)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        listed = (bundle_metadata(Path(bundle_root)).get("ensemble") or {}).get("folds")
+    except (SegpipeError, AttributeError):
+        listed = None
+    if isinstance(listed, list) and all(isinstance(k, int) for k in listed):
+        return sorted(listed)
     found = (p.name.removeprefix("fold_").removesuffix(".pt") for p in (Path(bundle_root) / "models").glob("fold_*.pt"))
     return sorted(int(k) for k in found if k.isdigit())
 

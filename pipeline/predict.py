@@ -110,15 +110,16 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
             while len(reads) < prefetch and (s := next(queue, None)) is not None:
                 reads.append((s, reader.submit(_read, s, model, Path(scratch), output_format)))
 
-        index_due = [time.monotonic() + preview_pages.INDEX_EVERY_S]
+        index_due = time.monotonic() + preview_pages.INDEX_EVERY_S
 
         def finish(row: dict[str, Any]) -> None:
+            nonlocal index_due
             rows.append(row)
             predict_io.write_report(output_dir, [row], names)
-            if preview and time.monotonic() >= index_due[0]:  # not after every study: the page is the
+            if preview and time.monotonic() >= index_due:  # not after every study: the page is the
                 t = time.monotonic()                            # whole report, so that would be quadratic
                 write_index(output_dir, names, running=True)
-                index_due[0] = time.monotonic() + max(preview_pages.INDEX_EVERY_S, 20 * (time.monotonic() - t))
+                index_due = time.monotonic() + max(preview_pages.INDEX_EVERY_S, 20 * (time.monotonic() - t))
             bar.update(1)
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows), refresh=False)
 
