@@ -3,10 +3,10 @@
 A series is grouped by SeriesInstanceUID (``ImageSeriesReader.GetGDCMSeriesIDs``) and read as a
 regular grid (SimpleITK stacks the slices along the slice normal, spaced by the first-to-last
 distance), so what is not one is refused from the slice headers before any voxel is read
-(``dicom_series``): a folder holding several image series (a SEG, RT structure set or report
-beside one is left out); multi-frame (Enhanced) objects; slices of mixed
-sizes, orientations or pixel spacings; a gantry-tilted (sheared) series; a missing or duplicated
-slice or non-uniform slice spacing. A slice missing at either end of a series leaves no trace and
+(``dicom_series``): a folder holding several image series (a SEG, RT structure set, report,
+localizer or Secondary Capture beside one is left out, ``_image_series``); multi-frame
+(Enhanced) objects; slices of mixed sizes, orientations or pixel spacings; a gantry-tilted
+(sheared) series; a missing or duplicated slice or non-uniform slice spacing. A slice missing at either end of a series leaves no trace and
 passes. ``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader
 reads it; ``pipeline.studies.read_header`` gives its header as for a NIfTI file.
 
@@ -54,6 +54,8 @@ DERIVED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR", "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
     "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR", "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection",
     "1.2.840.10008.5.1.4.1.1.88.67": "X-Ray Radiation Dose SR", "1.2.840.10008.5.1.4.1.1.11.1": "Presentation State"}
+#: Secondary Capture Image Storage and its multi-frame variants (.1 to .4)
+SECONDARY_CAPTURE_SOP = "1.2.840.10008.5.1.4.1.1.7"
 MULTIFRAME_ADVICE = ("multi-frame (Enhanced) DICOM is not supported: export classic single-frame slices, "
                      "or convert with dcm2niix")
 
@@ -97,9 +99,6 @@ def dicom_series(folder: Path) -> dict[str, Any]:
     if not uids:
         raise InputError(f"{folder}: no DICOM series in folder")
     uids = _image_series(folder, uids)
-    if len(uids) > 1:
-        raise InputError(f"{folder}: {len(uids)} DICOM series mixed in one folder ({', '.join(uids)}); "
-                         "put each series in a folder of its own")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uids[0])
     slices = [_slice_info(f) for f in files]
     for s in slices:
@@ -130,26 +129,63 @@ def dicom_series(folder: Path) -> dict[str, Any]:
 
 
 def _image_series(folder: Path, uids: tuple[str, ...]) -> tuple[str, ...]:
-    """``uids`` without the series of derived objects (``DERIVED_SOP_CLASSES``: a SEG, RT structure
-    set, report, ...) when an image series remains; InputError naming them when none does."""
-    import pydicom
+    """The series of ``uids`` to segment, leaving out, as long as another series remains, first
+    derived objects (``DERIVED_SOP_CLASSES``: a SEG, RT structure set, report, ...), then
+    localizers (ImageType LOCALIZER: a CT's scout or an MR's survey, exported with the study), then
+    Secondary Capture images (a dose screenshot; some converters write a volume as SC, which is
+    read when it is the only image series). InputError naming them when only derived objects
+    are there; the caller refuses several series left, named by ``_series_names``."""
     import SimpleITK as sitk
 
-    kinds = {}
-    for uid in uids:
-        first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0]
-        try:
-            sop = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
-        except Exception:  # noqa: BLE001 - unreadable or without the tag: judged as an image series
-            sop = ""
-        kinds[uid] = DERIVED_SOP_CLASSES.get(sop)
-    images = tuple(uid for uid in uids if kinds[uid] is None)
-    derived = sorted({k for k in kinds.values() if k})
-    if not images:
+    info = {uid: _series_tags(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    derived = sorted({DERIVED_SOP_CLASSES[i["sop"]] for i in info.values() if i["sop"] in DERIVED_SOP_CLASSES})
+    keep = [uid for uid in uids if info[uid]["sop"] not in DERIVED_SOP_CLASSES]
+    if not keep:
         raise InputError(f"{folder}: no image series, only {', '.join(derived)} objects")
-    if len(images) < len(uids):
-        log.info("%s: reading the image series, not the %s object(s) beside it", folder, ", ".join(derived))
-    return images
+    left_out = [f"the {', '.join(derived)} object(s)"] if derived else []
+    for what, drop in (("localizer", lambda i: "LOCALIZER" in i["image_type"]),
+                       ("Secondary Capture", lambda i: i["sop"].split(".")[:10] == SECONDARY_CAPTURE_SOP.split("."))):
+        rest = [uid for uid in keep if not drop(info[uid])]
+        if rest and len(rest) < len(keep):
+            left_out.append(f"{what} {_series_names(folder, [u for u in keep if u not in rest], info)}")
+            keep = rest
+    if left_out:
+        log.info("%s: reading the image series, not %s beside it", folder, "; ".join(left_out))
+    if len(keep) > 1:
+        raise InputError(f"{folder}: {len(keep)} DICOM image series mixed in one folder "
+                         f"({_series_names(folder, keep, info)}); put each series in a folder of its own")
+    return tuple(keep)
+
+
+def _series_tags(files: tuple[str, ...]) -> dict[str, Any]:
+    """What tells a series apart, from its first file: SOP class, ImageType values (upper case),
+    SeriesNumber, SeriesDescription, Modality, and the number of files. An unreadable file or a
+    missing tag reads as empty (judged an image series)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=[
+            "SOPClassUID", "ImageType", "SeriesNumber", "SeriesDescription", "Modality"])
+    except Exception:  # noqa: BLE001 - unreadable here: SimpleITK reports it when the slices are read
+        ds = pydicom.Dataset()
+    image_type = ds.get("ImageType", "")
+    values = list(image_type) if isinstance(image_type, pydicom.multival.MultiValue) else str(image_type).split("\\")
+    return {"sop": str(ds.get("SOPClassUID", "")), "image_type": [str(v).strip().upper() for v in values],
+            "number": str(ds.get("SeriesNumber", "") or ""), "description": str(ds.get("SeriesDescription", "") or ""),
+            "modality": str(ds.get("Modality", "") or ""), "files": len(files)}
+
+
+def _series_names(folder: Path, uids: list[str], info: dict[str, dict[str, Any]]) -> str:
+    """Series as a user finds them in a viewer: number, description, modality and file count (the
+    UID where the series has neither number nor description)."""
+    names = []
+    for uid in uids:
+        i = info[uid]
+        name = " ".join(x for x in (f"series {i['number']}" if i["number"] else "",
+                                    f'"{i["description"]}"' if i["description"] else "") if x) or f"series {uid}"
+        detail = ", ".join(x for x in (i["modality"], f"{i['files']} file{'s' if i['files'] != 1 else ''}") if x)
+        names.append(f"{name} ({detail})")
+    return "; ".join(names)
 
 
 def _pixel_spacing(s: dict[str, Any]) -> str:

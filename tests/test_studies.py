@@ -50,13 +50,15 @@ def keep_locale() -> Iterator[None]:
 def write_series(folder: Path, img: sitk.Image, uid: str = "1.2.826.0.1.3680043.2.1125.7.1",
                  skip: tuple[int, ...] = (), repeat: tuple[int, ...] = (), prefix: str = "slice",
                  shift: dict[int, float] | None = None, lean: float = 0.0,
-                 pixel_spacing: dict[int, tuple[float, float]] | None = None, decimals: int = 6) -> Path:
+                 pixel_spacing: dict[int, tuple[float, float]] | None = None, decimals: int = 6,
+                 tags: dict[str, str] | None = None) -> Path:
     """One DICOM file per slice with the tags a scanner writes; `skip` drops slices,
     `repeat` writes a slice twice under another instance number, `shift` moves slice k's
     position by that many mm along the slice normal (non-uniform spacing), `lean` moves slice k
     by k * lean mm along the column direction (a gantry tilt of atan(lean / slice spacing) with
     the orientation kept: a sheared stack), `pixel_spacing` gives slice k another PixelSpacing
-    (between rows, between columns), `decimals` rounds ImagePositionPatient."""
+    (between rows, between columns), `decimals` rounds ImagePositionPatient, `tags` adds or
+    replaces tags ("gggg|eeee": value) in every slice."""
     folder.mkdir(parents=True, exist_ok=True)
     d = img.GetDirection()
     sp = img.GetSpacing()
@@ -73,7 +75,7 @@ def write_series(folder: Path, img: sitk.Image, uid: str = "1.2.826.0.1.3680043.
             "0008|0018": f"{uid}.{n + 1}", "0020|0013": str(n + 1),
             "0020|0032": "\\".join(f"{v:.{decimals}f}" for v in np.add(at, np.multiply(d[1::3], k * lean))),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-            "0028|0030": f"{rows_cols[0]}\\{rows_cols[1]}", "0018|0050": str(sp[2]),
+            "0028|0030": f"{rows_cols[0]}\\{rows_cols[1]}", "0018|0050": str(sp[2]), **(tags or {}),
         }.items():
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}_{n:03d}.dcm"))
@@ -123,7 +125,7 @@ def _mixed(folder):
     for f in (folder / "_").iterdir():
         f.rename(folder / f"other_{f.name}")
     (folder / "_").rmdir()
-    return "2 DICOM series mixed in one folder"
+    return "2 DICOM image series mixed in one folder"
 
 
 def _missing_middle(folder):
@@ -153,6 +155,63 @@ def test_mixed_and_incomplete_series_are_refused(tmp_path, make):
     assert str(e.value).startswith(f"{folder}: ") and "\n" not in str(e.value)
     with pytest.raises(InputError, match=problem):
         read_header(folder)
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _study_folder(folder: Path, *, localizer: bool = True, capture: bool = True, second: bool = False) -> Path:
+    """A CT series (series 2, 5 slices) with, as a whole-study export leaves them in one folder,
+    a one-image scout (ImageType LOCALIZER), a dose screenshot (Secondary Capture) and, with
+    ``second``, another reconstruction (series 3)."""
+    write_series(folder, volume(), uid="1.2.3.9.2", tags={"0020|0011": "2", "0008|103e": "Thorax 1.0 B31f"})
+    if second:
+        write_series(folder, volume(), uid="1.2.3.9.3", prefix="recon",
+                     tags={"0020|0011": "3", "0008|103e": "Thorax 3.0 Br40"})
+    if localizer:
+        write_series(folder, volume((1, 6, 7)), uid="1.2.3.9.1", prefix="scout",
+                     tags={"0020|0011": "1", "0008|103e": "Topogram", "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
+    if capture:
+        write_series(folder, volume((1, 6, 7)), uid="1.2.3.9.900", prefix="dose",
+                     tags={"0020|0011": "900", "0008|103e": "Dose Report", "0008|0016": SECONDARY_CAPTURE,
+                           "0008|0008": "DERIVED\\SECONDARY"})
+    return folder
+
+
+def test_a_scout_and_a_dose_screenshot_beside_a_series_are_left_out(tmp_path, caplog):
+    """A whole CT study exported into one folder: the scout and the dose report are not a second
+    series to refuse the study for; the CT is read, and the log names what was left out."""
+    from pipeline.dicom_series import dicom_series
+
+    folder = _study_folder(tmp_path / "study")
+    assert pydicom_tag(folder / "dose_000.dcm", "SOPClassUID") == SECONDARY_CAPTURE  # the writer kept it
+    with caplog.at_level("INFO", logger="pipeline.dicom_series"):
+        series = dicom_series(folder)
+    assert series["uid"] == "1.2.3.9.2" and series["size"] == (7, 6, 5)
+    assert 'localizer series 1 "Topogram" (CT, 1 file)' in caplog.text
+    assert 'Secondary Capture series 900 "Dose Report" (CT, 1 file)' in caplog.text
+    assert read_header(folder)["shape"] == (7, 6, 5)
+    # alone, a localizer or a Secondary Capture volume (as some converters write one) is read
+    for name in ("scout", "dose"):
+        alone = tmp_path / name
+        alone.mkdir()
+        for f in folder.glob(f"{name}_*.dcm"):
+            shutil.copy(f, alone / f.name)
+        assert dicom_series(alone)["files"] == [str(alone / f"{name}_000.dcm")]
+
+
+def test_two_reconstructions_in_one_folder_are_named_as_a_viewer_shows_them(tmp_path):
+    folder = _study_folder(tmp_path / "study", second=True)
+    with pytest.raises(InputError) as e:
+        read_header(folder)
+    assert str(e.value) == (f'{folder}: 2 DICOM image series mixed in one folder (series 2 "Thorax 1.0 B31f" (CT, 5 '
+                            'files); series 3 "Thorax 3.0 Br40" (CT, 5 files)); put each series in a folder of its own')
+
+
+def pydicom_tag(file: Path, keyword: str) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(file, stop_before_pixels=True).get(keyword, ""))
 
 
 def _manifest(root: Path, image: Path, shape: tuple[int, ...]) -> Path:

@@ -229,7 +229,7 @@ KINDS: dict[str, Kind] = {
     "lps_affine": Kind("image", _lps, ""),
     "dicom_missing_slice": Kind("image", lambda f, n: write_series(f / n, volume(), skip=(2,)),
                                 "incomplete series: 5 mm gap after slice 1"),
-    "dicom_two_series": Kind("image", _two_series, "2 DICOM series mixed in one folder"),
+    "dicom_two_series": Kind("image", _two_series, "2 DICOM image series mixed in one folder"),
     "dicom_nonuniform_spacing": Kind("image", lambda f, n: write_series(f / n, volume(), shift={3: 0.7, 4: 0.7}),
                                      "non-uniform slice spacing: 3.2 mm gap after slice 2"),
     "symlink_loop": Kind("image", _symlink_loop, "symlink loop"),
