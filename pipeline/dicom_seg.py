@@ -38,6 +38,7 @@ from pipeline.dicom_series import (
     dicom_series_files,
     grid_tolerance_mm,
     pixel_spacings_differ,
+    position_decimals,
 )
 from pipeline.errors import InputError, first_line
 from pipeline.fileio import atomic_path
@@ -143,7 +144,8 @@ def to_frames(volume: np.ndarray, affine: np.ndarray, sources: Sequence[Any], na
         np.abs(m[:3, :3] @ corners + m[:3, 3:] - (p @ corners + offset[:, None])).max(axis=1),
         np.abs(frames_at[:3] - (p[:, 2:] * np.arange(len(sources)) + offset[:, None])).max(axis=1))
     voxel = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
-    tolerance = np.array([grid_tolerance_mm(v) / v for v in voxel]) + _FLOAT_SLACK_VOXELS
+    decimals = position_decimals([ds.ImagePositionPatient for ds in sources])
+    tolerance = np.array([grid_tolerance_mm(v, decimals) / v for v in voxel]) + _FLOAT_SLACK_VOXELS
     error = float(errors.max())
     shape = tuple(volume.shape[:3])
     if sorted(perm) != [0, 1, 2] or (errors > tolerance).any() or tuple(shape[i] for i in perm) != dicom_shape:

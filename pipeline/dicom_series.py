@@ -60,19 +60,38 @@ MULTIFRAME_ADVICE = ("multi-frame (Enhanced) DICOM is not supported: export clas
                      "or convert with dcm2niix")
 
 
-def grid_tolerance_mm(voxel_size: float) -> float:
+def grid_tolerance_mm(voxel_size: float, decimals: int | None = None) -> float:
     """How far (mm) a slice or frame may lie off the regular grid of a series along an axis whose
-    voxels are ``voxel_size`` mm: ``max(GRID_TOL_VOXELS * voxel_size, GRID_TOL_MM)``.
+    voxels are ``voxel_size`` mm: ``max(GRID_TOL_VOXELS * voxel_size, GRID_TOL_MM)``, and with
+    ``decimals`` (those ImagePositionPatient is written with, ``position_decimals``) at least
+    what that rounding can do, ``sqrt(3) * 10**-decimals`` (one decimal at least).
 
-    A tenth of a voxel moves nothing a network or a viewer can see. The 0.1 mm floor is the decimal
-    rounding of ImagePositionPatient: exporters and anonymisers write it with as few as 1 decimal,
-    which puts each slice up to 0.05 mm off and the grid through the first and last slices up to
-    another 0.05 mm (a uniform 0.625 mm series written so is off by 0.16 voxels yet is uniform).
-    That covers 2 decimals in any orientation, 1 decimal along the patient axes; an oblique
-    series written with 1 decimal (each coordinate rounded) can be refused.
+    A tenth of a voxel moves nothing a network or a viewer can see. The 0.1 mm floor covers
+    positions written with 2 decimals or more. Exporters and anonymisers write them with as few as
+    1 decimal: each coordinate up to 0.05 mm off, so a slice up to 0.05 * sqrt(3) mm off along an
+    oblique axis, and the grid through the first and last slices (or the first slice's own
+    position) up to as much again: 0.17 mm, which ``decimals`` allows (a uniform oblique series
+    written so is uniform; before, about 2 in 10 were refused).
     The reader (slice positions, ``_check_stacking``/``_check_gaps``; pixel spacings) and the SEG
     writer (``pipeline.dicom_seg.to_frames``, per axis of the mask) both use this one rule."""
-    return max(GRID_TOL_VOXELS * float(voxel_size), GRID_TOL_MM)
+    rounding = math.sqrt(3) * 10.0 ** -max(int(decimals), 1) if decimals is not None else 0.0
+    return max(GRID_TOL_VOXELS * float(voxel_size), GRID_TOL_MM, rounding)
+
+
+def position_decimals(positions: Any) -> int | None:
+    """The decimals ImagePositionPatient is written with in ``positions`` (its values as written:
+    ``"-12.5\\30\\-100.25"`` strings, or sequences of pydicom's DS values that keep their
+    ``original_string``): the most any coordinate has, as writers write round values short
+    (``30`` beside ``-12.345678``). None where none was written as text."""
+    most = None
+    for position in positions:
+        values = position.split("\\") if isinstance(position, str) else [getattr(v, "original_string", None)
+                                                                        for v in position]
+        for v in values:
+            if isinstance(v, str) and v.strip():
+                text = v.strip().lower().split("e")[0]
+                most = max(most or 0, len(text.split(".")[1]) if "." in text else 0)
+    return most
 
 
 def pixel_spacings_differ(a: Any, b: Any, size: Any) -> bool:
@@ -121,8 +140,9 @@ def dicom_series(folder: Path) -> dict[str, Any]:
     out = {"uid": uids[0], "files": [s["file"] for s in slices], "direction": direction,
            "origin": slices[0]["origin"], "size": first["size"], "spacing": first["spacing"]}
     if len(slices) > 1:
-        _check_stacking(folder, slices, direction, first["spacing"])
-        _check_gaps(folder, slices, where)
+        decimals = position_decimals([s["position"] for s in slices])
+        _check_stacking(folder, slices, direction, first["spacing"], decimals)
+        _check_gaps(folder, slices, where, decimals)
         step = float(where[-1] - where[0]) / (len(slices) - 1)  # as SimpleITK spaces them: first to last
         out.update(size=(*first["size"][:2], len(slices)), spacing=(*first["spacing"][:2], step))
     return out
@@ -207,10 +227,12 @@ def _slice_info(file: str) -> dict[str, Any]:
     return {"file": file, "origin": np.array(r.GetOrigin(), dtype=float), "size": size,
             "spacing": tuple(r.GetSpacing()), "direction": np.array(r.GetDirection(), dtype=float).reshape(3, 3),
             "frames": max(int(frames) if frames.isdigit() else 1, size[2] if len(size) > 2 else 1),
-            "sop_class": r.GetMetaData("0008|0016").strip(" \0") if r.HasMetaDataKey("0008|0016") else ""}
+            "sop_class": r.GetMetaData("0008|0016").strip(" \0") if r.HasMetaDataKey("0008|0016") else "",
+            "position": r.GetMetaData("0020|0032").strip(" \0") if r.HasMetaDataKey("0020|0032") else ""}
 
 
-def _check_stacking(folder: Path, slices: list[dict], direction: np.ndarray, spacing: Any) -> None:
+def _check_stacking(folder: Path, slices: list[dict], direction: np.ndarray, spacing: Any,
+                    decimals: int | None = None) -> None:
     """Refuse slices that do not advance along their normal: a gantry-tilted CT (positions advance
     along the table while the orientation is tilted) or otherwise sheared stack, any slice off the
     normal through the first one by more than ``grid_tolerance_mm`` of a pixel, along a row or a
@@ -219,23 +241,21 @@ def _check_stacking(folder: Path, slices: list[dict], direction: np.ndarray, spa
     slices along the normal, misplacing slice k by k * step * tan(tilt)."""
     offsets = np.array([s["origin"] - slices[0]["origin"] for s in slices])
     inplane = offsets @ direction[:, :2]  # along the rows' and the columns' direction (mm)
-    off = np.abs(inplane) / [grid_tolerance_mm(v) for v in spacing[:2]]
+    off = np.abs(inplane) / [grid_tolerance_mm(v, decimals) for v in spacing[:2]]
     k = int(off.max(axis=1).argmax())
     if off[k].max() <= 1:
         return
     shear = float(np.linalg.norm(inplane[k]))
     tilt = math.degrees(math.atan2(shear, float(offsets[k] @ direction[:, 2])))
-    tol = min(grid_tolerance_mm(v) for v in spacing[:2])
-    # off by no more than 1-decimal positions can be (0.05 mm a coordinate, twice): perhaps rounding, not a gantry
-    what = "gantry-tilted series" if shear > 0.15 else ("sheared series (positions written with too few "
-                                                        "decimals for an oblique series?)")
+    tol = min(grid_tolerance_mm(v, decimals) for v in spacing[:2])
+    what = "gantry-tilted series" if shear > 0.5 else "sheared series"
     raise InputError(f"{folder}: {what}: slices advance {tilt:.3g} degrees off the slice normal "
                      f"({Path(slices[k]['file']).name} lies {shear:.3g} mm off it in-plane, more than the {tol:.2g} "
                      "mm tolerated), a sheared grid that fits neither a NIfTI nor a DICOM SEG; resample it to an "
                      "untilted grid first (e.g. dcm2niix corrects gantry tilt)")
 
 
-def _check_gaps(folder: Path, slices: list[dict], where: np.ndarray) -> None:
+def _check_gaps(folder: Path, slices: list[dict], where: np.ndarray, decimals: int | None = None) -> None:
     """Refuse duplicate positions and slices off the uniform grid SimpleITK stacks them on (first
     slice + k * the first-to-last distance / (n - 1)) by more than ``grid_tolerance_mm`` of that
     step: a gap of a whole number of steps (a missing slice), one other odd gap, or small
@@ -248,13 +268,13 @@ def _check_gaps(folder: Path, slices: list[dict], where: np.ndarray) -> None:
                              "incomplete or mixed series")
     step = float(where[-1] - where[0]) / (len(where) - 1)
     off = where - (where[0] + step * np.arange(len(where)))
-    tol = grid_tolerance_mm(step)
+    tol = grid_tolerance_mm(step, decimals)
     if np.abs(off).max() <= tol:
         return
     ref = float(np.median(gaps))  # the usual gap
     for i, gap in enumerate(gaps):
         steps = max(1, round(gap / ref))
-        fits = abs(gap - steps * ref) <= grid_tolerance_mm(ref)
+        fits = abs(gap - steps * ref) <= grid_tolerance_mm(ref, decimals)
         if steps == 1 and fits:
             continue
         at = f"{gap:.3g} mm gap after slice {i} ({names[i]}) where slices are {ref:.3g} mm apart"

@@ -402,19 +402,31 @@ def test_source_datasets_refuses_mixed_pixel_spacings_itself(tmp_path: Path, mon
     assert str(e.value).startswith(f"{tmp_path / 'ct'}: ")
 
 
-@pytest.mark.parametrize("case", ["one_decimal", "near_the_tolerance"])
+#: origins at which an oblique 0.625 mm series with 1-decimal positions drifts 0.1-0.18 mm in-plane
+#: (found by search; before ``position_decimals`` such series were refused: 8 in 30 random origins)
+ROUNDED_OFF_ORIGINS = [(-141.73, 76.05, 11.44), (-64.05, 134.15, 138.52), (67.65, -4.85, 86.21)]
+
+
+@pytest.mark.parametrize("case", ["one_decimal", "near_the_tolerance", *(f"oblique_one_decimal_{i}" for i in range(3))])
 def test_a_series_the_reader_accepts_is_not_refused_by_the_seg_writer(tmp_path: Path, case: str) -> None:
     """The reader and the SEG writer share one tolerance (``pipeline.dicom_series.grid_tolerance_mm``):
-    0.625 mm slices with positions written to 1 decimal (0.6 and 0.7 mm gaps), and 0.5 mm voxels
+    0.625 mm slices with positions written to 1 decimal (0.6 and 0.7 mm gaps; axial, or oblique,
+    where the rounding of three coordinates puts slices up to 0.17 mm off the grid), and 0.5 mm voxels
     whose slices lie 0.09 mm (0.18 voxels, under the 0.1 mm floor) off the uniform grid along the
     normal and in-plane get a SEG whose frames land on their source pixels; 0.12 mm is refused by
-    the reader."""
+    the reader when positions are written with 6 decimals."""
     from pipeline.studies import read_header
 
     frames = np.arange(12 * 5 * 6, dtype=np.int16).reshape(12, 5, 6) * 3 - 300  # every value unique
     if case == "one_decimal":
         files = write_dicom(tmp_path / "ct", frames, "axial_lps", origin=(-12.0, 30.0, -100.0),
                             spacing=(0.7, 0.7, 0.625), decimals=1)
+    elif case.startswith("oblique_one_decimal"):
+        origin = ROUNDED_OFF_ORIGINS[int(case[-1])]
+        files = write_dicom(tmp_path / "ct", frames, "oblique", origin=origin, spacing=(0.7, 0.7, 0.625), decimals=1)
+        exact = write_dicom(tmp_path / "exact", frames, "oblique", origin=origin, spacing=(0.7, 0.7, 0.625))
+        assert 0.1 < _inplane_drift(files) < 0.18  # beyond the 0.1 mm floor, within 1-decimal rounding
+        assert _inplane_drift(exact) < 1e-5
     else:
         lean = np.array([0.0, 0.0, 1.0]) + [0.09 / 11 / 0.5, 0, 0]  # the last slice 0.09 mm off along the rows
         at = [k + (0.09 / 0.5 if k == 5 else 0) for k in range(12)]
@@ -429,3 +441,11 @@ def test_a_series_the_reader_accepts_is_not_refused_by_the_seg_writer(tmp_path: 
     out = write_dicom_seg(labels, nii.affine, source_datasets(tmp_path / "ct"), tmp_path / "ct.seg.dcm", LABELS, {})
     for f, got in zip(files, seg_labels_on(hd.seg.segread(out), files), strict=True):
         np.testing.assert_array_equal(got, pydicom.dcmread(f).pixel_array.astype(int) // 3 % 4, err_msg=f.name)
+
+
+def _inplane_drift(files: list[Path]) -> float:
+    """How far (mm) any slice's position lies from the first slice's along the rows or the columns
+    (0 for a series that advances along its normal)."""
+    iop = np.asarray(pydicom.dcmread(files[0], stop_before_pixels=True).ImageOrientationPatient, dtype=float)
+    positions = np.array([pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient for f in files], dtype=float)
+    return float(np.abs((positions - positions[0]) @ iop.reshape(2, 3).T).max())
