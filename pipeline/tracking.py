@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
 import re
 import shlex
 import threading
@@ -36,7 +35,14 @@ from typing import Any
 
 from pipeline.errors import InputError, first_line
 from pipeline.fileio import atomic_path
-from pipeline.tracking_store import artifact_location, file_store_refusal, resolve_tracking_uri, run_address
+from pipeline.tracking_replay import drop_held, unsent_records
+from pipeline.tracking_store import (
+    artifact_location,
+    file_store_refusal,
+    mlflow_key,
+    resolve_tracking_uri,
+    run_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +52,6 @@ HTTP_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
-
-#: flat metric name (engines, bundles, journal) -> MLflow key (sections by prefix)
-METRIC_KEYS = {
-    "train_loss": "train/loss_iteration", "train_loss_epoch": "train/loss", "lr": "train/lr",
-    "val_mean_dice": "val/mean_dice", "best_val_mean_dice": "val/best_mean_dice",
-    "epoch_time_s": "perf/epoch_time_s", "samples_per_s": "perf/samples_per_s",
-    "voxels_per_s": "perf/voxels_per_s", "data_wait_fraction": "perf/data_wait_fraction",
-}
-#: flat prefixes -> MLflow prefixes, for names with a label in them
-KEY_PREFIXES = (("val_dice_", "val/dice_"), ("eval_", "eval/"))
-
-
-def mlflow_key(name: str) -> str:
-    """The MLflow key of a flat metric name (``val_dice_liver`` -> ``val/dice_liver``); names
-    already holding a ``/`` and unknown names are kept."""
-    if name in METRIC_KEYS:
-        return METRIC_KEYS[name]
-    for flat, sectioned in KEY_PREFIXES:
-        if name.startswith(flat):
-            return sectioned + name[len(flat):]
-    return name
-
 
 class RunTracker:
     """One MLflow run with a local JSONL journal; see the module docstring. Rank 0 only."""
@@ -115,35 +99,7 @@ class RunTracker:
         return end
 
     def _unsent_records(self, run_id: str | None) -> list[dict[str, Any]]:
-        """The journal's records after the sent marker that belong to this run: all after it for a
-        continued run (from the start without a marker for it), for a new run only those that
-        never reached any run (the marker of a tracker that never had one)."""
-        try:
-            marker = json.loads(self.marker.read_text())
-            start, marked_run = int(marker["offset"]), marker.get("run_id")
-        except (OSError, ValueError, KeyError, TypeError):
-            marker, start, marked_run = None, 0, None
-        if marker is None or not 0 <= start <= self._end:
-            start = 0 if run_id else self._end
-        elif (marked_run or None) != (run_id or None):
-            start = 0 if run_id else self._end  # another run's marker: all of it (continued) or none (new)
-        records = []
-        if start < self._end:
-            with self.journal.open("rb") as f:
-                f.seek(start)
-                offset = start
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        record = None  # a line a killed process left half written
-                    if isinstance(record, dict) and "kind" in record:
-                        records.append({**record, "_off": offset, "_replay": True})
-                    offset += len(line)
-        if records:
-            log.info("MLflow: %d records of %s after its last send are sent again where MLflow lacks them",
-                     len(records), self.journal)
-        return records
+        return unsent_records(self.journal, self.marker, self._end, run_id)
 
     def _mark(self, left: list[dict[str, Any]]) -> None:
         """Rewrite the sent marker: every record before the first unsent one (``left`` holds
@@ -223,60 +179,7 @@ class RunTracker:
             self._mark(left)
 
     def _drop_sent(self, left: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``left`` without the replayed records (``_replay``) that the run holds already: metric
-        points (key, step, time, value), params, images (key, step, time), dataset inputs, a
-        model logged since the record, artifacts of the same name and size; of a file sent
-        several times only the last record."""
-        replay = [r for r in left if r.get("_replay")]
-        run = self._client.get_run(self.run_id)
-        self._logged_params.update(run.data.params)
-        points = {(mlflow_key(r["key"]), r["step"], r["ts"], r["value"]) for r in replay if r["kind"] == "metric"}
-        held = set()
-        for key in {p[0] for p in points}:
-            held |= {(key, m.step, m.timestamp, m.value) for m in self._client.get_metric_history(self.run_id, key)}
-        images = ([f.path for f in self._client.list_artifacts(self.run_id, "images")]
-                  if any(r["kind"] == "image" for r in replay) else [])
-        inputs = {(d.dataset.name, d.dataset.digest, next((t.value for t in d.tags if t.key == "mlflow.data.context"), None))
-                  for d in (run.inputs.dataset_inputs if run.inputs else [])}
-        artifacts: dict[str, int | None] = {}
-        for folder in {r.get("artifact_path") or "" for r in replay if r["kind"] == "artifact"}:
-            artifacts.update({f.path: f.file_size for f in self._client.list_artifacts(self.run_id, folder or None)})
-        last = {(r["path"], r.get("artifact_path")): id(r) for r in replay if r["kind"] == "artifact"}
-
-        def held_already(r: dict[str, Any]) -> bool:
-            kind = r["kind"]
-            if kind == "metric":
-                return (mlflow_key(r["key"]), r["step"], r["ts"], r["value"]) in held
-            if kind == "param":
-                return r["key"] in self._logged_params
-            if kind == "image":
-                prefix = f"images/{r['key'].replace('/', '~')}+step+{r['step'] or 0}+timestamp+{r['ts']}+"
-                return any(path.startswith(prefix) for path in images)
-            if kind == "dataset":
-                return (r["name"], r["digest"], r.get("context", "training")) in inputs
-            if kind == "model":
-                return self._model_logged_since(run, r.get("ts"))
-            if kind == "artifact":
-                if last[(r["path"], r.get("artifact_path"))] != id(r):
-                    return True  # sent as its last record (the file as it is now)
-                name = posixpath.join(r.get("artifact_path") or "", Path(r["path"]).name)
-                return Path(r["path"]).is_file() and artifacts.get(name) == Path(r["path"]).stat().st_size
-            return False  # tags: setting one again changes nothing
-
-        kept = [r for r in left if not (r.get("_replay") and held_already(r))]
-        for r in kept:
-            r.pop("_replay", None)
-        if len(kept) < len(left):
-            log.info("MLflow: %d of the %d journal records sent again were in run %s already", len(left) - len(kept),
-                     len(replay), self.run_id)
-        return kept
-
-    def _model_logged_since(self, run: Any, ts: int | None) -> bool:
-        """Whether the run has a logged model created at or after ``ts`` (any, without ``ts``)."""
-        outputs = getattr(getattr(run, "outputs", None), "model_outputs", None) or []
-        if ts is None or not outputs:
-            return bool(outputs)
-        return any(self._client.get_logged_model(o.model_id).creation_timestamp >= ts for o in outputs)
+        return drop_held(self._client, self.run_id, left, self._logged_params)
 
     def _send_file(self, r: dict[str, Any]) -> None:
         if r["kind"] in ("artifact", "image", "model") and not Path(r["path"]).exists():

@@ -1,6 +1,6 @@
 """Which MLflow store: its URI made absolute (the same store from any working folder), a file
-store MLflow no longer opens said in one line, where artifacts of a local store go, and where a
-run opens in the UI. No MLflow import at module level (``segpipe ui`` and the tracker share it)."""
+store MLflow no longer opens said in one line, where artifacts of a local store go, where a
+run opens in the UI, and the MLflow key of a flat metric name. No MLflow import at module level (``segpipe ui`` and the tracker share it)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,25 @@ def run_address(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"segpipe ui --tracking-uri {shlex.quote(uri)}, then http://127.0.0.1:{UI_PORT}/{page}"
+
+
+#: flat metric name (engines, bundles, journal) -> MLflow key (sections by prefix)
+METRIC_KEYS = {
+    "train_loss": "train/loss_iteration", "train_loss_epoch": "train/loss", "lr": "train/lr",
+    "val_mean_dice": "val/mean_dice", "best_val_mean_dice": "val/best_mean_dice",
+    "epoch_time_s": "perf/epoch_time_s", "samples_per_s": "perf/samples_per_s",
+    "voxels_per_s": "perf/voxels_per_s", "data_wait_fraction": "perf/data_wait_fraction",
+}
+#: flat prefixes -> MLflow prefixes, for names with a label in them
+KEY_PREFIXES = (("val_dice_", "val/dice_"), ("eval_", "eval/"))
+
+
+def mlflow_key(name: str) -> str:
+    """The MLflow key of a flat metric name (``val_dice_liver`` -> ``val/dice_liver``); names
+    already holding a ``/`` and unknown names are kept."""
+    if name in METRIC_KEYS:
+        return METRIC_KEYS[name]
+    for flat, sectioned in KEY_PREFIXES:
+        if name.startswith(flat):
+            return sectioned + name[len(flat):]
+    return name
