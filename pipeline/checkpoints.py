@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -64,7 +66,8 @@ def attach_checkpointing(trainer: Engine, objects: dict[str, Any], ckpt_dir: Pat
     ckpt_dir = Path(ckpt_dir)
     for tmp in ckpt_dir.glob("tmp*"):  # left by a write that was killed: never a valid checkpoint
         tmp.unlink(missing_ok=True)
-    for key in BEST_KEYS:
+    trainer.state.world_size = idist.get_world_size()  # a resume with another number of processes is refused
+    for key in (*BEST_KEYS, "world_size"):
         if key not in trainer.state_dict_user_keys:
             trainer.state_dict_user_keys.append(key)
     handler = Checkpoint(objects, DiskSaver(ckpt_dir, atomic=True, require_empty=False), filename_prefix="",
@@ -96,13 +99,24 @@ def check_compatible(saved: dict[str, torch.Tensor], network: nn.Module, path: P
 
 def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int) -> int:
     """Load a checkpoint into ``objects`` (network first checked for fit) and set the trainer to
-    continue up to ``max_epochs``; return the epoch it was saved at."""
+    continue up to ``max_epochs``; return the epoch it was saved at. UsageError when the run was
+    trained with another number of processes (``world_size``: the global batch and what an epoch
+    is would change). A cosine schedule the checkpoint planned over another number of epochs than
+    the config's now (``--epochs`` changed) goes on as the config's (``retarget_cosine``)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first_line(e)[:120]})") from e
     check_compatible(state["model"], objects["model"], path)
     saved = state.get("trainer", {})
+    world, now = saved.get("world_size"), idist.get_world_size()
+    if world is not None and int(world) != now:
+        raise UsageError(f"{path}: the run was trained with {int(world)} process(es), this is {now}: each trains a "
+                         f"share of every epoch with its own batch, so the rest would be another recipe; resume it "
+                         f"with {int(world)} (torchrun --nproc_per_node {int(world)}), or train into another output "
+                         "folder")
+    scheduler = objects.get("lr_scheduler")
+    planned = getattr(scheduler, "T_max", None)  # the config's, before the checkpoint's is loaded
     for key in BEST_KEYS:
         if key not in trainer.state_dict_user_keys and key in saved:
             trainer.state_dict_user_keys.append(key)
@@ -113,9 +127,27 @@ def resume(path: Path, objects: dict[str, Any], trainer: Engine, max_epochs: int
     trainer.state_dict_user_keys.extend(absent)  # saved from now on, with their fresh values
     epoch = int(trainer.state.epoch)
     trainer.state.max_epochs = max(max_epochs, epoch)
+    if planned is not None and scheduler.T_max != planned and epoch < max_epochs:
+        retarget_cosine(scheduler, int(planned))
     log.info("resumed from %s at epoch %d (iteration %d), training to epoch %d", path, epoch,
              trainer.state.iteration, trainer.state.max_epochs)
     return epoch
+
+
+def retarget_cosine(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, t_max: int) -> None:
+    """Make a cosine schedule restored from a checkpoint go on over ``t_max`` epochs: the
+    optimizer's learning rates become the closed form at the epoch reached, as in a run planned
+    over ``t_max`` epochs from the start, and torch's recursive steps continue that curve. Before,
+    a 20-epoch run resumed to 26 kept T_max 20: one epoch at lr 0, then the rate climbed again."""
+    before = scheduler.T_max
+    scheduler.T_max = t_max
+    lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * scheduler.last_epoch / t_max)) / 2
+           for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() and the recursive form start from
+    log.info("learning-rate schedule: cosine over %d epochs (the checkpoint's: %d); lr at epoch %d: %.3g", t_max,
+             before, scheduler.last_epoch, lrs[0])
 
 
 def check_resume_settings(parser: Any, output_dir: Path, roots: Sequence[str] | None = None) -> None:
@@ -127,10 +159,13 @@ def check_resume_settings(parser: Any, output_dir: Path, roots: Sequence[str] | 
     count: a setting only prediction reads (``folds`` after an export, TTA, the inference
     dataset) is not the recipe."""
     saved_file = output_dir / "config_resolved.json"
+    if not saved_file.is_file():
+        return  # a run from before this file existed: nothing to compare with
     try:
         saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError):
-        return  # a run from before this file existed, or an unreadable one: nothing to compare with
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{saved_file}: unreadable ({type(e).__name__}: {first_line(e)[:80]}), so the settings the run "
+                         "was trained with are unknown; delete it to resume with these") from None
     now = parser.get()
 
     used = None if roots is None else _referenced(saved, roots) | _referenced(now, roots)

@@ -27,6 +27,8 @@ from monai.data.utils import set_rnd
 from monai.transforms import Compose
 from torch.utils.data import RandomSampler
 
+from pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -88,11 +90,16 @@ def loader(dataset: torch.utils.data.Dataset, batch_size: int = 1, shuffle: bool
            num_workers: int = 0, **kwargs: Any) -> DataLoader:
     """A MONAI ``DataLoader``; under a distributed run each process gets its share through
     ``DistributedSampler`` (training shards padded to equal size, validation shards not, so no
-    case is counted twice). ``batch_size`` is per process. A shuffling loader's sampler and the
+    case is counted twice: InputError when some process would get none; a loader without cases,
+    the validation of ``num_folds`` 1, is one on every process). ``batch_size`` is per process. A shuffling loader's sampler and the
     workers' base seed have generators of their own, so creating an iterator (which a resumed run
     does one epoch later than the uninterrupted one) takes nothing from torch's global stream."""
-    sampler = None
-    if idist.get_world_size() > 1:
+    sampler, world, cases = None, idist.get_world_size(), len(dataset)  # type: ignore[arg-type]
+    if world > 1 and not shuffle and 0 < cases < world:
+        raise InputError(f"{cases} validation case(s) for {world} processes: under torchrun each process validates "
+                         "a share of the cases and needs at least one (no case is counted twice); start at most "
+                         f"{cases} processes (--nproc_per_node) or validate more cases (a lower num_folds)")
+    if world > 1 and cases:  # none at all (num_folds 1): as on one process
         sampler = DistributedSampler(dataset, shuffle=shuffle, even_divisible=shuffle)
     elif shuffle:  # its own generator, seeded each epoch by attach_epoch_seeds
         sampler = EpochShuffle(dataset)

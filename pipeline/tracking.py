@@ -35,7 +35,7 @@ from typing import Any
 
 from pipeline.errors import InputError, first_line
 from pipeline.fileio import atomic_path
-from pipeline.tracking_replay import drop_held, unsent_records
+from pipeline.tracking_replay import drop_held, drop_superseded, unsent_records
 from pipeline.tracking_store import (
     artifact_location,
     file_store_refusal,
@@ -57,7 +57,8 @@ class RunTracker:
     """One MLflow run with a local JSONL journal; see the module docstring. Rank 0 only."""
 
     def __init__(self, tracking_uri: str | None, experiment: str, journal: Path,
-                 run_id: str | None = None, run_name: str | None = None, run_file: Path | None = None) -> None:
+                 run_id: str | None = None, run_name: str | None = None, run_file: Path | None = None,
+                 resumed_at: tuple[int, int] | None = None) -> None:
         for key, value in HTTP_SETTINGS.items():
             os.environ.setdefault(key, value)
         self.uri = resolve_tracking_uri(tracking_uri)
@@ -75,9 +76,14 @@ class RunTracker:
         self._client: Any = None
         self._marked: tuple[int, str | None] | None = None
         self._end = self._journal_end()
+        if resumed_at is not None and drop_superseded(self.journal, self.marker, self._end, run_id, *resumed_at):
+            self._end = self._journal_end()
         #: records to send, each with ``_off``, its offset in the journal; first the journal's
         #: records that did not reach this run before (``_replay``: MLflow may hold some already)
         self.pending: list[dict[str, Any]] = self._unsent_records(run_id)
+        #: with ``commit``: only records before this journal offset are sent (a training run's up to
+        #: its last checkpoint); None: every record
+        self.committed: int | None = None
         self.refused = file_store_refusal(self.uri)  # MLflow will never open this store
         if self.refused:
             self.offline = self._warned = True
@@ -267,20 +273,36 @@ class RunTracker:
                      and (m := re.search(r'"step": (\d+)', line))]
             self._stop_system = start_sampler(self.log_metrics, interval_s, first_step=max(steps, default=-1) + 1)
 
-    def flush(self) -> None:
-        """Send what is pending (call once per epoch: batches keep the HTTP traffic small)."""
+    def commit(self) -> None:
+        """From now on ``flush`` sends only the records journaled before this call (training
+        commits after each checkpoint: records of an epoch the checkpoint does not hold, which a
+        ``--resume`` trains again, never reach MLflow, so no step is logged twice)."""
         with self._lock:
-            left, self.pending = self.pending, []
+            self.committed = self._end
+
+    def flush(self) -> None:
+        """Send what is pending (call once per epoch: batches keep the HTTP traffic small); after a
+        ``commit``, only what was committed."""
+        with self._lock:
+            cut = len(self.pending) if self.committed is None else sum(r["_off"] < self.committed for r in self.pending)
+            left, self.pending = self.pending[:cut], self.pending[cut:]
         if left and not self._call(self._send, left):
             with self._lock:
                 self.pending = left + self.pending
             self._mark([])  # what was sent before the failure
 
     def finish(self, status: str = "FINISHED") -> dict[str, Any]:
-        """Send what is pending (retrying once if MLflow had failed) and end the run."""
+        """Send what is pending (retrying once if MLflow had failed) and end the run. A run ending
+        otherwise than FINISHED (killed, failed) sends only what was committed: the rest, from an
+        epoch no checkpoint holds, stays in the journal until a ``--resume`` replaces it."""
         if self._stop_system is not None:
             self._stop_system()
             self._stop_system = None
+        if status == "FINISHED":
+            self.committed = None
+        elif self.committed is not None and (held := sum(r["_off"] >= self.committed for r in self.pending)):
+            log.info("MLflow: %d records after the last checkpoint are not sent (a --resume trains that epoch "
+                     "again); they stay in %s", held, self.journal)
         if self.offline and not self.refused:
             self.offline = False
             log.info("MLflow: retrying %d pending records to %s", len(self.pending), self.uri)
@@ -323,9 +345,11 @@ def dataset_input(r: dict[str, Any]) -> Any:
 
 
 def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_file: Path, resume: bool,
-                 run_name: str | None = None) -> RunTracker:
+                 run_name: str | None = None, resumed_at: tuple[int, int] | None = None) -> RunTracker:
     """A tracker journaling to ``journal``. With ``resume`` the run id saved in ``run_file`` (for
-    the same tracking URI) is continued and the journal appended to; else both start afresh."""
+    the same tracking URI) is continued and the journal appended to; else both start afresh.
+    ``resumed_at``: the (epoch, iteration) training resumes from; the journal's unsent training
+    records after it, of an epoch trained again, are dropped (``tracking_replay.drop_superseded``)."""
     run_file, journal = Path(run_file), Path(journal)
     run_id = None
     uri = resolve_tracking_uri(tracking_uri)
@@ -346,7 +370,8 @@ def open_tracker(tracking_uri: str | None, experiment: str, journal: Path, run_f
     elif not resume:
         journal.unlink(missing_ok=True)
         sent_marker(journal).unlink(missing_ok=True)
-    return RunTracker(uri, experiment, journal, run_id=run_id, run_name=run_name, run_file=run_file)
+    return RunTracker(uri, experiment, journal, run_id=run_id, run_name=run_name, run_file=run_file,
+                      resumed_at=resumed_at if resume else None)
 
 
 def sent_marker(journal: Path) -> Path:
@@ -354,9 +379,11 @@ def sent_marker(journal: Path) -> Path:
     return Path(journal).with_name(Path(journal).name + ".sent")
 
 
-def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1, progress_png: Path | None = None) -> None:
+def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1, progress_png: Path | None = None,
+                   flush: bool = True) -> None:
     """Log ``train_loss`` per iteration (every ``loss_every``) and, at each epoch end, the dict the
-    engines left in ``trainer.state.epoch_log`` (epoch loss, lr, timing, validation), then flush.
+    engines left in ``trainer.state.epoch_log`` (epoch loss, lr, timing, validation), then flush
+    (with ``flush``; training commits and flushes after each checkpoint instead).
     After an epoch with a validation also the QC images ``handlers.attach_validation`` left in
     ``trainer.state.qc_images`` (key ``qc/<case>``, step = epoch; 0 for the reference alone) and
     ``progress_png`` redrawn from the journal."""
@@ -377,7 +404,8 @@ def attach_tracker(tracker: RunTracker, trainer: Any, loss_every: int = 1, progr
                 from pipeline.progress import plot_progress
 
                 tracker.log_artifact(plot_progress(tracker.journal, progress_png))
-        tracker.flush()
+        if flush:
+            tracker.flush()
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=loss_every), _iteration)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)

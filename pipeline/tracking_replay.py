@@ -3,7 +3,8 @@
 A ``--resume``, or a tracker that lost its server, sends the journal's records after its sent
 marker again (``unsent_records``); MLflow may hold some of them already (sent before the marker
 was rewritten), so ``drop_held`` leaves out those the run has: metric points, params, images,
-dataset inputs, a model logged since the record, artifacts of the same name and size.
+dataset inputs, a model logged since the record, artifacts of the same name and size. A resumed
+training first drops the unsent records of the epoch it trains again (``drop_superseded``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
+from pipeline.fileio import atomic_path
 from pipeline.tracking_store import mlflow_key
 
 log = logging.getLogger("pipeline.tracking")
@@ -107,3 +109,36 @@ def _model_logged_since(client: Any, run: Any, ts: int | None) -> bool:
     if ts is None or not outputs:
         return bool(outputs)
     return any(client.get_logged_model(o.model_id).creation_timestamp >= ts for o in outputs)
+
+
+#: the one flat metric logged per iteration (``pipeline.tracking.attach_tracker``); the others per epoch
+ITERATION_KEYS = frozenset({"train_loss"})
+
+
+def superseded(record: dict[str, Any], epoch: int, iteration: int) -> bool:
+    """Whether ``record`` is training's from after (``epoch``, ``iteration``), the checkpoint a run
+    resumes from: a metric (not a ``system/`` sample) or an image at a later step."""
+    if record.get("kind") == "image":
+        return int(record.get("step") or 0) > epoch
+    if record.get("kind") != "metric" or str(record.get("key", "")).startswith("system/"):
+        return False
+    return int(record["step"]) > (iteration if record["key"] in ITERATION_KEYS else epoch)
+
+
+def drop_superseded(journal: Path, marker_file: Path, end: int, run_id: str | None, epoch: int, iteration: int) -> int:
+    """Remove from ``journal`` the records that never reached the run (after its sent marker) and
+    are training's from after the checkpoint at (``epoch``, ``iteration``): a killed or failed run
+    journaled the epoch it was in, and the resumed run trains that epoch again. Records before the
+    marker are left (MLflow has them). Rewritten atomically; returns how many were removed."""
+    unsent = {r["_off"] for r in unsent_records(journal, marker_file, end, run_id) if superseded(r, epoch, iteration)}
+    if not unsent:
+        return 0
+    with journal.open("rb") as f, atomic_path(journal) as tmp, tmp.open("wb") as out:
+        offset = 0
+        for line in f:
+            if offset not in unsent:
+                out.write(line)
+            offset += len(line)
+    log.info("MLflow: %d records of %s from after the checkpoint (epoch %d) are dropped: that epoch is trained again",
+             len(unsent), journal, epoch)
+    return len(unsent)

@@ -277,12 +277,12 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     ckpt_dir = output_dir / "checkpoints"
     get(parser, "initialize", bundle_dir)  # seeds; init_weights (bad weights stop here, before anything is written)
     network = get(parser, "network", bundle_dir)
-    _prepare_output(output_dir, ckpt_dir, resume)
     trainer = get(parser, "train#trainer", bundle_dir)
     check_compile(trainer)
     if "seed" in parser:  # every epoch from (seed, epoch): a resumed run trains as the uninterrupted one
         attach_epoch_seeds(trainer, _setting(parser, "seed", int))
     evaluator = get(parser, "validate#evaluator", bundle_dir)
+    _prepare_output(output_dir, ckpt_dir, resume)  # once the engines are built: a bad loader leaves no folder
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": get(parser, "lr_scheduler", bundle_dir),
@@ -322,7 +322,8 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     if idist.get_rank() == 0:
         fold = _setting(parser, "fold")
         tracker = open_tracker(tracking_uri, meta.get("name", bundle_dir.name), output_dir / "metrics.jsonl",
-                               ckpt_dir / "mlflow_run.json", resume, run_name=run_name(output_dir.name, fold))
+                               ckpt_dir / "mlflow_run.json", resume, run_name=run_name(output_dir.name, fold),
+                               resumed_at=(int(trainer.state.epoch), int(trainer.state.iteration)))
         manifest, commit = Path(_setting(parser, "manifest")), git_commit()
         tracker.set_tags({"bundle": meta.get("name"), "bundle_version": meta.get("version"), "fold": fold,
                           "git_commit": commit, "manifest": str(manifest), "manifest_sha256": manifest_hash(manifest),
@@ -331,16 +332,27 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         config_path = output_dir / "config_resolved.json"
         if not (trained_already and config_path.is_file()):  # a rerun with nothing to train keeps the run's
             tracker.log_params(bundle_params(parser))     # record: its --set values trained nothing
-            parser.export_config_file(parser.get(), str(config_path), indent=2)
+            with atomic_path(config_path) as tmp:  # a kill mid-write must not leave a --resume nothing to compare
+                parser.export_config_file(parser.get(), str(tmp), indent=2)
         tracker.log_dataset(manifest, manifest_hash(manifest))
         tracker.log_artifact(config_path, "config")
         tracker.start_system_metrics()
-        attach_tracker(tracker, trainer, progress_png=output_dir / "progress.png")
+        tracker.commit()  # the run's record so far; from here on what the next checkpoint holds
+        attach_tracker(tracker, trainer, progress_png=output_dir / "progress.png", flush=False)
         if tracker.run_id:  # no run when the store failed at the start (the tracker said so, once)
             log.info("MLflow run: %s", tracker.address())
     # last of the epoch handlers: a checkpoint for epoch N means its validation, metrics and MLflow records are
-    # written, so a run killed at any moment resumes with nothing of epoch N missing from the tracker
-    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, _setting(parser, "checkpoint_interval", int))
+    # written, so a run killed at any moment resumes with nothing of epoch N missing from the tracker; MLflow
+    # gets them once the checkpoint holds them, so a resume never logs an epoch's steps twice
+    every = _setting(parser, "checkpoint_interval", int)
+    checkpoints.attach_checkpointing(trainer, objects, ckpt_dir, every)
+    if tracker is not None:
+        def _send(engine: Engine) -> None:
+            tracker.commit()
+            tracker.flush()
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=every), _send)
+        trainer.add_event_handler(Events.COMPLETED, _send)
 
     stopped = int(getattr(trainer.state, "budget_stopped_epoch", 0) or 0)  # the time budget ended the run
     trained = False

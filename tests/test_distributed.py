@@ -62,3 +62,28 @@ def test_a_time_budget_under_torchrun_stops_every_rank_at_one_iteration(tmp_path
     summary = json.loads(proc.stdout)  # one summary on stdout (rank 0's), not one per rank
     assert summary["epochs"] < 500 and summary["mlflow_run_id"]
     assert (out / "model.pt").is_file()  # the last epoch was validated
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_torchrun_without_validation_cases_trains_and_with_too_few_says_so(tmp_path: Path, ct6_dataset: Path) -> None:
+    """``num_folds`` 1 (every case trains, none validates) runs under torchrun as on one process;
+    fewer validation cases than processes (here 1 for 2: fold 1 of 5) is one line saying what
+    to change, before any folder is made. Before, both failed deep in MONAI's sampler ("the dataset
+    length is less than the number of participating ranks"), leaving an empty checkpoints folder."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = {}
+    for folds in (1, 5):
+        out = tmp_path / f"folds{folds}"
+        sets = [a for k, v in {**FAST, "num_folds": folds, "fold": 1, "output_dir": str(out)}.items()
+                for a in ("--set", f"{k}={json.dumps(v)}")]
+        results[folds] = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "pipeline", "train", str(BUNDLE),
+                                         "--manifest", str(ct6_dataset), "--epochs", "1", "--tracking-uri", uri, *sets],
+                                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert results[1].returncode == 0, results[1].stderr[-3000:]
+    assert (tmp_path / "folds1" / "model.pt").is_file()  # no validation: the last weights
+    assert results[5].returncode != 0
+    assert ("1 validation case(s) for 2 processes: under torchrun each process validates a share of the cases and "
+            "needs at least one") in results[5].stderr
+    assert "start at most 1 processes (--nproc_per_node)" in results[5].stderr
+    assert not (tmp_path / "folds5").exists()

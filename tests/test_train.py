@@ -183,6 +183,83 @@ def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Pat
     assert len(client.search_model_versions(f"run_id = '{run_id}'")) == versions  # and no new model version
 
 
+def test_a_run_stopped_before_its_checkpoint_logs_no_step_twice_after_resume(tmp_path: Path, data: Path, store: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after epoch 2 was validated and logged but before its checkpoint: the resume trains
+    epoch 2 again. Its first records never reach MLflow (sent only once a checkpoint holds them)
+    and are dropped from the journal, so every metric has each step once, in MLflow and in the
+    journal progress.png is drawn from. Before, steps 2 and iterations 3-4 were there twice."""
+    import contextlib
+
+    import pipeline.checkpoints
+
+    out = tmp_path / "run"
+    run = {**FAST, "output_dir": str(out), "val_interval": 1}
+    real = pipeline.checkpoints.write_errors
+
+    @contextlib.contextmanager
+    def interrupted(path: Path):
+        if Path(path).name == "checkpoint_2.pt":
+            raise KeyboardInterrupt
+        with real(path):
+            yield
+
+    monkeypatch.setattr(pipeline.checkpoints, "write_errors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_bundle(BUNDLE, manifest=data, epochs=3, tracking_uri=store, overrides=run)
+    monkeypatch.setattr(pipeline.checkpoints, "write_errors", real)
+    run_id = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run_id, "val/mean_dice")] == [1]  # epoch 2 held back
+    s = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store, overrides=run)
+    assert s["mlflow_run_id"] == run_id and s["epochs"] == 3
+    for key, steps in (("val/mean_dice", [1, 2, 3]), ("train/loss", [1, 2, 3]), ("train/lr", [1, 2, 3]),
+                       ("train/loss_iteration", [1, 2, 3, 4, 5, 6])):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
+    journal = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("val_mean_dice", "train_loss"):
+        steps = [r["step"] for r in journal if r.get("key") == key]
+        assert len(steps) == len(set(steps)), (key, steps)
+
+
+def test_more_epochs_on_resume_continue_the_cosine_schedule_of_the_longer_run(tmp_path: Path, data: Path,
+                                                                           store: str) -> None:
+    """A 2-epoch run resumed with --epochs 4 learns epochs 3-4 at the rates a 4-epoch run has
+    there. Before, the checkpoint's schedule (T_max 2) went on: lr 0 at epoch 3, then rising."""
+    run = {**FAST, "lr_scheduler#T_max": "@max_epochs", "val_interval": 2}
+    whole = train_bundle(BUNDLE, manifest=data, epochs=4, tracking_uri=store,
+                         overrides={**run, "output_dir": str(tmp_path / "whole")})
+    train_bundle(BUNDLE, manifest=data, epochs=2, tracking_uri=store, overrides={**run, "output_dir": str(tmp_path / "ext")})
+    longer = train_bundle(BUNDLE, manifest=data, epochs=4, resume=True, tracking_uri=store,
+                          overrides={**run, "output_dir": str(tmp_path / "ext")})
+
+    def rates(summary: dict) -> dict[int, float]:
+        return {m.step: m.value for m in MlflowClient(store).get_metric_history(summary["mlflow_run_id"], "train/lr")}
+
+    expected, got = rates(whole), rates(longer)
+    assert got[3] == pytest.approx(expected[3]) and got[4] == pytest.approx(expected[4])
+    assert got[3] > got[4] > 0
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path, data: Path, store: str) -> None:
+    """A checkpoint records the number of processes it was trained with; each trains a share of an
+    epoch with its own batch, so resuming with another number would change the recipe (and ignite
+    kept the old epoch length): refused in one line, nothing trained."""
+    run = {**FAST, "output_dir": str(tmp_path / "run"), "val_interval": 1}
+    train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides=run)
+    path = tmp_path / "run" / "checkpoints" / "checkpoint_1.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["trainer"]["world_size"] == 1
+    state["trainer"]["world_size"] = 2  # as torchrun --nproc_per_node 2 saves it
+    torch.save(state, path)
+    with pytest.raises(UsageError, match=r"checkpoint_1.pt: the run was trained with 2 process\(es\), this is 1: .*"
+                                         r"torchrun --nproc_per_node 2") as e:
+        train_bundle(BUNDLE, manifest=data, epochs=2, resume=True, tracking_uri=store, overrides=run)
+    assert "\n" not in str(e.value)
+    assert [k for k, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
+
+
 def test_a_run_its_time_budget_ended_resumes_to_nothing(tmp_path: Path, data: Path, store: str) -> None:
     """The budget ends an epoch early (a mid-epoch checkpoint); --resume must neither train a second
     budget nor count the last epoch one short."""
