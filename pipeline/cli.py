@@ -86,8 +86,10 @@ def _cmd_fingerprint(a: argparse.Namespace) -> int:
     fp_path = write_fingerprint(Path(a.manifest), Path(a.out) if a.out else None)
     fp = json.loads(Path(fp_path).read_text())
     print(f"wrote {fp_path}")
-    for key, value in fp.get("suggested", {}).items():
+    for key, value in fp.get("suggested", {}).items():  # ids every bundle has: segpipe train --set KEY=VALUE
         print(f"  suggested {key}: {value}")
+    if why := fp.get("normalisation", {}).get("rationale"):
+        print(f"  normalisation segpipe plan writes: {why}")
     return 0
 
 
@@ -235,13 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="kinds: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()))
     s.add_argument("--kind", required=True, choices=list(KINDS))
     s.add_argument("--n", type=int, default=4, help="number of studies (default 4)")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shape", type=int, nargs="+", default=None, help="volume shape (voxels)")
+    s.add_argument("--out", required=True,
+                   help="output folder: new, empty, or a previous synth of the same kind (replaced)")
+    s.add_argument("--seed", type=int, default=0, help="a non-negative integer (default 0)")
+    s.add_argument("--shape", type=int, nargs="+", default=None, help="volume shape (voxels; at most 512^3 in all)")
     s.add_argument("--channel-layout", choices=CHANNEL_LAYOUTS, default="4d",
                    help="mr2ch: one 4D file per case (MSD) or one file per channel (nnU-Net v2)")
     s.add_argument("--voxel-scale", type=float, default=1.0,
-                   help="ct-cohort: multiply each case's drawn spacing (coarser, smaller volumes for tests)")
+                   help="ct-cohort: multiply each case's drawn spacing by 1-10 (coarser, smaller volumes for tests)")
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("validate", help="check every entry of a manifest (dataset.json)")
@@ -252,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_validate)
 
-    s = sub.add_parser("fingerprint", help="dataset statistics -> fingerprint.json")
+    s = sub.add_parser("fingerprint", help="check the data as validate does, then dataset statistics -> "
+                                           "fingerprint.json, with pixdim/roi_size to pass as --set")
     s.add_argument("manifest", type=_manifest, help="dataset.json, or the dataset folder that holds it")
     s.add_argument("--out", default=None, help="output file (default: beside the manifest)")
     s.set_defaults(func=_cmd_fingerprint)

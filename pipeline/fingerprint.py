@@ -11,8 +11,17 @@
   per channel (from up to 10,000 voxels sampled per case, as nnU-Net does) in ``channels`` (by
   channel index, with its name) and ``intensity`` (by name; a repeated name gets `` (channel c)``),
   class frequencies;
-- ``suggested``: bundle ids to override, e.g.
-  ``segpipe train BUNDLE --set pixdim=[1,1,1] --set roi_size=[40,56,40]``.
+- ``suggested``: values for ids every bundle has (``pixdim``, ``roi_size``), e.g.
+  ``segpipe train BUNDLE --set pixdim=[1,1,1] --set roi_size=[40,56,40]``;
+- ``normalisation``: the intensity normalisation per channel that ``segpipe plan`` writes for this
+  data (:func:`pipeline.plan.normalisation`: the CT window and z-score, or per-image z-score), with
+  its ``rationale``. It is not an id to override: a bundle holds it inside its
+  ``deterministic_transforms`` (``segpipe plan`` writes a bundle with it).
+
+The data are checked first, as ``segpipe validate`` checks them (:func:`pipeline.validation.require_valid`):
+a manifest with a problem (a label value it does not declare, a label off its image, an image with
+other channels than declared, an implausible spacing, ...) is refused in one line naming the file,
+and no ``fingerprint.json`` is written.
 
 Spacings and shapes are given in the axis order the bundles see, i.e. after reorientation to RAS
 (``Orientationd(axcodes="RAS")``), so ``pixdim`` and ``roi_size`` apply as they are; a 2D image
@@ -54,7 +63,7 @@ def intensity_stats(values: np.ndarray) -> dict[str, float]:
             "median": float(p50), "percentile_00_5": float(p005), "percentile_99_5": float(p995)}
 
 
-def _ras_order(affine: np.ndarray, ndim: int) -> list[int]:
+def ras_order(affine: np.ndarray, ndim: int) -> list[int]:
     """For each axis of the reoriented (RAS) array, the file axis it comes from."""
     import nibabel as nib
 
@@ -138,7 +147,7 @@ def case_fingerprint(image_path: Path | list[Path], label_path: Path, rng: np.ra
         raise InputError(f"{label_path}: shape {label.shape} differs from image {image_files(image_path)[0]} "
                          f"shape {image.shape[:ndim]}")
     channels = image.reshape(*label.shape, -1)  # spatial dims + one axis of channels (modalities)
-    order = _ras_order(img.affine, ndim)
+    order = ras_order(img.affine, ndim)
     zooms = img.header.get_zooms()
     fg = label > 0
     n_fg = int(fg.sum())
@@ -231,12 +240,6 @@ def dataset_fingerprint(cases: list[dict], samples: list[list[np.ndarray]], mani
     median_spacing = np.median(spacings, 0)
 
     suggested: dict[str, Any] = {"pixdim": [round(t, 5) for t in target], "roi_size": roi}
-    first = modality.get("0", "unknown")
-    if _is_ct(first):
-        ct = channels[0]
-        suggested.update(a_min=round(ct["percentile_00_5"], 1), a_max=round(ct["percentile_99_5"], 1))
-    else:
-        suggested["normalization"] = "zscore"
     return {
         "dataset": {
             "n_cases": len(cases), "modality": modality, "labels": labels, "labels_not_in_manifest": unknown,
@@ -256,20 +259,41 @@ def dataset_fingerprint(cases: list[dict], samples: list[list[np.ndarray]], mani
             "pixdim": "nnU-Net full-resolution target: median spacing"
                       + ("; low-res axis at its 10th percentile (anisotropic)" if aniso else ""),
             "roi_size": f"median shape at pixdim rounded up to a multiple of {divisor}, capped at {cap}",
-            "normalization": ("a_min/a_max: 0.5/99.5 percentiles of foreground intensities (CT window)"
-                              if _is_ct(first) else "z-score per image (non-CT)"),
         },
+        "normalisation": planned_normalisation(modality, channels),
     }
 
 
-def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, seed: int = 0) -> Path:
+def planned_normalisation(modality: dict[str, str], channels: list[dict[str, Any]]) -> dict[str, Any]:
+    """The normalisation ``segpipe plan`` writes for these channels (rule 6 of :mod:`pipeline.plan`,
+    called, not restated): ``{"channels": [per-channel scheme], "rationale": sentence}``, or
+    ``{"channels": [], "rationale": why not}`` where the plan would refuse the statistics."""
+    from pipeline.plan import normalisation
+
+    named = [{"index": c["index"], "name": c["name"], "modality": "CT" if _is_ct(c["name"]) else "other"}
+             for c in channels]
+    try:
+        norm, why = normalisation(named, channels)
+    except InputError as e:
+        return {"channels": [], "rationale": f"segpipe plan would refuse: {e}"}
+    return {"channels": norm["channels"], "rationale": why}
+
+
+def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, seed: int = 0,
+                      validate: bool = True) -> Path:
     """Fingerprint the ``training`` entries of ``manifest``; write JSON (default: ``fingerprint.json``
-    beside the manifest) and return its path."""
+    beside the manifest) and return its path. The manifest is validated first
+    (:func:`pipeline.validation.require_valid`: InputError naming the first problem, nothing written);
+    ``validate=False`` is for a caller that has just validated it."""
     from tqdm.auto import tqdm
 
     from pipeline.manifest import load_manifest
 
     manifest = Path(manifest)
+    if validate:
+        from pipeline.validation import require_valid
+
+        require_valid(manifest)
     m = load_manifest(manifest)
     entries = [e for e in m.get("training", []) if e.get("image") and e.get("label")]
     if not entries:
@@ -281,8 +305,10 @@ def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, s
         record, s = case_fingerprint(image, Path(e["label"]), rng)
         cases.append(record)
         samples.append(s)
-    if len({len(s) for s in samples}) != 1:
-        raise InputError(f"{manifest}: images have different numbers of channels")
+    if (odd := [i for i, s in enumerate(samples) if len(s) != len(samples[0])]):
+        i = odd[0]
+        raise InputError(f"{cases[i]['image']}: {len(samples[i])} channel(s), but {cases[0]['image']} has "
+                         f"{len(samples[0])}: images have different numbers of channels")
     fp = {"manifest": str(manifest.resolve()), **dataset_fingerprint(cases, samples, m, cap=cap), "cases": cases}
     out = Path(out) if out else manifest.parent / "fingerprint.json"
     out = out / "fingerprint.json" if out.is_dir() else out

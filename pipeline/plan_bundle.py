@@ -353,7 +353,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     from pipeline.plan import NUM_FOLDS, check_arguments, label_names, make_plan, write_plan
     from pipeline.plan_docs import LICENSE_TEXT, LOGGING_CONF, metadata, readme
     from pipeline.segment_codes import dicom_seg_block, uncoded_warning
-    from pipeline.validation import validate_manifest
+    from pipeline.validation import require_valid
 
     manifest, out = Path(manifest), Path(os.path.abspath(out))  # abspath: "--out ." has a name, a parent
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -370,11 +370,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         raise InputError(f"{manifest}: {e}") from None
     if data.get("lateral_pairs") is not None and list(data["labels"]) == [str(i) for i in range(len(labels))]:
         label_pairs(labels, data, str(manifest))  # a bad declaration: its own line, before reading any image
-    problems = validate_manifest(manifest)
-    for p in problems:
-        log.error("%s", p)
-    if problems:
-        raise InputError(f"{manifest}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
+    require_valid(manifest)  # the first problem in the error line, the others logged: each said once
     if len(data["training"]) < NUM_FOLDS:
         raise InputError(f"{manifest}: training: {len(data['training'])} cases, fewer than the {NUM_FOLDS} "
                          f"cross-validation folds (at least {NUM_FOLDS} labelled cases are needed)")
@@ -386,7 +382,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     try:
         for sub in ("configs", "docs", "models"):
             (tmp / sub).mkdir(parents=True)
-        fp_path = write_fingerprint(manifest, tmp / "fingerprint.json")
+        fp_path = write_fingerprint(manifest, tmp / "fingerprint.json", validate=False)  # validated above
         digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()
         fingerprint = json.loads(fp_path.read_text())
         compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)

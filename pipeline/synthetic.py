@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import InputError, UsageError
-from pipeline.fileio import write_nifti
+from pipeline.fileio import HOST, atomic_path, pid_alive, write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -243,24 +247,90 @@ def patient_index(i: int) -> int:
     return i - (i + 4) // 5
 
 
+MAX_VOXEL_SCALE = 10.0  # ct-cohort at 10x: ~51x51 in-plane, at least 4 slices of up to 50 mm (as --shape's minimum)
+MAX_VOXELS = 2**27  # per volume (512^3): drawing one takes several float32 copies of it; 2000^3 would need ~60 GB
+PREFIXES = {"ct3d": "ct", "mr3d": "mr", "cells2d": "cells", "ct-cohort": "ctc", "mr2ch": "mr2ch"}
+DERIVED = ("splits.json", "fingerprint.json")  # written beside a manifest by segpipe validate --folds / fingerprint
+
+
 def _check_args(kind: str, n: int, shape: Sequence[int] | None, channel_layout: str = "4d",
-                voxel_scale: float = 1.0) -> tuple[int, ...] | None:
+                voxel_scale: float = 1.0, seed: int = 0) -> tuple[int, ...] | None:
     if kind not in KINDS:
         raise UsageError(f"synth: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
     if n < 1:
         raise UsageError(f"synth: --n must be at least 1, got {n}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"synth: --seed must be a non-negative integer, got {seed!r}")
     if channel_layout not in CHANNEL_LAYOUTS or (channel_layout != "4d" and kind != "mr2ch"):
         raise UsageError(f"synth: --channel-layout is one of {', '.join(CHANNEL_LAYOUTS)}, and 'files' is for "
                          f"--kind mr2ch; got {channel_layout!r} for {kind}")
-    if not voxel_scale >= 1 or (voxel_scale != 1 and (kind != "ct-cohort" or shape)):
-        raise UsageError(f"synth: --voxel-scale is >= 1 and for --kind ct-cohort without --shape; got {voxel_scale}")
+    if not 1 <= voxel_scale <= MAX_VOXEL_SCALE or (voxel_scale != 1 and (kind != "ct-cohort" or shape)):
+        raise UsageError(f"synth: --voxel-scale is 1 to {MAX_VOXEL_SCALE:g} and for --kind ct-cohort without "
+                         f"--shape; got {voxel_scale}")
     if shape is None and kind == "ct-cohort":
         return None
     shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES[kind]))
     dims = 2 if kind == "cells2d" else 3
     if len(shape) != dims or min(shape) < (8 if dims == 2 else 4) or min(shape[:2]) < 16:
         raise UsageError(f"synth: --shape for {kind} needs {dims} sizes, in-plane >= 16, got {list(shape)}")
+    if (voxels := math.prod(shape)) > MAX_VOXELS:
+        raise UsageError(f"synth: --shape {list(shape)} is {voxels:,} voxels a volume, over the limit of "
+                         f"{MAX_VOXELS:,} (512^3); choose a smaller shape")
     return shape
+
+
+def _check_out(out: Path, kind: str) -> list[Path]:
+    """What a synth into ``out`` replaces: nothing for a new or empty folder; for a previous synth of
+    the same ``kind`` its own files (dataset.json, its case folders) and the files segpipe derived
+    from it (``DERIVED``, stale for new data). InputError for anything else: two datasets are
+    never mixed in one folder, and nothing that synth did not write is deleted."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; give a new or empty folder as --out")
+    children = sorted(out.iterdir()) if out.is_dir() else []
+    if not children:
+        return []
+    refuse = (f"--out {out}: not empty and not a previous `segpipe synth --kind {kind}` output; synthesise into "
+              "a new or empty folder (two datasets are never mixed in one folder)")
+    try:
+        doc = json.loads((out / "dataset.json").read_text())
+    except (OSError, ValueError):
+        raise InputError(refuse) from None
+    if not isinstance(doc, dict) or doc.get("reference") != "segpipe pipeline.synthetic" \
+            or doc.get("name") != f"segpipe-{kind}":
+        raise InputError(refuse)
+    ours = re.compile(rf"(\.tmp-.*|{re.escape(PREFIXES[kind])}_\d{{3,}}(_\d{{4}})?\.nii\.gz)")
+    for child in children:
+        if child.name in ("dataset.json", *DERIVED) and child.is_file():
+            continue
+        if child.name in ("imagesTr", "labelsTr", "instancesTr") and child.is_dir() and not child.is_symlink():
+            if stray := [f.name for f in child.iterdir() if not (f.is_file() and ours.fullmatch(f.name))]:
+                raise InputError(f"{refuse}: {child / stray[0]} is not a synth file")
+            continue
+        raise InputError(f"{refuse}: {child} is not a synth file")
+    return children
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the hidden folders beside ``out`` that killed synths of this machine left."""
+    stale = re.compile(rf"\.{re.escape(out.name)}\.synth-(\d+)\.{HOST}")
+    for d in out.parent.glob(f".{out.name}.synth-*") if out.parent.is_dir() else []:
+        if (m := stale.fullmatch(d.name)) and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _move_into(tmp: Path, out: Path, old: list[Path]) -> None:
+    """Put the finished dataset in ``tmp`` at ``out``: a rename when ``out`` is new, else the previous
+    synth's files (``old``) removed and ``tmp``'s moved in."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    for f in old:
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    if old:
+        log.info("%s: replaced the previous synth output (%s)", out, ", ".join(f.name for f in old))
+    for child in tmp.iterdir():
+        os.replace(child, out / child.name)
+    tmp.rmdir()
 
 
 def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[int] | None = None,
@@ -270,20 +340,49 @@ def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[i
     path of ``out/dataset.json``, whose paths are relative ("./imagesTr/ct_000.nii.gz").
     Case ``i`` depends only on ``(seed, i)``.
 
+    ``out`` must be new, empty, or hold a previous synth of the same ``kind`` and nothing else (its
+    files, and a ``splits.json``/``fingerprint.json`` derived from them, are replaced); anything else
+    is refused (InputError). The dataset is written into a hidden folder beside ``out`` and moved
+    into place when complete: a failure or an interrupt leaves ``out`` as it was.
+
     ``ct-cohort`` is realistic by default (512x512 matrix, spacing drawn per case; 1-4 s a case and
     as long again to gzip); ``shape`` fixes the matrix over each case's field of view, ``voxel_scale``
-    (>= 1) multiplies the drawn spacing. ``mr2ch`` with ``channel_layout`` "4d" writes (X, Y, Z, 2)
+    (1 to ``MAX_VOXEL_SCALE``) multiplies the drawn spacing. A volume has at most ``MAX_VOXELS``.
+    ``mr2ch`` with ``channel_layout`` "4d" writes (X, Y, Z, 2)
     images; "files" writes one file per channel (``mr2ch_000_0000.nii.gz``, ``mr2ch_000_0001.nii.gz``),
     the entry's "image" then the list of them and its "id" the case (``mr2ch_000``)."""
-    shape = _check_args(kind, n, shape, channel_layout, voxel_scale)
-    out = Path(out)
-    prefix = {"ct3d": "ct", "mr3d": "mr", "cells2d": "cells", "ct-cohort": "ctc", "mr2ch": "mr2ch"}[kind]
-    folders = ["imagesTr", "labelsTr"] + (["instancesTr"] if kind == "cells2d" else [])
+    shape = _check_args(kind, n, shape, channel_layout, voxel_scale, seed)
+    out = Path(os.path.abspath(out))  # abspath: "--out ." has a name and a parent
+    old = _check_out(out, kind)
+    tmp = out.parent / f".{out.name}.synth-{os.getpid()}.{HOST}"
+    _remove_stale(out)
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first: gone on failure
     try:
-        for f in folders:
-            (out / f).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a dead process's, whose pid this one has
+        tmp.mkdir(parents=True)
     except OSError as e:
         raise InputError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    try:
+        grid = _write_cases(kind, n, tmp, seed, shape, channel_layout, voxel_scale)
+        _move_into(tmp, out, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    log.info("wrote %d %s studies (%s) to %s", n, kind, grid, out)
+    return out / "dataset.json"
+
+
+def _write_cases(kind: str, n: int, out: Path, seed: int, shape: tuple[int, ...] | None, channel_layout: str,
+                 voxel_scale: float) -> str:
+    """Write the studies and dataset.json (atomically) into ``out``; return the grid's description."""
+    prefix = PREFIXES[kind]
+    for f in ["imagesTr", "labelsTr"] + (["instancesTr"] if kind == "cells2d" else []):
+        (out / f).mkdir()
 
     training = []
     for i in range(n):
@@ -338,7 +437,6 @@ def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[i
         "training": training,
         "test": [],
     }
-    path = out / "dataset.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("wrote %d %s studies (%s) to %s", n, kind, grid, out)
-    return path
+    with atomic_path(out / "dataset.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    return grid

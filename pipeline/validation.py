@@ -4,13 +4,26 @@ Per file: the header checks of ``pipeline.studies.read_header`` (missing, unread
 NIfTI/DICOM, empty, truncated, bad spacing, absurd voxel count), then the dimensionality the
 manifest expects (``tensorImageSize``; a last axis of as many channels as ``modality`` /
 ``channel_names`` is fine), then the voxel values, read once: NaN or Inf voxels; for labels also
-non-integer values and values not declared in ``labels``. An all-background label is a valid
+non-integer values (a float label within ``LABEL_ROUNDING`` of an integer is that integer, as
+:func:`pipeline.fileio.read_label` rounds it) and values not declared in ``labels``. An all-background label is a valid
 case (a study without the structures, as nnU-Net's datasets have): it is logged, not a problem,
 unless every labelled case is all background (nothing to learn). An image given as
 a list of files (one per channel) must list one file per declared channel, each without a channel
 axis, all of one shape and affine. Per training entry: image and label must share spatial shape
 and affine (within ``AFFINE_ATOL`` mm / ``AFFINE_RTOL``). Lines read
 ``training[3] case_004: label /abs/labelsTr/case_004.nii.gz: problem``.
+
+Voxel spacing (the header's, in mm, per spatial axis): a spacing that is not finite or not
+positive (``pipeline.studies.read_header``), or outside ``SPACING_MIN_MM``..``SPACING_MAX_MM``
+(1 nm to 100 mm: electron microscopy pixels are a few nm, light microscopy ~1e-4 mm, CT/MR voxels
+0.2-10 mm; beyond is a unit or header error) is a problem. Across the dataset, in the bundles'
+(RAS) axis order, a case whose spacing along an axis is more than ``SPACING_OUTLIER`` (10) times
+finer or coarser than the training cases' median along that axis is a warning (logged, as the
+planner plans for the median), and so is a case whose image, resampled to the target spacing
+``segpipe plan`` would choose (:func:`pipeline.fingerprint.target_spacing`), would take more than
+``RESAMPLE_WARN_BYTES`` as float32: both lines name the case and that memory.
+``require_valid(manifest)``: InputError (one line, the first problem) unless the manifest is clean;
+the other problems are logged once each.
 
 ``check_contract(bundle_dir, manifest)``: the manifest's label names and channel count against
 the bundle's ``configs/metadata.json`` (``network_data_format``), one line naming both sides.
@@ -19,6 +32,7 @@ the bundle's ``configs/metadata.json`` (``network_data_format``), one line namin
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -36,6 +50,11 @@ log = logging.getLogger(__name__)
 AFFINE_ATOL = 1e-3  # mm
 AFFINE_RTOL = 1e-4
 EMPTY_LABEL = "label is empty (all background)"
+LABEL_ROUNDING = 1e-3  # a float label value within this of an integer is that integer (fileio.read_label's rule)
+SPACING_MIN_MM = 1e-6  # 1 nm: electron microscopy; light microscopy in mm is ~1e-4 (cells_2d's nominal 0.5)
+SPACING_MAX_MM = 100.0  # a 10 cm voxel is no image: CT slices are <= 10 mm, PET/SPECT voxels ~2-6 mm
+SPACING_OUTLIER = 10.0  # a case's spacing along an axis this many times off the median: a warning
+RESAMPLE_WARN_BYTES = 4 * 2**30  # a case whose float32 image at the target spacing takes more: a warning
 
 
 def validate_manifest(path: Path, allow_outside: bool = False) -> list[str]:
@@ -57,18 +76,80 @@ def validate_manifest(path: Path, allow_outside: bool = False) -> list[str]:
                            str(path))
         except InputError as e:
             problems.append(str(e))
+    geometry: list[tuple[str, str, str, dict[str, Any]]] = []  # (role, where, image file, header) of good images
     for role in ("training", "test"):
         for i, entry in enumerate(data[role]):
             where = f"{role}[{i}] {entry['id']}"
             try:
-                problems += [f"{where}: {p}" for p in check_entry(entry, expect)]
+                found, header = _check_entry(entry, expect)
+                problems += [f"{where}: {p}" for p in found]
             except Exception as e:  # noqa: BLE001 - validate reports, it never crashes
                 log.debug("unexpected error on %s", where, exc_info=True)
                 problems.append(f"{where}: {entry.get('image')}: unexpected error {type(e).__name__}: {e}")
+                continue
+            if header is not None:
+                image = entry["image"][0] if isinstance(entry["image"], list) else entry["image"]
+                geometry.append((role, where, image, header))
+    try:
+        warnings = spacing_warnings(geometry, expect["spatial"], expect["channels"])
+    except Exception:  # noqa: BLE001 - a warning's arithmetic never stops validate
+        log.debug("spacing warnings of %s failed", path, exc_info=True)
+        warnings = []
+    for w in warnings:
+        log.warning("%s: %s", path, w)
     problems = _empty_labels(problems, sum(bool(e.get("label")) for e in data["training"]), path)
     log.info("validated %s: %d training, %d test entries, %d problem(s)",
              path, len(data["training"]), len(data["test"]), len(problems))
     return problems
+
+
+def require_valid(path: Path, allow_outside: bool = False) -> None:
+    """InputError, one line naming the first problem and how many there are, unless the manifest at
+    ``path`` validates clean; the other problems are logged (error), so each is said once."""
+    problems = validate_manifest(Path(path), allow_outside)
+    for p in problems[1:]:
+        log.error("%s", p)
+    if problems:
+        raise InputError(f"{path}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
+
+
+def _ras_spacing(header: dict[str, Any], n: int) -> tuple[list[float], list[int]]:
+    """(spacing, shape) of the first ``n`` axes of a header, in the bundles' (RAS) axis order."""
+    from pipeline.fingerprint import ras_order
+
+    order = ras_order(header["affine"], n)
+    pixdim = list(header["pixdim"]) + [1.0] * (n - len(header["pixdim"]))
+    return [round(float(pixdim[a]), 6) for a in order], [int(header["shape"][a]) for a in order]
+
+
+def spacing_warnings(geometry: list[tuple[str, str, str, dict[str, Any]]], n: int, channels: int = 1) -> list[str]:
+    """Warning lines for the images of ``geometry`` ((role, where, file, header) each): a spacing more
+    than ``SPACING_OUTLIER`` times off the training median along an axis, and a float32 image at the
+    target spacing ``segpipe plan`` would choose larger than ``RESAMPLE_WARN_BYTES``; each names the case,
+    its spacing and what its resampling would need."""
+    from pipeline.fingerprint import target_spacing
+
+    cases = [(role, where, f, *_ras_spacing(h, n)) for role, where, f, h in geometry]
+    train = [c for c in cases if c[0] == "training"] or cases
+    if not train:
+        return []
+    spacings, shapes = np.array([c[3] for c in train], float), np.array([c[4] for c in train], float)
+    median, (target, _) = np.median(spacings, axis=0), target_spacing(spacings, shapes)
+    out = []
+    for _, where, f, spacing, shape in cases:
+        ratio = np.maximum(np.array(spacing) / median, median / np.array(spacing))
+        resampled = [max(1, round(k * s / t)) for k, s, t in zip(shape, spacing, target, strict=True)]
+        nbytes = 4 * channels * math.prod(resampled)
+        size = f"{nbytes / 2**30:.3g} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.3g} MiB"
+        need = (f"resampled to the target spacing of a 3D plan, {[round(t, 4) for t in target]} mm, it would be "
+                f"{resampled} voxels, {size} as float32")
+        if (axes := [a for a, r in enumerate(ratio) if r > SPACING_OUTLIER]):
+            a = axes[0]
+            out.append(f"{where}: image {f}: spacing {spacing} mm is {ratio[a]:.0f}x off the training median "
+                       f"{median[a]:g} mm along axis {a}: {need}")
+        elif nbytes > RESAMPLE_WARN_BYTES:
+            out.append(f"{where}: image {f}: spacing {spacing} mm, shape {shape}: {need}")
+    return out
 
 
 def _empty_labels(problems: list[str], labelled: int, path: Path) -> list[str]:
@@ -88,6 +169,11 @@ def _empty_labels(problems: list[str], labelled: int, path: Path) -> list[str]:
 
 def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
     """Problems of one resolved entry (paths already refused by the manifest are None: skipped)."""
+    return _check_entry(entry, expect)[0]
+
+
+def _check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> tuple[list[str], dict[str, Any] | None]:
+    """(problems of one entry, its image's header, or None when the image has a problem)."""
     out: list[str] = []
     image = (_check_channel_files(entry["image"], expect, out) if isinstance(entry.get("image"), list)
              else _check_file(entry["image"], "image", expect, out) if entry.get("image") else None)
@@ -102,7 +188,7 @@ def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
         if image is not None and extra["shape"][:n] != image["shape"][:n]:
             out.append(f"{key} {entry[key]} shape {extra['shape'][:n]} != image shape {image['shape'][:n]}")
     if image is None or label is None:
-        return out
+        return out, image
     image_file = entry["image"][0] if isinstance(entry["image"], list) else entry["image"]
     if image["shape"][:n] != label["shape"][:n]:
         out.append(f"image {image_file} shape {image['shape'][:n]} != label {entry['label']} "
@@ -111,7 +197,7 @@ def check_entry(entry: dict[str, Any], expect: dict[str, Any]) -> list[str]:
         diff = float(np.abs(image["affine"] - label["affine"]).max())
         out.append(f"image {image_file} and label {entry['label']} affines differ "
                    f"(by up to {diff:.4g} mm)")
-    return out
+    return out, image
 
 
 def _check_channel_files(files: list[str], expect: dict[str, Any], out: list[str]) -> dict[str, Any] | None:
@@ -147,9 +233,9 @@ def _check_file(path: str, kind: str, expect: dict[str, Any], out: list[str]) ->
         out.append(f"{kind} {e}")
         return None
     channels = expect["channels"] if kind == "image" else 1
-    dims = _dims_problem(header["shape"], expect["spatial"], channels)
-    if dims:
-        out.append(f"{kind} {path}: {dims}")
+    geometry = [p for p in (_dims_problem(header["shape"], expect["spatial"], channels),
+                            _spacing_problem(header["pixdim"])) if p]
+    out += [f"{kind} {path}: {p}" for p in geometry]
     try:
         values = _voxels(path, header)
     except Exception as e:  # noqa: BLE001 - corrupt data behind a good header
@@ -157,7 +243,17 @@ def _check_file(path: str, kind: str, expect: dict[str, Any], out: list[str]) ->
         return None
     found = label_value_problems(values, expect["labels"]) if kind == "label" else _finite_problem(values)
     out += [f"{kind} {path}: {p}" for p in found]
-    return None if dims else header
+    return None if geometry else header
+
+
+def _spacing_problem(pixdim: tuple[float, ...]) -> str | None:
+    """A spacing (mm) outside ``SPACING_MIN_MM``..``SPACING_MAX_MM`` (read_header already refused
+    spacings that are not finite and positive)."""
+    spacing = [float(f"{s:.6g}") for s in pixdim]
+    if all(SPACING_MIN_MM <= s <= SPACING_MAX_MM for s in pixdim):
+        return None
+    return (f"voxel spacing {spacing} mm is outside the plausible {SPACING_MIN_MM:g} to {SPACING_MAX_MM:g} mm "
+            "(a unit or header error?)")
 
 
 def _dims_problem(shape: tuple[int, ...], spatial: int, channels: int) -> str | None:
@@ -196,11 +292,12 @@ def label_value_problems(a: np.ndarray, declared: set[int]) -> list[str]:
     out = _finite_problem(a)
     if a.dtype.kind == "f":
         a = a[np.isfinite(a)]
-        fraction = a != np.round(a)
+        rounded = np.rint(a)
+        fraction = np.abs(a - rounded) > LABEL_ROUNDING  # read_label's rule: within 1e-3 rounds to the integer
         if fraction.any():
             examples = sorted({float(v) for v in a[fraction][:1000]})[:4]
             out.append(f"non-integer label values in {int(fraction.sum())} voxels (e.g. {examples})")
-            a = a[~fraction]
+        a = rounded[~fraction]
     values = _unique_ints(a)
     undeclared = sorted(set(values) - declared)
     if undeclared:

@@ -36,8 +36,9 @@ def test_synthetic_ct(ct_dataset: Path, tmp_path: Path):
     assert ds["n_cases"] == 4 and set(ds["classes"]) == {"background", "liver", "kidney", "spleen"}
     assert ds["anisotropy"]["anisotropic"] is False  # 2.5 > 3 x 0.8 but 12 slices are not < 32 / 3
     ct = ds["intensity"]["CT"]
-    assert fp["suggested"] == {"pixdim": [0.8, 0.8, 2.5], "roi_size": [32, 32, 16],
-                               "a_min": round(ct["percentile_00_5"], 1), "a_max": round(ct["percentile_99_5"], 1)}
+    assert fp["suggested"] == {"pixdim": [0.8, 0.8, 2.5], "roi_size": [32, 32, 16]}
+    [norm] = fp["normalisation"]["channels"]  # the CT window segpipe plan writes, from the same percentiles
+    assert norm["scheme"] == "ct" and norm["clip"] == [round(ct["percentile_00_5"], 4), round(ct["percentile_99_5"], 4)]
 
 
 def _aniso_dataset(root: Path) -> Path:
@@ -66,7 +67,8 @@ def test_anisotropic_permuted_axes(tmp_path: Path):
     assert fp["cases"][0]["shape"] == [40, 40, 8]
     assert fp["dataset"]["anisotropy"]["anisotropic"] is True
     # low-res axis: 10th percentile of (4, 5, 6) = 4.2 mm; median 8 slices x 5 mm / 4.2 = 9.5 -> 16
-    assert fp["suggested"] == {"pixdim": [0.7, 0.7, 4.2], "roi_size": [40, 40, 16], "normalization": "zscore"}
+    assert fp["suggested"] == {"pixdim": [0.7, 0.7, 4.2], "roi_size": [40, 40, 16]}
+    assert [c["scheme"] for c in fp["normalisation"]["channels"]] == ["zscore_per_image"]
     mr = fp["dataset"]["intensity"]["MR"]
     assert (mr["mean"], mr["std"], mr["percentile_00_5"]) == (pytest.approx(157.0), pytest.approx(50.0), 107.0)
     assert fp["dataset"]["classes"]["a"]["fraction_of_foreground"] == 0.5
@@ -75,8 +77,10 @@ def test_anisotropic_permuted_axes(tmp_path: Path):
 def test_image_label_shape_mismatch(tmp_path: Path):
     manifest = _aniso_dataset(tmp_path / "d")
     write_nifti(np.zeros((8, 40, 41), np.uint8), tmp_path / "d" / "labelsTr" / "mr_1.nii.gz", affine=np.eye(4))
-    with pytest.raises(InputError, match=r"mr_1.nii.gz: shape \(8, 40, 41\) differs"):
+    with pytest.raises(InputError, match=r"mr_1.nii.gz shape \(8, 40, 41\)"):  # validate's line
         write_fingerprint(manifest)
+    with pytest.raises(InputError, match=r"mr_1.nii.gz: shape \(8, 40, 41\) differs"):  # its own, unvalidated
+        write_fingerprint(manifest, validate=False)
 
 
 def test_target_spacing_rule():
@@ -97,7 +101,7 @@ def test_hippocampus(tmp_path: Path):
     n = len(json.loads(HIPPOCAMPUS.read_text())["training"])
     assert fp["dataset"]["n_cases"] == n
     assert fp["dataset"]["spacing"]["median"] == [1.0, 1.0, 1.0]
-    assert fp["suggested"]["normalization"] == "zscore"
+    assert [c["scheme"] for c in fp["normalisation"]["channels"]] == ["zscore_per_image"]
     roi = fp["suggested"]["roi_size"]
     assert all(r % 8 == 0 and r >= s for r, s in zip(roi, fp["dataset"]["shape"]["median"], strict=True))
 
@@ -107,6 +111,8 @@ def test_cli(ct_dataset: Path, tmp_path: Path):
     ok = subprocess.run(cmd + [str(ct_dataset), "--out", str(tmp_path / "fp.json")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "suggested pixdim: [0.8, 0.8, 2.5]" in ok.stdout and (tmp_path / "fp.json").is_file()
+    assert "normalisation segpipe plan writes: channel 0 'CT' (CT): clip to the foreground" in ok.stdout
+    assert "a_min" not in ok.stdout and "normalization" not in ok.stdout
     bad = subprocess.run(cmd + [str(tmp_path / "none.json")], capture_output=True, text=True)
     assert bad.returncode == 1 and "no such manifest" in bad.stderr
 
@@ -148,6 +154,7 @@ def _two_d(root: Path, image_shape: tuple[int, ...], label_shape: tuple[int, ...
         write_nifti(image.reshape(image_shape), root / "imagesTr" / f"c{i}.nii.gz", affine=affine)
         write_nifti(label.reshape(label_shape), root / "labelsTr" / f"c{i}.nii.gz", affine=affine)
     doc = {"name": "2d", "modality": {str(c): "MR" for c in range(channels)}, "labels": {"0": "bg", "1": "a"},
+           "tensorImageSize": "3D" if len(image_shape) == 4 else "2D",  # what validate needs for each layout
            "training": [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(5)]}
     (root / "dataset.json").write_text(json.dumps(doc))
     return root / "dataset.json"
@@ -174,3 +181,79 @@ def test_2d_layouts_the_loader_cannot_train_are_one_line(tmp_path: Path, image, 
     with pytest.raises(InputError, match=text) as e:
         write_fingerprint(_two_d(tmp_path, image, label, channels))
     assert "\n" not in str(e.value)
+
+
+# -- the data are checked as validate checks them; the suggestions are true ------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CT_AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])
+
+
+def _small_ct(root: Path, defect: str | None = None) -> tuple[Path, Path]:
+    """5 tiny CT cases (12x12x4, 0.8x0.8x2.5 mm) and their manifest; ``defect`` spoils case 0. Returns
+    (manifest, the spoilt file)."""
+    for i in range(5):
+        label = np.zeros((12, 12, 4), np.int16)
+        label[3:8, 3:8, 1:3] = 1
+        image = label.astype(np.float32) * 100 + i
+        label_affine = CT_AFFINE.copy()
+        if i == 0 and defect in ("label_7", "label_minus_1"):
+            label[0, 0, 0] = 7 if defect == "label_7" else -1
+        if i == 0 and defect == "label_moved_50mm":
+            label_affine[0, 3] += 50.0
+        if i == 0 and defect == "image_4d":
+            image = np.stack([image, image], axis=-1)
+        write_nifti(image, root / "imagesTr" / f"c{i}.nii.gz", affine=CT_AFFINE)
+        write_nifti(label, root / "labelsTr" / f"c{i}.nii.gz", affine=label_affine)
+    doc = {"name": "small", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
+           "training": [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(5)]}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    spoilt = root / ("imagesTr" if defect == "image_4d" else "labelsTr") / "c0.nii.gz"
+    return root / "dataset.json", spoilt
+
+
+REFUSED = {"label_7": "label values [7] not declared", "label_minus_1": "label values [-1] not declared",
+           "label_moved_50mm": "affines differ (by up to 50 mm)", "image_4d": "4D image (12, 12, 4, 2) where 3D"}
+
+
+@pytest.mark.parametrize("defect", REFUSED)
+def test_data_validate_refuses_are_refused_in_one_line_naming_the_file_and_nothing_is_written(tmp_path: Path,
+                                                                                             defect: str):
+    from pipeline.validation import validate_manifest
+
+    manifest, spoilt = _small_ct(tmp_path, defect)
+    [problem] = validate_manifest(manifest)
+    with pytest.raises(InputError) as e:
+        write_fingerprint(manifest)
+    assert problem in str(e.value) and str(spoilt) in str(e.value) and REFUSED[defect] in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "fingerprint.json").exists()
+
+
+def test_cli_refuses_bad_data_with_one_error_line_and_exit_1(tmp_path: Path):
+    manifest, spoilt = _small_ct(tmp_path, "label_7")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "fingerprint", str(manifest)], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if str(spoilt) in ln]
+    assert line.startswith("segpipe fingerprint: error: ") and "label values [7] not declared" in line
+    assert not (tmp_path / "fingerprint.json").exists()
+
+
+def test_differing_channel_counts_name_the_file_even_unvalidated(tmp_path: Path):
+    manifest, spoilt = _small_ct(tmp_path, "image_4d")
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'imagesTr' / 'c1.nii.gz'}: 1 channel\(s\), but "
+                                         rf"{spoilt} has 2"):
+        write_fingerprint(manifest, validate=False)
+    assert not (tmp_path / "fingerprint.json").exists()
+
+
+def test_suggested_ids_exist_in_every_bundle_and_the_normalisation_is_the_plans(ct6_dataset: Path, tmp_path: Path):
+    from pipeline.bundle import load_bundle
+    from pipeline.plan import make_plan
+
+    fp = json.loads(write_fingerprint(ct6_dataset, tmp_path / "fp.json").read_text())
+    assert set(fp["suggested"]) == {"pixdim", "roi_size"}
+    for common in sorted((ROOT / "bundles").glob("*/configs/common.json")):  # an unknown id is a UsageError
+        load_bundle(common.parents[1], ("common.json",), overrides=fp["suggested"])
+    plan = make_plan(fp, json.loads(ct6_dataset.read_text()), "cpu", 30)
+    assert fp["normalisation"]["channels"] == plan["normalisation"]["channels"]
+    assert fp["normalisation"]["rationale"] == plan["rationale"]["normalisation"]

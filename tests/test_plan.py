@@ -597,3 +597,28 @@ def test_nnunet_channel_names_choose_their_normalisation():
     assert float(out[2].min()) == 0.0 and float(out[2].max()) == 1.0 and float(out[3].max()) == 1.0
     single, _ = P.normalisation(channels[1:2], [{}])
     assert single["transforms"] == [{"_target_": "Identityd", "keys": "image"}]
+
+
+def test_plan_says_each_data_error_once(tmp_path: Path):
+    """`segpipe plan` on data validate refuses: each problem in one line, said once (the first in
+    the error line, the others logged), exit 1, no bundle."""
+    import subprocess
+    import sys
+
+    from pipeline.fileio import write_nifti
+
+    for i in range(5):
+        label = np.zeros((12, 12, 4), np.uint8)
+        label[3:8, 3:8, 1:3] = 1 if i > 1 else 7  # cases 0 and 1: a value the manifest does not declare
+        write_nifti(label.astype(np.float32), tmp_path / "imagesTr" / f"c{i}.nii.gz", affine=np.eye(4))
+        write_nifti(label, tmp_path / "labelsTr" / f"c{i}.nii.gz", affine=np.eye(4))
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "name": "bad", "modality": {"0": "MR"}, "labels": {"0": "background", "1": "a"},
+        "training": [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(5)]}))
+    r = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(tmp_path / "dataset.json"), "--out",
+                        str(tmp_path / "bundle"), "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 1 and not (tmp_path / "bundle").exists()
+    for i in (0, 1):
+        assert r.stderr.count(str(tmp_path / "labelsTr" / f"c{i}.nii.gz")) == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"segpipe plan: error: {tmp_path / 'dataset.json'}: "
+                                                        "failed validation with 2 problem(s), first: training[0] c0")

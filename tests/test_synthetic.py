@@ -359,3 +359,76 @@ def test_mr2ch_one_file_per_channel(mr2ch):
 def test_new_options_only_where_they_apply(tmp_path, kind, kwargs):
     with pytest.raises(UsageError):
         write_dataset(kind, 1, tmp_path, **kwargs)
+
+
+# -- arguments, the output folder, nothing left on failure ------------------------------------------------
+
+def _synth(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "synth", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--kind", "ct3d", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--kind", "ct3d", "--shape", "2000", "2000", "2000"], "--shape [2000, 2000, 2000] is 8,000,000,000 voxels"),
+    (["--kind", "ct-cohort", "--voxel-scale", "1e9"], "--voxel-scale is 1 to 10"),
+    (["--kind", "ct-cohort", "--voxel-scale", "nan"], "--voxel-scale is 1 to 10"),
+])
+def test_bad_seed_shape_or_scale_is_one_usage_line_and_leaves_nothing(tmp_path, args, text):
+    r = _synth(*args, "--n", "1", "--out", str(tmp_path / "out"))
+    [line] = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and line.startswith(f"segpipe synth: error: synth: {text}"), r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_synth_leaves_nothing_and_keeps_a_previous_output(tmp_path, monkeypatch):
+    import pipeline.synthetic as S
+
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(a)
+        if len(calls) > 2:
+            raise MemoryError("out of memory")
+        return real(*a, **k)
+
+    real = S.write_nifti
+    monkeypatch.setattr(S, "write_nifti", failing)
+    with pytest.raises(MemoryError):
+        write_dataset("ct3d", 2, tmp_path / "new" / "ds", shape=(16, 16, 4))
+    assert list(tmp_path.iterdir()) == []  # no half dataset, no empty imagesTr/, no hidden folder, no parents
+    monkeypatch.setattr(S, "write_nifti", real)
+    before = write_dataset("ct3d", 2, tmp_path / "ds", shape=(16, 16, 4)).read_bytes()
+    monkeypatch.setattr(S, "write_nifti", failing)
+    calls.clear()
+    with pytest.raises(MemoryError):
+        write_dataset("ct3d", 3, tmp_path / "ds", seed=5, shape=(16, 16, 4))
+    assert (tmp_path / "ds" / "dataset.json").read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def test_output_folder_holds_one_dataset(tmp_path, monkeypatch):
+    import pipeline.synthetic as S
+
+    written = []
+    real_atomic = S.atomic_path
+    monkeypatch.setattr(S, "atomic_path", lambda p: written.append(Path(p).name) or real_atomic(p))
+    out = tmp_path / "ds"
+    write_dataset("ct3d", 3, out, shape=(16, 16, 4))
+    assert written == ["dataset.json"]  # atomically
+    (out / "splits.json").write_text("{}")  # derived from these cases: stale for the next ones
+    manifest = write_dataset("ct3d", 2, out, seed=1, shape=(16, 16, 4))  # a previous synth of the kind: replaced
+    assert sorted(f.name for f in out.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+    assert sorted(f.name for f in (out / "imagesTr").iterdir()) == ["ct_000.nii.gz", "ct_001.nii.gz"]
+    assert "seed 1" in json.loads(manifest.read_text())["description"]
+    with pytest.raises(InputError, match="not a previous `segpipe synth --kind mr3d` output"):
+        write_dataset("mr3d", 1, out, shape=(16, 16, 4))  # another kind: never mixed
+    (out / "imagesTr" / "mine.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="mine.nii.gz is not a synth file"):
+        write_dataset("ct3d", 1, out, shape=(16, 16, 4))  # a file synth did not write is never deleted
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        write_dataset("ct3d", 1, other, shape=(16, 16, 4))
+    assert [f.name for f in other.iterdir()] == ["notes.txt"]
+    write_dataset("ct3d", 1, tmp_path / "empty", shape=(16, 16, 4))  # an empty folder is filled
+    assert (tmp_path / "empty" / "dataset.json").is_file() and not list(tmp_path.glob(".*"))

@@ -153,6 +153,23 @@ def _absurd_voxels(root):
     return IMG, "header claims 27000000000000 voxels"
 
 
+def _spacing_over_100mm(root):
+    patch_header(root / IMG, 76 + 4 * 3, "<f", 1000.0)  # pixdim[3]: 1000 mm slices
+    return IMG, "voxel spacing [1.2, 0.901388, 1000.0] mm is outside the plausible 1e-06 to 100 mm"
+
+
+def _spacing_under_1nm(root):
+    patch_header(root / IMG, 76 + 4 * 1, "<f", 1e-9)  # pixdim[1]
+    return IMG, "voxel spacing [1e-09, 0.901388, 2.502] mm is outside the plausible"
+
+
+def _label_off_integers(root):
+    data = np.asarray(nib.load(root / LAB).dataobj).astype(np.float32)
+    data[data == 1] = 1.002  # more than 1e-3 off: read_label refuses it too
+    save(root / LAB, data)
+    return LAB, "non-integer label values in 36 voxels (e.g. [1.00"
+
+
 BAD_INPUTS = {
     "missing": _missing, "not_nifti_suffix": _not_nifti_suffix, "not_nifti_content": _not_nifti_content,
     "not_gzip": _not_gzip, "truncated_gzip": _truncated, "truncated_nii": _truncated_plain,
@@ -160,7 +177,8 @@ BAD_INPUTS = {
     "shape_mismatch": _shape_mismatch, "affine_mismatch": _affine_mismatch, "zero_pixdim": _pixdim(0.0),
     "negative_pixdim": _pixdim(-1.0), "nan_pixdim": _pixdim(float("nan")), "nan_inf_voxels": _nan_inf,
     "non_integer_label": _non_integer_label, "undeclared_label": _undeclared_label,
-    "absurd_voxel_count": _absurd_voxels,
+    "absurd_voxel_count": _absurd_voxels, "spacing_over_100mm": _spacing_over_100mm,
+    "spacing_under_1nm": _spacing_under_1nm, "label_off_integers": _label_off_integers,
 }
 
 
@@ -334,3 +352,70 @@ def test_contract_refuses_other_labels_or_channels_in_one_line_naming_both_sides
                                "labels": {"0": "Background", "1": "Liver", "2": "kidney", "3": "SPLEEN"}}))
     with pytest.raises(InputError, match=r"2 channel\(s\) .* do not match bundle phantom_ct_3d .* 1 input channel"):
         check_contract(bundles / "phantom_ct_3d", two)  # label names match without case; channels do not
+
+
+# -- spacing, float labels, one line per problem ---------------------------------------------------------
+
+def test_microscopy_spacings_validate_clean(tmp_path):
+    """A light-microscopy pixel in mm (1e-4, 0.1 um) is a spacing, not an error."""
+    manifest = make_dataset(tmp_path, n=2)
+    for f in (*tmp_path.glob("imagesTr/*.nii.gz"), *tmp_path.glob("labelsTr/*.nii.gz")):
+        save(f, np.asarray(nib.load(f).dataobj), np.diag([1e-4, 1e-4, 1e-3, 1.0]))
+    assert validate(manifest) == []
+
+
+def test_a_case_ten_times_off_the_median_spacing_warns_naming_it_and_its_memory(tmp_path, caplog):
+    manifest = make_dataset(tmp_path, n=4)
+    coarse = AFFINE.copy()
+    coarse[:3, 2] *= 12  # 30 mm slices among 2.5 mm ones
+    for f in (IMG, LAB):
+        save(tmp_path / f, np.asarray(nib.load(tmp_path / f).dataobj), coarse)
+    with caplog.at_level("WARNING", logger="pipeline.validation"):
+        assert validate(manifest) == []
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"training[0] case_0: image {tmp_path / IMG}: spacing" in line and "12x off the training median" in line
+    assert "MiB as float32" in line
+
+
+def test_spacing_warnings_name_the_memory_a_resample_would_take():
+    from pipeline.validation import spacing_warnings
+
+    def case(i, spacing, shape):
+        return ("training", f"training[{i}] c{i}", f"c{i}.nii.gz",
+                {"affine": np.diag([*spacing, 1.0]), "pixdim": tuple(spacing), "shape": tuple(shape)})
+
+    thin = [case(i, [0.8, 0.8, 2.5], [512, 512, 100]) for i in range(4)]
+    [line] = spacing_warnings([*thin, case(4, [0.8, 0.8, 1000.0], [512, 512, 1])], 3)
+    assert line.startswith("training[4] c4: image c4.nii.gz: spacing [0.8, 0.8, 1000.0] mm is 400x off")
+    assert "[512, 512, 400] voxels, 400 MiB as float32" in line
+    big = [case(i, [0.5, 0.5, 0.5], [2048, 2048, 600]) for i in range(3)]  # none off the median, each 9.4 GiB
+    assert [w.split(":")[0] for w in spacing_warnings(big, 3)] == ["training[0] c0", "training[1] c1", "training[2] c2"]
+    assert "9.38 GiB as float32" in spacing_warnings(big, 3)[0]
+
+
+def test_float_labels_follow_read_labels_one_rounding_rule(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.fileio import read_label
+
+    manifest = make_dataset(tmp_path, n=2)
+    data = np.asarray(nib.load(tmp_path / LAB).dataobj).astype(np.float32)
+    save(tmp_path / LAB, np.where(data > 0, data + 4e-4, data).astype(np.float32))  # resampled: 1.0004, 2.0004
+    assert validate(manifest) == [] and set(np.unique(read_label(tmp_path / LAB)[0])) == {0, 1, 2}
+    save(tmp_path / LAB, np.where(data > 0, data + 2e-3, data).astype(np.float32))
+    assert len(validate(manifest)) == 1
+    with pytest.raises(InputError, match="non-integer"):
+        read_label(tmp_path / LAB)
+
+
+def test_require_valid_says_each_problem_once(tmp_path, caplog):
+    from pipeline.errors import InputError
+    from pipeline.validation import require_valid
+
+    manifest = make_dataset(tmp_path, n=3)
+    _undeclared_label(tmp_path)
+    (tmp_path / "imagesTr/case_2.nii.gz").unlink()
+    with caplog.at_level("ERROR", logger="pipeline.validation"), pytest.raises(InputError) as e:
+        require_valid(manifest)
+    first, other = str(tmp_path / LAB), str(tmp_path / "imagesTr/case_2.nii.gz")
+    assert str(e.value).startswith(f"{manifest}: failed validation with 2 problem(s), first: training[0] case_0")
+    assert first in str(e.value) and first not in caplog.text and caplog.text.count(other) == 1
