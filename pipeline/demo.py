@@ -1,14 +1,18 @@
 """`segpipe demo`: the main job end to end on synthetic CT phantoms, on any machine, in minutes.
 
 synthesise -> validate -> train phantom_ct_3d (boundary-weighted loss, MLflow) -> batch-predict
-held-out studies with the overlap-tile predictor -> evaluate -> print a summary.
+held-out studies with the overlap-tile predictor -> evaluate -> print a summary. A second demo into
+the same folder trains a new model, and its masks replace the first model's (``segpipe predict``
+predicts again what another model made), so the Dice it prints and logs is the new model's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +60,9 @@ def run_demo(out: Path, epochs: int | None = None, bundle: Path = BUNDLE,
     rows = predict(bundle, out / "data" / "test" / "imagesTr", out / "masks", overrides={"model_path": str(weights)},
                    progress=progress)
     failed = [r for r in rows if r["status"] == "failed"]
-    echo(f"[4/5] predicted {len(rows) - len(failed)} held-out studies into {out / 'masks'}")
+    done, kept = (sum(r["status"] == s for r in rows) for s in ("ok", "skipped"))
+    echo(f"[4/5] predicted {done} held-out studies into {out / 'masks'}"
+         + (f" ({kept} more kept: masks of this model from an earlier run)" if kept else ""))
     if failed:
         for r in failed:
             echo(f"  failed: {r['study_id']}: {r['error']}")
@@ -80,5 +86,15 @@ def _print_summary(ev: dict, out: Path, train: dict, seconds: float, echo: Calla
     echo(f"  report:  {out / 'masks' / 'report.csv'} and {out / 'masks' / 'metrics.csv'}")
     echo(f"  model:   {train.get('model_path')}")
     echo(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
-    echo(f"  open the MLflow UI:  .venv/bin/segpipe ui --tracking-uri {shlex.quote(str(train.get('tracking_uri')))}")
+    echo(f"  open the MLflow UI:  {segpipe_command()} ui --tracking-uri {shlex.quote(str(train.get('tracking_uri')))}")
     echo(f"  total time: {seconds / 60:.1f} min")
+
+
+def segpipe_command() -> str:
+    """The command that runs this segpipe from any folder: the ``segpipe`` script beside the running
+    interpreter (the virtual environment's), by its absolute path, else ``python -m pipeline``."""
+    python = os.path.abspath(sys.executable)
+    script = Path(python).parent / "segpipe"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(python)} -m pipeline"

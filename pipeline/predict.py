@@ -11,8 +11,14 @@ Pipeline: one reader thread checks headers and runs the deterministic preprocess
 ``prefetch`` studies while the current one runs on the device; one writer thread runs the
 post-processing (back to the source geometry, labels, clean-up, the mask file). Both queues are bounded, so memory
 does not grow with the number of studies. A failing study becomes a ``failed`` row with a
-one-line reason; the rest go on. Existing outputs are skipped (they are complete: see
-``predict_io``), so a killed run is resumed by running the same command again.
+one-line reason; the rest go on.
+
+Resume: existing outputs of this model are skipped (they are complete: see ``predict_io``), so a
+killed run is resumed by running the same command again. "This model" is ``model_identity``:
+the weights files' sha256, the bundle's name and version and the settings that change masks,
+recorded in ``OUTPUT/.segpipe_model.json`` before the first mask and in each report row's
+``model``. Outputs of another model are predicted again (one warning says how many and what
+differs); see ``_attribute`` for outputs without a row.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pipeline import preview as preview_pages
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, SegpipeError, UsageError, first_line
 from pipeline.manifest import as_manifest
+from pipeline.predict_io import UNKNOWN
 from pipeline.preview import write_index
 
 log = logging.getLogger(__name__)
@@ -80,22 +87,12 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
     predict_io.clean_stale_temps(output_dir)
     log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
 
-    earlier = predict_io.read_report(output_dir)
-    names = model["label_names"]
-    rows: list[dict[str, Any]] = []
-    todo = []
-    for s in studies:
-        files = predict_outputs.planned(s, output_dir, output_format, preview)
-        if all(f.exists() for f in files.values()):
-            row = earlier.get(s["id"], {})
-            if not all(row.get(f"voxels_{n}") for n in names[1:]):  # killed before its row, or no report.csv
-                row = {**row, **predict_outputs.recount_volumes(files, names)}
-            rows.append({**row, "study_id": s["id"], "input": s["image"],
-                         **predict_outputs.columns(s, files, output_format), "status": "skipped"})
-        else:
-            todo.append(s)
+    names, identity = model["label_names"], model["identity"]
+    rows, todo = _resume(studies, output_dir, identity, names, output_format, preview)
     if rows:
         predict_io.write_report(output_dir, rows, names)
+    if todo:  # before the first mask: every output this run writes is attributable to its model
+        predict_io.record_model(output_dir, identity, unattributed=any(r["model"] == UNKNOWN for r in rows))
     if preview:
         write_index(output_dir, names, running=True)
     bar = _progress_bar(len(studies), progress, initial=len(rows))
@@ -114,6 +111,7 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
 
         def finish(row: dict[str, Any]) -> None:
             nonlocal index_due
+            row["model"] = identity["id"]
             rows.append(row)
             predict_io.write_report(output_dir, [row], names)
             if preview and time.monotonic() >= index_due:  # not after every study: the page is the
@@ -151,6 +149,66 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
     return rows
 
 
+def _resume(studies: list[dict[str, Any]], output_dir: Path, identity: dict[str, Any], names: list[str],
+            output_format: str, preview: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split ``studies`` into the rows of those whose outputs are all there and are kept
+    (``skipped``: this model's, or of no known model) and those to predict (no outputs yet, or
+    another model's). Warns once about each kind that is not plainly this model's."""
+    earlier, stamp = predict_io.read_report(output_dir), predict_io.read_stamp(output_dir)
+    rows: list[dict[str, Any]] = []
+    todo: list[dict[str, Any]] = []
+    again: dict[str, list[str]] = {}  # why -> ids predicted again
+    for s in studies:
+        files = predict_outputs.planned(s, output_dir, output_format, preview)
+        if not all(f.exists() for f in files.values()):
+            todo.append(s)
+            continue
+        row = earlier.get(s["id"], {})
+        made_by = _attribute(row, stamp, identity["id"])
+        if made_by not in (identity["id"], UNKNOWN):
+            why = (predict_io.model_difference((stamp or {}).get("models", {}).get(made_by), identity) if made_by
+                   else "no report row says which model made them, and other models wrote into this folder")
+            again.setdefault(why, []).append(s["id"])
+            todo.append(s)
+            continue
+        if not all(row.get(f"voxels_{n}") for n in names[1:]):  # killed before its row, or no report.csv
+            row = {**row, **predict_outputs.recount_volumes(files, names)}
+        rows.append({**row, "study_id": s["id"], "input": s["image"],
+                     **predict_outputs.columns(s, files, output_format), "status": "skipped", "model": made_by})
+    if again:
+        log.warning("%s: %d existing output(s) were made by another model than this one (%s) and are predicted "
+                    "again: %s", output_dir, sum(map(len, again.values())), identity["id"],
+                    "; ".join(f"{why} ({_some(ids)})" for why, ids in again.items()))
+    unknown = [r["study_id"] for r in rows if r["model"] == UNKNOWN]
+    if unknown:
+        log.warning("%s: %d existing output(s) are kept although no record says which model made them (written "
+                    "by a segpipe that did not record models): %s; delete them to predict them again with this "
+                    "model", output_dir, len(unknown), _some(unknown))
+    return rows, todo
+
+
+def _attribute(row: dict[str, str], stamp: dict[str, Any] | None, current: str) -> str:
+    """The model that made a study's existing outputs: its report row's ``model`` (of a row that
+    is ``ok`` or ``skipped``: a ``failed`` attempt may have left another model's files). Without
+    one (a run killed between a mask and its row, a deleted report.csv, a row of an older
+    segpipe) the folder's stamp decides: none at all, or one that records unattributed outputs,
+    is ``UNKNOWN`` (kept, as before models were recorded); only this model recorded: this
+    model's; one other model alone: that one's; several: "" (cannot tell: predicted again)."""
+    if row.get("model") and row.get("status") in ("ok", "skipped"):
+        return row["model"]
+    if stamp is None or stamp.get("unattributed"):
+        return UNKNOWN
+    models = set(stamp["models"])
+    if models <= {current}:
+        return current
+    others = models - {current}
+    return next(iter(others)) if len(others) == 1 and current not in models else ""
+
+
+def _some(ids: list[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
 #: the ids of common.json + inference.json that segpipe predict reads (every bundle declares them)
 PREDICT_IDS = ("device", "predictor", "folds", "preprocessing", "inferer", "postprocessing",
                "prediction_dir", "label_names", "max_voxels", "in_channels", "spatial_dims")
@@ -175,8 +233,12 @@ def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str |
     missing = [k for k in PREDICT_IDS if k not in parser]
     if missing:
         raise UsageError(f"{bundle_dir}: the inference configs lack id(s) {', '.join(missing)}")
+    network = get(parser, "predictor", bundle_dir)  # loads the weights: the files exist and fit
+    weights = get(parser, "weights", bundle_dir) if "weights" in parser else [get(parser, "model_path", bundle_dir)]
     return {
-        "network": get(parser, "predictor", bundle_dir), "device": torch.device(get(parser, "device", bundle_dir)),
+        "network": network, "device": torch.device(get(parser, "device", bundle_dir)),
+        "identity": predict_io.model_identity(bundle_metadata(Path(bundle_dir)), [Path(p) for p in weights],
+                                              predict_io.mask_settings(parser)),
         **{k: get(parser, k, bundle_dir) for k in ("preprocessing", "inferer", "postprocessing")},
         "label_names": list(get(parser, "label_names", bundle_dir)),
         **{k: int(parser.get_parsed_content(k)) for k in ("max_voxels", "in_channels", "spatial_dims")},

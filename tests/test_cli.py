@@ -109,3 +109,66 @@ def test_ui_on_a_missing_store_is_one_line_and_creates_nothing(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no MLflow store at" in err and "--tracking-uri" in err
     assert not (tmp_path / "none").exists()
+
+
+def test_a_second_demo_evaluates_the_model_it_trained(tmp_path, monkeypatch):
+    """``segpipe demo`` twice into one folder: the second model's masks replace the first one's
+    (before, every study was skipped and the first model's Dice was reported as the second's),
+    the counts say what was predicted and what kept, and the UI hint runs from any folder.
+    Training is replaced by weights written at once (random, then every voxel kidney) and the
+    phantoms are small; prediction and evaluation are the demo's own."""
+    import json
+    import math
+    import shlex
+    from pathlib import Path
+
+    import torch
+
+    import pipeline.demo as demo
+    import pipeline.synthetic
+    import pipeline.train
+    from pipeline.bundle import get, load_bundle
+
+    real_write = pipeline.synthetic.write_dataset
+    monkeypatch.setattr(pipeline.synthetic, "write_dataset",
+                        lambda kind, n, out, seed=0, **kw: real_write(kind, n, out, seed=seed, shape=(24, 24, 8)))
+    monkeypatch.setattr(demo, "N_TRAIN", 2)
+    torch.manual_seed(0)
+    state = get(load_bundle(demo.BUNDLE, ("common.json", "inference.json")), "network_def").state_dict()
+    trained = []
+
+    def train(bundle, manifest, epochs=None, overrides=None, **kw):
+        out = Path(overrides["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.clone() for k, v in state.items()}
+        if epochs == 2:  # the "better" model: the output bias makes every voxel kidney
+            key = [k for k, v in weights.items() if k.endswith("bias") and v.shape == (4,)][-1]
+            weights[key][2] += 1e4
+        torch.save(weights, out / "model.pt")
+        trained.append(epochs)
+        return {"model_path": str(out / "model.pt"), "best_val_mean_dice": 0.5, "wall_s": 1.0,
+                "mlflow_run_id": None, "tracking_uri": f"sqlite:///{tmp_path / 'demo.db'}"}
+
+    monkeypatch.setattr(pipeline.train, "train_bundle", train)
+    out = tmp_path / "demo"
+    said = []
+
+    def dice(lines):
+        return float(next(line for line in lines if line.strip().startswith("mean")).split()[1])
+
+    for epochs in (1, 2, 2):
+        said.append([])
+        assert demo.run_demo(out, epochs=epochs, echo=said[-1].append) == 0
+    assert trained == [1, 2, 2]
+    assert any(line.startswith("[4/5] predicted 4 held-out studies") and "kept" not in line for line in said[1])
+    assert not math.isnan(dice(said[0])) and dice(said[1]) != dice(said[0])  # the second model's, not the first's
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert f"{summary['evaluation']['mean_dice']:.3f}" == f"{dice(said[1]):.3f}"
+    assert any(line.startswith("[4/5] predicted 0 held-out studies") and "(4 more kept" in line for line in said[2])
+    assert dice(said[2]) == dice(said[1])
+    hint = next(line for line in said[0] if "open the MLflow UI" in line).split(":", 1)[1]
+    command = shlex.split(hint)
+    assert Path(command[0]).is_absolute() and Path(command[0]).exists(), hint
+    r = subprocess.run([*command[: command.index("ui")], "--help"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout

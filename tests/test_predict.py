@@ -1,10 +1,11 @@
 """Batch prediction end to end through `python -m pipeline predict`: broken studies, resume,
-SIGKILL mid-batch, shards, unwritable output, missing weights."""
+SIGKILL mid-batch, shards, unwritable output, missing weights, reruns with another model."""
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -50,6 +51,25 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ct")
     write_dataset("ct3d", 6, root, seed=0, shape=SMALL)
     return root / "imagesTr"
+
+
+def other_weights(bundle: Path, path: Path, label: int = 2) -> Path:
+    """The bundle's weights with the output bias of ``label`` raised so far that every voxel is it:
+    masks that surely differ from the random weights' ones."""
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    key = [k for k, v in state.items() if k.endswith("bias") and v.shape == (4,)][-1]  # the output conv
+    state[key] = state[key].clone()
+    state[key][label] += 1e4
+    torch.save(state, path)
+    return path
+
+
+def _masks(out: Path) -> dict[str, bytes]:
+    return {f.name: np.asarray(nib.load(str(f)).dataobj).tobytes() for f in sorted(out.glob("ct_*.nii.gz"))}
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("pipeline") and r.levelname == "WARNING"]
 
 
 def _run(bundle: Path, inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -142,6 +162,19 @@ def test_shards_are_disjoint_and_complete(bundle: Path, studies: Path, tmp_path:
     assert set.union(*ids) == {p.name.removesuffix(".nii.gz") for p in studies.glob("*.nii.gz")}
     assert sum(map(len, ids)) == len(set.union(*ids))
     assert len(_report(out)) == 6  # shards writing one folder keep each other's rows
+    stamp = json.loads((out / ".segpipe_model.json").read_text())  # one model, recorded once by three shards
+    [model] = stamp["models"]
+    assert {r["model"] for r in _report(out).values()} == {model}
+    assert all(r["status"] == "skipped" for i in range(3)
+               for r in predict(bundle, studies, out, shard=f"{i}/3", progress=False))
+    other = {"model_path": str(other_weights(bundle, tmp_path / "other.pt"))}  # one shard with other weights
+    again = predict(bundle, studies, out, shard="1/3", overrides=other, progress=False)
+    assert {r["status"] for r in again} == {"ok"} and len(again) == 2
+    rows = _report(out)  # the other shards' rows and masks stay theirs, and a rerun of them still skips
+    assert {rows[r["study_id"]]["model"] for r in again} == {r["model"] for r in again} != {model}
+    assert sum(r["model"] == model for r in rows.values()) == 4
+    assert {r["status"] for r in predict(bundle, studies, out, shard="0/3", progress=False)} == {"skipped"}
+    assert len(json.loads((out / ".segpipe_model.json").read_text())["models"]) == 2
     for bad in ("3/3", "-1/2", "1", "a/b", "1/0"):
         with pytest.raises(UsageError):
             parse_shard(bad)
@@ -286,3 +319,102 @@ def test_stale_temps_of_this_machine_go_another_machines_stay_a_day(tmp_path: Pa
         assert tmp.name.startswith(temp_prefix()) and f".{HOST}-" in tmp.name
         tmp.write_bytes(b"y")
         assert clean_stale_temps(tmp_path) == 0
+
+
+def test_a_rerun_with_other_weights_predicts_again_with_the_same_skips(bundle: Path, studies: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Masks of another model are not kept as if they were this one's: the weights' sha256 is
+    recorded (``.segpipe_model.json``, each row's ``model``) and a rerun with other weights
+    predicts every study again, saying so once; the same weights skip as before."""
+    out = tmp_path / "out"
+    first = predict(bundle, studies, out, progress=False)
+    assert {r["status"] for r in first} == {"ok"}
+    stamp = json.loads((out / ".segpipe_model.json").read_text())
+    [model] = stamp["models"]
+    assert stamp["models"][model]["weights"][0]["sha256"] == hashlib.sha256(
+        (bundle / "models" / "model.pt").read_bytes()).hexdigest()
+    assert stamp["models"][model]["bundle"] == {"name": "phantom_ct_3d",
+                                                "version": json.loads((bundle / "configs" / "metadata.json")
+                                                                      .read_text())["version"]}
+    rows1, masks1 = _report(out), _masks(out)
+    assert {r["model"] for r in rows1.values()} == {model}
+
+    caplog.clear()
+    same = predict(bundle, studies, out, overrides={"model_path": str(bundle / "models" / "model.pt")},
+                   progress=False)  # the same file named otherwise: the same model
+    assert {r["status"] for r in same} == {"skipped"} and {r["model"] for r in same} == {model}
+    assert not _warnings(caplog)
+
+    caplog.clear()
+    other = other_weights(bundle, tmp_path / "other.pt")
+    again = predict(bundle, studies, out, overrides={"model_path": str(other)}, progress=False)
+    assert {r["status"] for r in again} == {"ok"}
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "6 existing output(s)" in warnings[0] and "other weights" in warnings[0], warnings
+    rows2, masks2 = _report(out), _masks(out)
+    [new] = {r["model"] for r in rows2.values()}
+    assert new != model and {r["status"] for r in rows2.values()} == {"ok"}
+    assert all(masks2[k] != masks1[k] for k in masks1)
+    assert all(int(r["voxels_kidney"]) == int(np.prod(SMALL)) for r in rows2.values())
+    assert sorted(json.loads((out / ".segpipe_model.json").read_text())["models"]) == sorted([model, new])
+    # back to the first weights: predicted again too (the rows say which model made each mask)
+    back = predict(bundle, studies, out, progress=False)
+    assert {r["status"] for r in back} == {"ok"} and _masks(out) == masks1
+
+
+def test_a_rerun_with_a_mask_changing_setting_predicts_again_naming_it(bundle: Path, studies: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    predict(bundle, studies, out, progress=False)
+    r = _run(bundle, studies, out, "--set", "tta=true", "--set", "sw_batch_size=2")
+    assert r.returncode == 0 and "6 ok, 0 skipped, 0 failed" in r.stdout, r.stderr
+    said = [line for line in r.stderr.splitlines() if "predicted again" in line]
+    assert len(said) == 1 and "6 existing output(s)" in said[0] and "other settings: tta" in said[0], r.stderr
+    assert "other weights" not in said[0] and "sw_batch_size" not in said[0]
+    # a setting that does not change masks (windows per batch, compilation, device) keeps them
+    rows = predict(bundle, studies, out, overrides={"tta": True, "sw_batch_size": 1, "compile": False},
+                   progress=False)
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert {r["status"] for r in predict(bundle, studies, out, overrides={"postprocess": {
+        "keep_largest": [1], "fill_holes": []}, "tta": True}, progress=False)} == {"ok"}
+
+
+def test_outputs_of_no_recorded_model_are_kept_with_a_warning(bundle: Path, studies: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A folder an older segpipe wrote (masks, a report without ``model``, no stamp): its masks
+    cannot be attributed, so they are kept as before, named once in a warning and marked
+    ``unknown``; a mask without a row in a folder several models wrote is predicted again."""
+    out = tmp_path / "out"
+    predict(bundle, studies, out, progress=False)
+    (out / ".segpipe_model.json").unlink()
+    rows = _report(out)
+    with open(out / "report.csv", "w", newline="") as f:  # as segpipe wrote it before models were recorded
+        cols = [c for c in next(iter(rows.values())) if c != "model"]
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows.values())
+    masks = _masks(out)
+    caplog.clear()
+    other = {"model_path": str(other_weights(bundle, tmp_path / "other.pt"))}
+    kept = predict(bundle, studies, out, overrides=other, progress=False)
+    assert {r["status"] for r in kept} == {"skipped"} and {r["model"] for r in kept} == {"unknown"}
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "6 existing output(s) are kept" in warnings[0], warnings
+    assert _masks(out) == masks and {r["model"] for r in _report(out).values()} == {"unknown"}
+
+    fresh = tmp_path / "fresh"  # two models wrote here; one mask lost its row (a kill between the two)
+    predict(bundle, studies, fresh, shard="0/2", progress=False)
+    predict(bundle, studies, fresh, shard="1/2", overrides=other, progress=False)
+    rows = _report(fresh)
+    lost = sorted(rows)[0]
+    with open(fresh / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[lost]))
+        w.writeheader()
+        w.writerows(r for sid, r in rows.items() if sid != lost)
+    caplog.clear()
+    again = {r["study_id"]: r["status"] for r in predict(bundle, studies, fresh, progress=False)}
+    assert again[lost] == "ok" and sorted(s for s, st in again.items() if st == "skipped") == sorted(rows)[2::2]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "4 existing output(s)" in warnings[0], warnings  # 3 of the other model, the lost
+    assert f"no report row says which model made them, and other models wrote into this folder ({lost})" in warnings[0]
+    assert "other weights (" + ", ".join(sorted(rows)[1::2]) + ")" in warnings[0]
