@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import SegpipeError, UsageError, first_line
+from pipeline.errors import SegpipeError, UsageError, describe, wrapped_segpipe_error
 
 log = logging.getLogger("segpipe")
 
@@ -392,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: one line, no traceback page
         if a.debug:
             raise
-        print(f"segpipe {a.command}: error: {type(e).__name__}: {first_line(e)} (rerun with --debug for details)",
-              file=sys.stderr)
+        if (ours := wrapped_segpipe_error(e)) is not None:  # ours, raised inside MONAI or Ignite
+            print(f"segpipe {a.command}: error: {ours}", file=sys.stderr)
+            return ours.exit_code
+        print(f"segpipe {a.command}: error: {describe(e)} (rerun with --debug for details)", file=sys.stderr)
         return 1
 
 

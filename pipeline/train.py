@@ -61,7 +61,7 @@ from pipeline.handlers import (
     find_model_saver,
 )
 from pipeline.manifest import manifest_hash
-from pipeline.validation import check_contract
+from pipeline.validation import check_contract, require_valid
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,6 @@ def init_weights(network: torch.nn.Module, path: str | Path | None, fold: int | 
     log.info("initialised from %s", path)
 
 
-def _check_manifest(manifest: Path) -> None:
-    from pipeline.validation import validate_manifest as validate
-
-    problems = validate(Path(manifest))
-    if problems:
-        for p in problems:
-            log.error("%s", p)
-        raise InputError(f"{manifest}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
-
 
 def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | None = None, resume: bool = False,
                  tracking_uri: str | None = None, device: str | None = None, amp: bool | None = None,
@@ -178,7 +169,7 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
             validate_often(parser)
         if register is None:
             register = "mlflow.parentRunId" not in (tags or {})
-        _check_manifest(Path(parser.get_parsed_content("manifest")))
+        require_valid(Path(parser.get_parsed_content("manifest")))  # each problem said once
         check_contract(Path(bundle_dir), Path(parser.get_parsed_content("manifest")))
         with _console(verbose, progress and idist.get_rank() == 0) as bar:
             summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags,

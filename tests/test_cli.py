@@ -172,3 +172,36 @@ def test_a_second_demo_evaluates_the_model_it_trained(tmp_path, monkeypatch):
     r = subprocess.run([*command[: command.index("ui")], "--help"], capture_output=True, text=True, cwd=tmp_path,
                        timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_an_unexpected_error_names_its_innermost_cause_and_ours_keep_their_exit_code(monkeypatch, capsys):
+    """MONAI wraps a transform's failure in 'applying transform <LoadImaged object at 0x..>': the
+    last-resort line also gives the innermost cause (here the truncated file's EOFError), without
+    object addresses; one of our errors raised inside such a wrapper is printed as ours, with its
+    exit code. Before, the line was the wrapper's alone, and ours became exit 1 with its text lost."""
+    import pipeline.cli
+    from pipeline.errors import UsageError
+
+    class LoadImaged:
+        pass
+
+    def truncated(a):
+        try:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        except EOFError as e:
+            raise RuntimeError(f"applying transform {LoadImaged()}") from e
+
+    def ours(a):
+        try:
+            raise UsageError("setting 'x': expected an integer")
+        except UsageError as e:
+            raise RuntimeError("applying transform") from e
+
+    monkeypatch.setattr(pipeline.cli, "_cmd_synth", truncated)
+    assert main(["synth", "--kind", "ct3d", "--out", "unused"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("segpipe synth: error: RuntimeError: applying transform LoadImaged -> EOFError: Compressed file "
+                   "ended before the end-of-stream marker was reached (rerun with --debug for details)")
+    monkeypatch.setattr(pipeline.cli, "_cmd_synth", ours)
+    assert main(["synth", "--kind", "ct3d", "--out", "unused"]) == 2
+    assert capsys.readouterr().err.strip() == "segpipe synth: error: setting 'x': expected an integer"
