@@ -10,13 +10,15 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import SegpipeError, UsageError, describe, wrapped_segpipe_error
+from pipeline.errors import SegpipeError, Terminated, UsageError, describe, wrapped_segpipe_error
 
 log = logging.getLogger("segpipe")
 
@@ -358,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -379,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         # pipeline.tracking reports that failure in one line (records kept in the run's journal)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    if a.command != "ui" and threading.current_thread() is threading.main_thread():  # ui: uvicorn's own shutdown
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(a.func(a) or 0)
     except SegpipeError as e:
@@ -386,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"segpipe {a.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"segpipe {a.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"segpipe {a.command}: interrupted", file=sys.stderr)
         return 130

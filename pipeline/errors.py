@@ -19,6 +19,12 @@ class UsageError(SegpipeError):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending a job, ``kill``, torchrun stopping its workers), raised where
+    the main thread is, so the work cleans up as after Ctrl-C: a training's MLflow run ends KILLED,
+    a batch's temp files go and its index.html is finished. The CLI exits 143."""
+
+
 def first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's message (libraries wrap causes in pages of
     text), or its type name when it has none."""

@@ -260,6 +260,28 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path, data
     assert [k for k, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
 
 
+def test_a_sigterm_ends_the_run_as_killed_and_it_resumes(tmp_path: Path, data: Path, store: str) -> None:
+    """SIGTERM (a scheduler ending the job, torchrun stopping its workers) is handled as Ctrl-C: one
+    line, exit 143, the MLflow run KILLED (before: the process died at once and the run stayed
+    RUNNING), and --resume goes on."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(data), "--epochs", "20",
+           "--tracking-uri", store, *_sets({**FAST, "output_dir": str(out), "val_interval": 5})]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(out / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "segpipe train: terminated (SIGTERM)"
+    run_id = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(store).get_run(run_id).info.status == "KILLED"
+    s = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store,
+                     overrides={**FAST, "output_dir": str(out), "val_interval": 5})
+    assert s["mlflow_run_id"] == run_id and s["epochs"] == 3
+
+
 def test_a_run_its_time_budget_ended_resumes_to_nothing(tmp_path: Path, data: Path, store: str) -> None:
     """The budget ends an epoch early (a mid-epoch checkpoint); --resume must neither train a second
     budget nor count the last epoch one short."""
