@@ -179,6 +179,32 @@ def check_resume_settings(parser: Any, output_dir: Path, roots: Sequence[str] | 
                          "there to resume with these")
 
 
+#: ids that may differ between the processes of one torchrun (paths on other nodes, each its own GPU)
+PER_PROCESS = frozenset({"_meta_", "output_dir", "bundle_root", "manifest", "dataset_dir", "device", "num_workers",
+                         "cache_dir", "cache_rate", "qc_cases", "export"})
+
+
+def check_same_recipe(parser: Any, roots: Sequence[str], manifest_sha256: str) -> None:
+    """Under torchrun, UsageError on every process unless all train the same recipe: the ids
+    ``roots`` read (and what they reference) less ``PER_PROCESS``, and the manifest's content. Two
+    nodes started with other ``--set`` values would step one model's averaged gradients with two
+    learning rates (or wait for each other at different epochs)."""
+    if idist.get_world_size() < 2:
+        return
+    config = parser.get()
+    mine = {k: config[k] for k in sorted(_referenced(config, roots)) if k in config and k not in PER_PROCESS}
+    mine["manifest (sha256)"] = manifest_sha256
+    texts = idist.all_gather(_text(mine))
+    first = json.loads(texts[0])
+    other = next((r for r, t in enumerate(texts) if t != texts[0]), None)
+    if other is not None:
+        theirs = json.loads(texts[other])
+        key = next(k for k in sorted(set(first) | set(theirs)) if _text(first.get(k)) != _text(theirs.get(k)))
+        raise UsageError(f"process {other} of {len(texts)} was started with other settings than process 0 "
+                         f"({first_difference(key, first.get(key), theirs.get(key))}); start every node with the "
+                         "same bundle, --set values and manifest")
+
+
 def _referenced(config: dict[str, Any], roots: Sequence[str]) -> set[str]:
     """The top-level ids of ``config`` that ``roots`` are or reference (``@id``, also inside ``$``
     expressions), transitively (MONAI's ``ReferenceResolver``)."""

@@ -170,6 +170,8 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
         if register is None:
             register = "mlflow.parentRunId" not in (tags or {})
         require_valid(Path(parser.get_parsed_content("manifest")))  # each problem said once
+        checkpoints.check_same_recipe(parser, (*TRAIN_IDS, "seed", "fold"),
+                                      manifest_hash(Path(parser.get_parsed_content("manifest"))))
         check_contract(Path(bundle_dir), Path(parser.get_parsed_content("manifest")))
         with _console(verbose, progress and idist.get_rank() == 0) as bar:
             summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags,

@@ -87,3 +87,32 @@ def test_torchrun_without_validation_cases_trains_and_with_too_few_says_so(tmp_p
             "needs at least one") in results[5].stderr
     assert "start at most 1 processes (--nproc_per_node)" in results[5].stderr
     assert not (tmp_path / "folds5").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_nodes_started_with_other_settings_are_refused(tmp_path: Path, ct6_dataset: Path) -> None:
+    """Two nodes (here two torchrun launchers on this machine, --nnodes 2) where the second was given
+    another learning rate: every process stops with one line naming the setting, before training.
+    Before, both trained to the end, stepping one model's averaged gradients with two rates, and
+    MLflow recorded only node 0's. Paths may differ between nodes (each its own output folder)."""
+    import socket
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node, extra in ((0, {}), (1, {"learning_rate": 0.5})):
+        sets = [a for k, v in {**FAST, "output_dir": str(tmp_path / f"node{node}"), **extra}.items()
+                for a in ("--set", f"{k}={json.dumps(v)}")]
+        procs.append(subprocess.Popen(
+            [torchrun, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+             "--master_port", str(port), "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(ct6_dataset),
+             "--epochs", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *sets],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode != 0, err[-2000:]
+        assert ("segpipe train: error: process 1 of 2 was started with other settings than process 0 "
+                "(learning_rate 0.005 -> 0.5)") in err, err[-2000:]
+    assert not (tmp_path / "node0" / "checkpoints").exists()
