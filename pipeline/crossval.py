@@ -20,9 +20,13 @@ foreground, or of each class, is switched on only where it raises the out-of-fol
 per class only for the classes whose Dice it raises (``choose_postprocessing``; ``postprocessing``:
 each candidate's Dice, and the chosen one's Dice and HD95 per case, over all cases and per fold).
 
-MLflow: one parent run (``crossval-<bundle>``) with a nested child run per fold (the folds'
-training runs); the out-of-fold summary is logged on the parent. ``pipeline.crossval_export``
-copies the fold weights into the bundle; ``pipeline.crossval_score`` scores the masks.
+MLflow: one parent run (``crossval-<bundle>-<output folder>-<date>-<time>``) with a nested child
+run per fold (the folds' training runs, ``<output folder>-fold<k>-<date>-<time>``): two
+cross-validations of one bundle are told apart by their ``--output`` folders. The parent holds
+the key parameters (``parent_params``), the manifest as its dataset input and the out-of-fold
+summary in the ``oof/`` section (``pipeline.crossval_score.mlflow_metrics``).
+``pipeline.crossval_export`` copies the fold weights into the bundle; ``pipeline.crossval_score``
+scores the masks.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 
 from pipeline.crossval_score import (
     RESULT_FILE,
-    flat_metrics,
+    mlflow_metrics,
     model_digest,
     postprocess_options,
     read_stamp,
@@ -100,6 +104,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     ``export``, once every case is scored, ``export_ensemble`` (its paths in ``result["exported"]``;
     empty while folds run side by side are unfinished, so the last one to finish exports)."""
     from pipeline.bundle import bundle_metadata, load_bundle
+    from pipeline.manifest import manifest_hash
+    from pipeline.run_tags import git_commit, run_name, standard_tags
     from pipeline.tracking import open_tracker
     from pipeline.train import train_bundle
 
@@ -119,14 +125,20 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
         raise UsageError(f"--fold {bad[0]}: the split has folds 0..{folds - 1}")
     out = Path(output_dir or Path(parser.get_parsed_content("output_dir")) / "crossval").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    name = bundle_metadata(bundle_dir).get("name", bundle_dir.name)
+    meta = bundle_metadata(bundle_dir)
+    name, version = meta.get("name", bundle_dir.name), meta.get("version")
     for k in chosen:  # folds carried in from another cross-validation: refused before anything is written
         _check_fold_split(out / f"fold_{k}", k, cases[k])
     with locked(out / LOCK_FILE):  # folds started side by side into one folder share one parent run
         _record_split(out, manifest, folds, seed, cases)
         parent = open_tracker(tracking_uri, name, out / "metrics.jsonl", out / "mlflow_run.json", resume=True,
-                              run_name=f"crossval-{name}")
-        parent.set_tags({"crossval": "parent", "folds": folds, "manifest": str(manifest), "bundle": name})
+                              run_name=run_name(f"crossval-{name}-{out.name}", None))
+        digest, commit = manifest_hash(manifest), git_commit()
+        parent.set_tags({"crossval": "parent", "folds": folds, "manifest": str(manifest), "bundle": name,
+                         "bundle_version": version, "manifest_sha256": digest, "git_commit": commit,
+                         **standard_tags(commit)})
+        parent.log_params(parent_params(parser, name, version, manifest, folds, epochs, overrides))
+        parent.log_dataset(manifest, digest)
         parent.flush()
     selection = str(parser.get_parsed_content("model_selection")) if "model_selection" in parser else "best"
     try:  # the parent run ends FAILED (KILLED on Ctrl-C) with the command, as train.py's runs do
@@ -137,12 +149,15 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
                 log.info("fold %d: trained (%s) and its checkpoints are gone: not trained again", k,
                          fold_dir / TRAINED_FILE)
             else:
+                tags: dict[str, Any] = {"mlflow.parentRunId": parent.run_id, "fold": k}
+                if not (fold_dir / "checkpoints" / "mlflow_run.json").is_file():  # its run is new: named once
+                    tags["mlflow.runName"] = run_name(out.name, k)
                 summary = train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True,
                                        tracking_uri=parent.uri, device=device, verbose=verbose, progress=progress,
                                        overrides={**overrides, "fold": k, "num_folds": folds,
                                                   "output_dir": str(fold_dir),
                                                   "export": False},  # a fold is one member: export-ensemble ships them
-                                       tags={"mlflow.parentRunId": parent.run_id, "fold": k})
+                                       tags=tags)
                 with atomic_path(fold_dir / TRAINED_FILE) as tmp:
                     tmp.write_text(json.dumps({"fold": k, "num_folds": folds, "val": cases[k], "overrides": overrides,
                                                **summary}, indent=1, default=str) + "\n")
@@ -150,7 +165,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
             predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
         with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
             result = score(out, manifest, cases, name)
-        parent.log_metrics(flat_metrics(result), step=0)
+        parent.log_metrics(mlflow_metrics(result), step=0)
         parent.log_artifact(out / RESULT_FILE, "crossval")
     except BaseException as e:
         parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -165,6 +180,21 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     else:
         result["exported"] = []
     return result
+
+
+def parent_params(parser: Any, name: str, version: Any, manifest: Path, folds: int, epochs: int | None,
+                  overrides: dict[str, Any]) -> dict[str, Any]:
+    """The parent run's params: the bundle's key hyperparameters as a fold's run has them
+    (``pipeline.run_tags.bundle_params``; ``max_epochs`` as ``--epochs`` sets it) without the
+    fold's own ids, and the cross-validation's: bundle and version, folds, manifest, the ``--set``
+    overrides (JSON). MLflow keeps a param's first value: those of the first call into the folder."""
+    from pipeline.run_tags import bundle_params
+
+    params = {k: v for k, v in bundle_params(parser).items() if k not in ("fold", "num_folds")}
+    if epochs is not None:
+        params["max_epochs"] = epochs
+    return {**params, "bundle": name, "bundle_version": version, "folds": folds, "manifest": str(manifest),
+            "overrides": json.dumps(overrides, sort_keys=True, default=str)}
 
 
 def _check_fold_split(fold_dir: Path, k: int, val: list[str]) -> None:

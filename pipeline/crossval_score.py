@@ -187,16 +187,32 @@ def _summary(rows: Any, classes: list[str]) -> dict[str, Any]:
     return out
 
 
-def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
-    s = result["summary"]
-    flat = {"oof_mean_dice": s["mean_dice"], "oof_cases": float(result["cases_scored"])}
-    for c, v in s["dice"].items():
-        flat[f"oof_dice_{c}"] = v["mean"]
-    for c, v in s["hd95_mm"].items():
-        flat[f"oof_hd95_{c}"] = v["mean"]
-    for k, v in result["per_fold"].items():
-        flat[f"fold{k}_mean_dice"] = v["mean_dice"]
-    return {k: v for k, v in flat.items() if isinstance(v, float) and math.isfinite(v)}
+#: the MLflow section of the out-of-fold figures (a training run's are ``val/``, an evaluation's ``eval/``)
+SECTION = "oof/"
+
+
+def mlflow_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The parent run's MLflow metrics from ``result`` (``crossval.json``), in the ``oof/`` section:
+    ``mean_dice``, ``dice_<class>``, ``hd95_mm_<class>``, ``mean_dice_postprocessed`` (with the
+    chosen post-processing), ``fold<k>_mean_dice`` of each fold scored so far, ``cases_scored``
+    and ``cases_total``. A class whose HD95 no case defines (no structure predicted or in the
+    reference) is NaN, which MLflow keeps and shows, rather than left out; before any case is
+    scored there are only the counts."""
+    from pipeline.evaluation import _metric_key
+
+    out = {"cases_scored": float(result["cases_scored"]), "cases_total": float(result["cases_total"])}
+    if result["cases_scored"]:
+        s = result["summary"]
+        out["mean_dice"] = s["mean_dice"]
+        out["mean_dice_postprocessed"] = result["postprocessing"]["summary"]["mean_dice"]
+        for c, v in s["dice"].items():
+            out[f"dice_{_metric_key(c)}"] = v["mean"]
+        for c, v in s["hd95_mm"].items():
+            out[f"hd95_mm_{_metric_key(c)}"] = v["mean"]
+        for k, v in result["per_fold"].items():
+            if v["n"]:
+                out[f"fold{k}_mean_dice"] = v["mean_dice"]
+    return {SECTION + k: math.nan if v is None else float(v) for k, v in out.items()}  # None: crossval.json's NaN
 
 
 # -- the ensemble into the bundle ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.fileio import read_label
+from pipeline.preview import radiological_plane
 from pipeline.weightmap import boundary_weight_map
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,9 @@ def weightmap_figure(label_path: Path, out_png: Path, w0: float = 10.0, sigma: f
     """Render one slice of a label file and its boundary weight map side by side as a PNG.
 
     The map is computed in 3D with the file's spacing (header zooms), ``sigma`` in the same units
-    (mm); the slice shown is along the last axis, the middle one by default. Returns ``out_png``.
+    (mm); the slice shown is along the last axis, the middle one by default, turned as ``segpipe
+    predict``'s preview shows that plane (``pipeline.preview.radiological_plane``: patient right on
+    the left, anterior or superior at the top). Returns ``out_png``.
 
     Raises:
         InputError: the file is missing, unreadable, not 2D/3D, not a label (non-integer values,
@@ -33,7 +36,7 @@ def weightmap_figure(label_path: Path, out_png: Path, w0: float = 10.0, sigma: f
     from matplotlib.figure import Figure
 
     label_path, out_png = Path(label_path), Path(out_png)
-    label, _, spacing = read_label(label_path, max_values=MAX_LABELS)
+    label, affine, spacing = read_label(label_path, max_values=MAX_LABELS)
     index = label.shape[-1] // 2 if slice_index is None else slice_index
     if label.ndim == 3 and not -label.shape[2] <= index < label.shape[2]:
         raise InputError(f"{label_path}: slice {index} is outside 0..{label.shape[2] - 1}")
@@ -42,20 +45,22 @@ def weightmap_figure(label_path: Path, out_png: Path, w0: float = 10.0, sigma: f
     except ValueError as e:
         raise InputError(f"{label_path}: {e}") from None
     where = label_path.name
-    if label.ndim == 3:
+    if label.ndim == 3:  # turned as segpipe predict's preview shows the plane (patient right on the left ...)
         where = f"slice {index % label.shape[2]} of {label_path.name}"
-        label, weights, spacing = label[:, :, index], weights[:, :, index], spacing[:2]
+        view, label, aspect = radiological_plane(label[:, :, index], affine, 2)
+        weights, spacing, where = radiological_plane(weights[:, :, index], affine, 2)[1], spacing[:2], f"{where} ({view})"
+    else:  # rows are the first axis: shown transposed, x = axis 0, axis 1 upwards
+        label, weights, aspect = label.T[::-1], weights.T[::-1], spacing[1] / spacing[0]
     label = label.astype(np.int64)
 
     fig = Figure(figsize=(10, 4.6), dpi=110, layout="constrained")
     left, right = fig.subplots(1, 2)
-    aspect = spacing[1] / spacing[0]  # rows are the first axis: shown transposed, x = axis 0
     classes = int(label.max()) + 1
     colours = np.vstack([[0, 0, 0, 1], colormaps["tab10"](np.arange(max(classes - 1, 1)) % 10)])
-    left.imshow(label.T, cmap=ListedColormap(colours[:classes]), vmin=-0.5, vmax=classes - 0.5,
-                origin="lower", interpolation="nearest", aspect=aspect)
+    left.imshow(label, cmap=ListedColormap(colours[:classes]), vmin=-0.5, vmax=classes - 0.5,
+                interpolation="nearest", aspect=aspect)
     left.set_title(f"label ({classes - 1} foreground class{'' if classes == 2 else 'es'})")
-    shown = right.imshow(weights.T, cmap="jet", origin="lower", interpolation="nearest", aspect=aspect)
+    shown = right.imshow(weights, cmap="jet", interpolation="nearest", aspect=aspect)
     right.set_title(f"weight map: w0={w0:g}, sigma={sigma:g} mm, border on {border_on}")
     fig.colorbar(shown, ax=right, shrink=0.9, label="w(x)")
     for ax in (left, right):

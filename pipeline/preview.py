@@ -49,6 +49,26 @@ def label_colours(n: int) -> list[tuple[float, float, float]]:
     return [(0.0, 0.0, 0.0)] + [tuple(table[(k - 1) % len(table)][:3]) for k in range(1, n)]
 
 
+@functools.lru_cache(maxsize=8)
+def _font_chars(path: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(path).get_charmap())
+
+
+def drawable(text: str) -> str:
+    """``text`` with each character that matplotlib's font for it lacks (CJK in DejaVu Sans, say)
+    written as its ASCII escape (``\\u60a3``): drawn, it was an empty box and a "Glyph missing"
+    warning. index.html keeps the text itself (the browser has the fonts)."""
+    from matplotlib.font_manager import FontProperties, findfont
+
+    if text.isascii():
+        return text
+    have = _font_chars(findfont(FontProperties()))
+    return "".join(c if c == "\n" or ord(c) in have else c.encode("ascii", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def centre(labels: np.ndarray) -> tuple[int, ...]:
     """The voxel at the centre of mass of the largest connected structure (of the label with
     most voxels), or the volume's centre when there is no foreground."""
@@ -62,26 +82,38 @@ def centre(labels: np.ndarray) -> tuple[int, ...]:
     return tuple(int(round(c)) for c in ndimage.center_of_mass(parts == largest))
 
 
-def _views(image: Any, labels: np.ndarray, affine: np.ndarray, at: Sequence[int]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
-    """(name, image plane, label plane, row/column aspect) of each view through voxel ``at``."""
+def radiological_plane(plane: np.ndarray, affine: np.ndarray, fixed: int) -> tuple[str, np.ndarray, float]:
+    """``(view name, plane as shown, row/column aspect)`` of ``plane``, the 2D array left by
+    holding voxel axis ``fixed`` of a volume with ``affine`` (the other two axes in voxel order),
+    turned and flipped as radiologists read it (``VIEWS``): the preview's orientation, for any
+    picture of a slice (``pipeline.figures.weightmap_figure`` draws one)."""
     import nibabel as nib
 
     ornt = nib.io_orientation(affine)  # voxel axis i -> RAS axis ornt[i, 0], direction ornt[i, 1]
     zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    axis = {int(ornt[i, 0]): i for i in range(3)}
+    name = next(n for n, (held, _, _) in VIEWS.items() if axis[held] == fixed)
+    _, down, across = VIEWS[name]
+    rest = [i for i in range(3) if i != fixed]  # the plane's axes, in voxel order
+    out = np.asarray(plane).transpose(rest.index(axis[down]), rest.index(axis[across]))
+    for k, i in enumerate((axis[down], axis[across])):
+        if ornt[i, 1] > 0:  # voxel index runs towards +R/+A/+S: flip to run towards -R/-A/-S
+            out = np.flip(out, k)
+    return name, out, float(zooms[axis[down]] / zooms[axis[across]])
+
+
+def _views(image: Any, labels: np.ndarray, affine: np.ndarray, at: Sequence[int]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+    """(name, image plane, label plane, row/column aspect) of each view through voxel ``at``."""
+    import nibabel as nib
+
+    ornt = nib.io_orientation(affine)
     out = []
-    for name, (fixed, down, across) in VIEWS.items():
-        axis = {int(ornt[i, 0]): i for i in range(3)}
+    for fixed_ras in (held for held, _, _ in VIEWS.values()):
+        fixed = next(i for i in range(3) if int(ornt[i, 0]) == fixed_ras)
         index: list[Any] = [slice(None)] * 3
-        index[axis[fixed]] = int(at[axis[fixed]])
-        img = np.asarray(image[tuple(index)], dtype=np.float32)
-        lab = labels[tuple(index)]
-        rest = [i for i in range(3) if i != axis[fixed]]  # the plane's axes, in voxel order
-        order = [rest.index(axis[down]), rest.index(axis[across])]
-        img, lab = img.transpose(order), lab.transpose(order)
-        for k, i in enumerate((axis[down], axis[across])):
-            if ornt[i, 1] > 0:  # voxel index runs towards +R/+A/+S: flip to run towards -R/-A/-S
-                img, lab = np.flip(img, k), np.flip(lab, k)
-        out.append((name, img, lab, float(zooms[axis[down]] / zooms[axis[across]])))
+        index[fixed] = int(at[fixed])
+        name, img, aspect = radiological_plane(np.asarray(image[tuple(index)], dtype=np.float32), affine, fixed)
+        out.append((name, img, radiological_plane(labels[tuple(index)], affine, fixed)[1], aspect))
     return out
 
 
@@ -107,8 +139,8 @@ def write_preview(image_file: Path | str, labels: np.ndarray, affine: np.ndarray
                   volumes_ml: Mapping[str, float], out_file: Path | str, title: str = "") -> Path:
     """Draw ``labels`` (X, Y, Z, the grid of ``image_file``, a NIfTI whose first channel is
     shown) over the image in three views through :func:`centre`, with a legend of label names
-    and volumes (``volumes_ml[name]``), as a PNG written atomically. A 2D image (or one slice)
-    gets one view."""
+    and volumes (``volumes_ml[name]``), as a PNG written atomically; ``title`` (the study id) and
+    label names as the font can draw them (``drawable``). A 2D image (or one slice) gets one view."""
     import nibabel as nib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
@@ -142,11 +174,13 @@ def write_preview(image_file: Path | str, labels: np.ndarray, affine: np.ndarray
         ax.imshow(lab, cmap=cmap, vmin=0, vmax=len(colours) - 1, aspect=aspect, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    handles = [Patch(color=colours[i], label=f"{n}: {_ml(volumes_ml.get(n, 0.0))} mL")
+    handles = [Patch(color=colours[i], label=drawable(f"{n}: {_ml(volumes_ml.get(n, 0.0))} mL"))
                for i, n in enumerate(label_names) if i > 0]
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10, x=0.01, ha="left")
+    legend = fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    for text in legend.get_texts():
+        text.set_parse_math(False)  # a "$" in a name is a character, not TeX
+    if title:  # a study id: characters the font lacks escaped (``drawable``), "$" as it is
+        fig.suptitle(drawable(title), fontsize=10, x=0.01, ha="left", parse_math=False)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_file) as tmp:
         fig.savefig(tmp, format="png")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from pipeline.fileio import atomic_path
 
@@ -34,9 +35,10 @@ def read_curves(journal: Path) -> dict[str, dict[int, float]]:
 
 def plot_progress(journal: Path, out: Path) -> Path:
     """Draw ``out`` (PNG, written atomically) from ``journal``; return its path."""
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
+
+    from pipeline.preview import label_colours
 
     curves = read_curves(journal)
 
@@ -50,9 +52,9 @@ def plot_progress(journal: Path, out: Path) -> Path:
     ax_loss.set_ylabel("loss")
     ax_dice = ax_loss.twinx()
     classes = [k for k in curves if k.startswith("val_dice_")]  # label order: the colours of the QC pictures
-    colors = colormaps["tab10"]
+    colors = label_colours(len(classes) + 1)
     for i, name in enumerate(classes):
-        ax_dice.plot(*xy(name), color=colors((i + 1) % 10), marker="o", ms=3, lw=1.2,
+        ax_dice.plot(*xy(name), color=colors[i + 1], marker="o", ms=3, lw=1.2,
                      label=f"Dice {name[len('val_dice_'):]}")
     ax_dice.plot(*xy("val_mean_dice"), color="black", ls="--", marker="o", lw=2.2, label="Dice mean")
     ax_dice.set_ylim(0, 1)
@@ -78,27 +80,33 @@ def plot_progress(journal: Path, out: Path) -> Path:
     return out
 
 
-def plot_evaluation(summary: dict, out: Path) -> Path:
-    """``out`` (PNG): mean Dice and surface Dice per class on one 0..1 axis and HD95 in mm, from an
-    evaluation summary (``pipeline.evaluation.summarise``); MLflow draws each logged number as
-    its own bar chart with its own scale, so 0.005 looks as long as 0.33 there."""
+def evaluation_figure(summary: dict) -> Any:
+    """The ``matplotlib.figure.Figure`` of ``plot_evaluation``: Dice and surface Dice (its
+    tolerance, ``summary["tolerance_mm"]``, 1 mm unless it says, in the legend) per class on one
+    0..1 axis, HD95 in mm beside; the legend below the bars, where it hides no value label."""
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = list(summary["per_class"])
     rows = [summary["per_class"][n] for n in names]
     y = np.arange(len(names))
-    height = 1.8 + 0.45 * len(names)
+    height = 2.1 + 0.45 * len(names)
     fig = Figure(figsize=(9, height), dpi=100)
+    FigureCanvasAgg(fig)
     ax_dice, ax_hd = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.4, 1]})
-    for offset, key, label in ((-0.2, "dice_mean", "Dice"), (0.2, "nsd_mean", "surface Dice")):
+    tolerance = float(summary.get("tolerance_mm") or 1.0)
+    for offset, key, label in ((-0.2, "dice_mean", "Dice"),
+                               (0.2, "nsd_mean", f"surface Dice (tolerance {tolerance:g} mm)")):
         values = [r[key] if r[key] is not None else np.nan for r in rows]
         bars = ax_dice.barh(y + offset, values, height=0.38, label=label)
         ax_dice.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
     ax_dice.set_xlim(0, 1.12)
     ax_dice.set_yticks(y, names)
     ax_dice.invert_yaxis()
-    ax_dice.legend(loc="lower right", fontsize=8)
+    # below the axis and its tick labels (2 font sizes of 8 pt), never over a bar or its value
+    ax_dice.legend(loc="upper center", bbox_to_anchor=(0.5, 0), borderaxespad=2.2, ncol=2, fontsize=8,
+                   frameon=False)
     ax_dice.set_title(f"mean Dice {summary['mean_dice']:.3f} over {summary.get('n_cases', '?')} cases", fontsize=10)
     hd = [r["hd95_mean"] if r["hd95_mean"] is not None else np.nan for r in rows]
     bars = ax_hd.barh(y, hd, height=0.5, color="tab:gray")
@@ -107,7 +115,15 @@ def plot_evaluation(summary: dict, out: Path) -> Path:
     ax_hd.set_xlim(0, max([v for v in hd if np.isfinite(v)] or [1]) * 1.25)
     for ax in (ax_dice, ax_hd):
         ax.grid(axis="x", alpha=0.3)
-    fig.subplots_adjust(left=0.16, right=0.98, top=1 - 0.35 / height, bottom=0.55 / height, wspace=0.08)
+    fig.subplots_adjust(left=0.16, right=0.98, top=1 - 0.35 / height, bottom=0.8 / height, wspace=0.08)
+    return fig
+
+
+def plot_evaluation(summary: dict, out: Path) -> Path:
+    """``out`` (PNG, ``evaluation_figure``): mean Dice and surface Dice per class on one 0..1 axis
+    and HD95 in mm, from an evaluation summary (``pipeline.evaluation.summarise``); MLflow draws
+    each logged number as its own bar chart with its own scale, so 0.005 looks as long as 0.33 there."""
+    fig = evaluation_figure(summary)
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

@@ -129,17 +129,18 @@ def write_overlays(folder: Path, qc: list[tuple[str, dict[str, Any]]], label_nam
     """For each case ``folder/qc_<case>.png`` (about 900x940 pixels): its three views in a 2x2
     grid with the legend in the fourth cell (one view above a legend for 2D; ``qc_views``),
     reference contours solid and predicted ones dashed (``predicted`` False: the reference
-    alone), one colour per label; ``title`` (e.g. the epoch) and the case's mean Dice
-    (``dice``) above."""
-    from matplotlib import colormaps
+    alone), one colour per label (``pipeline.preview.label_colours``: the batch previews' and the
+    DICOM SEG's colours); ``title`` (e.g. the epoch) and the case's mean Dice (``dice``) above."""
     from matplotlib.lines import Line2D
+
+    from pipeline.preview import label_colours
 
     if not qc:
         return []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    colors = colormaps["tab10"]
-    handles = [Line2D([], [], color=colors(c % 10), lw=3, label=label_names[c]) for c in range(1, len(label_names))]
+    colors = label_colours(len(label_names))
+    handles = [Line2D([], [], color=colors[c], lw=3, label=label_names[c]) for c in range(1, len(label_names))]
     handles.append(Line2D([], [], color="0.3", lw=1.5, label="reference"))
     if predicted:
         handles.append(Line2D([], [], color="0.3", lw=1.5, ls="--", label="prediction"))
@@ -165,7 +166,7 @@ def write_overlays(folder: Path, qc: list[tuple[str, dict[str, Any]]], label_nam
                 for key, style in keys:
                     mask = (v[key] == c).astype(float)
                     if mask.any() and min(mask.shape) > 1:
-                        drawn.append(ax.contour(mask.T, levels=[0.5], colors=[colors(c % 10)], linestyles=style,
+                        drawn.append(ax.contour(mask.T, levels=[0.5], colors=[colors[c]], linestyles=style,
                                                 linewidths=1.5))
             ax.set_title(v["plane"] + ("" if v["index"] is None else f" {v['index']}"), fontsize=11)
         head = " - ".join(p for p in (case, title) if p)

@@ -38,10 +38,10 @@ from pipeline.fileio import atomic_path
 from pipeline.tracking_replay import drop_held, drop_superseded, unsent_records
 from pipeline.tracking_store import (
     artifact_location,
-    file_store_refusal,
     mlflow_key,
     resolve_tracking_uri,
     run_address,
+    store_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class RunTracker:
         #: with ``commit``: only records before this journal offset are sent (a training run's up to
         #: its last checkpoint); None: every record
         self.committed: int | None = None
-        self.refused = file_store_refusal(self.uri)  # MLflow will never open this store
+        self.refused = store_refusal(self.uri)  # MLflow will never open this store (or retries for minutes)
         if self.refused:
             self.offline = self._warned = True
             log.warning("MLflow tracking is off: %s. Training goes on; its records are kept in %s and are not "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,10 @@ def drop_held(client: Any, run_id: str, left: list[dict[str, Any]], logged_param
     replay = [r for r in left if r.get("_replay")]
     run = client.get_run(run_id)
     logged_params.update(run.data.params)
-    points = {(mlflow_key(r["key"]), r["step"], r["ts"], r["value"]) for r in replay if r["kind"] == "metric"}
+    points = {(mlflow_key(r["key"]), r["step"], r["ts"], _same(r["value"])) for r in replay if r["kind"] == "metric"}
     held = set()
     for key in {p[0] for p in points}:
-        held |= {(key, m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key)}
+        held |= {(key, m.step, m.timestamp, _same(m.value)) for m in client.get_metric_history(run_id, key)}
     images = ([f.path for f in client.list_artifacts(run_id, "images")]
               if any(r["kind"] == "image" for r in replay) else [])
     inputs = {(d.dataset.name, d.dataset.digest, next((t.value for t in d.tags if t.key == "mlflow.data.context"), None))
@@ -77,7 +78,7 @@ def drop_held(client: Any, run_id: str, left: list[dict[str, Any]], logged_param
     def held_already(r: dict[str, Any]) -> bool:
         kind = r["kind"]
         if kind == "metric":
-            return (mlflow_key(r["key"]), r["step"], r["ts"], r["value"]) in held
+            return (mlflow_key(r["key"]), r["step"], r["ts"], _same(r["value"])) in held
         if kind == "param":
             return r["key"] in logged_params
         if kind == "image":
@@ -101,6 +102,11 @@ def drop_held(client: Any, run_id: str, left: list[dict[str, Any]], logged_param
         log.info("MLflow: %d of the %d journal records sent again were in run %s already", len(left) - len(kept),
                  len(replay), run_id)
     return kept
+
+
+def _same(value: float) -> float | str:
+    """A metric value to compare: NaN (an undefined HD95) equals itself here, as it never does as a float."""
+    return "nan" if isinstance(value, float) and math.isnan(value) else value
 
 
 def _model_logged_since(client: Any, run: Any, ts: int | None) -> bool:

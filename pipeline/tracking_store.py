@@ -1,6 +1,8 @@
-"""Which MLflow store: its URI made absolute (the same store from any working folder), a file
-store MLflow no longer opens said in one line, where artifacts of a local store go, where a
-run opens in the UI, and the MLflow key of a flat metric name. No MLflow import at module level (``segpipe ui`` and the tracker share it)."""
+"""Which MLflow store: its URI made absolute (the same store from any working folder), a store
+MLflow cannot open said in one line (a file store it no longer opens, a plain path to a SQLite
+database, a ``sqlite:///`` path that is no SQLite database, a scheme it does not know), where
+artifacts of a local store go, where a run opens in the UI, and the MLflow key of a flat metric
+name. No MLflow import at module level (``segpipe ui`` and the tracker share it)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 UI_PORT = 5000
+#: the first 16 bytes of every SQLite database file (an empty file is a new database too)
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: the stores MLflow opens by scheme, where its registry cannot be asked (``known_schemes``)
+STORE_SCHEMES = frozenset({"", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "http", "https"})
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -52,12 +58,35 @@ def local_store_path(uri: str) -> Path | None:
     return None
 
 
+def is_sqlite_file(path: Path) -> bool:
+    """Whether ``path`` is a file that begins with SQLite's header (``SQLITE_HEADER``)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def sqlite_uri(path: Path | str) -> str:
+    """The ``sqlite:///`` URI of a database file, its path made absolute."""
+    return f"sqlite:///{os.path.abspath(path)}"
+
+
 def file_store_refusal(uri: str) -> str | None:
-    """For a file store (``./mlruns``) that the installed MLflow refuses to open, one line saying
-    so and how to migrate it to a database; None for other stores (or when MLflow still opens
-    file stores: ``MLFLOW_ALLOW_FILE_STORE=true``, MLflow < 3.7)."""
-    if uri.startswith("sqlite:") or local_store_path(uri) is None:
+    """For a plain path or ``file:`` URI that MLflow would open as a file store, one line: a
+    SQLite database named so (MLflow takes any URI without a scheme for a file store, so the
+    database's own ``sqlite:///`` URI is given instead: this module does not guess), or a file
+    store (``./mlruns``) the installed MLflow refuses to open, with how to migrate it to a
+    database; None for other stores (and for file stores while MLflow still opens them:
+    ``MLFLOW_ALLOW_FILE_STORE=true``, MLflow < 3.7). The tracker and ``segpipe ui`` both use it."""
+    path = local_store_path(uri)
+    if uri.startswith("sqlite:") or path is None:
         return None
+    if path.is_file():  # a file store is a folder
+        if is_sqlite_file(path):
+            return (f"{uri} is a SQLite database, not a file store: use --tracking-uri "
+                    f"{shlex.quote(sqlite_uri(path))}")
+        return f"{uri} is a file, neither a SQLite database nor an MLflow file store (a folder)"
     try:
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     except ImportError:  # an MLflow that opens file stores
@@ -66,11 +95,44 @@ def file_store_refusal(uri: str) -> str | None:
         return None
     import mlflow
 
-    folder = Path(os.path.abspath(local_store_path(uri)))
-    target = f"sqlite:///{folder.parent / 'mlflow.db'}"
+    folder = Path(os.path.abspath(path))
+    target = sqlite_uri(folder.parent / "mlflow.db")
     return (f"{uri} is a file store, which MLflow {mlflow.__version__} no longer opens: migrate it with "
             f"`mlflow migrate-filestore --source {shlex.quote(str(folder))} --target {shlex.quote(target)}` "
             f"and use --tracking-uri {shlex.quote(target)} (or set MLFLOW_ALLOW_FILE_STORE=true)")
+
+
+def known_schemes() -> frozenset[str]:
+    """The URI schemes of the stores the installed MLflow opens (its registry, plugins included)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return frozenset(_tracking_store_registry._registry) | {""}
+    except (ImportError, AttributeError):  # another MLflow's internals: the stores it always had
+        return STORE_SCHEMES
+
+
+def store_refusal(uri: str) -> str | None:
+    """One line for a store MLflow cannot open, said before it retries for minutes and answers
+    with pages of tracebacks: a scheme it does not know, a ``sqlite:///`` path that is a folder,
+    unreadable or not a SQLite database (an absent one MLflow creates, an empty file is a new
+    database), and ``file_store_refusal``'s; None for the others."""
+    scheme = urlparse(uri).scheme
+    if scheme and scheme.split("+")[0] not in known_schemes():
+        return (f"tracking URI {uri}: unknown scheme {scheme}:// (MLflow stores: sqlite:///PATH, "
+                "postgresql://, mysql://, mssql://, a server's http(s)://)")
+    path = local_store_path(uri) if uri.startswith("sqlite:") else None
+    if path is not None and path.exists():
+        if path.is_dir():
+            return f"{path} ({uri}) is a folder, not a SQLite database: name the database file in it"
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            return f"{path} ({uri}): cannot read it ({e.strerror})"
+        if head and head != SQLITE_HEADER:
+            return f"{path} ({uri}) is not a SQLite database (it does not begin with SQLite's header)"
+    return file_store_refusal(uri)
 
 
 def artifacts_root(uri: str) -> Path | None:

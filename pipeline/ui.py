@@ -8,9 +8,12 @@ would start uvicorn as a child: what remains is one process (about 250 MB), with
 user started, that stops on SIGTERM or Ctrl-C (uvicorn's graceful shutdown) and leaves nothing
 behind.
 
-Before that it prints the address of the model-training view of the store's newest experiment
-(the one with the newest run): MLflow 3's home page is its GenAI view, and a training run sits
-under "Evaluation runs" there unless ``?workflowType=machine_learning`` is asked for.
+It prints the address of the model-training view of the store's newest experiment (the one
+with the newest run; MLflow 3's home page is its GenAI view, and a training run sits under
+"Evaluation runs" there unless ``?workflowType=machine_learning`` is asked for) once the server
+answers there, not before: a process forked (twice: it is no part of the server's tree) just
+before the exec asks the server's ``/health`` and prints the line when it answers, or nothing
+when the server ends first (``announce_when_answering``).
 
 MLflow's security middleware answers only requests whose ``Host`` header it allows (localhost,
 private IPs) and refuses state-changing requests from other origins (the UI's own, reached by
@@ -18,31 +21,39 @@ name). On a loopback ``--host`` MLflow's defaults stand; on another the allowed 
 ``--allowed-hosts`` if given, else this machine's names and addresses and MLflow's defaults, and
 the UI's origin on each of them (``http://NAME:PORT``) is allowed too (``server_args``).
 
-A store that is missing (MLflow would create an empty one) or that MLflow refuses (a file store,
-``./mlruns``) is one error line before MLflow runs.
+A store that is missing (MLflow would create an empty one) or that MLflow cannot open (a file
+store, ``./mlruns``; a ``sqlite:///`` path that is a folder or no SQLite database, which MLflow
+retries for minutes before pages of tracebacks; a plain path to a SQLite database; an unknown
+scheme) is one error line before MLflow runs (``check_store``).
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import UsageError
+from pipeline.fileio import pid_alive
 from pipeline.tracking_store import (
     UI_PORT,
     artifacts_root,
-    file_store_refusal,
     local_store_path,
     resolve_tracking_uri,
+    store_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +64,8 @@ SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TEL
 TRAINING_VIEW = "#/experiments/{}/runs?workflowType=machine_learning"
 #: the Host headers of this machine's own loopback (MLflow's own list; any port)
 LOCALHOST_HOSTS = ["localhost", "127.0.0.1", "[::1]", "localhost:*", "127.0.0.1:*", "[[]::1]:*"]
+#: how long the UI's address waits for the server to answer (it starts in seconds; a loaded machine, longer)
+ANSWER_WAIT_S = 300.0
 
 
 def server_command(host: str, port: int, backend_store_uri: str, artifacts: Path | None = None) -> list[str]:
@@ -229,15 +242,70 @@ def server_args(host: str, port: int, uri: str, allowed_hosts: str | None = None
 
 
 def check_store(uri: str) -> None:
-    """A local store that is missing (MLflow would serve a new empty one) or that MLflow refuses
-    (a file store) is a UsageError line."""
+    """A local store that is missing (MLflow would serve a new empty one) or that MLflow cannot
+    open (``pipeline.tracking_store.store_refusal``: an unknown scheme, a ``sqlite:///`` path that
+    is no SQLite database, a plain path to one, a file store) is a UsageError line."""
     path = local_store_path(uri)
     if path is not None and not path.exists():
         raise UsageError(f"no MLflow store at {path} ({uri}): run segpipe ui in the folder that holds mlflow.db, "
                          "or name the store with --tracking-uri (segpipe ui creates none)")
-    refusal = file_store_refusal(uri)
+    refusal = store_refusal(uri)
     if refusal:
         raise UsageError(refusal)
+
+
+def health_url(host: str, port: int) -> str:
+    """Where this machine asks the server on ``host:port`` whether it answers (its loopback for
+    all interfaces)."""
+    if _is_wildcard(host):
+        return f"http://{'[::1]' if ':' in host else '127.0.0.1'}:{port}/health"
+    return f"http://{_url_host(host)}:{port}/health"
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status: a refused Host is an answer too)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # this machine: no proxy
+    try:
+        with opener.open(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def announce_when_answering(url: str, line: str, echo: Callable[[str], None], server_pid: int,
+                            wait_s: float = ANSWER_WAIT_S, every_s: float = 0.2) -> bool:
+    """``echo(line)`` once ``url`` answers; nothing (False) when process ``server_pid`` ends first
+    or ``wait_s`` passes."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if answers(url):
+            echo(line)
+            return True
+        if not pid_alive(server_pid):
+            return False
+        time.sleep(every_s)
+    return False
+
+
+def _announce_in_background(url: str, line: str, echo: Callable[[str], None]) -> None:
+    """``announce_when_answering`` for this process (about to become the server) in a process
+    forked twice, so that it is no child of the server's; Ctrl-C to the terminal ends it quietly."""
+    server = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        return
+    try:
+        if os.fork() == 0:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            announce_when_answering(url, line, echo, server)
+            sys.stdout.flush()
+    finally:
+        os._exit(0)  # neither child runs the parent's exit handlers
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -266,8 +334,12 @@ def _check_listen(host: str, port: int) -> None:
                              "is another UI running? choose another --port") from None
 
 
-def _exec_in_place(cmd: list[str], extra_env: dict[str, str] | None = None, **_: Any) -> None:
-    """Stands in for MLflow's ``_exec_cmd`` when it starts the web server: become that server."""
+def _exec_in_place(cmd: list[str], extra_env: dict[str, str] | None = None,
+                   announce: Callable[[], None] | None = None, **_: Any) -> None:
+    """Stands in for MLflow's ``_exec_cmd`` when it starts the web server: ``announce`` (the
+    address, once the server answers), then become that server."""
+    if announce is not None:
+        announce()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, {**os.environ, **(extra_env or {})})
@@ -276,10 +348,10 @@ def _exec_in_place(cmd: list[str], extra_env: dict[str, str] | None = None, **_:
 def serve_ui(host: str = "127.0.0.1", port: int = UI_PORT, tracking_uri: str | None = None,
              echo: Callable[[str], None] = log.info, allowed_hosts: str | None = None) -> int:
     """Serve the MLflow UI for the resolved store on ``host:port`` (127.0.0.1 unless told
-    otherwise; ``allowed_hosts``: see ``allowed_hosts_for``). The address of the newest
-    experiment's training view goes to ``echo`` (the CLI passes ``print``); then this process
-    *becomes* the server (see the module docstring) and does not return unless MLflow refuses to
-    start (its exit code)."""
+    otherwise; ``allowed_hosts``: see ``allowed_hosts_for``). This process *becomes* the server
+    (see the module docstring) and does not return unless MLflow refuses to start (its exit code);
+    the address of the newest experiment's training view goes to ``echo`` (the CLI passes
+    ``print``) once the server answers, from a process of its own (``_announce_in_background``)."""
     uri = resolve_tracking_uri(tracking_uri)
     if urlparse(uri).scheme in ("http", "https"):
         raise UsageError(f"tracking URI {uri} is already a server: open it in a browser")
@@ -294,8 +366,10 @@ def serve_ui(host: str = "127.0.0.1", port: int = UI_PORT, tracking_uri: str | N
     from mlflow.cli import server
 
     os.environ.update(SERVER_ENV)
-    echo(f"MLflow UI for {uri}: {ui_address(host, port, newest_experiment(uri), hosts)}  (Ctrl-C to stop)")
-    mlflow.server._exec_cmd = _exec_in_place  # the one hook: MLflow's server starts its web server here
+    line = f"MLflow UI for {uri}: {ui_address(host, port, newest_experiment(uri), hosts)}  (Ctrl-C to stop)"
+    announce = functools.partial(_announce_in_background, health_url(host, port), line, echo)
+    # the one hook: MLflow's server starts its web server here
+    mlflow.server._exec_cmd = functools.partial(_exec_in_place, announce=announce)
     try:
         server.main(args=args, prog_name="segpipe ui", standalone_mode=False)
     except KeyboardInterrupt:

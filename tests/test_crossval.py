@@ -116,11 +116,40 @@ def test_the_interrupted_fold_resumed_and_mlflow_has_one_parent_and_two_children
     client = MlflowClient(mlflow_store)
     parent = client.get_run(result["mlflow"]["mlflow_run_id"])
     assert cv["first"]["mlflow"]["mlflow_run_id"] == parent.info.run_id  # the rerun continued the parent
-    assert parent.data.metrics["oof_mean_dice"] == pytest.approx(result["summary"]["mean_dice"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]  # fold 1's run continued, not a third
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_the_parent_run_has_sectioned_metrics_params_its_dataset_and_names_that_tell_crossvals_apart(
+        cv: dict, mlflow_store: str, ct6_dataset: Path) -> None:
+    """The parent had flat metric names (oof_mean_dice, fold0_mean_dice, oof_hd95_kidney) where
+    training runs have sections, no params and no dataset; its and its folds' names were the
+    bundle's alone, the same for every cross-validation of it."""
+    from pipeline.manifest import manifest_hash
+
+    out, result = cv["out"], cv["result"]
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(result["mlflow"]["mlflow_run_id"])
+    metrics, summary = parent.data.metrics, result["summary"]
+    assert metrics["oof/mean_dice"] == pytest.approx(summary["mean_dice"])
+    for c in ("liver", "kidney", "spleen"):
+        assert metrics[f"oof/dice_{c}"] == pytest.approx(summary["dice"][c]["mean"])
+        assert f"oof/hd95_mm_{c}" in metrics  # NaN where no case defines it: there all the same
+    assert {"oof/fold0_mean_dice", "oof/fold1_mean_dice", "oof/cases_scored", "oof/cases_total"} <= set(metrics)
+    assert not [k for k in metrics if "/" not in k]
+    params = parent.data.params
+    assert params["bundle"] == "phantom_ct_3d" and params["folds"] == "2" and params["seed"] == "0"
+    assert params["manifest"] == str(ct6_dataset.resolve()) and "bundle_version" in params
+    assert params["max_epochs"] == "1" and "fold" not in params  # the first call's --epochs: MLflow keeps it
+    assert json.loads(params["overrides"])["num_samples"] == SMALL["num_samples"]
+    (dataset,) = parent.inputs.dataset_inputs
+    assert dataset.dataset.digest == manifest_hash(ct6_dataset.resolve())
+    assert parent.info.run_name.startswith(f"crossval-phantom_ct_3d-{out.name}-")
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name.rsplit("-", 2)[0] for r in children) == [f"{out.name}-fold0", f"{out.name}-fold1"]
 
 
 def test_folds_started_side_by_side_share_one_parent_run(tmp_path: Path, ct6_dataset: Path, mlflow_store: str) -> None:
@@ -642,3 +671,32 @@ def test_a_missing_fold_model_is_written_from_its_last_checkpoint_where_that_is_
     saved = torch.load(out / "fold_0" / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in ckpt["model"].items())
     assert result["cases_scored"] == result["cases_total"] == 6
+
+
+def test_an_undefined_hd95_is_logged_as_nan_not_left_out(tmp_path: Path) -> None:
+    """A class no case defines an HD95 for (nothing predicted anywhere) was dropped from the
+    parent's metrics without a word; MLflow keeps NaN, so it is logged as NaN."""
+    import math
+
+    from pipeline.crossval_score import mlflow_metrics
+    from pipeline.tracking import RunTracker
+
+    nan = math.nan
+    per_class = {"dice": {"liver": {"mean": 0.8, "sd": 0.1}, "tiny vessel": {"mean": 0.0, "sd": 0.0}},
+                 "hd95_mm": {"liver": {"mean": 4.5, "sd": 1.0}, "tiny vessel": {"mean": nan, "sd": nan}},
+                 "mean_dice": 0.4, "n": 3}
+    unscored = {"dice": {}, "hd95_mm": {}, "mean_dice": nan, "n": 0}
+    result = {"cases_scored": 3, "cases_total": 5, "summary": per_class, "per_fold": {"0": per_class, "1": unscored},
+              "postprocessing": {"summary": {**per_class, "mean_dice": 0.45}}}
+    metrics = mlflow_metrics(result)
+    assert metrics["oof/hd95_mm_liver"] == 4.5 and math.isnan(metrics["oof/hd95_mm_tiny_vessel"])
+    assert metrics["oof/mean_dice"] == 0.4 and metrics["oof/mean_dice_postprocessed"] == 0.45
+    assert "oof/fold0_mean_dice" in metrics and "oof/fold1_mean_dice" not in metrics  # fold 1 not scored yet
+    assert metrics["oof/cases_scored"] == 3 and metrics["oof/cases_total"] == 5
+    on_disk = json.loads(json.dumps(result).replace("NaN", "null"))  # crossval.json writes NaN as null
+    assert math.isnan(mlflow_metrics(on_disk)["oof/hd95_mm_tiny_vessel"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = RunTracker(uri, "cv", tmp_path / "metrics.jsonl")
+    t.log_metrics(metrics, step=0)
+    assert t.finish()["tracking_ok"]
+    assert math.isnan(MlflowClient(uri).get_run(t.run_id).data.metrics["oof/hd95_mm_tiny_vessel"])

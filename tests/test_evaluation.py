@@ -247,3 +247,40 @@ def test_extra_predictions_count_masks_only(tmp_path: Path):
     summary = evaluate(pred, manifest)
     assert summary["extra_predictions"] == ["stray"]
     assert not summary["errors"] and summary["n_cases"] == 2
+
+
+def test_summary_plot_legend_hides_no_value_and_states_the_surface_dice_tolerance(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch):
+    """The legend sat in the lower right, over the last class's value labels, and said "surface
+    Dice" without its tolerance."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pipeline.progress import plot_evaluation
+
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), savefig(self, *a, **k))[1])
+    per_class = {name: {"dice_mean": d, "nsd_mean": s, "hd95_mean": h} for name, d, s, h in
+                 (("liver", 0.95, 0.98, 4.2), ("kidney", 1.0, 1.0, math.nan), ("spleen", 0.005, 0.33, 40.0),
+                  ("pancreas", 0.6, 0.93, 12.0))}
+    out = plot_evaluation({"per_class": per_class, "mean_dice": 0.64, "n_cases": 5, "tolerance_mm": 1.0},
+                          tmp_path / "metrics_summary.png")
+    assert out.is_file()
+    (fig,) = drawn
+    canvas = FigureCanvasAgg(fig)  # as drawn into the PNG
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legends = [a.get_legend() for a in fig.axes if a.get_legend()] + list(fig.legends)
+    assert len(legends) == 1
+    box = legends[0].get_window_extent(renderer)
+    values = [t for ax in fig.axes for t in ax.texts]  # bar_label's value labels
+    assert len(values) >= 3 * len(per_class) - 1
+    for text in values:
+        assert not box.overlaps(text.get_window_extent(renderer)), text.get_text()
+    for ax in fig.axes:
+        for patch in ax.patches:  # nor a bar
+            assert not box.overlaps(patch.get_window_extent(renderer))
+        for tick in ax.get_xticklabels():
+            assert not tick.get_text() or not box.overlaps(tick.get_window_extent(renderer)), tick.get_text()
+    assert any("1 mm" in t.get_text() for t in legends[0].get_texts())

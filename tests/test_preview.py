@@ -76,6 +76,24 @@ def test_views_follow_the_radiological_convention() -> None:
     assert views["coronal"][2] == pytest.approx(2.5 / 0.8) and views["axial"][2] == pytest.approx(1.1 / 0.8)
 
 
+def test_a_plane_of_any_volume_turns_as_the_preview_shows_it() -> None:
+    """``radiological_plane`` (for pictures of one slice, such as ``segpipe weightmap``'s) gives a
+    plane the preview's orientation, whatever the voxel order."""
+    from pipeline.preview import radiological_plane
+
+    image, labels, affine = ras_phantom()
+    for perm, flips in (((0, 1, 2), ()), ((0, 1, 2), (0, 1)), ((2, 0, 1), (1,))):
+        img2, lab2, aff2 = reoriented(image, labels, affine, perm, flips)
+        at = np.rint(np.linalg.inv(aff2) @ affine @ [8, 7, 6, 1]).astype(int)[:3]
+        views = {name: (lab, asp) for name, _, lab, asp in _views(img2, lab2, aff2, at)}
+        for fixed in range(3):
+            index = tuple(int(at[i]) if i == fixed else slice(None) for i in range(3))
+            name, plane, aspect = radiological_plane(lab2[index], aff2, fixed)
+            np.testing.assert_array_equal(plane, views[name][0], err_msg=f"{perm} {flips} {name}")
+            assert aspect == pytest.approx(views[name][1])
+            assert plane[0, 0] == 1  # through the right-anterior-superior corner: top left in every view
+
+
 def test_centre_is_in_the_largest_structure() -> None:
     labels = np.zeros((20, 20, 10), np.uint8)
     labels[1:3, 1:3, 1:3] = 2  # small
@@ -128,6 +146,23 @@ def test_write_preview_png(tmp_path: Path) -> None:
     with Image.open(two_d) as im:
         assert im.size[0] < 500
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_study_id_the_font_cannot_draw_is_escaped_in_the_png_and_kept_in_index_html(tmp_path: Path) -> None:
+    """A CJK study id was an empty box in the title, with matplotlib's "Glyph ... missing" warning."""
+    import warnings
+
+    sid = "患者_001 é"
+    f, labels, affine = _study(tmp_path, "cjk")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph 24739 ... missing from font(s) DejaVu Sans"
+        write_preview(f, labels, affine, [*NAMES[:3], "脾臓 $x$"], {"liver": 1.0}, tmp_path / "cjk_preview.png",
+                      title=sid)
+    from pipeline.preview import drawable
+
+    assert drawable(sid) == "\\u60a3\\u8005_001 é" and drawable("case_1") == "case_1"  # DejaVu has é
+    page = index_html([{"study_id": sid, "status": "ok"}], NAMES, tmp_path, running=False)
+    assert f'data-study="{sid}"' in page
 
 
 def _batch(out: Path) -> list[str]:

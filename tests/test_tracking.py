@@ -51,9 +51,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(cmd: list[str], port: int, cwd: Path, stdout: object = subprocess.DEVNULL) -> subprocess.Popen:
-    """Start a server in its own process group and wait for MLflow's /health."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
+def _start(cmd: list[str], port: int, cwd: Path, stdout: object = subprocess.DEVNULL,
+           proc: subprocess.Popen | None = None) -> subprocess.Popen:
+    """Start a server in its own process group (or take ``proc``, started) and wait for MLflow's /health."""
+    proc = proc or subprocess.Popen(cmd, cwd=cwd, stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -98,9 +99,25 @@ def ui_server(store: Path) -> Iterator[SimpleNamespace]:
     port = _free_port()
     stdout = store.parent / f"ui-{port}.txt"
     with stdout.open("w") as f:
-        proc = _start([sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--tracking-uri",
-                       f"sqlite:///{store}", "--allowed-hosts", UI_NAME], port, store.parent, stdout=f)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, stdout=stdout)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--tracking-uri",
+                                 f"sqlite:///{store}", "--allowed-hosts", UI_NAME], cwd=store.parent, stdout=f,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    answered_when_printed = None  # whether /health answered as soon as the address was there to read
+    deadline = time.monotonic() + 120
+    while answered_when_printed is None and time.monotonic() < deadline and proc.poll() is None:
+        if "MLflow UI for" in stdout.read_text():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    answered_when_printed = r.status == 200
+            except OSError:
+                answered_when_printed = False
+        time.sleep(0.05)
+    if answered_when_printed is None:
+        _stop(proc)
+        raise RuntimeError(f"segpipe ui on port {port} printed no address")
+    _start([], port, store.parent, proc=proc)  # (it answers /health)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, stdout=stdout,
+                          answered_when_printed=answered_when_printed)
     _stop(proc)
 
 
@@ -334,8 +351,16 @@ def mlflow_main(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     import pipeline.ui
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(server, "main", lambda args, **_: calls.append(args))
+
+    def main(args: list[str], **_: object) -> None:  # records its arguments, starts the "web server"
+        calls.append(args)
+        mlflow.server._exec_cmd(["uvicorn"], extra_env={})
+
+    monkeypatch.setattr(server, "main", main)
     monkeypatch.setattr(mlflow.server, "_exec_cmd", mlflow.server._exec_cmd)
+    monkeypatch.setattr(pipeline.ui.os, "execve", lambda *args: None)  # this process stays itself
+    # the address is said at once (a forked process waits for the server to answer: no server here)
+    monkeypatch.setattr(pipeline.ui, "_announce_in_background", lambda url, line, echo: echo(line), raising=False)
     monkeypatch.setattr(pipeline.ui, "newest_experiment", lambda uri: "3")
     for key in pipeline.ui.SERVER_ENV:
         monkeypatch.setenv(key, os.environ.get(key, ""))
@@ -401,6 +426,65 @@ def test_ui_refuses_a_missing_store_or_a_file_store_in_one_line(tmp_path: Path, 
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # the default store, made
     assert serve_ui(port=_free_port(), echo=lambda line: None) == 1
     assert _option(mlflow_main[0], "--backend-store-uri") == [f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def test_ui_refuses_a_store_that_is_no_database_or_an_unknown_scheme_in_one_line_at_once(
+        tmp_path: Path, mlflow_main: list[list[str]]) -> None:
+    """A folder or a text file named as the SQLite database had MLflow retry for minutes, print the
+    address as if started, then pages of tracebacks; an unknown scheme, tracebacks too. A plain
+    path to a SQLite database is named so (not taken for a file store to migrate onto itself)."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "x.db").write_text("not a database\n")
+    db = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    refused = {f"sqlite:///{tmp_path / 'adir'}": r"adir .*is a folder, not a SQLite database",
+               f"sqlite:///{tmp_path / 'x.db'}": r"x\.db .*is not a SQLite database",
+               "foo://bar": r"foo://bar: unknown scheme foo://",
+               str(db): rf"{db} is a SQLite database, not a file store: use --tracking-uri sqlite:///{db}$",
+               str(tmp_path / "x.db"): r"x\.db is a file, neither a SQLite database nor an MLflow file store"}
+    for uri, message in refused.items():
+        printed: list[str] = []
+        started = time.monotonic()
+        with pytest.raises(UsageError, match=message) as e:
+            serve_ui(port=_free_port(), tracking_uri=uri, echo=printed.append)
+        assert time.monotonic() - started < 10 and "\n" not in str(e.value), uri
+        assert e.value.exit_code == 2 and not printed and not mlflow_main, uri
+    empty = tmp_path / "empty.db"
+    empty.touch()  # SQLite's new database: MLflow makes its tables there
+    assert serve_ui(port=_free_port(), tracking_uri=f"sqlite:///{empty}", echo=lambda line: None) == 1
+
+
+def test_a_plain_path_to_a_sqlite_database_is_refused_alike_by_training(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    t = RunTracker(str(db), "plain", tmp_path / "metrics.jsonl")
+    assert t.refused == f"{db} is a SQLite database, not a file store: use --tracking-uri sqlite:///{db}"
+    assert not t.finish()["tracking_ok"]
+
+
+def test_the_ui_address_waits_for_the_server_to_answer(tmp_path: Path) -> None:
+    """Said once the server answers (any status), nothing when the server's process ends first."""
+    import http.server
+    import threading
+
+    from pipeline.ui import announce_when_answering, health_url
+
+    assert health_url("0.0.0.0", 5000) == "http://127.0.0.1:5000/health"
+    assert health_url("::", 5000) == "http://[::1]:5000/health"
+    port = _free_port()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    printed: list[str] = []
+    assert not announce_when_answering(f"http://127.0.0.1:{port}/health", "address", printed.append, gone.pid)
+    assert not printed
+    server = http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert announce_when_answering(f"http://127.0.0.1:{port}/health", "address", printed.append, os.getpid())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert printed == ["address"]
 
 
 def test_a_file_store_warning_says_the_records_stay_local_and_a_resume_into_a_database_sends_them(
@@ -607,7 +691,8 @@ def test_ui_answers_the_host_names_it_is_told_and_the_ui_posts_from_them(ui_serv
 
 # keep last: it stops the module's `segpipe ui`
 def test_ui_prints_the_training_view_is_one_light_process_and_sigterm_leaves_nothing(ui_server: SimpleNamespace) -> None:
-    printed = ui_server.stdout.read_text().splitlines()[0]
+    assert ui_server.answered_when_printed  # the address was printed once the server answered, not before
+    printed = ui_server.stdout.read_text()
     found = re.search(rf"http://127\.0\.0\.1:{ui_server.port}/#/experiments/(\d+)/runs\?workflowType=machine_learning",
                       printed)
     assert found, printed  # MLflow 3's model-training view, not its GenAI home
@@ -622,3 +707,32 @@ def test_ui_prints_the_training_view_is_one_light_process_and_sigterm_leaves_not
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", ui_server.port)) != 0  # nothing listens any more
     assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_tracker_on_a_store_that_is_no_database_says_so_at_once(tmp_path: Path) -> None:
+    """A ``sqlite:///`` path that is a folder: MLflow retried for minutes before failing; the
+    tracker now refuses it at once (training goes on, records kept in its journal)."""
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    t0 = time.monotonic()
+    tracker = RunTracker(f"sqlite:///{folder}", "exp", tmp_path / "run" / "metrics.jsonl")
+    assert time.monotonic() - t0 < 15
+    assert tracker.offline and tracker.refused.startswith(f"{folder} (sqlite:///{folder}) is a folder")
+    tracker.log_metrics({"val_mean_dice": 0.5}, step=1)
+    assert not tracker.finish()["tracking_ok"]
+    assert '"val_mean_dice"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_nan_metric_mlflow_holds_is_not_sent_again(tmp_path: Path) -> None:
+    """An undefined HD95 is logged as NaN; a replay compared values with ==, which NaN never is, so
+    every resume sent the point again."""
+    from pipeline.tracking_replay import drop_held
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("nan")).info.run_id
+    client.log_metric(run_id, "oof/hd95_mm_liver", float("nan"), timestamp=1000, step=0)
+    record = {"kind": "metric", "key": "oof/hd95_mm_liver", "value": float("nan"), "step": 0, "ts": 1000,
+              "_off": 0, "_replay": True}
+    assert drop_held(client, run_id, [record], {}) == []
+    other = {**record, "value": 3.5}
+    assert drop_held(client, run_id, [other], {}) == [{k: v for k, v in other.items() if k != "_replay"}]

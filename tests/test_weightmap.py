@@ -163,3 +163,32 @@ def test_weightmap_figure_bad_labels_raise_input_error(tmp_path, array, match):
         weightmap_figure(label, tmp_path / "o.png")
     with pytest.raises(InputError, match="no such file"):
         weightmap_figure(tmp_path / "missing.nii.gz", tmp_path / "o.png")
+
+
+def test_the_weightmap_figure_shows_the_slice_as_the_preview_does(tmp_path, monkeypatch):
+    """The figure drew the raw array transposed with origin "lower": for the usual DICOM-converted
+    NIfTI (voxel axes towards L, P, S) the axial slice stood upside down next to the preview's."""
+    import nibabel as nib
+    import numpy as np
+    import pytest
+    from matplotlib.figure import Figure
+
+    from pipeline.figures import weightmap_figure
+    from pipeline.preview import radiological_plane
+
+    labels = np.zeros((12, 10, 5), np.uint8)
+    labels[2:5, 1:4, :] = 1  # asymmetric in both in-plane axes
+    labels[6:10, 5:9, :] = 2
+    affine = np.diag([-0.8, -0.9, 2.5, 1.0])  # voxel axes towards L, P, S (as from DICOM's LPS)
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "lab.nii.gz")
+    drawn = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), savefig(self, *a, **k))[1])
+    weightmap_figure(tmp_path / "lab.nii.gz", tmp_path / "w.png", slice_index=2)
+    image = drawn[0].axes[0].images[0]
+    shown = np.asarray(image.get_array())
+    shown = shown[::-1] if image.origin == "lower" else shown  # as it stands on screen, top row first
+    view, expected, aspect = radiological_plane(labels[:, :, 2], affine, 2)
+    assert view == "axial"
+    np.testing.assert_array_equal(shown, expected)
+    assert image.axes.get_aspect() == pytest.approx(aspect)
