@@ -156,7 +156,8 @@ def test_predict_run_fails_only_the_bad_studies(predicted: Predicted) -> None:
     assert sorted(s for s, row in rows.items() if row["status"] == "failed") == failed
     assert f"{len(rows) - len(failed)} ok, 0 skipped, {len(failed)} failed" in r.stdout
     assert sorted(f.name for f in predicted.out.iterdir()) == sorted(
-        ["report.csv", ".report.lock"] + [f"{s}.nii.gz" for s, row in rows.items() if row["status"] == "ok"])
+        ["report.csv", ".report.lock", ".segpipe_model.json"]  # the stamp: which model made the masks
+        + [f"{s}.nii.gz" for s, row in rows.items() if row["status"] == "ok"])
 
 
 @pytest.mark.parametrize("name", IMAGE_KINDS)
@@ -222,7 +223,7 @@ def test_unreadable_file_as_nobody(capsys: pytest.CaptureFixture) -> None:
         with open(root / "out" / "report.csv", newline="") as f:
             [row] = list(csv.DictReader(f))
         assert row["status"] == "failed" and row["error"] == f"{bad}: cannot read (Permission denied)"
-        assert sorted(p.name for p in (root / "out").iterdir()) == [".report.lock", "report.csv"]
+        assert sorted(p.name for p in (root / "out").iterdir()) == [".report.lock", ".segpipe_model.json", "report.csv"]
         assert no_traceback(out, err)
     finally:
         shutil.rmtree(root)
