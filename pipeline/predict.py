@@ -96,6 +96,26 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
     if preview:
         write_index(output_dir, names, running=True)
     bar = _progress_bar(len(studies), progress, initial=len(rows))
+    try:
+        _run_batch(todo, rows, model, output_dir, names, outputs, bar, prefetch, preview)
+    except BaseException:  # Ctrl-C, SIGTERM, a failure: the page lists what was done and says it stopped
+        if preview:
+            write_index(output_dir, names, running=False, stopped=True)
+        raise
+    bar.close()
+    if preview:
+        log.info("previews: %s", write_index(output_dir, names, running=False))
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in failed:
+        log.warning("%s: %s", r["study_id"], r["error"])
+    return rows
+
+
+def _run_batch(todo: list[dict[str, Any]], rows: list[dict[str, Any]], model: dict[str, Any], output_dir: Path,
+               names: list[str], outputs: dict[str, Any], bar: Any, prefetch: int, preview: bool) -> None:
+    """Predict the studies of ``todo``, appending their rows to ``rows`` (report.csv and, now and
+    then, index.html kept current): reading ahead and writing behind in a thread each."""
+    identity, output_format = model["identity"], outputs["output_format"]
     with tempfile.TemporaryDirectory(prefix="segpipe-") as scratch, \
             ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
@@ -126,27 +146,22 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
                 s, t0, fut = writes.popleft()
                 finish(_row(s, t0, fut, output_dir))
 
-        refill()
-        while reads:
-            s, fut = reads.popleft()
+        try:
             refill()
-            t0 = time.perf_counter()
-            try:
-                data = fut.result()
-                pred = run_model(model, data["image"])
-            except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch
-                finish(_failed(s, t0, e))
-                continue
-            writes.append((s, t0, writer.submit(write_study, s, data, pred, model, outputs)))
-            drain(limit=1)  # at most one finished prediction waits to be written
-        drain(limit=0)
-    bar.close()
-    if preview:
-        log.info("previews: %s", write_index(output_dir, names, running=False))
-    failed = [r for r in rows if r["status"] == "failed"]
-    for r in failed:
-        log.warning("%s: %s", r["study_id"], r["error"])
-    return rows
+            while reads:
+                s, fut = reads.popleft()
+                refill()
+                t0 = time.perf_counter()
+                try:
+                    data = fut.result()
+                    pred = run_model(model, data["image"])
+                except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch
+                    finish(_failed(s, t0, e))
+                    continue
+                writes.append((s, t0, writer.submit(write_study, s, data, pred, model, outputs)))
+                drain(limit=1)  # at most one finished prediction waits to be written
+        finally:  # also on Ctrl-C: the study being written is finished and gets its row
+            drain(limit=0)
 
 
 def _resume(studies: list[dict[str, Any]], output_dir: Path, identity: dict[str, Any], names: list[str],

@@ -246,16 +246,19 @@ def read_rows(out_dir: Path) -> list[dict[str, str]]:
         return sorted((r for r in csv.DictReader(fh) if r.get("study_id")), key=lambda r: r["study_id"])
 
 
-def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], out_dir: Path, running: bool) -> str:
+def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], out_dir: Path, running: bool,
+               stopped: bool = False) -> str:
     """The page: one row per study (thumbnail, id, status, a volume column per label, seconds,
-    error, links to the outputs); images and links relative to ``out_dir``."""
+    the model that made it, error, links to the outputs); images and links relative to
+    ``out_dir``. ``running``: it reloads itself; ``stopped``: the batch ended before its last
+    study (interrupted, terminated or failed), and the page says how to finish it."""
     e = html.escape
     names = list(label_names)[1:]
     root = Path(out_dir).resolve()
     resolved = functools.lru_cache(maxsize=64)(lambda folder: Path(folder).resolve())  # outputs share folders
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    head = ["preview", "study", "status", *[f"{n} (mL)" for n in names], "seconds", "files", "error"]
+    head = ["preview", "study", "status", *[f"{n} (mL)" for n in names], "seconds", "model", "files", "error"]
     body = []
     for r in rows:
         link = {k: _href(r.get(k, ""), root, resolved) for k in ("preview", "output", "seg")}
@@ -266,14 +269,16 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
         cells = [f'<td data-v="{int(bool(thumb))}">{thumb}</td>', f"<td>{e(r['study_id'])}</td>",
                  f"<td>{e(r.get('status', ''))}</td>"]
         cells += [f'<td class="num">{e(r.get(f"ml_{n}", ""))}</td>' for n in names]
-        cells += [f'<td class="num">{e(r.get("seconds", ""))}</td>', f"<td>{files}</td>",
+        cells += [f'<td class="num">{e(r.get("seconds", ""))}</td>', f"<td>{e(r.get('model', ''))}</td>",
+                  f"<td>{files}</td>",
                   f'<td class="error">{e(r.get("error", ""))}</td>']
         body.append(f'<tr class="{e(r.get("status", ""))}" data-study="{e(r["study_id"])}">{"".join(cells)}</tr>')
     refresh = '<meta http-equiv="refresh" content="15">' if running else ""
-    state = "running, this page reloads every 15 s" if running else "finished"
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{refresh}<title>segpipe predict: {e(out_dir.name)}</title>'
+    state = ("running, this page reloads every 15 s" if running else
+             "stopped before the last study: run the same command again to finish" if stopped else "finished")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{refresh}<title>segpipe predict: {e(root.name)}</title>'
             f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>\n"
-            f"<h1>segpipe predict: {e(str(out_dir))}</h1>\n"
+            f"<h1>segpipe predict: {e(str(root))}</h1>\n"
             f'<p id="summary">{len(rows)} studies: {counts["ok"]} ok, {counts["skipped"]} skipped, '
             f"{counts['failed']} failed; updated {stamp} ({state}). Click a column to sort.</p>\n"
             "<table><thead><tr>" + "".join(f'<th onclick="sortBy(this)">{e(h)}</th>' for h in head)
@@ -293,12 +298,12 @@ def _href(path: str, root: Path, resolve: Callable[[str], Path]) -> str:
         return p.as_uri() if p.is_absolute() else quote(path)
 
 
-def write_index(out_dir: Path | str, label_names: Sequence[str], running: bool = False) -> Path:
+def write_index(out_dir: Path | str, label_names: Sequence[str], running: bool = False, stopped: bool = False) -> Path:
     """Rewrite ``out_dir/index.html`` from ``report.csv`` atomically, under the report's lock
-    (shards writing one folder see each other's rows)."""
+    (shards writing one folder see each other's rows); ``running``, ``stopped``: ``index_html``."""
     out_dir = Path(out_dir)
     with locked(out_dir / ".report.lock"):
-        page = index_html(read_rows(out_dir), label_names, out_dir, running)
+        page = index_html(read_rows(out_dir), label_names, out_dir, running, stopped)
         with atomic_path(out_dir / INDEX) as tmp:
             tmp.write_text(page, encoding="utf-8")
     return out_dir / INDEX

@@ -315,3 +315,37 @@ def test_a_running_batch_rewrites_index_html_at_most_every_few_seconds(bundle: P
     monkeypatch.setattr(pipeline.predict, "write_index", spy)
     predict(bundle, inp, out, progress=False, preview=True)
     assert seen == [(0, True), (3, False)]
+
+
+def test_an_interrupted_batch_leaves_a_finished_page_that_says_it_stopped(bundle: Path, tmp_path: Path,  # noqa: F811
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM, or a failure) in the middle of a batch: index.html lists the studies done,
+    no longer reloads, and says the batch stopped and how to finish it. Before, it stayed at '0
+    studies ... (running, this page reloads every 15 s)' for good. It names the output folder and
+    the model of each row (the title was empty for --output .)."""
+    import pipeline.predict
+    from pipeline.predict import predict
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for k in range(3):
+        write_dicom(inp / f"s{k}", phantom((8, 12, 14), seed=k), "axial_lps")
+    real, calls = pipeline.predict.run_model, []
+
+    def interrupted(model: dict, image: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, image)
+
+    monkeypatch.setattr(pipeline.predict, "run_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict(bundle, inp, out, progress=False, preview=True)
+    page = (out / "index.html").read_text()
+    assert 'http-equiv="refresh"' not in page
+    assert "2 studies: 2 ok, 0 skipped, 0 failed" in page
+    assert "(stopped before the last study: run the same command again to finish)" in page
+    model = json.loads((out / ".segpipe_model.json").read_text())["models"]
+    assert page.count(f"<td>{next(iter(model))}</td>") == 2
+    monkeypatch.chdir(out)
+    write_index(Path("."), ["background", "body", "organ", "bone"])
+    assert f"<title>segpipe predict: {out.name}</title>" in (out / "index.html").read_text()
