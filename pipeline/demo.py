@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.tracking_store import segpipe_command
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +87,3 @@ def _print_summary(ev: dict, out: Path, train: dict, seconds: float, echo: Calla
     echo(f"  MLflow run {train.get('mlflow_run_id')} in {train.get('tracking_uri')}")
     echo(f"  open the MLflow UI:  {segpipe_command()} ui --tracking-uri {shlex.quote(str(train.get('tracking_uri')))}")
     echo(f"  total time: {seconds / 60:.1f} min")
-
-
-def segpipe_command() -> str:
-    """The command that runs this segpipe from any folder: the ``segpipe`` script beside the running
-    interpreter (the virtual environment's), by its absolute path, else ``python -m pipeline``."""
-    python = os.path.abspath(sys.executable)
-    script = Path(python).parent / "segpipe"
-    if script.is_file() and os.access(script, os.X_OK):
-        return shlex.quote(str(script))
-    return f"{shlex.quote(python)} -m pipeline"

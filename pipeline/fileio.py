@@ -75,9 +75,13 @@ def locked(path: Path | str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: a float label value within this of an integer is that integer (``read_label``; ``pipeline.validation`` alike)
+LABEL_ROUNDING = 1e-3
+
+
 def read_label(path: Path | str, max_values: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """``(labels, affine, spacing)`` of a NIfTI label map: integer values (a float file's values
-    within 1e-3 of integers are rounded, others refused),
+    within ``LABEL_ROUNDING`` of integers are rounded, others refused, NaN and Inf too),
     trailing singleton axes dropped, 2D or 3D; spacing in mm from the header. ``max_values``
     refuses a file with more distinct values (an image given as a label)."""
     import nibabel as nib
@@ -98,7 +102,7 @@ def read_label(path: Path | str, max_values: int | None = None) -> tuple[np.ndar
         raise InputError(f"{path}: over {max_values} distinct values; an image, not a label?")
     if np.issubdtype(data.dtype, np.floating):  # float storage of integer labels: rounded
         rounded = np.rint(data)
-        off = np.abs(data - rounded) > 1e-3
+        off = ~(np.abs(data - rounded) <= LABEL_ROUNDING)  # NaN and Inf are off too
         if off.any():
             raise InputError(f"{path}: non-integer label values (e.g. {float(data[off].flat[0]):g}); not a label map")
         data = rounded.astype(np.int64)

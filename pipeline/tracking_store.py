@@ -155,7 +155,20 @@ def run_address(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
-    return f"segpipe ui --tracking-uri {shlex.quote(uri)}, then http://127.0.0.1:{UI_PORT}/{page}"
+    return f"{segpipe_command()} ui --tracking-uri {shlex.quote(uri)}, then http://127.0.0.1:{UI_PORT}/{page}"
+
+
+def segpipe_command() -> str:
+    """The command that runs this segpipe from any folder, for lines that tell users what to run:
+    the ``segpipe`` script beside the running interpreter (the virtual environment's) by its
+    absolute path, else ``python -m pipeline``."""
+    import sys
+
+    python = os.path.abspath(sys.executable)
+    script = Path(python).parent / "segpipe"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(python)} -m pipeline"
 
 
 #: flat metric name (engines, bundles, journal) -> MLflow key (sections by prefix)

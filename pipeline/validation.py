@@ -42,6 +42,7 @@ import numpy as np
 from pipeline.bundle import bundle_metadata
 from pipeline.dicom_series import read_dicom_series
 from pipeline.errors import InputError, UsageError, first_line
+from pipeline.fileio import LABEL_ROUNDING
 from pipeline.manifest import parse_manifest
 from pipeline.studies import is_nifti, read_header
 
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 AFFINE_ATOL = 1e-3  # mm
 AFFINE_RTOL = 1e-4
 EMPTY_LABEL = "label is empty (all background)"
-LABEL_ROUNDING = 1e-3  # a float label value within this of an integer is that integer (fileio.read_label's rule)
 SPACING_MIN_MM = 1e-6  # 1 nm: electron microscopy; light microscopy in mm is ~1e-4 (cells_2d's nominal 0.5)
 SPACING_MAX_MM = 100.0  # a 10 cm voxel is no image: CT slices are <= 10 mm, PET/SPECT voxels ~2-6 mm
 SPACING_OUTLIER = 10.0  # a case's spacing along an axis this many times off the median: a warning

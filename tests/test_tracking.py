@@ -544,7 +544,9 @@ def test_the_ui_command_printed_for_a_run_can_be_pasted_into_a_shell() -> None:
 
     address = run_address("sqlite:////data/my store/mlflow.db", "1", "abc")
     command = address.split(", then ")[0]
-    assert shlex.split(command) == ["segpipe", "ui", "--tracking-uri", "sqlite:////data/my store/mlflow.db"]
+    # the venv's segpipe by its absolute path: the command works from any folder, venv active or not
+    assert shlex.split(command) == [str(Path(sys.executable).absolute().parent / "segpipe"), "ui", "--tracking-uri",
+                                    "sqlite:////data/my store/mlflow.db"]
     assert address.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning")
 
 

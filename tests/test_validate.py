@@ -405,6 +405,10 @@ def test_float_labels_follow_read_labels_one_rounding_rule(tmp_path):
     assert len(validate(manifest)) == 1
     with pytest.raises(InputError, match="non-integer"):
         read_label(tmp_path / LAB)
+    # NaN is no integer either: read_label (evaluate's reference, weight maps) turned it into -2**63
+    save(tmp_path / LAB, np.where(data > 0, np.nan, data).astype(np.float32))
+    with pytest.raises(InputError, match=r"non-integer label values \(e.g. nan\)"):
+        read_label(tmp_path / LAB)
 
 
 def test_require_valid_says_each_problem_once(tmp_path, caplog):
