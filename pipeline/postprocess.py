@@ -17,7 +17,7 @@ masks under the same names.
   largest connected component of all foreground labels taken together (nnU-Net's first
   candidate). Empty lists (the default) change nothing; ``segpipe crossval`` chooses on
   out-of-fold data.
-- :func:`label_volumes`: voxel counts and volumes in mL per label (``report.csv``).
+- :func:`label_volumes`: voxel counts and volumes in mL (areas in mm² for 2D images) per label (``report.csv``).
 """
 
 from __future__ import annotations
@@ -61,8 +61,23 @@ def _largest_foreground(labels: torch.Tensor) -> torch.Tensor:
     return labels * torch.as_tensor(keep).to(labels.dtype)
 
 
-def label_volumes(labels: torch.Tensor | Any, names: Sequence[str], voxel_ml: float) -> dict[str, float | int]:
-    """``voxels_<name>`` and ``ml_<name>`` for every label but background (index 0)."""
+#: a label's size in report.csv, index.html and previews, by the image's spatial dims: (column prefix, unit)
+SIZE_COLUMNS = {3: ("ml", "mL"), 2: ("mm2", "mm²")}
+
+
+def voxel_size(affine: Any, spatial_dims: int) -> tuple[str, float]:
+    """(column prefix, size of one voxel in its unit) for an image of ``spatial_dims`` with
+    ``affine`` (its spatial part, any size from (d, d) up): mL for a volume, mm² for a 2D image
+    (its pixels' area; a volume in mL made of a 2D image's nominal slice thickness means nothing)."""
+    linear = np.asarray(affine, dtype=float)[:spatial_dims, :spatial_dims]
+    size = abs(float(np.linalg.det(linear)))
+    return SIZE_COLUMNS[2 if spatial_dims == 2 else 3][0], size if spatial_dims == 2 else size / 1000
+
+
+def label_volumes(labels: torch.Tensor | Any, names: Sequence[str], voxel_ml: float,
+                  prefix: str = "ml") -> dict[str, float | int]:
+    """``voxels_<name>`` and ``<prefix>_<name>`` (``ml_``: mL, ``mm2_``: mm² for a 2D image; see
+    ``voxel_size``; ``voxel_ml`` is one voxel's size in that unit) for every label but background."""
     flat = torch.as_tensor(labels).reshape(-1)
     flat = flat if flat.dtype == torch.uint8 else flat.long()  # no int64 copy of a uint8 mask
     counts = torch.bincount(flat, minlength=len(names))
@@ -71,7 +86,7 @@ def label_volumes(labels: torch.Tensor | Any, names: Sequence[str], voxel_ml: fl
         if i == 0:
             continue
         out[f"voxels_{name}"] = int(counts[i])
-        out[f"ml_{name}"] = round(int(counts[i]) * voxel_ml, 3)
+        out[f"{prefix}_{name}"] = round(int(counts[i]) * voxel_ml, 3)
     return out
 
 

@@ -324,11 +324,11 @@ def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor,
     labels, clean-up, ``<id>.nii.gz`` in the output folder given to ``load_model``), then the
     volume columns; with ``outputs`` (``output_format``, ``preview``) the DICOM SEG and preview
     too (``predict_outputs.write_extras``)."""
-    from pipeline.postprocess import label_volumes
+    from pipeline.postprocess import label_volumes, voxel_size
 
     d = model["postprocessing"]({"image": data["image"], "pred": pred, "id": study["id"]})
-    voxel_ml = float(abs(np.linalg.det(np.asarray(data["image"].meta["original_affine"])[:3, :3]))) / 1000
-    volumes = label_volumes(d["pred"], model["label_names"], voxel_ml)
+    prefix, size = voxel_size(data["image"].meta["original_affine"], model["spatial_dims"])
+    volumes = label_volumes(d["pred"], model["label_names"], size, prefix)
     files = predict_outputs.write_extras(study, data, d, volumes, model, **outputs) if outputs else {}
     return {"output": d["output"], **volumes, **files}
 

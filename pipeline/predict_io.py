@@ -403,11 +403,12 @@ def write_report(out_dir: Path, rows: Sequence[dict[str, Any]], label_names: Seq
     """Merge ``rows`` into ``report.csv`` by study_id (rows of other shards and earlier runs are
     kept) and rewrite it atomically, under a lock shared by concurrent shards."""
     out_dir = Path(out_dir)
-    volume_cols = [f"{p}_{n}" for n in list(label_names)[1:] for p in ("voxels", "ml")]
     with locked(out_dir / ".report.lock"):
         merged = read_report(out_dir)
         for r in rows:
             merged[r["study_id"]] = {k: _cell(v) for k, v in r.items()}
+        size = "mm2" if any(k.startswith("mm2_") and v != "" for r in merged.values() for k, v in r.items()) else "ml"
+        volume_cols = [f"{p}_{n}" for n in list(label_names)[1:] for p in ("voxels", size)]  # mm2: 2D images
         extra = sorted({k for r in merged.values() for k in r} - set(BASE_COLUMNS) - set(volume_cols))
         columns = BASE_COLUMNS + volume_cols + extra
         with atomic_path(out_dir / REPORT) as tmp, open(tmp, "w", newline="") as fh:

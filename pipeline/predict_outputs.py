@@ -57,16 +57,18 @@ def planned(study: Mapping[str, Any], output_dir: Path, output_format: str, prev
 
 
 def recount_volumes(files: Mapping[str, Path], names: Sequence[str]) -> dict[str, float | int]:
-    """``voxels_<name>`` and ``ml_<name>`` counted from a finished study's NIfTI mask, else its
+    """``voxels_<name>`` and ``ml_<name>`` (``mm2_`` for a 2D mask) counted from a finished study's NIfTI mask, else its
     binary DICOM SEG: for the row of a study a rerun skips when the earlier report has none (a run
     killed between a mask and its row, or a deleted report.csv). {} for a fractional SEG (it holds
     probabilities, not the mask) or a file that cannot be read (logged)."""
-    from pipeline.postprocess import label_volumes
+    from pipeline.postprocess import label_volumes, voxel_size
 
     try:
+        prefix = "ml"
         if "output" in files:
             img = nib.load(files["output"])
-            labels, voxel_ml = np.asarray(img.dataobj), abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000
+            labels = np.asarray(img.dataobj)
+            prefix, voxel_ml = voxel_size(img.affine, 2 if labels.squeeze().ndim == 2 else 3)
         elif "seg" in files:
             import highdicom as hd
 
@@ -79,7 +81,7 @@ def recount_volumes(files: Mapping[str, Path], names: Sequence[str]) -> dict[str
             return {}
         labels = np.ascontiguousarray(labels)  # uint8 as written; label_volumes widens anything else itself
         return label_volumes(torch.from_numpy(labels if labels.dtype == np.uint8 else labels.astype(np.int64)),
-                             names, voxel_ml)
+                             names, voxel_ml, prefix)
     except Exception as e:  # noqa: BLE001 - the study stays skipped; only its volume cells stay empty
         log.warning("%s: cannot count its label volumes (%s)", next(iter(files.values())), first_line(e)[:120])
         return {}
@@ -150,8 +152,12 @@ def write_extras(study: Mapping[str, Any], data: Mapping[str, Any], post: Mappin
             from pipeline.preview import write_preview
 
             written.append(files["preview"])
-            write_preview(data["source"], labels, affine, names, {n: volumes.get(f"ml_{n}", 0.0) for n in names},
-                          files["preview"], title=str(study["id"]))
+            from pipeline.postprocess import SIZE_COLUMNS
+
+            prefix, unit = next(((p, u) for p, u in SIZE_COLUMNS.values() if any(k.startswith(f"{p}_") for k in volumes)),
+                                SIZE_COLUMNS[3])
+            write_preview(data["source"], labels, affine, names, {n: volumes.get(f"{prefix}_{n}", 0.0) for n in names},
+                          files["preview"], title=str(study["id"]), unit=unit)
     except BaseException:
         for f in written:
             f.unlink(missing_ok=True)

@@ -136,7 +136,7 @@ def crop_to_body(img: np.ndarray, lab: np.ndarray, lo: float, hi: float,
 
 
 def write_preview(image_file: Path | str, labels: np.ndarray, affine: np.ndarray, label_names: Sequence[str],
-                  volumes_ml: Mapping[str, float], out_file: Path | str, title: str = "") -> Path:
+                  volumes_ml: Mapping[str, float], out_file: Path | str, title: str = "", unit: str = "mL") -> Path:
     """Draw ``labels`` (X, Y, Z, the grid of ``image_file``, a NIfTI whose first channel is
     shown) over the image in three views through :func:`centre`, with a legend of label names
     and volumes (``volumes_ml[name]``), as a PNG written atomically; ``title`` (the study id) and
@@ -174,7 +174,7 @@ def write_preview(image_file: Path | str, labels: np.ndarray, affine: np.ndarray
         ax.imshow(lab, cmap=cmap, vmin=0, vmax=len(colours) - 1, aspect=aspect, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    handles = [Patch(color=colours[i], label=drawable(f"{n}: {_ml(volumes_ml.get(n, 0.0))} mL"))
+    handles = [Patch(color=colours[i], label=drawable(f"{n}: {_ml(volumes_ml.get(n, 0.0))} {unit}"))
                for i, n in enumerate(label_names) if i > 0]
     legend = fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     for text in legend.get_texts():
@@ -258,7 +258,11 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
     resolved = functools.lru_cache(maxsize=64)(lambda folder: Path(folder).resolve())  # outputs share folders
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    head = ["preview", "study", "status", *[f"{n} (mL)" for n in names], "seconds", "model", "files", "error"]
+    from pipeline.postprocess import SIZE_COLUMNS  # mL, or mm² where the studies are 2D images
+
+    prefix, unit = next(((p, u) for p, u in SIZE_COLUMNS.values() if any(r.get(f"{p}_{n}") for r in rows for n in names)),
+                        SIZE_COLUMNS[3])
+    head = ["preview", "study", "status", *[f"{n} ({unit})" for n in names], "seconds", "model", "files", "error"]
     body = []
     for r in rows:
         link = {k: _href(r.get(k, ""), root, resolved) for k in ("preview", "output", "seg")}
@@ -268,7 +272,7 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
                          for k, label in (("output", "NIfTI"), ("seg", "SEG")) if link[k])
         cells = [f'<td data-v="{int(bool(thumb))}">{thumb}</td>', f"<td>{e(r['study_id'])}</td>",
                  f"<td>{e(r.get('status', ''))}</td>"]
-        cells += [f'<td class="num">{e(r.get(f"ml_{n}", ""))}</td>' for n in names]
+        cells += [f'<td class="num">{e(r.get(f"{prefix}_{n}", ""))}</td>' for n in names]
         cells += [f'<td class="num">{e(r.get("seconds", ""))}</td>', f"<td>{e(r.get('model', ''))}</td>",
                   f"<td>{files}</td>",
                   f'<td class="error">{e(r.get("error", ""))}</td>']

@@ -418,3 +418,26 @@ def test_outputs_of_no_recorded_model_are_kept_with_a_warning(bundle: Path, stud
     assert len(warnings) == 1 and "4 existing output(s)" in warnings[0], warnings  # 3 of the other model, the lost
     assert f"no report row says which model made them, and other models wrote into this folder ({lost})" in warnings[0]
     assert "other weights (" + ", ".join(sorted(rows)[1::2]) + ")" in warnings[0]
+
+
+def test_a_2d_batch_reports_areas_in_mm2_not_volumes_in_ml(cells_dataset: Path, tmp_path: Path) -> None:
+    """A 2D image has no volume: its label sizes are areas, in mm² (pixels times the pixel area),
+    in report.csv, index.html and the preview's legend. Before, they were "mL": the pixel area
+    times the header's nominal 1 mm thickness, divided by 1000."""
+    from pipeline.preview import index_html, read_rows
+
+    bundle = Path(__file__).resolve().parent.parent / "bundles" / "cells_2d"
+    out = tmp_path / "out"
+    rows = predict(bundle, cells_dataset.parent / "imagesTr", out, progress=False, preview=True)
+    assert rows and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        mask = nib.load(r["output"])
+        area = abs(np.linalg.det(mask.affine[:2, :2]))
+        pixels = int((np.asarray(mask.dataobj) == 1).sum())
+        assert r["voxels_cell"] == pixels and r["mm2_cell"] == pytest.approx(round(pixels * area, 3))
+        assert "ml_cell" not in r
+    with open(out / "report.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert "mm2_cell" in header and "ml_cell" not in header
+    page = index_html(read_rows(out), ["background", "cell"], out, running=False)
+    assert "cell (mm²)" in page and "(mL)" not in page
