@@ -292,11 +292,12 @@ def attach_validation(trainer: Engine, evaluator: Engine, saver: ModelSaver, lab
         report = qc.summarize(engine, label_names)
         if not report["metrics"]:
             return
+        views = qc.gathered_views(engine, qc_cases)  # every rank: under torchrun the cases are shared out
         epoch = trainer.state.epoch
         dice = {k[len("val_dice_"):]: v for k, v in report["metrics"].items() if k.startswith("val_dice_")}
         trainer.state.qc_images = []
         if idist.get_rank() == 0:
-            trainer.state.qc_images = _qc_pictures(engine.state.qc, report, label_names, output_dir, epoch,
+            trainer.state.qc_images = _qc_pictures(views, report, label_names, output_dir, epoch,
                                                    reference=not getattr(trainer.state, "qc_reference", False))
             trainer.state.qc_reference = True
         if saver.saved_now:

@@ -87,6 +87,20 @@ def attach_case_collector(evaluator: Engine, qc_cases: int = 3) -> None:
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, _iteration)
 
 
+def gathered_views(evaluator: Engine, qc_cases: int) -> list[tuple[str, dict[str, Any]]]:
+    """The QC views of the validation's first ``qc_cases`` cases, from every process under
+    torchrun (each collects its share's first ones; a shard's k-th case is the list's
+    ``k * world + rank``-th, so interleaving them gives the cases one process would draw). Every
+    rank must call it. Before, only rank 0's share was drawn."""
+    views = list(getattr(evaluator.state, "qc", []))
+    world = idist.get_world_size()
+    if world > 1 and qc_cases > 0:
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, views)
+        views = [part[k] for k in range(max(len(p) for p in parts)) for part in parts if k < len(part)]
+    return views[:qc_cases]
+
+
 def summarize(evaluator: Engine, label_names: list[str], metric: str = "val_mean_dice") -> dict[str, Any]:
     """``{"metrics": {val_mean_dice, val_dice_<name>...}, "cases": [(id, [dice per class])]}``;
     every rank must call it (case ids are gathered)."""

@@ -23,7 +23,7 @@ def test_two_process_torchrun_trains_and_logs_once(tmp_path: Path, ct6_dataset: 
     data = ct6_dataset  # 4 train, 2 val; a store of its own: it counts the experiment's runs
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [a for k, v in {**FAST, "output_dir": str(out)}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    sets = [a for k, v in {**FAST, "output_dir": str(out), "qc_cases": 2}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "pipeline", "train", str(BUNDLE),
                            "--manifest", str(data), "--epochs", "2", "--tracking-uri", uri, *sets],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -40,6 +40,9 @@ def test_two_process_torchrun_trains_and_logs_once(tmp_path: Path, ct6_dataset: 
     assert runs[0].data.tags["world_size"] == "2"
     # validation Dice covers both ranks' shards: both validation cases are in the per-case CSV
     assert len((out / "val_cases.csv").read_text().splitlines()) == 1 + 2
+    # the QC pictures too: each rank validates one of the two cases, and both are drawn (rank 0 drew its own only)
+    cases = sorted(line.split(",")[0] for line in (out / "val_cases.csv").read_text().splitlines()[1:])
+    assert sorted(p.name for p in (out / "qc" / "epoch_0002").glob("qc_*.png")) == [f"qc_{c}.png" for c in cases]
     ckpt = torch.load(out / "checkpoints" / "checkpoint_2.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped from DDP
     assert set(torch.load(out / "model.pt", weights_only=True)) == set(ckpt["model"])
