@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import predict_io, predict_outputs
+from pipeline import predict_io, predict_outputs, predict_stamp
 from pipeline import preview as preview_pages
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, SegpipeError, UsageError, first_line
 from pipeline.manifest import as_manifest
-from pipeline.predict_io import UNKNOWN
+from pipeline.predict_stamp import UNKNOWN
 from pipeline.preview import write_index
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
     if rows:
         predict_io.write_report(output_dir, rows, names)
     if todo:  # before the first mask: every output this run writes is attributable to its model
-        predict_io.record_model(output_dir, identity, unattributed=any(r["model"] == UNKNOWN for r in rows))
+        predict_stamp.record_model(output_dir, identity, unattributed=any(r["model"] == UNKNOWN for r in rows))
     if preview:
         write_index(output_dir, names, running=True)
     bar = _progress_bar(len(studies), progress, initial=len(rows))
@@ -169,7 +169,7 @@ def _resume(studies: list[dict[str, Any]], output_dir: Path, identity: dict[str,
     """Split ``studies`` into the rows of those whose outputs are all there and are kept
     (``skipped``: this model's, or of no known model) and those to predict (no outputs yet, or
     another model's). Warns once about each kind that is not plainly this model's."""
-    earlier, stamp = predict_io.read_report(output_dir), predict_io.read_stamp(output_dir)
+    earlier, stamp = predict_io.read_report(output_dir), predict_stamp.read_stamp(output_dir)
     rows: list[dict[str, Any]] = []
     todo: list[dict[str, Any]] = []
     again: dict[str, list[str]] = {}  # why -> ids predicted again
@@ -181,7 +181,7 @@ def _resume(studies: list[dict[str, Any]], output_dir: Path, identity: dict[str,
         row = earlier.get(s["id"], {})
         made_by = _attribute(row, stamp, identity["id"])
         if made_by not in (identity["id"], UNKNOWN):
-            why = (predict_io.model_difference((stamp or {}).get("models", {}).get(made_by), identity) if made_by
+            why = (predict_stamp.model_difference((stamp or {}).get("models", {}).get(made_by), identity) if made_by
                    else "no report row says which model made them, and other models wrote into this folder")
             again.setdefault(why, []).append(s["id"])
             todo.append(s)
@@ -252,8 +252,8 @@ def load_model(bundle_dir: Path, overrides: dict[str, Any] | None, device: str |
     weights = get(parser, "weights", bundle_dir) if "weights" in parser else [get(parser, "model_path", bundle_dir)]
     return {
         "network": network, "device": torch.device(get(parser, "device", bundle_dir)),
-        "identity": predict_io.model_identity(bundle_metadata(Path(bundle_dir)), [Path(p) for p in weights],
-                                              predict_io.mask_settings(parser)),
+        "identity": predict_stamp.model_identity(bundle_metadata(Path(bundle_dir)), [Path(p) for p in weights],
+                                              predict_stamp.mask_settings(parser)),
         **{k: get(parser, k, bundle_dir) for k in ("preprocessing", "inferer", "postprocessing")},
         "label_names": list(get(parser, "label_names", bundle_dir)),
         **{k: int(parser.get_parsed_content(k)) for k in ("max_voxels", "in_channels", "spatial_dims")},
