@@ -153,8 +153,9 @@ def _image_series(folder: Path, uids: tuple[str, ...]) -> tuple[str, ...]:
     derived objects (``DERIVED_SOP_CLASSES``: a SEG, RT structure set, report, ...), then
     localizers (ImageType LOCALIZER: a CT's scout or an MR's survey, exported with the study), then
     Secondary Capture images (a dose screenshot; some converters write a volume as SC, which is
-    read when it is the only image series). InputError naming them when only derived objects
-    are there; the caller refuses several series left, named by ``_series_names``."""
+    read when it is the only image series). InputError naming them when only derived objects, only
+    localizers or only a single SC image are there (a folder per series of a PACS export has such
+    folders: nothing to segment); several series left are refused, named by ``_series_names``."""
     import SimpleITK as sitk
 
     info = {uid: _series_tags(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
@@ -162,6 +163,13 @@ def _image_series(folder: Path, uids: tuple[str, ...]) -> tuple[str, ...]:
     keep = [uid for uid in uids if info[uid]["sop"] not in DERIVED_SOP_CLASSES]
     if not keep:
         raise InputError(f"{folder}: no image series, only {', '.join(derived)} objects")
+    is_sc = {uid: info[uid]["sop"].split(".")[:10] == SECONDARY_CAPTURE_SOP.split(".") for uid in keep}
+    if all("LOCALIZER" in info[uid]["image_type"] for uid in keep):
+        raise InputError(f"{folder}: only a localizer (scout) series ({_series_names(folder, keep, info)}): nothing "
+                         "to segment")
+    if all(is_sc[uid] and info[uid]["files"] == 1 for uid in keep):
+        raise InputError(f"{folder}: only a single Secondary Capture image ({_series_names(folder, keep, info)}), a "
+                         "screenshot rather than a volume: nothing to segment")
     left_out = [f"the {', '.join(derived)} object(s)"] if derived else []
     for what, drop in (("localizer", lambda i: "LOCALIZER" in i["image_type"]),
                        ("Secondary Capture", lambda i: i["sop"].split(".")[:10] == SECONDARY_CAPTURE_SOP.split("."))):

@@ -197,7 +197,8 @@ def suggest_roi(median_shape: list[float], cap: int = 128, divisor: int | None =
     if divisor is None:
         divisor = 8 if max(median_shape) < 64 else 16
     cap = max(divisor, cap // divisor * divisor)
-    roi = [int(min(cap, max(divisor, math.ceil(s / divisor) * divisor))) for s in median_shape]
+    # 1e-6: a float32 spacing (0.8 mm is 0.800000011) makes 48 voxels 48.0000007, which ceil took a whole step up
+    roi = [int(min(cap, max(divisor, math.ceil(s / divisor - 1e-6) * divisor))) for s in median_shape]
     return roi, divisor
 
 

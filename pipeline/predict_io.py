@@ -28,7 +28,7 @@ from monai.data import IterableDataset
 from monai.transforms import apply_transform
 from torch.utils.data import get_worker_info
 
-from pipeline.errors import InputError, UsageError, first_line
+from pipeline.errors import InputError, SegpipeError, UsageError, first_line
 from pipeline.fileio import HOST, atomic_path, locked, pid_alive, temp_prefix, write_nifti
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,47 @@ class StudyStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        for i, study in enumerate(self.data):
-            if i % workers != worker:
-                continue
-            try:
-                yield apply_transform(self.transform, study)
-            except Exception as e:  # noqa: BLE001 - any reading or preprocessing failure of this study
-                cause = e
-                while cause.__cause__ is not None:  # MONAI wraps it: "applying transform <...>"
-                    cause = cause.__cause__
-                image = study.get("image")
-                msg = f"{image[0] if isinstance(image, list) else image}: {type(cause).__name__}: {first_line(cause)}"
-                log.error("study %s left out: %s", study.get("id", i), msg)
-                self.failed.append(msg)
+        with tempfile.TemporaryDirectory(prefix="segpipe-") as scratch:
+            converted: list[Path] = []
+            for i, study in enumerate(self.data):
+                if i % workers != worker:
+                    continue
+                for f in converted:  # the previous study's, written and done with
+                    f.unlink(missing_ok=True)
+                try:
+                    readable, converted = _series_as_nifti(study, Path(scratch), i)
+                    yield apply_transform(self.transform, readable)
+                except Exception as e:  # noqa: BLE001 - any reading or preprocessing failure of this study
+                    cause = e
+                    while cause.__cause__ is not None:  # MONAI wraps it: "applying transform <...>"
+                        cause = cause.__cause__
+                    image = study.get("image")
+                    where = image[0] if isinstance(image, list) else image
+                    msg = str(cause) if isinstance(cause, SegpipeError) else (
+                        f"{where}: {type(cause).__name__}: {first_line(cause)}")
+                    log.error("study %s left out: %s", study.get("id", i), msg)
+                    self.failed.append(msg)
+
+
+def _series_as_nifti(study: dict[str, Any], scratch: Path, i: int) -> tuple[dict[str, Any], list[Path]]:
+    """``study`` with each DICOM series folder of its ``image`` written as NIfTI in ``scratch``
+    (``pipeline.dicom_series``: the series ``segpipe predict`` reads, with its checks; MONAI's
+    loader would read every file of the folder, a scout or a dose screenshot beside the CT too),
+    and the files written."""
+    from pipeline.dicom_series import dicom_series_to_nifti
+
+    image = study.get("image")
+    files = image if isinstance(image, list) else [image]
+    if not any(isinstance(f, (str, Path)) and Path(f).is_dir() for f in files):
+        return study, []
+    written, out = [], []
+    for k, f in enumerate(files):
+        if isinstance(f, (str, Path)) and Path(f).is_dir():
+            written.append(dicom_series_to_nifti(Path(f), scratch / f"{i:06d}_{k:04d}.nii.gz"))
+            out.append(str(written[-1]))
+        else:
+            out.append(f)
+    return {**study, "image": out if isinstance(image, list) else out[0]}, written
 
 
 def exit_if_failed(dataset: Any) -> None:

@@ -33,7 +33,7 @@ MASK_ROOTS = ("network_def", "preprocessing", "inferer", "postprocessing", "labe
 NOT_MASK_SETTINGS = frozenset({
     "bundle_root", "output_dir", "dataset_dir", "manifest", "input", "datalist", "dataset", "dataloader",
     "prediction_dir", "device", "model_path", "folds", "weights", "predictor", "network", "sw_batch_size",
-    "compile", "max_voxels", "save_probabilities", "handlers", "evaluator", "run", "initialize", "imports"})
+    "compile", "max_voxels", "handlers", "evaluator", "run", "initialize", "imports"})
 _REF = re.compile(r"@([A-Za-z_][\w]*)")  # "@id", "@id#key", "$... @id.attr": the top-level id
 
 

@@ -283,7 +283,7 @@ def index_html(rows: Sequence[Mapping[str, str]], label_names: Sequence[str], ou
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">{refresh}<title>segpipe predict: {e(root.name)}</title>'
             f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>\n"
             f"<h1>segpipe predict: {e(str(root))}</h1>\n"
-            f'<p id="summary">{len(rows)} studies: {counts["ok"]} ok, {counts["skipped"]} skipped, '
+            f'<p id="summary">{len(rows)} stud{"y" if len(rows) == 1 else "ies"}: {counts["ok"]} ok, {counts["skipped"]} skipped, '
             f"{counts['failed']} failed; updated {stamp} ({state}). Click a column to sort.</p>\n"
             "<table><thead><tr>" + "".join(f'<th onclick="sortBy(this)">{e(h)}</th>' for h in head)
             + "</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table></body></html>\n")

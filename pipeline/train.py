@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -199,9 +200,14 @@ def _below_warning(record: logging.LogRecord) -> bool:
 
 
 def _not_our_error(record: logging.LogRecord) -> bool:
-    """Drop MONAI StatsHandler's traceback of a ``SegpipeError``: that error is one line by
-    design, and the CLI prints it (``--debug`` shows the traceback)."""
-    return not (record.exc_info and isinstance(record.exc_info[1], SegpipeError))
+    """Drop the engines' and MONAI StatsHandler's report of an exception the CLI reports in one line
+    itself: one of ours (a ``SegpipeError``, one line by design) or Ctrl-C / SIGTERM. Ignite logs
+    "Engine run is terminating due to exception" and StatsHandler the traceback, about 20 lines a
+    process, before the CLI's 'interrupted' (``--debug`` shows the traceback)."""
+    error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+    if not isinstance(error, (SegpipeError, KeyboardInterrupt)):
+        return True
+    return not (record.exc_info or record.getMessage().startswith("Engine run is terminating due to exception"))
 
 
 @contextmanager
@@ -215,14 +221,20 @@ def _console(verbose: bool, progress: bool) -> Iterator[Any]:
     for lg in loggers:
         lg.setLevel(logging.WARNING)
         lg.addFilter(_below_warning)
-    stats = logging.getLogger("monai.handlers.StatsHandler")
+    stats = logging.getLogger("monai.handlers.StatsHandler")  # MONAI's get_logger: its own handler, no propagation
     stats.addFilter(_not_our_error)
+    handlers = list(logging.getLogger().handlers)  # the records of loggers that propagate
+    for h in handlers:
+        h.addFilter(_not_our_error)
     try:
         if progress:
             from ignite.handlers import ProgressBar
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             with logging_redirect_tqdm():
+                for h in logging.getLogger().handlers:  # tqdm's own, in place of the console's
+                    if h not in handlers:
+                        h.addFilter(_not_our_error)
                 yield ProgressBar(persist=False, bar_format="{desc}[{n_fmt}/{total_fmt}] {bar:20} {elapsed}<{remaining}{postfix}")
         else:
             yield None
@@ -231,6 +243,8 @@ def _console(verbose: bool, progress: bool) -> Iterator[Any]:
             lg.setLevel(level)
             lg.removeFilter(_below_warning)
         stats.removeFilter(_not_our_error)
+        for h in handlers:
+            h.removeFilter(_not_our_error)
 
 
 def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:
@@ -275,6 +289,8 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     if "seed" in parser:  # every epoch from (seed, epoch): a resumed run trains as the uninterrupted one
         attach_epoch_seeds(trainer, _setting(parser, "seed", int))
     evaluator = get(parser, "validate#evaluator", bundle_dir)
+    for engine in (trainer, evaluator):  # they (and StatsHandler through them) log an exception the CLI reports
+        engine.logger.addFilter(_not_our_error)
     _prepare_output(output_dir, ckpt_dir, resume)  # once the engines are built: a bad loader leaves no folder
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)

@@ -257,3 +257,12 @@ def test_suggested_ids_exist_in_every_bundle_and_the_normalisation_is_the_plans(
     plan = make_plan(fp, json.loads(ct6_dataset.read_text()), "cpu", 30)
     assert fp["normalisation"]["channels"] == plan["normalisation"]["channels"]
     assert fp["normalisation"]["rationale"] == plan["rationale"]["normalisation"]
+
+
+def test_a_median_shape_a_float32_spacing_puts_a_hair_over_a_multiple_is_not_rounded_a_step_up():
+    """48 voxels at 0.8 mm (float32: 0.800000011) came out as 48.0000007 voxels at the target
+    spacing, and the suggested patch was 56 where plan chose 48 (E2E audit)."""
+    from pipeline.fingerprint import suggest_roi
+
+    assert suggest_roi([48.0000007, 48.0000007, 16.0000003])[0] == [48, 48, 16]
+    assert suggest_roi([48.01, 47.0, 15.2])[0] == [56, 48, 16]

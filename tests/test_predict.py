@@ -441,3 +441,14 @@ def test_a_2d_batch_reports_areas_in_mm2_not_volumes_in_ml(cells_dataset: Path, 
     assert "mm2_cell" in header and "ml_cell" not in header
     page = index_html(read_rows(out), ["background", "cell"], out, running=False)
     assert "cell (mm²)" in page and "(mL)" not in page
+
+
+def test_save_probabilities_is_part_of_the_model_so_a_rerun_with_it_predicts_again() -> None:
+    """--set save_probabilities=float32 makes the SEG fractional and adds probability files: a rerun
+    into a folder of binary outputs skipped every study and wrote neither (E2E audit)."""
+    from pipeline.predict_stamp import mask_settings
+
+    bundle = Path(__file__).resolve().parent.parent / "bundles" / "phantom_ct_3d"
+    plain = mask_settings(load_bundle(bundle, ("common.json", "inference.json")))
+    fractional = mask_settings(load_bundle(bundle, ("common.json", "inference.json"), {"save_probabilities": "float32"}))
+    assert plain["save_probabilities"] is False and fractional["save_probabilities"] == "float32"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import locale
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,13 +192,18 @@ def test_a_scout_and_a_dose_screenshot_beside_a_series_are_left_out(tmp_path, ca
     assert 'localizer series 1 "Topogram" (CT, 1 file)' in caplog.text
     assert 'Secondary Capture series 900 "Dose Report" (CT, 1 file)' in caplog.text
     assert read_header(folder)["shape"] == (7, 6, 5)
-    # alone, a localizer or a Secondary Capture volume (as some converters write one) is read
-    for name in ("scout", "dose"):
+    # alone (a folder per series), a scout or a single screenshot is nothing to segment: refused, not
+    # segmented as junk; a Secondary Capture volume (as some converters write one) is read
+    for name, problem in (("scout", 'only a localizer (scout) series (series 1 "Topogram" (CT, 1 file))'),
+                          ("dose", 'only a single Secondary Capture image (series 900 "Dose Report" (CT, 1 file))')):
         alone = tmp_path / name
         alone.mkdir()
         for f in folder.glob(f"{name}_*.dcm"):
             shutil.copy(f, alone / f.name)
-        assert dicom_series(alone)["files"] == [str(alone / f"{name}_000.dcm")]
+        with pytest.raises(InputError, match=re.escape(f"{alone}: {problem}")):
+            read_header(alone)
+    volume_sc = write_series(tmp_path / "sc_volume", volume(), uid="1.2.3.9.901", tags={"0008|0016": SECONDARY_CAPTURE})
+    assert read_header(volume_sc)["shape"] == (7, 6, 5)
 
 
 def test_two_reconstructions_in_one_folder_are_named_as_a_viewer_shows_them(tmp_path):
@@ -363,3 +369,26 @@ def test_a_folder_of_case_0000_files_is_nnunets_one_channel_layout(tmp_path):
                                              {"id": "b", "image": str(tmp_path / "nn/b_0000.nii.gz")}]
     _channel_files(tmp_path / "mixed", ["a_0000.nii.gz", "b.nii.gz"])  # not every file: names kept
     assert [s["id"] for s in find_studies(tmp_path / "mixed")] == ["a_0000", "b"]
+
+
+def test_a_bundle_run_reads_the_series_segpipe_predict_reads(tmp_path):
+    """``python -m monai.bundle run`` loads studies through ``StudyStream``: a whole-study folder (a
+    CT, its scout and a dose screenshot) gave MONAI's loader every file ("all input arrays must have
+    the same shape") where segpipe predict reads the CT. Now the same series is read, through a
+    temporary NIfTI that is gone after the run; a folder that fails is left out naming its problem."""
+    from monai.transforms import LoadImaged
+
+    from pipeline.predict_io import StudyStream
+
+    folder = _study_folder(tmp_path / "study")
+    write_series(tmp_path / "mixed" / "a", volume(), uid="1.2.3.9.7")
+    write_series(tmp_path / "mixed" / "a", volume(), uid="1.2.3.9.8", prefix="other")
+    stream = StudyStream([{"image": str(folder), "id": "study"}, {"image": str(tmp_path / "mixed" / "a"), "id": "bad"}],
+                         LoadImaged("image", image_only=False))
+    items = list(stream)
+    assert [tuple(d["image"].shape) for d in items] == [read_header(folder)["shape"]]
+    np.testing.assert_allclose(items[0]["image"].affine.numpy(), read_header(folder)["affine"], atol=1e-4)
+    assert not Path(items[0]["image"].meta["filename_or_obj"]).exists()  # the temporary NIfTI is gone
+    assert stream.failed == [f"{tmp_path / 'mixed' / 'a'}: 2 DICOM image series mixed in one folder (series "
+                             "1.2.3.9.7 (CT, 5 files); series 1.2.3.9.8 (CT, 5 files)); put each series in a folder of "
+                             "its own"]
