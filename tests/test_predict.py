@@ -75,7 +75,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def _run(bundle: Path, inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", "predict", str(bundle), "--input", str(inp),
                            "--output", str(out), "--no-progress", *extra],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def _report(out: Path) -> dict[str, dict[str, str]]:
