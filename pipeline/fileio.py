@@ -17,7 +17,7 @@ import fcntl
 import hashlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,20 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_made_folders(folders: Sequence[Path]) -> list[Path]:
+    """``rmdir`` the folders a failed run made, innermost first, stopping at the first that is not
+    empty (or gone): it and its parents stay, so nothing that was there before, or that anyone put
+    there, is deleted. Returns those removed."""
+    removed = []
+    for d in folders:
+        try:
+            Path(d).rmdir()
+        except OSError:
+            break
+        removed.append(Path(d))
+    return removed
 
 
 @contextmanager

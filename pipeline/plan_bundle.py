@@ -41,7 +41,7 @@ from typing import Any
 
 from pipeline.errors import InputError, UsageError
 from pipeline.evaluation import json_safe
-from pipeline.fileio import HOST, pid_alive
+from pipeline.fileio import HOST, pid_alive, remove_made_folders
 
 log = logging.getLogger(__name__)
 
@@ -414,11 +414,7 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
         shutil.rmtree(tmp, ignore_errors=True)
         for m in moved:  # an empty --out is left empty again
             shutil.rmtree(m, ignore_errors=True) if m.is_dir() else m.unlink(missing_ok=True)
-        for d in created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_made_folders(created)
         raise
     log.info("planned bundle %s in %s", plan["name"], out)
     return plan

@@ -29,7 +29,15 @@ from monai.transforms import apply_transform
 from torch.utils.data import get_worker_info
 
 from pipeline.errors import InputError, SegpipeError, UsageError, first_line
-from pipeline.fileio import HOST, atomic_path, locked, pid_alive, temp_prefix, write_nifti
+from pipeline.fileio import (
+    HOST,
+    atomic_path,
+    locked,
+    pid_alive,
+    remove_made_folders,
+    temp_prefix,
+    write_nifti,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,13 +251,7 @@ def remove_created(created: Sequence[Path]) -> None:
     """Remove the folders :func:`check_output_dir` made, innermost first, each only while empty
     (``rmdir``): a run that failed before writing anything leaves nothing behind, and nothing
     else (a folder that existed, a file anyone put there) is ever deleted."""
-    removed = []
-    for d in reversed(list(created)):
-        try:
-            d.rmdir()
-        except OSError:  # not empty (or gone): it and its parents stay
-            break
-        removed.append(d)
+    removed = remove_made_folders(list(reversed(list(created))))
     if removed:
         log.info("removed %s: made by this run, which wrote nothing", ", ".join(map(str, removed)))
 

@@ -44,7 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import InputError, UsageError
-from pipeline.fileio import HOST, atomic_path, pid_alive, write_nifti
+from pipeline.fileio import HOST, atomic_path, pid_alive, remove_made_folders, write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -367,11 +367,7 @@ def write_dataset(kind: str, n: int, out: Path, seed: int = 0, shape: Sequence[i
         _move_into(tmp, out, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_made_folders(created)
         raise
     log.info("wrote %d %s studies (%s) to %s", n, kind, grid, out)
     return out / "dataset.json"
