@@ -1,7 +1,10 @@
 """``pipeline.cpu_memory.keep_freed_memory``: a CPU forward pass stops page-faulting its activations in.
 
 Each case runs in a fresh interpreter (malloc settings are per process): a small 3D network's forward
-pass, warmed up, then the minor page faults of five more, with and without the setting.
+pass, warmed up, then the minor page faults of each of seven more, with and without the setting. The
+median pass is compared: without the setting every pass faults its activations in again; with it a
+pass now and then still grows the heap once by one activation (seen on CI: 3 of 5 passes' worth in a
+mean), which is not the recurring cost the setting removes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = """
-import json, resource, sys, torch
+import json, resource, statistics, sys, torch
 from torch import nn
 kept = None
 if sys.argv[1] == "keep":
@@ -29,10 +32,12 @@ x = torch.rand(2, 1, 64, 64, 48)  # 16-channel activations of 24 MiB: far above 
 with torch.inference_mode():
     for _ in range(3):
         net(x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    faults = []
+    for _ in range(7):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         net(x)
-print(json.dumps({"kept": kept, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5}))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": statistics.median(faults), "each": faults}))
 """
 
 
@@ -46,6 +51,6 @@ def _faults(mode: str) -> dict:
 def test_a_forward_pass_reuses_freed_activations_instead_of_faulting_them_in() -> None:
     default, kept = _faults("default"), _faults("keep")
     if default["faults"] < 1000:
-        pytest.skip(f"this C library reuses freed blocks already ({default['faults']:.0f} faults per forward pass)")
+        pytest.skip(f"this C library reuses freed blocks already ({default['faults']:.0f} faults in the median forward pass)")
     assert kept["kept"] is True
     assert kept["faults"] < default["faults"] / 20, (kept, default)
