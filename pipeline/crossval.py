@@ -165,7 +165,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
             predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
         with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
             result = score(out, manifest, cases, name)
-        parent.log_metrics(mlflow_metrics(result), step=0)
+        # step: cases scored, so folds run one call at a time draw the estimate as it fills in
+        parent.log_metrics(mlflow_metrics(result), step=int(result["cases_scored"]))
         parent.log_artifact(out / RESULT_FILE, "crossval")
     except BaseException as e:
         parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from pipeline.crossval import SPLIT_IDS, TRAINED_FILE
 from pipeline.crossval_score import RESULT_FILE, model_digest
 from pipeline.errors import InputError, UsageError, first_line
 from pipeline.fileio import temp_prefix
+from pipeline.plan_docs import docs_with_status
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,13 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
              bundle_dir / "configs" / "common.json": _config_with_value(bundle_dir / "configs" / "common.json",
                                                                       "folds", chosen),
              bundle_dir / "configs" / "inference.json": _config_with_value(
-                 bundle_dir / "configs" / "inference.json", "postprocess", postprocess)}
+                 bundle_dir / "configs" / "inference.json", "postprocess", postprocess),
+             **docs_with_status(bundle_dir, _status(ensemble["crossval"], chosen, crossval_dir))}
     models = bundle_dir / "models"
     dests = [models / f"fold_{k}.pt" for k in chosen]
     writers: dict[Path, Callable[[Path], Any]] = {
         dest: lambda tmp, src=src: shutil.copyfile(src, tmp) for dest, src in zip(dests, sources, strict=True)}
-    writers.update({path: lambda tmp, text=text: tmp.write_text(text) for path, text in texts.items()})
+    writers.update({path: lambda tmp, text=text: tmp.write_text(text, encoding="utf-8") for path, text in texts.items()})
     created = not models.is_dir()
     models.mkdir(exist_ok=True)  # a planned bundle has none before its first weights
     try:
@@ -104,6 +107,17 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
             log.info("removed %s: not a fold of this export", old)
     log.info("exported folds %s of %s into %s", chosen, crossval_dir, models)
     return dests
+
+
+def _status(cv: dict[str, Any], chosen: list[int], crossval_dir: Path) -> str:
+    """The docs' weights status of an exported ensemble (``pipeline.plan_docs.status_after_export``)."""
+    return (f"**Status: the {len(chosen)}-fold ensemble** of `segpipe crossval` in `{crossval_dir}`, exported "
+            f"{time.strftime('%Y-%m-%d %H:%M')} by `segpipe export-ensemble`: `models/fold_<k>.pt` for folds "
+            f"{', '.join(map(str, chosen))}, whose probabilities `segpipe predict` averages (`--set 'folds=[0]'` "
+            f"predicts with one). Out-of-fold mean Dice {cv['mean_dice']:.4f} over {cv['cases']} of "
+            f"{cv['cases_total']} cases; with the post-processing chosen on those masks ({cv['postprocessing']}, "
+            f"on in `configs/inference.json`) {cv['mean_dice_postprocessed']:.4f}. Per class: "
+            f"`configs/metadata.json` (`ensemble`).")
 
 
 def _write_all(writers: dict[Path, Callable[[Path], Any]]) -> None:
@@ -185,13 +199,17 @@ def _check_trained_config(parser: Any, config_file: Path, bundle_dir: Path) -> N
     for key in (RESUMABLE_CHANGES | SPLIT_IDS) - {"_meta_"}:
         if key in bundle and key in trained:
             trained[key] = bundle.get(key)
+    differ = []
     for key in MEANING_IDS:
         if key not in bundle or key not in trained:
             continue
         old, new = _plain(trained, trained.get(key)), _plain(bundle, bundle.get(key))
         if _text(old) != _text(new):
-            raise UsageError(f"{config_file}: this fold was trained with another {key} than {bundle_dir}/configs "
-                             f"has ({first_difference(key, old, new)}); export into a bundle with its settings")
+            differ.append((key, first_difference(key, old, new)))
+    if differ:  # every one at once: a fix per export run, one at a time, was the old way
+        raise UsageError(f"{config_file}: this fold was trained with another {', '.join(k for k, _ in differ)} than "
+                         f"{bundle_dir}/configs has ({'; '.join(d for _, d in differ)}); export into a bundle with "
+                         "its settings")
 
 
 def _plain(parser: Any, value: Any, seen: tuple[str, ...] = ()) -> Any:
@@ -217,15 +235,17 @@ def _check_trained_settings(parser: Any, trained_file: Path, bundle_dir: Path) -
         overrides = json.loads(trained_file.read_text()).get("overrides") or {}
     except (OSError, ValueError, AttributeError):
         return  # a fold carried in without its record: nothing to compare (the weights are still checked)
+    differ = []
     for key, value in overrides.items():
         if key in RESUMABLE_CHANGES or key in SPLIT_IDS or key not in parser:
             continue  # a run-control, split or training-only id
         own = parser.get_parsed_content(key, instantiate=False)  # references resolved ("@features")
         if json.dumps(own, sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
-            raise UsageError(f"{trained_file}: this fold was trained with --set {key}={json.dumps(value)} and "
-                             f"{bundle_dir}/configs says {json.dumps(own, default=str)[:60]}; set the fold's value "
-                             "in the bundle first, or its ensemble would predict with settings its members did not "
-                             "learn")
+            differ.append((f"--set {key}={json.dumps(value)}", f"{key} {json.dumps(own, default=str)[:60]}"))
+    if differ:  # every one at once, not one per export run
+        raise UsageError(f"{trained_file}: this fold was trained with {' '.join(a for a, _ in differ)} and "
+                         f"{bundle_dir}/configs says {', '.join(b for _, b in differ)}; set the fold's values in the "
+                         "bundle first, or its ensemble would predict with settings its members did not learn")
 
 
 def _config_with_value(path: Path, key: str, value: Any) -> str:

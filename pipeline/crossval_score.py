@@ -198,7 +198,7 @@ def mlflow_metrics(result: dict[str, Any]) -> dict[str, float]:
     and ``cases_total``. A class whose HD95 no case defines (no structure predicted or in the
     reference) is NaN, which MLflow keeps and shows, rather than left out; before any case is
     scored there are only the counts."""
-    from pipeline.evaluation import _metric_key
+    from pipeline.tracking_store import class_metric_name
 
     out = {"cases_scored": float(result["cases_scored"]), "cases_total": float(result["cases_total"])}
     if result["cases_scored"]:
@@ -206,9 +206,9 @@ def mlflow_metrics(result: dict[str, Any]) -> dict[str, float]:
         out["mean_dice"] = s["mean_dice"]
         out["mean_dice_postprocessed"] = result["postprocessing"]["summary"]["mean_dice"]
         for c, v in s["dice"].items():
-            out[f"dice_{_metric_key(c)}"] = v["mean"]
+            out[f"dice_{class_metric_name(c)}"] = v["mean"]
         for c, v in s["hd95_mm"].items():
-            out[f"hd95_mm_{_metric_key(c)}"] = v["mean"]
+            out[f"hd95_mm_{class_metric_name(c)}"] = v["mean"]
         for k, v in result["per_fold"].items():
             if v["n"]:
                 out[f"fold{k}_mean_dice"] = v["mean_dice"]

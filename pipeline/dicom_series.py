@@ -29,6 +29,7 @@ from pipeline.errors import InputError
 from pipeline.fileio import write_nifti
 
 log = logging.getLogger(__name__)
+_SAID: set[tuple[str, str]] = set()  # (folder, what was left out) already logged by this process
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 #: How far a slice may lie off the regular grid a series is read as, shared with ``pipeline.dicom_seg``
@@ -177,7 +178,8 @@ def _image_series(folder: Path, uids: tuple[str, ...]) -> tuple[str, ...]:
         if rest and len(rest) < len(keep):
             left_out.append(f"{what} {_series_names(folder, [u for u in keep if u not in rest], info)}")
             keep = rest
-    if left_out:
+    if left_out and (str(folder), "; ".join(left_out)) not in _SAID:  # once: a predict reads a folder's headers 4 times
+        _SAID.add((str(folder), "; ".join(left_out)))
         log.info("%s: reading the image series, not %s beside it", folder, "; ".join(left_out))
     if len(keep) > 1:
         raise InputError(f"{folder}: {len(keep)} DICOM image series mixed in one folder "

@@ -206,11 +206,6 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
 
 
-def _metric_key(name: str) -> str:
-    """A label name as an MLflow metric key part (alphanumerics, _ - . / kept)."""
-    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in name)
-
-
 def find_training_run(run: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """``(run id, tracking URI)`` of ``run``: a run id as given (with ``tracking_uri``), or a
     training's output folder, whose ``checkpoints/mlflow_run.json`` names the run and its store
@@ -253,13 +248,14 @@ def log_to_mlflow(summary: dict[str, Any], files: list[Path], run_id: str, track
 
     from pipeline.manifest import manifest_hash
     from pipeline.tracking import dataset_input, manifest_dataset, mlflow_key
+    from pipeline.tracking_store import class_metric_name
 
     client = check_run(run_id, tracking_uri)
     values = {"eval_mean_dice": summary["mean_dice"], "eval_mean_hd95": summary["mean_hd95_mm"],
               "eval_mean_nsd": summary["mean_nsd"], "eval_n_cases": summary["n_cases"],
               "eval_n_missing": len(summary["missing"])}
     for name, c in summary["per_class"].items():
-        key = _metric_key(name)
+        key = class_metric_name(name)
         values.update({f"eval_dice_{key}": c["dice_mean"], f"eval_hd95_{key}": c["hd95_mean"],
                        f"eval_nsd_{key}": c["nsd_mean"]})
     now = int(time.time() * 1000)

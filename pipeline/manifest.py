@@ -42,6 +42,7 @@ from pipeline.fileio import atomic_path
 from pipeline.studies import is_nifti, study_id
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, int, int, str]] = set()  # splits files already warned about by this process
 
 SPLITS_FILE = "splits.json"
 _SPLIT_KEYS = ("patient", "fold")  # split bookkeeping, not passed on in datalists
@@ -352,11 +353,31 @@ def split_file(manifest: Path | str, k: int, seed: int, ids: set[str], splits: P
     why = splits_mismatch(f, k, seed, ids)
     if why is None:
         return splits_folds(f)[0], f
-    if strict:
+    seeded = _seeded_split_into_other_k(f, path, k, seed, ids)
+    if strict and not seeded:
         raise InputError(f"{f}: does not match {path} ({why}); make it match, or delete it to split the "
                          "manifest afresh")
-    log.warning("%s does not match k=%d, seed=%d (%s); splitting in memory", f, k, seed, why)
+    if (str(f), k, seed, why) not in _WARNED:  # once: a training reads its train and its val list
+        _WARNED.add((str(f), k, seed, why))
+        if seeded:
+            log.info("%s is the %d-fold split computed from seed %d; %d folds are split from the same seed", f,
+                     seeded, seed, k)
+        else:
+            log.warning("%s does not match k=%d, seed=%d (%s); splitting in memory", f, k, seed, why)
     return None, None
+
+
+def _seeded_split_into_other_k(f: Path, manifest: Path, k: int, seed: int, ids: set[str]) -> int:
+    """The number of folds of ``f`` where it holds these ``ids`` split from ``seed`` into another
+    number of folds than ``k`` and nothing else (as ``segpipe plan`` and ``validate --folds`` write
+    it): asking for ``k`` folds then loses no hand-made split, so even a cross-validation splits
+    afresh. 0 for a file edited by hand or nnU-Net's (no seed)."""
+    folds, saved_seed = splits_folds(f)
+    if saved_seed != seed or len(folds) == k or splits_mismatch(f, len(folds), seed, ids) is not None:
+        return 0
+    computed = compute_splits(manifest, len(folds), seed)["folds"]
+    same = all(set(a["val"]) == set(b["val"]) for a, b in zip(folds, computed, strict=True))
+    return len(folds) if same else 0
 
 
 def saved_or_computed_splits(path: Path, k: int = 5, seed: int = 0) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from), ``LICENSE`` and ``configs/logging.conf``. Pure functions of the plan and 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,36 @@ The data it is planned on and trained on ({data}) are not included and are licen
    See the License for the specific language governing permissions and
    limitations under the License.
 """
+
+
+UNTRAINED = ("**Status: no weights yet.** `segpipe train` writes `runs/model.pt` and, at the end, copies it to\n"
+             "`models/model.pt` (`export` is on in planned bundles), which `segpipe predict` then uses.")
+STATUS_BEGIN, STATUS_END = "<!-- segpipe: weights status -->", "<!-- /segpipe: weights status -->"
+
+
+def status_block(status: str) -> str:
+    """The docs' status paragraph between the markers an export finds it by."""
+    return f"{STATUS_BEGIN}\n{status}\n{STATUS_END}"
+
+
+def status_after_export(readme_text: str, status: str) -> str | None:
+    """``readme_text`` (a bundle's docs/README.md) with its weights status (between the markers, or
+    the planned "no weights yet" paragraph of a bundle planned before them) replaced by ``status``;
+    None where neither is there (docs written or edited by hand are left alone)."""
+    begin, end = readme_text.find(STATUS_BEGIN), readme_text.find(STATUS_END)
+    if 0 <= begin < end:
+        return readme_text[:begin] + status_block(status) + readme_text[end + len(STATUS_END):]
+    if UNTRAINED in readme_text:
+        return readme_text.replace(UNTRAINED, status_block(status), 1)
+    return None
+
+
+def docs_with_status(bundle_dir: Path, status: str) -> dict[Path, str]:
+    """``{docs/README.md: its new text}`` with ``status`` as its weights status, or ``{}`` where the
+    bundle has no docs or docs without a status an export keeps (``status_after_export``)."""
+    docs = Path(bundle_dir) / "docs" / "README.md"
+    text = status_after_export(docs.read_text(encoding="utf-8"), status) if docs.is_file() else None
+    return {docs: text} if text is not None else {}
 
 
 def _versions() -> dict[str, Any]:
@@ -180,8 +211,7 @@ written by hand: every setting below comes from the dataset's fingerprint (`fing
 sha256 `{plan['fingerprint_sha256'][:16]}...`) by the rules of `pipeline.plan`; the decisions as
 data are in `plan.json`. To change a decision, re-plan or override its id (`--set ID=VALUE`).
 
-**Status: no weights yet.** `segpipe train` writes `runs/model.pt` and, at the end, copies it to
-`models/model.pt` (`export` is on in planned bundles), which `segpipe predict` then uses.
+{status_block(UNTRAINED)}
 
 ## Data (from the fingerprint)
 

@@ -256,25 +256,25 @@ DERIVED = ("splits.json", "fingerprint.json")  # written beside a manifest by se
 def _check_args(kind: str, n: int, shape: Sequence[int] | None, channel_layout: str = "4d",
                 voxel_scale: float = 1.0, seed: int = 0) -> tuple[int, ...] | None:
     if kind not in KINDS:
-        raise UsageError(f"synth: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+        raise UsageError(f"unknown kind {kind!r} (choose from {', '.join(KINDS)})")
     if n < 1:
-        raise UsageError(f"synth: --n must be at least 1, got {n}")
+        raise UsageError(f"--n must be at least 1, got {n}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise UsageError(f"synth: --seed must be a non-negative integer, got {seed!r}")
+        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
     if channel_layout not in CHANNEL_LAYOUTS or (channel_layout != "4d" and kind != "mr2ch"):
-        raise UsageError(f"synth: --channel-layout is one of {', '.join(CHANNEL_LAYOUTS)}, and 'files' is for "
+        raise UsageError(f"--channel-layout is one of {', '.join(CHANNEL_LAYOUTS)}, and 'files' is for "
                          f"--kind mr2ch; got {channel_layout!r} for {kind}")
     if not 1 <= voxel_scale <= MAX_VOXEL_SCALE or (voxel_scale != 1 and (kind != "ct-cohort" or shape)):
-        raise UsageError(f"synth: --voxel-scale is 1 to {MAX_VOXEL_SCALE:g} and for --kind ct-cohort without "
+        raise UsageError(f"--voxel-scale is 1 to {MAX_VOXEL_SCALE:g} and for --kind ct-cohort without "
                          f"--shape; got {voxel_scale}")
     if shape is None and kind == "ct-cohort":
         return None
     shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES[kind]))
     dims = 2 if kind == "cells2d" else 3
     if len(shape) != dims or min(shape) < (8 if dims == 2 else 4) or min(shape[:2]) < 16:
-        raise UsageError(f"synth: --shape for {kind} needs {dims} sizes, in-plane >= 16, got {list(shape)}")
+        raise UsageError(f"--shape for {kind} needs {dims} sizes, in-plane >= 16, got {list(shape)}")
     if (voxels := math.prod(shape)) > MAX_VOXELS:
-        raise UsageError(f"synth: --shape {list(shape)} is {voxels:,} voxels a volume, over the limit of "
+        raise UsageError(f"--shape {list(shape)} is {voxels:,} voxels a volume, over the limit of "
                          f"{MAX_VOXELS:,} (512^3); choose a smaller shape")
     return shape
 

@@ -105,7 +105,11 @@ class RunTracker:
         return end
 
     def _unsent_records(self, run_id: str | None) -> list[dict[str, Any]]:
-        return unsent_records(self.journal, self.marker, self._end, run_id)
+        records = unsent_records(self.journal, self.marker, self._end, run_id)
+        if records:
+            log.info("MLflow: %d records of %s after its last send are sent again where MLflow lacks them",
+                     len(records), self.journal)
+        return records
 
     def _mark(self, left: list[dict[str, Any]]) -> None:
         """Rewrite the sent marker: every record before the first unsent one (``left`` holds

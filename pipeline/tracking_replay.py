@@ -48,9 +48,6 @@ def unsent_records(journal: Path, marker_file: Path, end: int, run_id: str | Non
                 if isinstance(record, dict) and "kind" in record:
                     records.append({**record, "_off": offset, "_replay": True})
                 offset += len(line)
-    if records:
-        log.info("MLflow: %d records of %s after its last send are sent again where MLflow lacks them",
-                 len(records), journal)
     return records
 
 

@@ -182,6 +182,11 @@ METRIC_KEYS = {
 KEY_PREFIXES = (("val_dice_", "val/dice_"), ("eval_", "eval/"))
 
 
+def class_metric_name(name: str) -> str:
+    """A label name as part of an MLflow metric key (alphanumerics and ``_ - . /`` kept, the rest ``_``)."""
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in name)
+
+
 def mlflow_key(name: str) -> str:
     """The MLflow key of a flat metric name (``val_dice_liver`` -> ``val/dice_liver``); names
     already holding a ``/`` and unknown names are kept."""

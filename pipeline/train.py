@@ -410,15 +410,26 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
                               f"{trainer.state.epoch}, model_selection {saver.selection}); run {tracker.run_id}")
         summary.update(tracker.finish())
     if _setting(parser, "export") and summary["model_path"] and idist.get_rank() == 0:
-        summary["exported"] = str(export_model(model, bundle_dir))
+        best = summary["best_val_mean_dice"]
+        val = (f"validation mean Dice {best:.4f} at epoch {summary['best_epoch']}" if best is not None
+               else "no validation cases")
+        summary["exported"] = str(export_model(model, bundle_dir, (
+            f"**Status: trained.** `models/model.pt` is `{model}` from `segpipe train` ({summary['epochs']} "
+            f"epochs; {val}), exported {time.strftime('%Y-%m-%d %H:%M')}; `segpipe predict` uses it.")))
     return summary
 
 
-def export_model(model_path: Path, bundle_dir: Path) -> Path:
-    """Copy trained weights into the bundle's ``models/model.pt`` (the explicit export step)."""
+def export_model(model_path: Path, bundle_dir: Path, status: str | None = None) -> Path:
+    """Copy trained weights into the bundle's ``models/model.pt`` (the explicit export step) and,
+    with ``status``, say so in the docs' weights status where they keep one (planned bundles)."""
+    from pipeline.plan_docs import docs_with_status
+
     dest = Path(bundle_dir) / "models" / "model.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:  # a kill mid-copy leaves the previous weights, not half a file
         shutil.copyfile(model_path, tmp)
+    for docs, text in (docs_with_status(bundle_dir, status) if status else {}).items():
+        with atomic_path(docs) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     log.info("exported %s -> %s", model_path, dest)
     return dest

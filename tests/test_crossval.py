@@ -139,6 +139,9 @@ def test_the_parent_run_has_sectioned_metrics_params_its_dataset_and_names_that_
         assert f"oof/hd95_mm_{c}" in metrics  # NaN where no case defines it: there all the same
     assert {"oof/fold0_mean_dice", "oof/fold1_mean_dice", "oof/cases_scored", "oof/cases_total"} <= set(metrics)
     assert not [k for k in metrics if "/" not in k]
+    # fold 1 alone, then both: two points at the cases scored, not two at step 0 (a vertical line)
+    history = client.get_metric_history(parent.info.run_id, "oof/cases_scored")
+    assert sorted((m.step, m.value) for m in history) == [(3, 3.0), (6, 6.0)]
     params = parent.data.params
     assert params["bundle"] == "phantom_ct_3d" and params["folds"] == "2" and params["seed"] == "0"
     assert params["manifest"] == str(ct6_dataset.resolve()) and "bundle_version" in params
@@ -326,8 +329,13 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     (bundle / "configs" / "common.json").write_text(json.dumps(common, indent=2))
     with pytest.raises(UsageError, match="trained with --set"):  # into the shipped bundle's grid and network
         export_ensemble(BUNDLE, cv["out"])
+    from pipeline.plan_docs import UNTRAINED, status_block
+
+    (bundle / "docs" / "README.md").write_text(f"# planned\n\n{status_block(UNTRAINED)}\n")
     exported = export_ensemble(bundle, cv["out"])
     assert [p.name for p in exported] == ["fold_0.pt", "fold_1.pt"]
+    status = (bundle / "docs" / "README.md").read_text()  # no longer "no weights yet"
+    assert "no weights" not in status and "**Status: the 2-fold ensemble** of `segpipe crossval`" in status
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["ensemble"]["weights"] == ["models/fold_0.pt", "models/fold_1.pt"]
     saved = json.loads((cv["out"] / "crossval.json").read_text())["postprocessing"]
@@ -413,8 +421,9 @@ def test_export_refuses_folds_trained_with_settings_the_bundle_lacks(cv: dict, t
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
     before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
-    with pytest.raises(UsageError, match=r"fold_0/trained\.json: this fold was trained with --set "
-                                         r"roi_size=\[16, 16, 12\] and .* says \[48, 48, 32\]"):
+    with pytest.raises(UsageError, match=r"fold_0/trained\.json: this fold was trained with --set "  # every one
+                                         r"roi_size=\[16, 16, 12\] --set network_def#features=\[8, 16, 32, 8\] "
+                                         r"and .* says roi_size \[48, 48, 32\], network_def#features \[16, "):
         export_ensemble(bundle, cv["out"])
     assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
 
@@ -579,7 +588,7 @@ def test_the_parent_run_ends_failed_or_killed_with_the_command(tmp_path: Path, c
 def test_export_refuses_folds_trained_with_another_network_or_preprocessing(cv: dict, tmp_path: Path) -> None:
     """A bundle edited since its folds were trained (another activation: the weights still load;
     another intensity window) would predict with weights that mean something else there: one
-    line naming the fold's config_resolved.json and the id, nothing written."""
+    line naming the fold's config_resolved.json and the id (every id at once), nothing written."""
     for key, edit in (("network_def", lambda c: c["network_def"].update(act="elu")),
                       ("preprocessing", lambda c: c["deterministic_transforms"][-1].update(a_min=-100))):
         bundle = _small_bundle(tmp_path / key)
@@ -591,6 +600,12 @@ def test_export_refuses_folds_trained_with_another_network_or_preprocessing(cv: 
                                              rf"{key} than .*{key}::"):
             export_ensemble(bundle, cv["out"])
         assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+    common = json.loads((bundle / "configs" / "common.json").read_text())  # both edits: both named in one line
+    common["network_def"].update(act="elu")
+    (bundle / "configs" / "common.json").write_text(json.dumps(common, indent=2))
+    with pytest.raises(UsageError, match=r"trained with another network_def, preprocessing than .*\(network_def::.*; "
+                                         r"preprocessing::"):
+        export_ensemble(bundle, cv["out"])
 
 
 def test_export_refuses_weights_crossval_json_did_not_score(cv: dict, tmp_path: Path) -> None:

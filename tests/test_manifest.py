@@ -216,6 +216,36 @@ def test_datalist_reads_a_matching_splits_json_and_ignores_a_stale_one(tmp_path)
     assert in_memory == sorted(_folds(write_splits(m, k=2, seed=5))[0]["val"])
 
 
+def test_a_seeded_split_into_other_folds_gives_way_to_the_folds_asked_for_and_a_hand_made_one_does_not(
+        tmp_path, caplog):
+    """`segpipe plan` writes a 5-fold split computed from the seed: `crossval --folds 2` on the
+    planned bundle was refused until that file was deleted, though it holds nothing the seed does
+    not give. Such a file now gives way (the 2 folds are split from the same seed); one edited by
+    hand into 5 folds is still refused for 2, so a chosen split is never dropped silently."""
+    from pipeline.crossval import fold_cases
+    from pipeline.manifest import compute_splits
+
+    m = write_manifest(tmp_path / "data", cases(10))
+    ids = {f"c{i:03d}" for i in range(10)}
+    planned = write_splits(m, k=5, seed=0)
+    with caplog.at_level(logging.INFO, logger="pipeline.manifest"):
+        assert split_file(m, 2, 0, ids, strict=True) == (None, None)
+    assert "splits.json is the 5-fold split computed from seed 0; 2 folds are split from the same seed" in caplog.text
+    assert "WARNING" not in caplog.text
+    two = [sorted(f["val"]) for f in compute_splits(m, 2, 0)["folds"]]
+    assert [sorted(v) for v in fold_cases(m, 2, 0)] == two
+    assert split_file(m, 5, 0, ids, strict=True)[1] == planned  # the folds it was written for: read
+    doc = json.loads(planned.read_text())
+    doc["folds"][0]["val"], doc["folds"][1]["val"] = doc["folds"][1]["val"], doc["folds"][0]["val"]
+    doc["folds"][0]["train"], doc["folds"][1]["train"] = doc["folds"][1]["train"], doc["folds"][0]["train"]
+    planned.write_text(json.dumps(doc))  # a hand-made 5-fold split (two folds swapped)
+    with pytest.raises(InputError, match=r"splits\.json: does not match .*it has 5 folds, not 2"):
+        split_file(m, 2, 0, ids, strict=True)
+    write_splits(m, k=5, seed=1)  # a seed's split, but not the seed asked for
+    with pytest.raises(InputError, match=r"it has 5 folds, not 2"):
+        split_file(m, 2, 0, ids, strict=True)
+
+
 def test_a_splits_file_of_other_cases_is_refused_and_another_datasets_passed_by(tmp_path, caplog):
     """A splits file that lists the manifest's cases but not exactly them (a case added since it was
     written) is refused naming it for cross-validation (strict), and training splits in memory
@@ -232,7 +262,9 @@ def test_a_splits_file_of_other_cases_is_refused_and_another_datasets_passed_by(
         split_file(m, 2, 0, ids, planned, strict=True)
     with caplog.at_level(logging.WARNING, logger="pipeline.manifest"):
         computed = [d["id"] for d in datalist(m, "val", 0, folds=2, seed=0, splits=planned)]
+        datalist(m, "train", 0, folds=2, seed=0, splits=planned)  # a training reads both lists: warned once
     assert "bundle/splits.json does not match k=2, seed=0 (case c005 missing" in caplog.text
+    assert caplog.text.count("splitting in memory") == 1
     assert len(computed) == 3 and computed != everyone[:2]  # the split computed from the seed
     own = write_splits(m, k=2, seed=0)
     doc = json.loads(own.read_text())

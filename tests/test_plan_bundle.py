@@ -47,6 +47,9 @@ def test_the_planned_bundle_is_complete_and_states_every_decision(per_file: tupl
     assert fmt["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "liver", "2": "kidney", "3": "spleen"}
     readme = (bundle / "docs/README.md").read_text()
     assert all(why in readme for why in plan["rationale"].values())  # every decision, with its figure
+    from pipeline.plan_docs import UNTRAINED, status_block
+
+    assert status_block(UNTRAINED) in readme  # the weights status an export rewrites
     common = json.loads((bundle / "configs/common.json").read_text())
     assert common["dataset_dir"] == "$@bundle_root + '/../data'" and common["in_channels"] == 2
     parser = load_bundle(bundle, ("common.json", "train.json"))

@@ -191,7 +191,10 @@ def test_a_scout_and_a_dose_screenshot_beside_a_series_are_left_out(tmp_path, ca
     assert series["uid"] == "1.2.3.9.2" and series["size"] == (7, 6, 5)
     assert 'localizer series 1 "Topogram" (CT, 1 file)' in caplog.text
     assert 'Secondary Capture series 900 "Dose Report" (CT, 1 file)' in caplog.text
-    assert read_header(folder)["shape"] == (7, 6, 5)
+    with caplog.at_level("INFO", logger="pipeline.dicom_series"):
+        assert read_header(folder)["shape"] == (7, 6, 5)
+        dicom_series(folder)
+    assert caplog.text.count("reading the image series") == 1  # a predict reads a folder 4 times: said once
     # alone (a folder per series), a scout or a single screenshot is nothing to segment: refused, not
     # segmented as junk; a Secondary Capture volume (as some converters write one) is read
     for name, problem in (("scout", 'only a localizer (scout) series (series 1 "Topogram" (CT, 1 file))'),

@@ -376,7 +376,7 @@ def _synth(*args: str) -> subprocess.CompletedProcess:
 def test_bad_seed_shape_or_scale_is_one_usage_line_and_leaves_nothing(tmp_path, args, text):
     r = _synth(*args, "--n", "1", "--out", str(tmp_path / "out"))
     [line] = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and line.startswith(f"segpipe synth: error: synth: {text}"), r.stderr
+    assert r.returncode == 2 and line.startswith(f"segpipe synth: error: {text}"), r.stderr
     assert list(tmp_path.iterdir()) == []
 
 

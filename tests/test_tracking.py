@@ -550,7 +550,8 @@ def test_the_ui_command_printed_for_a_run_can_be_pasted_into_a_shell() -> None:
     assert address.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning")
 
 
-def test_a_resume_sends_again_only_what_the_run_lacks(tmp_path: Path, mlflow_store: str) -> None:
+def test_a_resume_sends_again_only_what_the_run_lacks(tmp_path: Path, mlflow_store: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     """Records after the sent marker (here: all, as if a kill came between the sends and the
     marker) are sent again on a resume without a second copy of anything MLflow holds."""
     from PIL import Image
@@ -572,8 +573,10 @@ def test_a_resume_sends_again_only_what_the_run_lacks(tmp_path: Path, mlflow_sto
     assert json.loads(marker.read_text()) == {"run_id": t.run_id, "offset": journal.stat().st_size}
     assert open_tracker(mlflow_store, "again", journal, run_file, resume=True).pending == []  # all sent
     marker.unlink()
-    t2 = open_tracker(mlflow_store, "again", journal, run_file, resume=True)
+    with caplog.at_level(logging.INFO, logger="pipeline.tracking"):  # as training resumes: at epoch 2
+        t2 = open_tracker(mlflow_store, "again", journal, run_file, resume=True, resumed_at=(2, 2))
     assert t2.run_id == t.run_id and len(t2.pending) == 7
+    assert caplog.text.count("7 records of") == 1 and "sent again" in caplog.text  # said once, not twice
     assert t2.finish()["tracking_ok"]
     client = MlflowClient(mlflow_store)
     run = client.get_run(t.run_id)

@@ -459,6 +459,30 @@ def test_export_copies_weights_into_a_bundle_models_folder(tmp_path: Path) -> No
     assert torch.equal(loaded["weight"], net.weight.detach())
 
 
+def test_an_export_turns_a_planned_bundles_no_weights_status_into_what_it_has(tmp_path: Path) -> None:
+    """A planned bundle's docs said "no weights yet" for good, after `segpipe train` and after
+    export-ensemble; an export now rewrites that status (between its markers, again at a second
+    export), and leaves docs written by hand alone."""
+    from pipeline.checkpoints import save_weights
+    from pipeline.plan_docs import UNTRAINED, status_block
+    from pipeline.train import export_model
+
+    weights = save_weights(torch.nn.Conv3d(1, 2, 3), tmp_path / "run" / "model.pt")
+    docs = tmp_path / "bundle" / "docs" / "README.md"
+    docs.parent.mkdir(parents=True)
+    docs.write_text(f"# mine\n\n{status_block(UNTRAINED)}\n\n## Data\n")
+    export_model(weights, tmp_path / "bundle", "**Status: trained.** first")
+    assert docs.read_text() == f"# mine\n\n{status_block('**Status: trained.** first')}\n\n## Data\n"
+    export_model(weights, tmp_path / "bundle", "**Status: trained.** second")
+    assert "second" in docs.read_text() and "first" not in docs.read_text() and "no weights" not in docs.read_text()
+    docs.write_text(f"# mine\n\n{UNTRAINED}\n")  # planned before the markers: its paragraph is replaced
+    export_model(weights, tmp_path / "bundle", "**Status: trained.** third")
+    assert docs.read_text() == f"# mine\n\n{status_block('**Status: trained.** third')}\n"
+    docs.write_text("# hand-written\n**Status: our own words.**\n")
+    export_model(weights, tmp_path / "bundle", "**Status: trained.** fourth")
+    assert docs.read_text() == "# hand-written\n**Status: our own words.**\n"
+
+
 @pytest.mark.slow
 def test_plain_monai_bundle_run_trains_the_bundle(tmp_path: Path, data: Path) -> None:
     args = [f"--{k}={json.dumps(v)}" for k, v in {**FAST, "max_epochs": 2, "val_interval": 1}.items()]
