@@ -61,7 +61,8 @@ def synthetic_data(kind: str, out: Path, n: int, n_test: int, seed: int, shape: 
 
 def fold0_heldout(manifest: Path, out: Path) -> Path:
     """A manifest of the fold-0 cases of ``manifest``'s 5-fold split (seed 0), the files where they are."""
-    from pipeline.manifest import load_manifest, saved_or_computed_splits
+    from pipeline.manifest import load_manifest
+    from pipeline.splits import saved_or_computed_splits
 
     data = load_manifest(manifest)
     val = set(saved_or_computed_splits(manifest, 5, 0)["folds"][0]["val"])

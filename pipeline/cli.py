@@ -66,7 +66,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from pipeline.manifest import write_splits
+    from pipeline.splits import write_splits
     from pipeline.validation import validate_manifest as validate
 
     problems = validate(Path(a.manifest), allow_outside=a.allow_outside)

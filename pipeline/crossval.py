@@ -46,10 +46,10 @@ from pipeline.crossval_score import (
 )
 from pipeline.errors import InputError, UsageError
 from pipeline.fileio import atomic_path, locked
+from pipeline.splits import SPLITS_FILE
 
 log = logging.getLogger(__name__)
 
-SPLITS_FILE = "splits.json"
 TRAINED_FILE = "trained.json"
 LOCK_FILE = ".crossval.lock"
 #: ids of the split and of which weights predict: a fold's own values of these are not the bundle's
@@ -61,10 +61,11 @@ def fold_cases(manifest: Path, folds: int, seed: int, splits: Path | str | None 
     """The validation case ids of each fold, as training will see them (``pipeline.manifest.datalist``
     with the bundle's ``splits_file``, ``splits``, where it declares one). Refused in one line: fewer
     patients than folds, a splits file training would read that is not this manifest's split into
-    ``folds`` folds with ``seed`` (``pipeline.manifest.split_file``, strict), and a split where a fold
+    ``folds`` folds with ``seed`` (``pipeline.splits.split_file``, strict), and a split where a fold
     has no validation cases, a case is validated by two folds or by none (it would have no
     out-of-fold prediction)."""
-    from pipeline.manifest import datalist, group_key, load_manifest, split_file
+    from pipeline.manifest import datalist, load_manifest
+    from pipeline.splits import group_key, split_file
 
     entries = load_manifest(manifest)["training"]
     groups = {group_key(e) for e in entries}  # as the split groups them: patient 0 is a patient

@@ -349,10 +349,11 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     ``device`` None: cuda when this machine has a GPU, else cpu. Returns the plan."""
     from pipeline.fingerprint import write_fingerprint
     from pipeline.laterality import label_pairs
-    from pipeline.manifest import load_manifest, saved_or_computed_splits
+    from pipeline.manifest import load_manifest
     from pipeline.plan import NUM_FOLDS, check_arguments, label_names, make_plan, write_plan
     from pipeline.plan_docs import LICENSE_TEXT, LOGGING_CONF, metadata, readme
     from pipeline.segment_codes import dicom_seg_block, uncoded_warning
+    from pipeline.splits import saved_or_computed_splits
     from pipeline.validation import require_valid
 
     manifest, out = Path(manifest), Path(os.path.abspath(out))  # abspath: "--out ." has a name, a parent

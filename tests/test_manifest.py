@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InputError, UsageError
-from pipeline.manifest import datalist, load_manifest, split_file, write_splits
+from pipeline.manifest import datalist, load_manifest
+from pipeline.splits import split_file, write_splits
 from pipeline.validation import validate_manifest as validate
 
 TASK04 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus" / "dataset.json"
@@ -223,12 +224,12 @@ def test_a_seeded_split_into_other_folds_gives_way_to_the_folds_asked_for_and_a_
     not give. Such a file now gives way (the 2 folds are split from the same seed); one edited by
     hand into 5 folds is still refused for 2, so a chosen split is never dropped silently."""
     from pipeline.crossval import fold_cases
-    from pipeline.manifest import compute_splits
+    from pipeline.splits import compute_splits
 
     m = write_manifest(tmp_path / "data", cases(10))
     ids = {f"c{i:03d}" for i in range(10)}
     planned = write_splits(m, k=5, seed=0)
-    with caplog.at_level(logging.INFO, logger="pipeline.manifest"):
+    with caplog.at_level(logging.INFO, logger="pipeline.splits"):
         assert split_file(m, 2, 0, ids, strict=True) == (None, None)
     assert "splits.json is the 5-fold split computed from seed 0; 2 folds are split from the same seed" in caplog.text
     assert "WARNING" not in caplog.text
@@ -260,7 +261,7 @@ def test_a_splits_file_of_other_cases_is_refused_and_another_datasets_passed_by(
     ids = set(everyone)
     with pytest.raises(InputError, match=r"bundle/splits\.json: does not match .*dataset\.json \(case c005 missing"):
         split_file(m, 2, 0, ids, planned, strict=True)
-    with caplog.at_level(logging.WARNING, logger="pipeline.manifest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.splits"):
         computed = [d["id"] for d in datalist(m, "val", 0, folds=2, seed=0, splits=planned)]
         datalist(m, "train", 0, folds=2, seed=0, splits=planned)  # a training reads both lists: warned once
     assert "bundle/splits.json does not match k=2, seed=0 (case c005 missing" in caplog.text

@@ -196,7 +196,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data: Path, ui_server: Sim
     """A 3-epoch training logged through `segpipe ui`, on a copy of the phantoms with
     fingerprint.json and splits.json beside the manifest; system metrics every second."""
     from pipeline.fingerprint import write_fingerprint
-    from pipeline.manifest import write_splits
+    from pipeline.splits import write_splits
 
     tmp = tmp_path_factory.mktemp("trained")
     shutil.copytree(data.parent, tmp / "data")
