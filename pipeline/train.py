@@ -33,10 +33,7 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +46,7 @@ from monai.handlers import from_engine, stopping_fn_from_metric
 from pipeline import checkpoints
 from pipeline.amp import grad_scaler
 from pipeline.bundle import bundle_metadata, get, load_bundle
-from pipeline.errors import InputError, SegpipeError, UsageError
+from pipeline.errors import InputError, UsageError
 from pipeline.fileio import atomic_path
 from pipeline.handlers import (
     ModelSaver,
@@ -62,6 +59,7 @@ from pipeline.handlers import (
     find_model_saver,
 )
 from pipeline.manifest import manifest_hash
+from pipeline.train_console import console, not_our_error
 from pipeline.validation import check_contract, require_valid
 
 log = logging.getLogger(__name__)
@@ -75,7 +73,6 @@ TRAIN_IDS = (
     "finalize", "train#trainer", "validate#evaluator", "validate#handlers",
 )
 #: loggers whose INFO lines only ``verbose`` shows: Ignite's engines, MONAI's StatsHandler, the per-epoch record
-CHATTY_LOGGERS = ("ignite", "monai.handlers.StatsHandler", "pipeline.handlers.epochs")
 
 
 # -- compile and memory layout -------------------------------------------------------------------
@@ -174,7 +171,7 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
         checkpoints.check_same_recipe(parser, (*TRAIN_IDS, "seed", "fold"),
                                       manifest_hash(Path(parser.get_parsed_content("manifest"))))
         check_contract(Path(bundle_dir), Path(parser.get_parsed_content("manifest")))
-        with _console(verbose, progress and idist.get_rank() == 0) as bar:
+        with console(verbose, progress and idist.get_rank() == 0) as bar:
             summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags,
                            register=register)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -193,58 +190,6 @@ def validate_often(parser: Any, times: int = 5) -> None:
         log.info("val_interval %d -> %d: %d epochs validate at least %d times (--set val_interval=N keeps N)",
                  interval, often, max_epochs, min(times, max_epochs))
         parser["val_interval"] = often
-
-
-def _below_warning(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING
-
-
-def _not_our_error(record: logging.LogRecord) -> bool:
-    """Drop the engines' and MONAI StatsHandler's report of an exception the CLI reports in one line
-    itself: one of ours (a ``SegpipeError``, one line by design) or Ctrl-C / SIGTERM. Ignite logs
-    "Engine run is terminating due to exception" and StatsHandler the traceback, about 20 lines a
-    process, before the CLI's 'interrupted' (``--debug`` shows the traceback)."""
-    error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-    if not isinstance(error, (SegpipeError, KeyboardInterrupt)):
-        return True
-    return not (record.exc_info or record.getMessage().startswith("Engine run is terminating due to exception"))
-
-
-@contextmanager
-def _console(verbose: bool, progress: bool) -> Iterator[Any]:
-    """Quiet the chatty loggers unless ``verbose`` (a level for their children, a filter for
-    themselves: MONAI resets StatsHandler's level when a bundle builds one); with ``progress``
-    yield a progress bar for the epochs and route console logging through it (so log lines do
-    not tear the bar)."""
-    loggers = [] if verbose else [logging.getLogger(name) for name in CHATTY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-        lg.addFilter(_below_warning)
-    stats = logging.getLogger("monai.handlers.StatsHandler")  # MONAI's get_logger: its own handler, no propagation
-    stats.addFilter(_not_our_error)
-    handlers = list(logging.getLogger().handlers)  # the records of loggers that propagate
-    for h in handlers:
-        h.addFilter(_not_our_error)
-    try:
-        if progress:
-            from ignite.handlers import ProgressBar
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            with logging_redirect_tqdm():
-                for h in logging.getLogger().handlers:  # tqdm's own, in place of the console's
-                    if h not in handlers:
-                        h.addFilter(_not_our_error)
-                yield ProgressBar(persist=False, bar_format="{desc}[{n_fmt}/{total_fmt}] {bar:20} {elapsed}<{remaining}{postfix}")
-        else:
-            yield None
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-            lg.removeFilter(_below_warning)
-        stats.removeFilter(_not_our_error)
-        for h in handlers:
-            h.removeFilter(_not_our_error)
 
 
 def _prepare_output(output_dir: Path, ckpt_dir: Path, resume: bool) -> None:
@@ -290,7 +235,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
         attach_epoch_seeds(trainer, _setting(parser, "seed", int))
     evaluator = get(parser, "validate#evaluator", bundle_dir)
     for engine in (trainer, evaluator):  # they (and StatsHandler through them) log an exception the CLI reports
-        engine.logger.addFilter(_not_our_error)
+        engine.logger.addFilter(not_our_error)
     _prepare_output(output_dir, ckpt_dir, resume)  # once the engines are built: a bad loader leaves no folder
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)
