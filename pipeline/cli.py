@@ -21,6 +21,7 @@ from pipeline import __version__
 from pipeline.errors import SegpipeError, Terminated, UsageError, describe, wrapped_segpipe_error
 
 log = logging.getLogger("segpipe")
+TRACKING_HELP = "MLflow store or server (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
 
 
 def _manifest(value: str) -> str:
@@ -228,7 +229,11 @@ def _cmd_ui(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segpipe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="segpipe", description="3D and 2D medical image segmentation with MONAI bundles: check and plan a "
+        "dataset, train and cross-validate U-Nets, predict folders of NIfTI or DICOM studies.",
+        epilog="segpipe COMMAND --help for each command. Exit codes: 0 done, 1 the work failed (one line naming "
+               "the file and the problem; --debug for the traceback), 2 usage, 130 Ctrl-C, 143 SIGTERM.")
     p.add_argument("--version", action="version", version=f"segpipe {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -237,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write synthetic phantom studies and their dataset.json",
                        epilog="kinds: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()))
-    s.add_argument("--kind", required=True, choices=list(KINDS))
+    s.add_argument("--kind", required=True, choices=list(KINDS), help="what to draw (the kinds are listed below)")
     s.add_argument("--n", type=int, default=4, help="number of studies (default 4)")
     s.add_argument("--out", required=True,
                    help="output folder: new, empty, or a previous synth of the same kind (replaced)")
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-outside", action="store_true",
                    help="allow paths outside the manifest's folder")
     s.add_argument("--folds", type=int, default=0, help="also write patient-grouped k-fold splits.json")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the --folds split (default 0)")
     s.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("fingerprint", help="check the data as validate does, then dataset statistics -> "
@@ -275,20 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("weightmap", help="render a label slice and its U-Net boundary weight map")
     s.add_argument("label", help="label NIfTI")
     s.add_argument("--out", required=True, help="PNG to write")
-    s.add_argument("--w0", type=float, default=10.0)
+    s.add_argument("--w0", type=float, default=10.0, help="border weight w0 (default 10)")
     s.add_argument("--sigma", type=float, default=5.0, help="in millimetres")
-    s.add_argument("--border-on", choices=["all", "background"], default="all")
+    s.add_argument("--border-on", choices=["all", "background"], default="all",
+                   help="the border term on every voxel (default: organs touching organs weighted too) or on background only (the paper's setting for cells)")
     s.add_argument("--slice", type=int, default=None, help="slice index along the last axis")
     s.set_defaults(func=_cmd_weightmap)
 
     s = sub.add_parser("train", help="train a bundle")
     s.add_argument("bundle", help="bundle folder")
     s.add_argument("--manifest", type=_manifest, default=None, help="dataset.json or its folder")
-    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--epochs", type=int, default=None, help="max_epochs (default: the bundle's)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: bf16 on CUDA (fp16 where it lacks bf16) and on CPUs with native bf16; "
+                        "--no-amp computes in fp32 (default: the bundle's amp)")
     s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
     s.add_argument("--verbose", action="store_true",
                    help="also Ignite's and MONAI's own log lines and the per-epoch record")
@@ -301,13 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", type=_manifest, required=True, help="dataset.json or its folder")
     s.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     s.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable)")
-    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--epochs", type=int, default=None, help="max_epochs of each fold (default: the bundle's)")
     s.add_argument("--output", default=None, help="folder (default: the bundle's output_dir/crossval)")
     s.add_argument("--export", action="store_true", help="copy the fold weights into the bundle afterwards")
-    s.add_argument("--tracking-uri", default=None)
-    s.add_argument("--device", default=None)
+    s.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
-    s.add_argument("--verbose", action="store_true")
+    s.add_argument("--verbose", action="store_true", help="the trainings' full log (see train --verbose)")
     s.set_defaults(func=_cmd_crossval)
 
     s = sub.add_parser("export-ensemble", help="copy a cross-validation's fold weights into the bundle")
@@ -321,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help="NIfTI file, folder (NIfTI/DICOM) or manifest")
     s.add_argument("--output", required=True, help="output folder")
     s.add_argument("--shard", default=None, help="i/n: take the i-th of n deterministic shards")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     s.add_argument("--format", choices=["nifti", "dicom-seg", "both"], default="nifti",
                    help="masks as <id>.nii.gz (default), DICOM SEG <id>.seg.dcm (DICOM series studies), or both")
     s.add_argument("--preview", action="store_true",
@@ -337,12 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", "--run-id", dest="run_id", default=None, metavar="RUN",
                    help="also log to this MLflow run: its id, or the training's output folder "
                         "(its checkpoints/mlflow_run.json names the run and the store)")
-    s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("demo", help="synthesise, validate, train, predict and evaluate end to end")
-    s.add_argument("--out", default="demo_out")
-    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--out", default="demo_out", help="folder for the data, runs and masks (default demo_out)")
+    s.add_argument("--epochs", type=int, default=None, help="max_epochs (default: the demo bundle's)")
     s.add_argument("--verbose", action="store_true", help="the training's full log (see train --verbose)")
     s.set_defaults(func=_cmd_demo)
 

@@ -14,6 +14,19 @@ def test_help_for_every_subcommand():
         assert "usage:" in r.stdout
 
 
+def test_every_option_says_what_it_does_and_the_top_help_is_for_users():
+    """--device, --tracking-uri, --epochs, --amp, --no-progress had no help line, and `segpipe
+    --help` described the module to developers ("parse arguments, call one function, ...")."""
+    import argparse
+
+    parser = build_parser()
+    assert "segmentation" in parser.description and "Exit codes" in parser.epilog
+    sub = next(a for a in parser._actions if a.dest == "command")
+    silent = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+              if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert silent == []
+
+
 def test_usage_error_exit_2():
     r = subprocess.run([sys.executable, "-m", "pipeline", "nonsense"], capture_output=True, text=True)
     assert r.returncode == 2
