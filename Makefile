@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests benchmarks
-	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow" tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow" --durations=12 tests
 
 # the slow tier too: compiled training on real data, kill-and-resume loops, bundle runs as processes
 test-all: $(STAMP)
