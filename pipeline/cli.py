@@ -21,7 +21,8 @@ from pipeline import __version__
 from pipeline.errors import SegpipeError, Terminated, UsageError, describe, wrapped_segpipe_error
 
 log = logging.getLogger("segpipe")
-TRACKING_HELP = "MLflow store or server (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
+TRACKING_HELP = ("MLflow store or server (default: MLFLOW_TRACKING_URI, else MLflow's default store: "
+                 "./mlflow.db with MLflow 3.7 and later)")
 
 
 def _manifest(value: str) -> str:
@@ -345,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", "--run-id", dest="run_id", default=None, metavar="RUN",
                    help="also log to this MLflow run: its id, or the training's output folder "
                         "(its checkpoints/mlflow_run.json names the run and the store)")
-    s.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    s.add_argument("--tracking-uri", default=None,
+                   help="MLflow store or server of --run (default: the store the run's folder names, else as train)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("demo", help="synthesise, validate, train, predict and evaluate end to end")

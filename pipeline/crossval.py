@@ -38,6 +38,7 @@ from typing import Any
 
 from pipeline.crossval_score import (
     RESULT_FILE,
+    SECTION,
     mlflow_metrics,
     model_digest,
     postprocess_options,
@@ -166,8 +167,9 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
             predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
         with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
             result = score(out, manifest, cases, name)
-        # step: cases scored, so folds run one call at a time draw the estimate as it fills in
-        parent.log_metrics(mlflow_metrics(result), step=int(result["cases_scored"]))
+        # step: the scorings so far, so calls one fold at a time draw the estimate as it fills in; a
+        # step that only grows keeps MLflow's "latest" value the newest (a fold trained again scores fewer)
+        parent.log_metrics(mlflow_metrics(result), step=_scorings(parent.journal))
         parent.log_artifact(out / RESULT_FILE, "crossval")
     except BaseException as e:
         parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -182,6 +184,14 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     else:
         result["exported"] = []
     return result
+
+
+def _scorings(journal: Path) -> int:
+    """The next scoring's step: one past the last ``oof/cases_scored`` point of the parent run's journal."""
+    from pipeline.progress import read_curves
+
+    steps = read_curves(journal).get(SECTION + "cases_scored", {}) if journal.is_file() else {}
+    return max(steps, default=-1) + 1
 
 
 def parent_params(parser: Any, name: str, version: Any, manifest: Path, folds: int, epochs: int | None,

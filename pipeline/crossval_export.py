@@ -71,9 +71,13 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
                          f"({result_file})")
     sources = [crossval_dir / f"fold_{k}" / "model.pt" for k in chosen]
     parser = load_bundle(bundle_dir, ("common.json", "inference.json"))
-    for k in chosen:
-        _check_trained_settings(parser, crossval_dir / f"fold_{k}" / TRAINED_FILE, bundle_dir)
-        _check_trained_config(parser, crossval_dir / f"fold_{k}" / "config_resolved.json", bundle_dir)
+    problems = {k: [p for p in (_trained_settings_problem(parser, crossval_dir / f"fold_{k}" / TRAINED_FILE, bundle_dir),
+                               _trained_config_problem(parser, crossval_dir / f"fold_{k}" / "config_resolved.json",
+                                                       bundle_dir)) if p] for k in chosen}
+    bad = [k for k in chosen if problems[k]]
+    if bad:  # every problem of the first such fold at once, and which other folds have some
+        others = f" (folds {', '.join(map(str, bad[1:]))} too)" if bad[1:] else ""
+        raise UsageError("; ".join(problems[bad[0]]) + others)
     network = get(parser, "network_def")
     for k, src in zip(chosen, sources, strict=True):
         if not src.is_file():
@@ -92,7 +96,7 @@ def export_ensemble(bundle_dir: Path, crossval_dir: Path, folds: list[int] | Non
     dests = [models / f"fold_{k}.pt" for k in chosen]
     writers: dict[Path, Callable[[Path], Any]] = {
         dest: lambda tmp, src=src: shutil.copyfile(src, tmp) for dest, src in zip(dests, sources, strict=True)}
-    writers.update({path: lambda tmp, text=text: tmp.write_text(text, encoding="utf-8") for path, text in texts.items()})
+    writers.update({path: lambda tmp, text=text: tmp.write_text(text, encoding="utf-8", newline="") for path, text in texts.items()})
     created = not models.is_dir()
     models.mkdir(exist_ok=True)  # a planned bundle has none before its first weights
     try:
@@ -178,8 +182,8 @@ def _check_scored(result: dict[str, Any], crossval_dir: Path, k: int, weights: P
                          "out-of-fold predictions were made with other weights, or none); rerun segpipe crossval")
 
 
-def _check_trained_config(parser: Any, config_file: Path, bundle_dir: Path) -> None:
-    """UsageError when a fold was trained (its ``config_resolved.json``) with another value of an id
+def _trained_config_problem(parser: Any, config_file: Path, bundle_dir: Path) -> str | None:
+    """What is wrong when a fold was trained (its ``config_resolved.json``) with another value of an id
     in ``MEANING_IDS`` than the bundle's inference has, compared with references resolved
     (``@features`` and ``network_def#features`` alike; ``pipeline.checkpoints._text``; ``$``
     expressions as text): the weights load, and predict wrongly. Run-control and split ids take the
@@ -191,9 +195,9 @@ def _check_trained_config(parser: Any, config_file: Path, bundle_dir: Path) -> N
     try:
         saved = json.loads(config_file.read_text())
     except (OSError, ValueError):
-        return  # a fold carried in without it: nothing to compare (the weights are still checked)
+        return None  # a fold carried in without it: nothing to compare (the weights are still checked)
     if not isinstance(saved, dict):
-        return
+        return None
     bundle = ConfigParser(copy.deepcopy(parser.get()))
     trained = ConfigParser(saved)
     for key in (RESUMABLE_CHANGES | SPLIT_IDS) - {"_meta_"}:
@@ -206,10 +210,10 @@ def _check_trained_config(parser: Any, config_file: Path, bundle_dir: Path) -> N
         old, new = _plain(trained, trained.get(key)), _plain(bundle, bundle.get(key))
         if _text(old) != _text(new):
             differ.append((key, first_difference(key, old, new)))
-    if differ:  # every one at once: a fix per export run, one at a time, was the old way
-        raise UsageError(f"{config_file}: this fold was trained with another {', '.join(k for k, _ in differ)} than "
-                         f"{bundle_dir}/configs has ({'; '.join(d for _, d in differ)}); export into a bundle with "
-                         "its settings")
+    if not differ:  # else every one at once: a fix per export run, one at a time, was the old way
+        return None
+    return (f"{config_file}: this fold was trained with another {', '.join(k for k, _ in differ)} than "
+            f"{bundle_dir}/configs has ({'; '.join(d for _, d in differ)}); export into a bundle with its settings")
 
 
 def _plain(parser: Any, value: Any, seen: tuple[str, ...] = ()) -> Any:
@@ -224,8 +228,8 @@ def _plain(parser: Any, value: Any, seen: tuple[str, ...] = ()) -> Any:
     return value
 
 
-def _check_trained_settings(parser: Any, trained_file: Path, bundle_dir: Path) -> None:
-    """UsageError when a fold was trained with a ``--set`` value of an id the bundle's inference
+def _trained_settings_problem(parser: Any, trained_file: Path, bundle_dir: Path) -> str | None:
+    """What is wrong when a fold was trained with a ``--set`` value of an id the bundle's inference
     reads (common.json, inference.json) that the bundle does not hold: its ensemble would predict
     at other settings (another spacing, window or network) than its members learnt. Ids that only
     steer a run (``pipeline.checkpoints.RESUMABLE_CHANGES``) do not count."""
@@ -234,7 +238,7 @@ def _check_trained_settings(parser: Any, trained_file: Path, bundle_dir: Path) -
     try:
         overrides = json.loads(trained_file.read_text()).get("overrides") or {}
     except (OSError, ValueError, AttributeError):
-        return  # a fold carried in without its record: nothing to compare (the weights are still checked)
+        return None  # a fold carried in without its record: nothing to compare (the weights are still checked)
     differ = []
     for key, value in overrides.items():
         if key in RESUMABLE_CHANGES or key in SPLIT_IDS or key not in parser:
@@ -242,10 +246,11 @@ def _check_trained_settings(parser: Any, trained_file: Path, bundle_dir: Path) -
         own = parser.get_parsed_content(key, instantiate=False)  # references resolved ("@features")
         if json.dumps(own, sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
             differ.append((f"--set {key}={json.dumps(value)}", f"{key} {json.dumps(own, default=str)[:60]}"))
-    if differ:  # every one at once, not one per export run
-        raise UsageError(f"{trained_file}: this fold was trained with {' '.join(a for a, _ in differ)} and "
-                         f"{bundle_dir}/configs says {', '.join(b for _, b in differ)}; set the fold's values in the "
-                         "bundle first, or its ensemble would predict with settings its members did not learn")
+    if not differ:  # else every one at once, not one per export run
+        return None
+    return (f"{trained_file}: this fold was trained with {' '.join(a for a, _ in differ)} and {bundle_dir}/configs "
+            f"says {', '.join(b for _, b in differ)}; set the fold's values in the bundle first, or its ensemble "
+            "would predict with settings its members did not learn")
 
 
 def _config_with_value(path: Path, key: str, value: Any) -> str:

@@ -1,15 +1,19 @@
 """The texts of a planned bundle (:mod:`pipeline.plan_bundle`): ``configs/metadata.json`` (the
 contract ``segpipe train``/``predict`` check a manifest against, and MONAI's ``verify_net_in_out``
 checks the network against), ``docs/README.md`` (every decision with the fingerprint figure it came
-from), ``LICENSE`` and ``configs/logging.conf``. Pure functions of the plan and the manifest."""
+from), ``LICENSE`` and ``configs/logging.conf``: functions of the plan and the manifest; and the
+weights status an export writes into those docs (``docs_with_status``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 VERSION = "0.1.0"
@@ -79,7 +83,8 @@ def status_after_export(readme_text: str, status: str) -> str | None:
     """``readme_text`` (a bundle's docs/README.md) with its weights status (between the markers, or
     the planned "no weights yet" paragraph of a bundle planned before them) replaced by ``status``;
     None where neither is there (docs written or edited by hand are left alone)."""
-    begin, end = readme_text.find(STATUS_BEGIN), readme_text.find(STATUS_END)
+    begin = readme_text.find(STATUS_BEGIN)
+    end = readme_text.find(STATUS_END, begin) if begin >= 0 else -1
     if 0 <= begin < end:
         return readme_text[:begin] + status_block(status) + readme_text[end + len(STATUS_END):]
     if UNTRAINED in readme_text:
@@ -91,7 +96,14 @@ def docs_with_status(bundle_dir: Path, status: str) -> dict[Path, str]:
     """``{docs/README.md: its new text}`` with ``status`` as its weights status, or ``{}`` where the
     bundle has no docs or docs without a status an export keeps (``status_after_export``)."""
     docs = Path(bundle_dir) / "docs" / "README.md"
-    text = status_after_export(docs.read_text(encoding="utf-8"), status) if docs.is_file() else None
+    if not docs.is_file():
+        return {}
+    try:
+        with docs.open(encoding="utf-8", newline="") as f:  # line endings kept
+            text = status_after_export(f.read(), status)
+    except (OSError, UnicodeDecodeError) as e:  # docs of one's own: left alone, the export goes on
+        log.warning("%s: weights status not updated (%s)", docs, e)
+        return {}
     return {docs: text} if text is not None else {}
 
 

@@ -178,9 +178,12 @@ def _seeded_split_into_other_k(f: Path, manifest: Path, k: int, seed: int, ids: 
     it): asking for ``k`` folds then loses no hand-made split, so even a cross-validation splits
     afresh. 0 for a file edited by hand or nnU-Net's (no seed)."""
     folds, saved_seed = splits_folds(f)
-    if saved_seed != seed or len(folds) == k or splits_mismatch(f, len(folds), seed, ids) is not None:
+    if saved_seed != seed or len(folds) in (k, 0, 1) or splits_mismatch(f, len(folds), seed, ids) is not None:
         return 0
-    computed = compute_splits(manifest, len(folds), seed)["folds"]
+    try:
+        computed = compute_splits(manifest, len(folds), seed)["folds"]
+    except (InputError, UsageError):  # e.g. an entry pinned to a fold that k has not: not the seed's split
+        return 0
     same = all(set(a["val"]) == set(b["val"]) for a, b in zip(folds, computed, strict=True))
     return len(folds) if same else 0
 

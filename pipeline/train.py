@@ -72,7 +72,6 @@ TRAIN_IDS = (
     "time_budget_min", "ema_decay", "init_weights", "early_stop_patience", "checkpoint_interval", "export", "initialize",
     "finalize", "train#trainer", "validate#evaluator", "validate#handlers",
 )
-#: loggers whose INFO lines only ``verbose`` shows: Ignite's engines, MONAI's StatsHandler, the per-epoch record
 
 
 # -- compile and memory layout -------------------------------------------------------------------
@@ -356,25 +355,32 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
         summary.update(tracker.finish())
     if _setting(parser, "export") and summary["model_path"] and idist.get_rank() == 0:
         best = summary["best_val_mean_dice"]
-        val = (f"validation mean Dice {best:.4f} at epoch {summary['best_epoch']}" if best is not None
-               else "no validation cases")
+        val = (f"validation mean Dice {best:.4f} at epoch {summary['best_epoch']}" if summary["best_epoch"]
+               else "no validation")  # best_val_mean_dice stays -1 where nothing was validated
+        folds = _setting(parser, "folds") if "folds" in parser else []
+        used = ("`segpipe predict` uses it" if not folds else f"`segpipe predict` still averages the exported "
+                f"folds {list(folds)} (`folds` in common.json); `--set 'folds=[]'` predicts with this model")
         summary["exported"] = str(export_model(model, bundle_dir, (
             f"**Status: trained.** `models/model.pt` is `{model}` from `segpipe train` ({summary['epochs']} "
-            f"epochs; {val}), exported {time.strftime('%Y-%m-%d %H:%M')}; `segpipe predict` uses it.")))
+            f"epochs; {val}), exported {time.strftime('%Y-%m-%d %H:%M')}; {used}.")))
     return summary
 
 
 def export_model(model_path: Path, bundle_dir: Path, status: str | None = None) -> Path:
-    """Copy trained weights into the bundle's ``models/model.pt`` (the explicit export step) and,
-    with ``status``, say so in the docs' weights status where they keep one (planned bundles)."""
+    """Copy trained weights into the bundle's ``models/model.pt`` (the explicit export step) and say
+    so in the docs' weights status where they keep one (planned bundles): ``status``, or a line
+    naming ``model_path`` and the date."""
     from pipeline.plan_docs import docs_with_status
 
+    status = status or (f"**Status: trained.** `models/model.pt` is `{model_path}`, exported "
+                        f"{time.strftime('%Y-%m-%d %H:%M')}.")
+    docs = docs_with_status(bundle_dir, status)  # read before anything is written
     dest = Path(bundle_dir) / "models" / "model.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:  # a kill mid-copy leaves the previous weights, not half a file
         shutil.copyfile(model_path, tmp)
-    for docs, text in (docs_with_status(bundle_dir, status) if status else {}).items():
-        with atomic_path(docs) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+    for path, text in docs.items():
+        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:
+            f.write(text)
     log.info("exported %s -> %s", model_path, dest)
     return dest

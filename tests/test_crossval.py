@@ -139,9 +139,9 @@ def test_the_parent_run_has_sectioned_metrics_params_its_dataset_and_names_that_
         assert f"oof/hd95_mm_{c}" in metrics  # NaN where no case defines it: there all the same
     assert {"oof/fold0_mean_dice", "oof/fold1_mean_dice", "oof/cases_scored", "oof/cases_total"} <= set(metrics)
     assert not [k for k in metrics if "/" not in k]
-    # fold 1 alone, then both: two points at the cases scored, not two at step 0 (a vertical line)
+    # fold 1 alone, then both: two points at steps 0 and 1, not two at step 0 (a vertical line)
     history = client.get_metric_history(parent.info.run_id, "oof/cases_scored")
-    assert sorted((m.step, m.value) for m in history) == [(3, 3.0), (6, 6.0)]
+    assert sorted((m.step, m.value) for m in history) == [(0, 3.0), (1, 6.0)]
     params = parent.data.params
     assert params["bundle"] == "phantom_ct_3d" and params["folds"] == "2" and params["seed"] == "0"
     assert params["manifest"] == str(ct6_dataset.resolve()) and "bundle_version" in params
@@ -423,8 +423,10 @@ def test_export_refuses_folds_trained_with_settings_the_bundle_lacks(cv: dict, t
     before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
     with pytest.raises(UsageError, match=r"fold_0/trained\.json: this fold was trained with --set "  # every one
                                          r"roi_size=\[16, 16, 12\] --set network_def#features=\[8, 16, 32, 8\] "
-                                         r"and .* says roi_size \[48, 48, 32\], network_def#features \[16, "):
+                                         r"and .* says roi_size \[48, 48, 32\], network_def#features \[16, ") as e:
         export_ensemble(bundle, cv["out"])
+    assert "fold_0/config_resolved.json: this fold was trained with another network_def" in str(e.value)
+    assert str(e.value).endswith(" (folds 1 too)")  # both checks, and the other folds named: one run shows all
     assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
 
 

@@ -245,6 +245,14 @@ def test_a_seeded_split_into_other_folds_gives_way_to_the_folds_asked_for_and_a_
     write_splits(m, k=5, seed=1)  # a seed's split, but not the seed asked for
     with pytest.raises(InputError, match=r"it has 5 folds, not 2"):
         split_file(m, 2, 0, ids, strict=True)
+    everyone = sorted(ids)  # a 1-fold file, and one the seed cannot have made: training splits in memory
+    planned.write_text(json.dumps({"k": 1, "seed": 0, "folds": [{"train": everyone[5:], "val": everyone[:5]}]}))
+    assert len(datalist(m, "val", 0, folds=2, seed=0)) == 5
+    write_splits(m, k=3, seed=0)
+    doc = json.loads(m.read_text())
+    doc["training"][0]["fold"] = 4  # pinned since, to a fold a 3-fold split has not
+    m.write_text(json.dumps(doc))
+    assert "c000" in {d["id"] for d in datalist(m, "val", 4, folds=5, seed=0)}  # not "fold 4 is not ... in 0..2"
 
 
 def test_a_splits_file_of_other_cases_is_refused_and_another_datasets_passed_by(tmp_path, caplog):

@@ -319,6 +319,9 @@ def test_planned_bundle_trains_and_predicts(tmp_path: Path, mlflow_store: str, k
     summary = train_bundle(tmp_path / "bundle", device="cpu", tracking_uri=mlflow_store, epochs=1,
                            overrides={"epoch_length": 4})
     assert summary["exported"] and set(summary["val_dice"]) == {"liver", "kidney", "spleen"}
+    docs = (tmp_path / "bundle" / "docs" / "README.md").read_text()
+    assert "no weights yet" not in docs and "**Status: trained.**" in docs and "`segpipe predict` uses it" in docs
+    assert f"validation mean Dice {summary['best_val_mean_dice']:.4f} at epoch 1" in docs
     rows = predict(tmp_path / "bundle", manifest, tmp_path / "masks", device="cpu", progress=False)
     assert {r["status"] for r in rows} == {"ok"} and len(rows) == 5
 

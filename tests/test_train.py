@@ -481,6 +481,16 @@ def test_an_export_turns_a_planned_bundles_no_weights_status_into_what_it_has(tm
     docs.write_text("# hand-written\n**Status: our own words.**\n")
     export_model(weights, tmp_path / "bundle", "**Status: trained.** fourth")
     assert docs.read_text() == "# hand-written\n**Status: our own words.**\n"
+    latin1 = f"# Münster\r\n\r\n{status_block(UNTRAINED)}\r\n".encode("latin-1")
+    docs.write_bytes(latin1)  # not UTF-8: left alone, and the export still done
+    (tmp_path / "bundle" / "models" / "model.pt").unlink()
+    export_model(weights, tmp_path / "bundle", "**Status: trained.** fifth")
+    assert docs.read_bytes() == latin1 and (tmp_path / "bundle" / "models" / "model.pt").is_file()
+    docs.write_bytes(latin1.decode("latin-1").encode())  # UTF-8 with CRLF line endings: kept
+    export_model(weights, tmp_path / "bundle")  # without a status: a line naming the weights
+    text = docs.read_bytes().decode()
+    assert text.startswith("# Münster\r\n\r\n<!-- segpipe: weights status -->\n**Status: trained.** `models/model.pt` is")
+    assert text.endswith("<!-- /segpipe: weights status -->\r\n")
 
 
 @pytest.mark.slow
