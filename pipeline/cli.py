@@ -7,18 +7,28 @@ Heavy modules are imported inside each command so `segpipe --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import sys
 import threading
 import warnings
-from pathlib import Path
-from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import SegpipeError, Terminated, UsageError, describe, wrapped_segpipe_error
+from pipeline.cli_commands import (
+    cmd_crossval,
+    cmd_demo,
+    cmd_evaluate,
+    cmd_export_ensemble,
+    cmd_fingerprint,
+    cmd_plan,
+    cmd_predict,
+    cmd_synth,
+    cmd_train,
+    cmd_ui,
+    cmd_validate,
+    cmd_weightmap,
+)
+from pipeline.errors import SegpipeError, Terminated, describe, wrapped_segpipe_error
 
 log = logging.getLogger("segpipe")
 TRACKING_HELP = ("MLflow store or server (default: MLFLOW_TRACKING_URI, else MLflow's default store: "
@@ -33,200 +43,6 @@ def _manifest(value: str) -> str:
     if as_manifest(value).is_dir():
         raise argparse.ArgumentTypeError(f"{value}: a folder without a dataset.json")
     return str(as_manifest(value))
-
-
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """`--set key=value` pairs; values are JSON where they parse, strings otherwise."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
-def _check_device(device: str | None) -> None:
-    """A CUDA device asked for on a machine without one is a usage error, said before any work."""
-    if device and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
-
-
-def _cmd_synth(a: argparse.Namespace) -> int:
-    from pipeline.synthetic import write_dataset
-
-    manifest = write_dataset(a.kind, a.n, Path(a.out), seed=a.seed, shape=a.shape, channel_layout=a.channel_layout,
-                             voxel_scale=a.voxel_scale)
-    print(f"wrote {a.n} {a.kind} studies and {manifest}")
-    return 0
-
-
-def _cmd_validate(a: argparse.Namespace) -> int:
-    from pipeline.splits import write_splits
-    from pipeline.validation import validate_manifest as validate
-
-    problems = validate(Path(a.manifest), allow_outside=a.allow_outside)
-    for p in problems:
-        print(p)
-    if problems:
-        print(f"{a.manifest}: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
-    print(f"{a.manifest}: ok")
-    if a.folds:
-        splits = write_splits(Path(a.manifest), k=a.folds, seed=a.seed)
-        print(f"wrote {splits}")
-    return 0
-
-
-def _cmd_fingerprint(a: argparse.Namespace) -> int:
-    from pipeline.fingerprint import write_fingerprint
-
-    fp_path = write_fingerprint(Path(a.manifest), Path(a.out) if a.out else None)
-    fp = json.loads(Path(fp_path).read_text())
-    print(f"wrote {fp_path}")
-    for key, value in fp.get("suggested", {}).items():  # ids every bundle has: segpipe train --set KEY=VALUE
-        print(f"  suggested {key}: {value}")
-    if why := fp.get("normalisation", {}).get("rationale"):
-        print(f"  normalisation segpipe plan writes: {why}")
-    return 0
-
-
-def _cmd_plan(a: argparse.Namespace) -> int:
-    from pipeline.plan_bundle import plan_bundle
-
-    plan = plan_bundle(Path(a.manifest), Path(a.out), name=a.name, device=a.device, budget_min=a.budget_min)
-    net = plan["network"]
-    print(f"wrote bundle {plan['name']} to {a.out}: {plan['spatial_dims']}D, pixdim {plan['spacing']['pixdim']}, "
-          f"patch {plan['patch']['roi_size']}, batch {plan['sampling']['batch_size']}, filters {net['filters']}, "
-          f"{plan['schedule']['time_budget_min']:g} min on {plan['device']}")
-    for w in plan["warnings"]:
-        print(f"  warning: {w}")
-    print(f"next: segpipe train {a.out}")
-    return 0
-
-
-def _cmd_weightmap(a: argparse.Namespace) -> int:
-    from pipeline.figures import weightmap_figure
-
-    out = weightmap_figure(
-        Path(a.label), Path(a.out), w0=a.w0, sigma=a.sigma, border_on=a.border_on, slice_index=a.slice
-    )
-    print(f"wrote {out}")
-    return 0
-
-
-def _cmd_train(a: argparse.Namespace) -> int:
-    overrides = _parse_set(a.set)
-    _check_device(a.device)
-    from pipeline.train import train_bundle
-
-    summary = train_bundle(
-        Path(a.bundle),
-        manifest=Path(a.manifest) if a.manifest else None,
-        epochs=a.epochs,
-        resume=a.resume,
-        tracking_uri=a.tracking_uri,
-        device=a.device,
-        amp=a.amp,
-        overrides=overrides,
-        verbose=a.verbose,
-        progress=sys.stderr.isatty(),
-        register=a.register,
-    )
-    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary: rank 0's (with MLflow's)
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-def _cmd_crossval(a: argparse.Namespace) -> int:
-    overrides = _parse_set(a.set)
-    _check_device(a.device)
-    from pipeline.crossval import crossval
-
-    result = crossval(Path(a.bundle), Path(a.manifest), folds=a.folds, fold_ids=a.fold, epochs=a.epochs,
-                      output_dir=Path(a.output) if a.output else None, tracking_uri=a.tracking_uri,
-                      device=a.device, overrides=overrides, verbose=a.verbose, progress=sys.stderr.isatty(),
-                      export=a.export)
-    s = result["summary"]
-    print(f"out-of-fold: {result['cases_scored']} of {result['cases_total']} cases, mean Dice {s['mean_dice']:.4f} ("
-          + ", ".join(f"{c} {v['mean']:.4f} +- {v['sd']:.4f}" for c, v in s["dice"].items())
-          + f"); post-processing: {_postprocessing_line(result['postprocessing'])}")
-    for path in result["exported"]:
-        print(f"exported {path}")
-    if a.export and not result["exported"]:  # e.g. one of several folds run side by side: the last one exports
-        print(f"not exported yet: {result['cases_total'] - result['cases_scored']} cases still to be predicted by "
-              f"unfinished folds; the last fold's --export (or segpipe export-ensemble) exports the ensemble")
-    return 0
-
-
-def _postprocessing_line(pp: dict) -> str:
-    """The chosen post-processing, with the classes keep-largest applies to when chosen per class."""
-    from pipeline.crossval_score import SELECTED
-
-    helps = pp.get("keep_largest_helps") or []
-    return f"{pp['chosen']} ({', '.join(helps)})" if pp["chosen"] == SELECTED else pp["chosen"]
-
-
-def _cmd_export_ensemble(a: argparse.Namespace) -> int:
-    from pipeline.crossval_export import export_ensemble
-
-    for path in export_ensemble(Path(a.bundle), Path(a.crossval), folds=a.fold):
-        print(f"exported {path}")
-    return 0
-
-
-def _cmd_predict(a: argparse.Namespace) -> int:
-    overrides = _parse_set(a.set)
-    _check_device(a.device)
-    from pipeline.predict import predict
-
-    rows = predict(
-        Path(a.bundle),
-        Path(a.input),
-        Path(a.output),
-        shard=a.shard,
-        device=a.device,
-        overrides=overrides,
-        progress=not a.no_progress,
-        output_format=a.format,
-        preview=a.preview,
-    )
-    failed = sum(r["status"] == "failed" for r in rows)
-    ok = sum(r["status"] == "ok" for r in rows)
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    print(f"{ok} ok, {skipped} skipped, {failed} failed; report: {Path(a.output) / 'report.csv'}"
-          + (f"; previews: {Path(a.output) / 'index.html'}" if a.preview else ""))
-    return 1 if failed else 0
-
-
-def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from pipeline.evaluation import evaluate, json_safe
-
-    summary = evaluate(
-        Path(a.pred), Path(a.ref), out_csv=Path(a.out) if a.out else None, run_id=a.run_id,
-        tracking_uri=a.tracking_uri,
-    )
-    print(json.dumps(json_safe(summary), indent=2, default=str))  # null, not NaN: standard JSON for jq
-    return 0
-
-
-def _cmd_demo(a: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
-
-    return run_demo(Path(a.out), epochs=a.epochs, echo=print, verbose=a.verbose, progress=sys.stderr.isatty())
-
-
-def _cmd_ui(a: argparse.Namespace) -> int:
-    from pipeline.ui import serve_ui
-
-    return serve_ui(host=a.host, port=a.port, tracking_uri=a.tracking_uri, allowed_hosts=a.allowed_hosts,
-                    echo=lambda line: print(line, flush=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mr2ch: one 4D file per case (MSD) or one file per channel (nnU-Net v2)")
     s.add_argument("--voxel-scale", type=float, default=1.0,
                    help="ct-cohort: multiply each case's drawn spacing by 1-10 (coarser, smaller volumes for tests)")
-    s.set_defaults(func=_cmd_synth)
+    s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("validate", help="check every entry of a manifest (dataset.json)")
     s.add_argument("manifest", type=_manifest, help="dataset.json, or the dataset folder that holds it")
@@ -261,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow paths outside the manifest's folder")
     s.add_argument("--folds", type=int, default=0, help="also write patient-grouped k-fold splits.json")
     s.add_argument("--seed", type=int, default=0, help="seed of the --folds split (default 0)")
-    s.set_defaults(func=_cmd_validate)
+    s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("fingerprint", help="check the data as validate does, then dataset statistics -> "
                                            "fingerprint.json, with pixdim/roi_size to pass as --set")
     s.add_argument("manifest", type=_manifest, help="dataset.json, or the dataset folder that holds it")
     s.add_argument("--out", default=None, help="output file (default: beside the manifest)")
-    s.set_defaults(func=_cmd_fingerprint)
+    s.set_defaults(func=cmd_fingerprint)
 
     s = sub.add_parser("plan", help="plan a complete bundle for a dataset (fingerprint -> decisions -> configs)")
     s.add_argument("manifest", type=_manifest, help="dataset.json, or the dataset folder that holds it")
@@ -276,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where it will train (default: cuda if this machine has a GPU, else cpu)")
     s.add_argument("--budget-min", type=float, default=30.0, help="training wall-time budget in minutes (30)")
-    s.set_defaults(func=_cmd_plan)
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("weightmap", help="render a label slice and its U-Net boundary weight map")
     s.add_argument("label", help="label NIfTI")
@@ -286,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--border-on", choices=["all", "background"], default="all",
                    help="the border term on every voxel (default: organs touching organs weighted too) or on background only (the paper's setting for cells)")
     s.add_argument("--slice", type=int, default=None, help="slice index along the last axis")
-    s.set_defaults(func=_cmd_weightmap)
+    s.set_defaults(func=cmd_weightmap)
 
     s = sub.add_parser("train", help="train a bundle")
     s.add_argument("bundle", help="bundle folder")
@@ -303,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also Ignite's and MONAI's own log lines and the per-epoch record")
     s.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
                    help="register the trained model in MLflow under the bundle's name (default: yes)")
-    s.set_defaults(func=_cmd_train)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("crossval", help="k-fold cross-validation: folds, out-of-fold Dice, post-processing")
     s.add_argument("bundle", help="bundle folder")
@@ -317,13 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     s.add_argument("--set", action="append", metavar="ID=VALUE", help="override a bundle id")
     s.add_argument("--verbose", action="store_true", help="the trainings' full log (see train --verbose)")
-    s.set_defaults(func=_cmd_crossval)
+    s.set_defaults(func=cmd_crossval)
 
     s = sub.add_parser("export-ensemble", help="copy a cross-validation's fold weights into the bundle")
     s.add_argument("bundle", help="bundle folder")
     s.add_argument("--crossval", required=True, help="the cross-validation folder (holds crossval.json)")
     s.add_argument("--fold", type=int, action="append", help="export only this fold (repeatable)")
-    s.set_defaults(func=_cmd_export_ensemble)
+    s.set_defaults(func=cmd_export_ensemble)
 
     s = sub.add_parser("predict", help="segment one study, a folder or a manifest")
     s.add_argument("bundle", help="bundle folder (weights in models/model.pt, or models/fold_<k>.pt)")
@@ -337,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masks as <id>.nii.gz (default), DICOM SEG <id>.seg.dcm (DICOM series studies), or both")
     s.add_argument("--preview", action="store_true",
                    help="a PNG per study (<id>_preview.png) and OUTPUT/index.html listing every study")
-    s.set_defaults(func=_cmd_predict)
+    s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice of predicted masks")
     s.add_argument("--pred", required=True, help="folder of predicted masks")
@@ -348,13 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its checkpoints/mlflow_run.json names the run and the store)")
     s.add_argument("--tracking-uri", default=None,
                    help="MLflow store or server of --run (default: the store the run's folder names, else as train)")
-    s.set_defaults(func=_cmd_evaluate)
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", help="synthesise, validate, train, predict and evaluate end to end")
     s.add_argument("--out", default="demo_out", help="folder for the data, runs and masks (default demo_out)")
     s.add_argument("--epochs", type=int, default=None, help="max_epochs (default: the demo bundle's)")
     s.add_argument("--verbose", action="store_true", help="the training's full log (see train --verbose)")
-    s.set_defaults(func=_cmd_demo)
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("ui", help="start the MLflow UI on the project's store (prints the training view)")
     s.add_argument("--host", default="127.0.0.1",
@@ -366,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated Host names (MLflow's patterns: name, name:port, 10.*) the UI answers "
                         "to, besides localhost; default: localhost for a loopback --host, else also this "
                         "machine's names and addresses and private IPs")
-    s.set_defaults(func=_cmd_ui)
+    s.set_defaults(func=cmd_ui)
     return p
 
 

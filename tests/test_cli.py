@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-from pipeline.cli import _parse_set, build_parser, main
+from pipeline.cli import build_parser, main
+from pipeline.cli_commands import parse_set
 
 
 def test_help_for_every_subcommand():
@@ -33,7 +34,7 @@ def test_usage_error_exit_2():
 
 
 def test_set_parsing():
-    assert _parse_set(["a=1", "b=[1,2]", "c=text", "d#e=true"]) == {"a": 1, "b": [1, 2], "c": "text", "d#e": True}
+    assert parse_set(["a=1", "b=[1,2]", "c=text", "d#e=true"]) == {"a": 1, "b": [1, 2], "c": "text", "d#e": True}
     assert main(["train", "x", "--set", "novalue"]) == 2
 
 
@@ -64,7 +65,7 @@ def test_an_unexpected_error_is_one_line(monkeypatch, capsys):
     def broken(a):
         raise ValueError("first line of a library's message\nsecond line\nthird line")
 
-    monkeypatch.setattr(pipeline.cli, "_cmd_validate", broken)
+    monkeypatch.setattr(pipeline.cli, "cmd_validate", broken)
     assert main(["validate", "some.json"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "first line" in err and "second" not in err
@@ -210,11 +211,11 @@ def test_an_unexpected_error_names_its_innermost_cause_and_ours_keep_their_exit_
         except UsageError as e:
             raise RuntimeError("applying transform") from e
 
-    monkeypatch.setattr(pipeline.cli, "_cmd_synth", truncated)
+    monkeypatch.setattr(pipeline.cli, "cmd_synth", truncated)
     assert main(["synth", "--kind", "ct3d", "--out", "unused"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == ("segpipe synth: error: RuntimeError: applying transform LoadImaged -> EOFError: Compressed file "
                    "ended before the end-of-stream marker was reached (rerun with --debug for details)")
-    monkeypatch.setattr(pipeline.cli, "_cmd_synth", ours)
+    monkeypatch.setattr(pipeline.cli, "cmd_synth", ours)
     assert main(["synth", "--kind", "ct3d", "--out", "unused"]) == 2
     assert capsys.readouterr().err.strip() == "segpipe synth: error: setting 'x': expected an integer"
