@@ -361,9 +361,18 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
         used = ("`segpipe predict` uses it" if not folds else f"`segpipe predict` still averages the exported "
                 f"folds {list(folds)} (`folds` in common.json); `--set 'folds=[]'` predicts with this model")
         summary["exported"] = str(export_model(model, bundle_dir, (
-            f"**Status: trained.** `models/model.pt` is `{model}` from `segpipe train` ({summary['epochs']} "
+            f"**Status: trained.** `models/model.pt` is `{_in_bundle(model, bundle_dir)}` from `segpipe train` ({summary['epochs']} "
             f"epochs; {val}), exported {time.strftime('%Y-%m-%d %H:%M')}; {used}.")))
     return summary
+
+
+def _in_bundle(path: Path, bundle_dir: Path) -> str:
+    """``path`` relative to the bundle where it lies inside it (``runs/model.pt``: still true when the
+    bundle moves), else as it is."""
+    try:
+        return Path(path).resolve().relative_to(Path(bundle_dir).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def export_model(model_path: Path, bundle_dir: Path, status: str | None = None) -> Path:

@@ -321,6 +321,7 @@ def test_planned_bundle_trains_and_predicts(tmp_path: Path, mlflow_store: str, k
     assert summary["exported"] and set(summary["val_dice"]) == {"liver", "kidney", "spleen"}
     docs = (tmp_path / "bundle" / "docs" / "README.md").read_text()
     assert "no weights yet" not in docs and "**Status: trained.**" in docs and "`segpipe predict` uses it" in docs
+    assert "`models/model.pt` is `runs/model.pt` from `segpipe train`" in docs  # relative: true when the bundle moves
     assert f"validation mean Dice {summary['best_val_mean_dice']:.4f} at epoch 1" in docs
     rows = predict(tmp_path / "bundle", manifest, tmp_path / "masks", device="cpu", progress=False)
     assert {r["status"] for r in rows} == {"ok"} and len(rows) == 5
