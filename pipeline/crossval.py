@@ -154,7 +154,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
                 tags: dict[str, Any] = {"mlflow.parentRunId": parent.run_id, "fold": k}
                 if not (fold_dir / "checkpoints" / "mlflow_run.json").is_file():  # its run is new: named once
                     tags["mlflow.runName"] = run_name(out.name, k)
-                summary = train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=True,
+                resume = (fold_dir / "checkpoints").is_dir()  # an interrupted fold goes on; a new one starts quietly
+                summary = train_bundle(bundle_dir, manifest=manifest, epochs=epochs, resume=resume,
                                        tracking_uri=parent.uri, device=device, verbose=verbose, progress=progress,
                                        overrides={**overrides, "fold": k, "num_folds": folds,
                                                   "output_dir": str(fold_dir),

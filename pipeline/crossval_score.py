@@ -69,14 +69,14 @@ def _dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
     return out
 
 
-def _current_model(out: Path, k: int) -> str | None:
+def _current_model(out: Path, k: int, ids: list[str]) -> str | None:
     """The sha256 of fold ``k``'s ``model.pt`` where its out-of-fold masks count: the model is there
     and is the one they were predicted with (``oof/.fold_<k>.model``); else None. A fold deleted,
     trained again and not yet predicted, or masks without a stamp (from before stamps, or of a run
     killed before its stamp) leave its cases unscored."""
     weights, stamp = out / f"fold_{k}" / "model.pt", out / "oof" / f".fold_{k}.model"
     if not weights.is_file():
-        if any(stamp.parent.glob("*.nii.gz")):
+        if any((stamp.parent / f"{sid}.nii.gz").is_file() for sid in ids):  # none: a fold not trained yet
             log.warning("fold %d: no model.pt in %s; its out-of-fold masks are not scored", k, weights.parent)
         return None
     digest = model_digest(weights)
@@ -123,7 +123,7 @@ def score(out: Path, manifest: Path, cases: list[list[str]], name: str) -> dict[
     found = []
     models: dict[str, str] = {}  # each scored fold's model.pt: what export-ensemble may ship
     for k, ids in enumerate(cases):
-        digest = _current_model(out, k)
+        digest = _current_model(out, k, ids)
         if digest is None:
             continue
         models[str(k)] = digest

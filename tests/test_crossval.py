@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -46,11 +47,23 @@ def cv(tmp_path_factory: pytest.TempPathFactory, ct6_dataset: Path, mlflow_store
     """Fold 1 alone for one epoch first (an interrupted cross-validation), then all folds for two."""
     tmp = tmp_path_factory.mktemp("cv")
     out, bundle = tmp / "cv", _small_bundle(tmp / "bundle")
-    first = crossval(bundle, ct6_dataset, folds=2, fold_ids=[1], epochs=1, output_dir=out, tracking_uri=mlflow_store,
-                     overrides={**SMALL, "export": True})  # as planned bundles have it
-    result = crossval(bundle, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store,
-                      overrides=SMALL)
-    return {"out": out, "first": first, "result": result, "bundle": bundle}
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("pipeline").addHandler(handler)
+    try:
+        first = crossval(bundle, ct6_dataset, folds=2, fold_ids=[1], epochs=1, output_dir=out,
+                         tracking_uri=mlflow_store, overrides={**SMALL, "export": True})  # as planned bundles have it
+        result = crossval(bundle, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store,
+                          overrides=SMALL)
+    finally:
+        logging.getLogger("pipeline").removeHandler(handler)
+    return {"out": out, "first": first, "result": result, "bundle": bundle, "warnings": warnings}
+
+
+def test_a_clean_cross_validation_warns_of_nothing(cv: dict) -> None:
+    """A fold that starts is not a failed --resume: a clean run's log has no warning to read past."""
+    assert not cv["warnings"], cv["warnings"]
 
 
 def test_a_fold_does_not_export_into_the_bundle(cv: dict) -> None:
@@ -430,8 +443,8 @@ def test_export_refuses_folds_trained_with_settings_the_bundle_lacks(cv: dict, t
     assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
 
 
-def test_scoring_counts_only_masks_of_a_fold_model_that_is_there_and_unchanged(cv: dict, tmp_path: Path,
-                                                                              ct6_dataset: Path) -> None:
+def test_scoring_counts_only_masks_of_a_fold_model_that_is_there_and_unchanged(
+        cv: dict, tmp_path: Path, ct6_dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A fold folder deleted, or a fold trained again and not yet predicted: its masks are stale,
     so its cases are not scored (before, crossval.json counted them and --export then failed on
     the missing weights)."""
@@ -443,8 +456,10 @@ def test_scoring_counts_only_masks_of_a_fold_model_that_is_there_and_unchanged(c
     assert score(carried, ct6_dataset, folds, "t")["cases_scored"] == 6
     shutil.copy(carried / "fold_1" / "model.pt", carried / "fold_0" / "model.pt")  # fold 0 trained again
     shutil.rmtree(carried / "fold_1")  # fold 1 deleted
-    result = score(carried, ct6_dataset, folds, "t")
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        result = score(carried, ct6_dataset, folds, "t")
     assert result["cases_scored"] == 0 and result["cases_total"] == 6
+    assert "fold 1: no model.pt" in caplog.text and "fold 0: no model.pt" not in caplog.text  # its masks: said
     (carried / "oof" / ".fold_0.model").unlink()  # unstamped masks (a run killed before its stamp): of no
     assert score(carried, ct6_dataset, folds, "t")["cases_scored"] == 0  # known model, so not scored
 
