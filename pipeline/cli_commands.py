@@ -171,7 +171,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         shard=a.shard,
         device=a.device,
         overrides=overrides,
-        progress=not a.no_progress,
+        progress=not a.no_progress and sys.stderr.isatty(),  # a log file gets lines, not a bar's redraws
         output_format=a.format,
         preview=a.preview,
     )

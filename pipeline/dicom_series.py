@@ -6,8 +6,9 @@ distance), so what is not one is refused from the slice headers before any voxel
 (``dicom_series``): a folder holding several image series (a SEG, RT structure set, report,
 localizer or Secondary Capture beside one is left out, ``_image_series``); multi-frame
 (Enhanced) objects; slices of mixed sizes, orientations or pixel spacings; a gantry-tilted
-(sheared) series; a missing or duplicated slice or non-uniform slice spacing. A slice missing at either end of a series leaves no trace and
-passes. ``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader
+(sheared) series; a missing or duplicated slice or non-uniform slice spacing; a file that starts as
+DICOM but is in no series (a slice cut short or damaged in the export, ``_damaged_files``). A slice
+missing at either end of a series leaves no trace and passes. ``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader
 reads it; ``pipeline.studies.read_header`` gives its header as for a NIfTI file.
 
 Tolerance. Every slice must lie on that grid to within ``grid_tolerance_mm`` of its voxel size, along
@@ -20,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +118,16 @@ def dicom_series(folder: Path) -> dict[str, Any]:
         raise InputError(f"{folder}: missing DICOM series folder")
     if not os.access(folder, os.R_OK | os.X_OK):
         raise InputError(f"{folder}: cannot read folder (permission denied)")
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    uids = series_ids(folder)
     if not uids:
         raise InputError(f"{folder}: no DICOM series in folder")
-    uids = _image_series(folder, uids)
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uids[0])
+    members = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids}
+    damaged = _damaged_files(folder, {Path(f).name for files in members.values() for f in files})
+    if damaged:
+        raise InputError(f"{folder}: {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} cannot be read: "
+                         f"DICOM file{'s' if len(damaged) > 1 else ''} cut short or damaged (export the series again)")
+    uids = _image_series(folder, members)
+    files = members[uids[0]]
     slices = [_slice_info(f) for f in files]
     for s in slices:
         if s["frames"] > 1 or s["sop_class"] in ENHANCED_SOP_CLASSES:
@@ -149,17 +157,68 @@ def dicom_series(folder: Path) -> dict[str, Any]:
     return out
 
 
-def _image_series(folder: Path, uids: tuple[str, ...]) -> tuple[str, ...]:
-    """The series of ``uids`` to segment, leaving out, as long as another series remains, first
+@contextmanager
+def quiet_itk() -> Iterator[None]:
+    """ITK's warnings off: GDCM prints three raw lines ("No Series were found") for every folder
+    without DICOM files, which for us is an answer, not a problem."""
+    import SimpleITK as sitk
+
+    was = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(was)
+
+
+def series_ids(folder: Path) -> tuple[str, ...]:
+    """The SeriesInstanceUIDs of the DICOM files directly in ``folder`` (GDCM's grouping); () for none."""
+    import SimpleITK as sitk
+
+    with quiet_itk():
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+#: MediaStorageSOPClassUID of a DICOMDIR: a DICOM file that belongs to no series
+MEDIA_DIRECTORY_SOP = "1.2.840.10008.1.3.10"
+
+
+def _damaged_files(folder: Path, members: set[str]) -> list[str]:
+    """Names of the files in ``folder`` that start as DICOM (the "DICM" marker at byte 128) but that
+    GDCM put in no series (``members``: the names it did): a slice cut short or damaged in the
+    export, which would otherwise be left out without a word (a gap in the stack, or at either end
+    a stack one slice shorter). A DICOMDIR is no such file."""
+    import pydicom
+
+    bad = []
+    for f in sorted(folder.iterdir()):
+        if f.name in members or f.name.startswith(".") or not f.is_file():
+            continue
+        try:
+            with open(f, "rb") as fh:
+                if fh.read(132)[128:] != b"DICM":
+                    continue
+        except OSError:
+            continue  # unreadable: not ours to judge here (a folder of other files)
+        try:
+            if str(pydicom.filereader.read_file_meta_info(f).get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY_SOP:
+                continue
+        except Exception:  # noqa: BLE001 - its meta header cut short too: damaged all the same
+            pass
+        bad.append(f.name)
+    return bad
+
+
+def _image_series(folder: Path, members: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The series of ``members`` (uid -> its files) to segment, leaving out, as long as another series remains, first
     derived objects (``DERIVED_SOP_CLASSES``: a SEG, RT structure set, report, ...), then
     localizers (ImageType LOCALIZER: a CT's scout or an MR's survey, exported with the study), then
     Secondary Capture images (a dose screenshot; some converters write a volume as SC, which is
     read when it is the only image series). InputError naming them when only derived objects, only
     localizers or only a single SC image are there (a folder per series of a PACS export has such
     folders: nothing to segment); several series left are refused, named by ``_series_names``."""
-    import SimpleITK as sitk
-
-    info = {uid: _series_tags(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    uids = tuple(members)
+    info = {uid: _series_tags(files) for uid, files in members.items()}
     derived = sorted({DERIVED_SOP_CLASSES[i["sop"]] for i in info.values() if i["sop"] in DERIVED_SOP_CLASSES})
     keep = [uid for uid in uids if info[uid]["sop"] not in DERIVED_SOP_CLASSES]
     if not keep:
@@ -178,8 +237,9 @@ def _image_series(folder: Path, uids: tuple[str, ...]) -> tuple[str, ...]:
         if rest and len(rest) < len(keep):
             left_out.append(f"{what} {_series_names(folder, [u for u in keep if u not in rest], info)}")
             keep = rest
-    if left_out and (str(folder), "; ".join(left_out)) not in _SAID:  # once: a predict reads a folder's headers 4 times
-        _SAID.add((str(folder), "; ".join(left_out)))
+    said = (os.path.abspath(folder), "; ".join(left_out))  # once: a predict reads a folder's headers 4 times,
+    if left_out and said not in _SAID:  # named relatively and absolutely
+        _SAID.add(said)
         log.info("%s: reading the image series, not %s beside it", folder, "; ".join(left_out))
     if len(keep) > 1:
         raise InputError(f"{folder}: {len(keep)} DICOM image series mixed in one folder "

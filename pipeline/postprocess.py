@@ -169,7 +169,9 @@ class SaveMaskd(MapTransform):
     (uint8, the source file's affine, qform and sform; ``pipeline.predict_io.write_mask``: atomic)
     and, where :class:`InvertToLabelsd` kept them, the probabilities as ``<id>_probs.nii.gz``.
     The id is ``d[id_key]`` (``segpipe predict`` and the bundles' datalists set it), else the
-    source file's name without its NIfTI suffix. Sets ``d["output"]`` to the mask's path.
+    source file's name without its NIfTI suffix; ``d["mask_file"]``, where given, names the mask
+    file instead (``segpipe predict --format dicom-seg`` writes it under a temporary name, so an
+    earlier ``<id>.nii.gz`` stays). Sets ``d["output"]`` to the mask's path.
 
     Args:
         keys: the label key(s), e.g. ``"pred"``.
@@ -201,5 +203,6 @@ class SaveMaskd(MapTransform):
             if probs is not None and self.save_probabilities:  # before the mask, which marks the study done
                 write_probabilities(torch.as_tensor(probs).numpy(), source, self.output_dir / f"{sid}_probs.nii.gz",
                                     affine=affine)
-            d["output"] = str(write_mask(labels, source, self.output_dir / f"{sid}.nii.gz", affine))
+            name = str(d.get("mask_file") or f"{sid}.nii.gz")
+            d["output"] = str(write_mask(labels, source, self.output_dir / name, affine))
         return d

@@ -23,6 +23,7 @@ differs); see ``_attribute`` for outputs without a row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -34,11 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import predict_io, predict_outputs, predict_stamp
 from pipeline import preview as preview_pages
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, SegpipeError, UsageError, first_line
+from pipeline.fileio import temp_prefix
 from pipeline.manifest import as_manifest
 from pipeline.predict_stamp import UNKNOWN
 from pipeline.preview import write_index
@@ -57,7 +60,7 @@ def predict(bundle_dir: Path, input: Path, output_dir: Path, shard: str | None =
     nifti, dicom-seg or both and ``preview`` (a PNG per study, ``index.html``): see
     ``pipeline.predict_outputs``. A run that fails before writing anything (a bad bundle or
     ``--set``, no studies) removes the output folder it made; nothing that existed is touched."""
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).absolute()  # report.csv names files absolutely, wherever a rerun starts
     predict_outputs.check_format(output_format)
     shard_i, shard_n = predict_io.parse_shard(shard)
     created = predict_io.check_output_dir(output_dir)  # before the work: an unwritable folder is said at once
@@ -97,12 +100,14 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
         write_index(output_dir, names, running=True)
     bar = _progress_bar(len(studies), progress, initial=len(rows))
     try:
-        _run_batch(todo, rows, model, output_dir, names, outputs, bar, prefetch, preview)
+        with logging_redirect_tqdm() if progress else contextlib.nullcontext():  # log lines above the bar, not in it
+            _run_batch(todo, rows, model, output_dir, names, outputs, bar, prefetch, preview)
     except BaseException:  # Ctrl-C, SIGTERM, a failure: the page lists what was done and says it stopped
         if preview:
             write_index(output_dir, names, running=False, stopped=True)
         raise
-    bar.close()
+    finally:
+        bar.close()  # its line ends before what comes next (the summary, or why the run stopped)
     if preview:
         log.info("previews: %s", write_index(output_dir, names, running=False))
     failed = [r for r in rows if r["status"] == "failed"]
@@ -326,7 +331,10 @@ def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor,
     too (``predict_outputs.write_extras``)."""
     from pipeline.postprocess import label_volumes, voxel_size
 
-    d = model["postprocessing"]({"image": data["image"], "pred": pred, "id": study["id"]})
+    d = {"image": data["image"], "pred": pred, "id": study["id"]}
+    if outputs and "output" not in predict_outputs.planned(study, Path("."), **outputs):  # a SEG alone: the
+        d["mask_file"] = f"{temp_prefix()}{study['id']}.nii.gz"  # NIfTI it is made from must not replace a mask
+    d = model["postprocessing"](d)
     prefix, size = voxel_size(data["image"].meta["original_affine"], model["spatial_dims"])
     volumes = label_volumes(d["pred"], model["label_names"], size, prefix)
     files = predict_outputs.write_extras(study, data, d, volumes, model, **outputs) if outputs else {}

@@ -132,7 +132,7 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
 
     p = Path(input_path)
     if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
+        raise UsageError(f"{p}: no such file or folder")  # a mistyped --input: exit 2, as a bad bundle path
     if (m := as_manifest(p)) != p:  # a dataset folder: its labels are not studies
         log.info("%s holds a dataset.json: predicting its test cases (else its training images)", p)
         p = m
@@ -203,9 +203,21 @@ def load_weights(network: Any, path: Path) -> Any:
     try:
         network.load_state_dict(obj, strict=True)
     except RuntimeError as e:
-        raise InputError(f"{path}: weights do not fit the bundle's network_def "
-                         f"({first_line(e)})") from None
+        raise InputError(f"{path}: weights do not fit the bundle's network_def ({_misfit(network, obj) or first_line(e)}); "
+                         "trained with other network settings? --set them as they were") from None
     return network
+
+
+def _misfit(network: Any, weights: dict[str, Any]) -> str:
+    """What first differs between ``weights`` and ``network``'s own, for a user: a tensor of
+    another shape, else the names one has and the other lacks ("" where nothing is found)."""
+    own = network.state_dict()
+    shapes = [f"{k} is {list(v.shape)} in the file, {list(own[k].shape)} in the network" for k, v in weights.items()
+              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    missing, extra = [k for k in own if k not in weights], [k for k in weights if k not in own]
+    said = (shapes[:1] + [f"the file lacks {k}" for k in missing[:1]] + [f"the network has no {k}" for k in extra[:1]])[:2]
+    more = len(shapes) + len(missing) + len(extra) - len(said)
+    return "; ".join(said) + (f" (and {more} more)" if more > 0 else "")
 
 
 # ---------------------------------------------------------------- output folder and masks

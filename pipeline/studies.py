@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dicom_series import dicom_series, dicom_series_files, lps_to_ras_affine
+from pipeline.dicom_series import dicom_series, dicom_series_files, lps_to_ras_affine, series_ids
 from pipeline.errors import InputError, first_line
+from pipeline.predict_stamp import STAMP
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
     """Manifest-like entries ``{"id", "image"}`` for every NIfTI file and DICOM series folder under
     ``folder`` (recursively, hidden names skipped), sorted by id. The id is the path below
     ``folder`` without the NIfTI suffix, ``/`` replaced by ``_`` (a top-level file: its name).
+    A folder below ``folder`` that holds ``segpipe predict``'s stamp (an earlier run's output) is
+    left out with what is under it.
     A mixed or incomplete DICOM folder raises InputError; with ``strict=False`` it is listed as a
     study instead, so batch work reports it as that study's failure and goes on with the rest.
 
@@ -179,20 +182,23 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
     to report. Other files stay one study each (e.g. 4D images with the channels inside). A folder
     whose NIfTI files all end in ``_0000`` is nnU-Net's one-channel layout: ``case_0000.nii.gz`` is
     study ``case``, as its label ``case.nii.gz`` is named."""
-    import SimpleITK as sitk
-
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     found: dict[str, dict[str, Any]] = {}
+    clashes: dict[str, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
+        if here != root and STAMP in filenames:  # an earlier segpipe predict's output: masks, not studies
+            log.info("%s: the output of an earlier segpipe predict (%s): its masks are not studies", here, STAMP)
+            dirnames[:] = []
+            continue
         names = [n for n in filenames if not n.startswith(".")]
         studies: list[Path | list[Path]] = [here / n for n in names if is_nifti(n)]
         if channels > 1 or (studies and all(_channel_case(study_id(f))[1] == 0 for f in studies)):
             studies = _group_channel_files(studies, channels, strict)  # every file case_0000: nnU-Net's too
-        if len([n for n in names if is_nifti(n)]) < len(names) and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(here)):
+        if len([n for n in names if is_nifti(n)]) < len(names) and series_ids(here):
             try:
                 dicom_series_files(here)  # refuse mixed or incomplete series here, by folder name
             except InputError:
@@ -205,10 +211,9 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
             stem = _channel_case(study_id(rel))[0] if isinstance(study, list) else study_id(rel)
             sid = "_".join((*rel.parts[:-1], stem)) if rel.parts else root.name
             if sid in found:  # e.g. a.nii beside a.nii.gz: one mask name for two studies
-                clash = f"{path}: study id {sid!r} is also {found[sid]['image']}"
                 if strict:
-                    raise InputError(clash)
-                found[sid]["problem"] = f"{clash}; rename one of them"  # fails as its own study
+                    raise InputError(f"{path}: study id {sid!r} is also {found[sid]['image']}")
+                clashes.setdefault(sid, []).append(str(path.absolute()))  # all fail as one study, each named
                 continue
             image = ([str(p.absolute()) for p in study] if isinstance(study, list) and channels > 1
                      else str(path.absolute()))
@@ -217,6 +222,9 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
                 found[sid]["problem"] = (f"{path.parent}: case {stem!r} has channel files "
                                          f"{', '.join(p.name for p in study)}; a {channels}-channel bundle "
                                          f"needs {stem}_0000 .. {stem}_{channels - 1:04d}")
+    for sid, others in clashes.items():
+        found[sid]["problem"] = (f"{found[sid]['image']}: study id {sid!r} is also {' and '.join(others)}; "
+                                 f"rename {'one of them' if len(others) == 1 else 'all but one'}")
     log.debug("found %d studies under %s", len(found), root)
     return [found[sid] for sid in sorted(found)]
 

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 #: the server's environment: no job runner (huey consumers), no usage reporting
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
               "DO_NOT_TRACK": "true"}
+#: warnings of the server's libraries to themselves, not to a user (``PYTHONWARNINGS`` syntax)
+QUIET_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated"
 TRAINING_VIEW = "#/experiments/{}/runs?workflowType=machine_learning"
 #: the Host headers of this machine's own loopback (MLflow's own list; any port)
 LOCALHOST_HOSTS = ["localhost", "127.0.0.1", "[::1]", "localhost:*", "127.0.0.1:*", "[[]::1]:*"]
@@ -230,7 +232,8 @@ def ui_address(host: str, port: int, experiment_id: str | None, hosts: list[str]
 
 def server_args(host: str, port: int, uri: str, allowed_hosts: str | None = None) -> list[str]:
     """The arguments ``segpipe ui`` gives MLflow's ``server`` command (``allowed_hosts_for``)."""
-    args = ["--host", host, "--port", str(port), "--backend-store-uri", uri, "--workers", "1"]
+    args = ["--host", host, "--port", str(port), "--backend-store-uri", uri, "--registry-store-uri", uri,
+            "--workers", "1"]  # (the registry named: else MLflow says on every start that it took the store)
     if (root := artifacts_root(uri)) is not None:  # where the tracker keeps a local store's artifacts
         args += ["--artifacts-destination", str(root)]
     hosts, origins = allowed_hosts_for(host, port, allowed_hosts)
@@ -366,6 +369,8 @@ def serve_ui(host: str = "127.0.0.1", port: int = UI_PORT, tracking_uri: str | N
     from mlflow.cli import server
 
     os.environ.update(SERVER_ENV)
+    # MLflow's own import of a deprecated Starlette module warns on every start (two lines a user can do nothing about)
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), QUIET_WARNINGS) if w)
     line = f"MLflow UI for {uri}: {ui_address(host, port, newest_experiment(uri), hosts)}  (Ctrl-C to stop)"
     announce = functools.partial(_announce_in_background, health_url(host, port), line, echo)
     # the one hook: MLflow's server starts its web server here

@@ -219,3 +219,15 @@ def test_an_unexpected_error_names_its_innermost_cause_and_ours_keep_their_exit_
     monkeypatch.setattr(pipeline.cli, "cmd_synth", ours)
     assert main(["synth", "--kind", "ct3d", "--out", "unused"]) == 2
     assert capsys.readouterr().err.strip() == "segpipe synth: error: setting 'x': expected an integer"
+
+
+def test_a_mistyped_input_is_a_usage_error_like_a_mistyped_bundle(tmp_path, capsys):
+    """Both are command-line mistakes: exit 2 (a missing --input was 1, "the work failed"), one line,
+    no output folder left behind."""
+    from pathlib import Path
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "phantom_ct_3d"
+    out = tmp_path / "out"
+    assert main(["predict", str(bundle), "--input", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    assert f"{tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err and not out.exists()
+    assert main(["predict", str(tmp_path / "nobundle"), "--input", str(tmp_path), "--output", str(out)]) == 2

@@ -297,6 +297,13 @@ def test_dicom_seg_only_keeps_the_seg_and_refuses_a_nifti_study(bundle: Path, tm
     assert got.shape == want.shape and np.abs(got - want).max() <= 1 / 255 + 1e-3
     again = predict(bundle, inp, out, progress=False, output_format="dicom-seg", overrides={"save_probabilities": "float32"})
     assert {r["study_id"]: r["status"] for r in again} == {"sag": "skipped", "nifti_study": "failed"}
+    (out / "sag.seg.dcm").unlink()  # NIfTI masks there from an earlier run: a SEG-only run leaves them be
+    predict(bundle, inp, out, progress=False)
+    masks = {p.name: p.read_bytes() for p in out.glob("*.nii.gz") if not p.name.endswith("_probs.nii.gz")}
+    assert set(masks) == {"sag.nii.gz", "nifti_study.nii.gz"}
+    predict(bundle, inp, out, progress=False, output_format="dicom-seg")
+    assert (out / "sag.seg.dcm").is_file() and not list(out.glob(".tmp-*"))
+    assert {n: (out / n).read_bytes() for n in masks} == masks
 
 
 # ---------------------------------------------------------------- series that are not one regular grid

@@ -73,8 +73,9 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def _run(bundle: Path, inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``segpipe predict`` as a job runs it: stderr to a pipe, no terminal, so no progress bar."""
     return subprocess.run([sys.executable, "-m", "pipeline", "predict", str(bundle), "--input", str(inp),
-                           "--output", str(out), "--no-progress", *extra],
+                           "--output", str(out), *extra],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -99,14 +100,19 @@ def _broken(folder: Path, good: Path) -> dict[str, str]:
             "twochan": "channels", "nanspacing": "spacing"}
 
 
-def test_broken_studies_fail_alone_and_exit_1(bundle: Path, studies: Path, tmp_path: Path) -> None:
+def test_broken_studies_fail_alone_and_exit_1(bundle: Path, studies: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     inp = tmp_path / "in"
     shutil.copytree(studies, inp)
     good = sorted(p.name.removesuffix(".nii.gz") for p in inp.glob("*.nii.gz"))
     bad = _broken(inp, inp / f"{good[0]}.nii.gz")
+    (inp / "notes").mkdir()  # a folder of other files is no study, and no noise: GDCM's raw lines are kept quiet
+    (inp / "notes" / "readme.txt").write_text("scanned 2026-12-01\n")
     out = tmp_path / "out"
     r = _run(bundle, inp, out)
     assert r.returncode == 1, r.stderr
+    assert "GDCMSeriesFileNames" not in r.stderr and "notes" not in _report(out), r.stderr
+    assert "\r" not in r.stderr and "study/s" not in r.stderr  # no terminal: log lines, no bar redrawn into them
     rows = _report(out)
     assert set(rows) == set(good) | set(bad)
     for sid in good:
@@ -119,10 +125,12 @@ def test_broken_studies_fail_alone_and_exit_1(bundle: Path, studies: Path, tmp_p
         assert "\n" not in rows[sid]["error"] and not (out / f"{sid}.nii.gz").exists()
     assert f"{len(good)} ok, 0 skipped, {len(bad)} failed" in r.stdout
 
-    again = predict(bundle, inp, out, progress=False)  # rerun: completed studies are skipped, rows kept
+    monkeypatch.chdir(tmp_path)  # the rerun names the folder relatively: its rows still name files absolutely
+    again = predict(bundle, inp, Path("out"), progress=False)  # rerun: completed studies are skipped, rows kept
     assert sorted(r["status"] for r in again) == sorted(["skipped"] * len(good) + ["failed"] * len(bad))
     rows2 = _report(out)
     assert {rows2[s]["status"] for s in good} == {"skipped"}
+    assert all(rows2[s]["output"] == rows[s]["output"] == str(out / f"{s}.nii.gz") for s in good)
     assert all(rows2[s]["voxels_liver"] == rows[s]["voxels_liver"] for s in good)
     (out / "report.csv").unlink()  # a rerun rebuilds it: the skipped studies' volumes counted from their masks
     predict(bundle, inp, out, progress=False)
@@ -217,7 +225,7 @@ def test_a_run_that_fails_before_any_study_leaves_nothing_it_made(bundle: Path, 
     with pytest.raises(InputError, match="no weights"):
         predict(noweights, studies, new, progress=False)
     assert not (tmp_path / "new").exists()
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):  # a mistyped --input: exit 2
         predict(bundle, tmp_path / "nowhere", new, progress=False)
     assert not (tmp_path / "new").exists()
 
@@ -282,6 +290,9 @@ def test_an_output_folder_inside_the_input_is_not_read_as_studies(bundle: Path, 
     assert [s["id"] for s in list_studies(studies, exclude=studies / "masks")] == ids
     rows = predict(bundle, studies, studies / "masks", overrides={"max_voxels": 1000}, progress=False)
     assert sorted(r["study_id"] for r in rows) == ids
+    # a run's output that a later run does not write into: its stamp says what it is, no studies either
+    assert {r["status"] for r in predict(bundle, studies, studies / "run2", progress=False)} == {"ok"}
+    assert [s["id"] for s in list_studies(studies, exclude=studies / "masks")] == ids
 
 
 def test_manifest_input_and_voxel_limit_refused_before_reading(bundle: Path, studies: Path, tmp_path: Path) -> None:

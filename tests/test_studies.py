@@ -359,6 +359,13 @@ def test_two_files_of_one_study_id_are_refused_or_listed_with_their_problem(tmp_
         find_studies(tmp_path)
     a, b = find_studies(tmp_path, strict=False)
     assert a["id"] == "a" and "study id 'a' is also" in a["problem"] and "problem" not in b
+    (tmp_path / "x_y").mkdir()  # three inputs of one id: each is named (before, the third went unsaid)
+    (tmp_path / "x").mkdir()
+    for f in (tmp_path / "x_y" / "z.nii.gz", tmp_path / "x" / "y_z.nii.gz", tmp_path / "x_y_z.nii.gz"):
+        f.write_bytes((tmp_path / "b.nii.gz").read_bytes())
+    xyz = {s["id"]: s for s in find_studies(tmp_path, strict=False)}["x_y_z"]
+    assert all(str(f) in xyz["problem"] for f in (tmp_path / "x_y" / "z.nii.gz", tmp_path / "x" / "y_z.nii.gz",
+                                                  tmp_path / "x_y_z.nii.gz")), xyz["problem"]
 
 
 def test_numbered_cases_that_cannot_be_channel_files_stay_studies(tmp_path):

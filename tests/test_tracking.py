@@ -97,11 +97,11 @@ def ui_server(store: Path) -> Iterator[SimpleNamespace]:
     """`segpipe ui` itself, on a free port, serving the module's SQLite store (``url``, ``port``,
     ``proc``, and ``stdout``: the file holding what it printed). The module's last test stops it."""
     port = _free_port()
-    stdout = store.parent / f"ui-{port}.txt"
-    with stdout.open("w") as f:
+    stdout, stderr = store.parent / f"ui-{port}.txt", store.parent / f"ui-{port}.err"
+    with stdout.open("w") as f, stderr.open("w") as e:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--tracking-uri",
                                  f"sqlite:///{store}", "--allowed-hosts", UI_NAME], cwd=store.parent, stdout=f,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=e, start_new_session=True)
     answered_when_printed = None  # whether /health answered as soon as the address was there to read
     deadline = time.monotonic() + 120
     while answered_when_printed is None and time.monotonic() < deadline and proc.poll() is None:
@@ -116,7 +116,7 @@ def ui_server(store: Path) -> Iterator[SimpleNamespace]:
         _stop(proc)
         raise RuntimeError(f"segpipe ui on port {port} printed no address")
     _start([], port, store.parent, proc=proc)  # (it answers /health)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, stdout=stdout,
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, proc=proc, stdout=stdout, stderr=stderr,
                           answered_when_printed=answered_when_printed)
     _stop(proc)
 
@@ -697,7 +697,8 @@ def test_ui_answers_the_host_names_it_is_told_and_the_ui_posts_from_them(ui_serv
 # keep last: it stops the module's `segpipe ui`
 def test_ui_prints_the_training_view_is_one_light_process_and_sigterm_leaves_nothing(ui_server: SimpleNamespace) -> None:
     assert ui_server.answered_when_printed  # the address was printed once the server answered, not before
-    printed = ui_server.stdout.read_text()
+    printed, said = ui_server.stdout.read_text(), ui_server.stderr.read_text()
+    assert "Registry store URI not provided" not in printed + said and "DeprecationWarning" not in said, said
     found = re.search(rf"http://127\.0\.0\.1:{ui_server.port}/#/experiments/(\d+)/runs\?workflowType=machine_learning",
                       printed)
     assert found, printed  # MLflow 3's model-training view, not its GenAI home

@@ -126,6 +126,17 @@ def _two_series(folder: Path, name: str) -> Path:
     return write_series(folder / name, other, uid="1.2.826.0.1.3680043.2.1125.9.2", prefix="b")
 
 
+def _cut_short(which: int) -> Callable[[Path, str], Path]:
+    """A series whose slice ``which`` was cut to half its bytes (an interrupted copy or export):
+    in the middle GDCM left it out as a gap, at an end without a word, one slice short."""
+    def make(folder: Path, name: str) -> Path:
+        series = write_series(folder / name, volume())
+        f = sorted(series.iterdir())[which]
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return series
+    return make
+
+
 def _symlink_loop(folder: Path, name: str) -> Path:
     (p := folder / f"{name}.nii.gz").symlink_to(p.name)
     return p
@@ -232,6 +243,8 @@ KINDS: dict[str, Kind] = {
     "dicom_two_series": Kind("image", _two_series, "2 DICOM image series mixed in one folder"),
     "dicom_nonuniform_spacing": Kind("image", lambda f, n: write_series(f / n, volume(), shift={3: 0.7, 4: 0.7}),
                                      "non-uniform slice spacing: 3.2 mm gap after slice 2"),
+    "dicom_slice_cut_short": Kind("image", _cut_short(2), "slice_002.dcm cannot be read: DICOM file cut short"),
+    "dicom_last_slice_cut_short": Kind("image", _cut_short(-1), "slice_004.dcm cannot be read: DICOM file cut short"),
     "symlink_loop": Kind("image", _symlink_loop, "symlink loop"),
     "unreadable": Kind("image", _unreadable, "cannot read (Permission denied)"),
     "label_shape_mismatch": Kind("label", _label(shape=(16, 16, 7)), "shape (16, 16, 8) != label"),
