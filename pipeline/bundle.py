@@ -6,8 +6,10 @@ A bundle is a MONAI bundle folder: ``configs/metadata.json``, ``configs/common.j
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -53,9 +55,52 @@ def load_bundle(bundle_dir: Path, configs: Iterable[str] = ("common.json", "trai
     for key, value in (overrides or {}).items():
         if key not in parser:
             raise UsageError(f"--set {key}: no such id in {bundle_dir.name} ({', '.join(configs)})")
+        problem = override_problem(parser[key], value)
+        if problem:
+            raise UsageError(f"--set {key}={value}: {problem}")
         parser[key] = value
     log.debug("loaded bundle %s %s from %s", meta.get("name", bundle_dir.name), meta.get("version"), bundle_dir)
     return parser
+
+
+#: what a mistyped boolean looks like: a string close to one of these is no setting's value
+_BOOLEAN_WORDS = ("true", "false", "yes", "no", "none", "null", "on", "off")
+
+
+def override_problem(current: Any, value: Any) -> str | None:
+    """Why ``value`` cannot replace the bundle's ``current`` value of an id, where the types say so
+    plainly; None otherwise. A string that is a config expression or reference (``$``, ``@``, ``%``)
+    and an id whose value is one are never judged (their type is known only when built). Judged:
+    a boolean-like word for a boolean (``False``, ``fasle``: JSON writes ``false``, and any other
+    string is truthy), a plain string for a list or an object, a string that starts as a number
+    for a number (``1e-3x``; words such as ``auto`` stay allowed)."""
+    if not isinstance(value, str) or value[:1] in "$@%" or (isinstance(current, str) and current[:1] in "$@%"):
+        return None
+    if isinstance(current, bool):
+        if difflib.get_close_matches(value.lower(), _BOOLEAN_WORDS, n=1, cutoff=0.6):
+            return "expects true or false (JSON: lower case)"
+    elif isinstance(current, (list, tuple)):
+        return "expects a list, e.g. [1, 2] (JSON)"
+    elif isinstance(current, dict):
+        return "expects an object, e.g. {\"key\": 1} (JSON)"
+    elif isinstance(current, (int, float)) and re.match(r"\s*[-+.]?\d", value):
+        return "expects a number (JSON: 0.001 or 1e-3)"
+    return None
+
+
+def settings_not_in_bundle(parser: Any, overrides: dict[str, Any], ignore: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """``(--set id=value, "id <the bundle's value>")`` for every override that ``parser`` (the
+    bundle's own configs, no overrides) holds with another value: weights trained with them would
+    be predicted at settings they did not learn. Ids ``parser`` lacks (training only) and those in
+    ``ignore`` do not count."""
+    differ, skip = [], set(ignore)
+    for key, value in overrides.items():
+        if key in skip or key not in parser:
+            continue
+        own = parser.get_parsed_content(key, instantiate=False)  # references resolved ("@features")
+        if json.dumps(own, sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
+            differ.append((f"--set {key}={json.dumps(value)}", f"{key} {json.dumps(own, default=str)[:60]}"))
+    return differ
 
 
 def get(parser: Any, id: str, bundle_dir: Path | str = "") -> Any:

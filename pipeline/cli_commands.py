@@ -22,7 +22,9 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
             raise UsageError(f"--set expects key=value, got {item!r}")
         try:
             out[key] = json.loads(raw)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if raw.lstrip()[:1] in ("[", "{", '"'):  # meant as JSON: a list, object or string cut short
+                raise UsageError(f"--set {key}={raw}: not valid JSON ({e.msg}, character {e.pos + 1})") from None
             out[key] = raw
     return out
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.bundle import settings_not_in_bundle
 from pipeline.crossval import SPLIT_IDS, TRAINED_FILE
 from pipeline.crossval_score import RESULT_FILE, model_digest
 from pipeline.errors import InputError, UsageError, first_line
@@ -239,13 +240,7 @@ def _trained_settings_problem(parser: Any, trained_file: Path, bundle_dir: Path)
         overrides = json.loads(trained_file.read_text()).get("overrides") or {}
     except (OSError, ValueError, AttributeError):
         return None  # a fold carried in without its record: nothing to compare (the weights are still checked)
-    differ = []
-    for key, value in overrides.items():
-        if key in RESUMABLE_CHANGES or key in SPLIT_IDS or key not in parser:
-            continue  # a run-control, split or training-only id
-        own = parser.get_parsed_content(key, instantiate=False)  # references resolved ("@features")
-        if json.dumps(own, sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
-            differ.append((f"--set {key}={json.dumps(value)}", f"{key} {json.dumps(own, default=str)[:60]}"))
+    differ = settings_not_in_bundle(parser, overrides, RESUMABLE_CHANGES | SPLIT_IDS)  # not run-control or split ids
     if not differ:  # else every one at once, not one per export run
         return None
     return (f"{trained_file}: this fold was trained with {' '.join(a for a, _ in differ)} and {bundle_dir}/configs "

@@ -45,7 +45,7 @@ from monai.handlers import from_engine, stopping_fn_from_metric
 
 from pipeline import checkpoints
 from pipeline.amp import grad_scaler
-from pipeline.bundle import bundle_metadata, get, load_bundle
+from pipeline.bundle import bundle_metadata, get, load_bundle, settings_not_in_bundle
 from pipeline.errors import InputError, UsageError
 from pipeline.fileio import atomic_path
 from pipeline.handlers import (
@@ -172,7 +172,7 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
         check_contract(Path(bundle_dir), Path(parser.get_parsed_content("manifest")))
         with console(verbose, progress and idist.get_rank() == 0) as bar:
             summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags,
-                           register=register)
+                           register=register, overrides=overrides or {})
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         return summary
     finally:
@@ -219,7 +219,8 @@ def _setting(parser: Any, id: str, kind: type | None = None, empty_is_zero: bool
 
 
 def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, bar: Any = None,
-         tags: dict[str, Any] | None = None, register: bool = True) -> dict[str, Any]:
+         tags: dict[str, Any] | None = None, register: bool = True,
+         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from pipeline.run_tags import bundle_params, git_commit, run_name, standard_tags
     from pipeline.tracking import attach_tracker, open_tracker
 
@@ -235,6 +236,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     evaluator = get(parser, "validate#evaluator", bundle_dir)
     for engine in (trainer, evaluator):  # they (and StatsHandler through them) log an exception the CLI reports
         engine.logger.addFilter(not_our_error)
+    export = bool(_setting(parser, "export")) and _exportable(bundle_dir, overrides or {})  # said before training
     _prepare_output(output_dir, ckpt_dir, resume)  # once the engines are built: a bad loader leaves no folder
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)
@@ -323,11 +325,12 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
                 tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
     _setting(parser, "finalize")
-    return _summary(parser, meta, trainer, saver, output_dir, ckpt_dir, tracker, bundle_dir, register, trained)
+    return _summary(parser, meta, trainer, saver, output_dir, ckpt_dir, tracker, bundle_dir, register, trained, export)
 
 
 def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output_dir: Path, ckpt_dir: Path,
-             tracker: Any, bundle_dir: Path, register: bool = True, trained: bool = True) -> dict[str, Any]:
+             tracker: Any, bundle_dir: Path, register: bool = True, trained: bool = True,
+             export: bool = False) -> dict[str, Any]:
     model = saver.path
     summary: dict[str, Any] = {
         "bundle": meta.get("name"), "version": meta.get("version"), "epochs": trainer.state.epoch,
@@ -353,7 +356,7 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
                               f"validation mean Dice {saver.best:.4f} (epoch {saver.best_epoch} of "
                               f"{trainer.state.epoch}, model_selection {saver.selection}); run {tracker.run_id}")
         summary.update(tracker.finish())
-    if _setting(parser, "export") and summary["model_path"] and idist.get_rank() == 0:
+    if export and summary["model_path"] and idist.get_rank() == 0:
         best = summary["best_val_mean_dice"]
         val = (f"validation mean Dice {best:.4f} at epoch {summary['best_epoch']}" if summary["best_epoch"]
                else "no validation")  # best_val_mean_dice stays -1 where nothing was validated
@@ -364,6 +367,20 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
             f"**Status: trained.** `models/model.pt` is `{_in_bundle(model, bundle_dir)}` from `segpipe train` ({summary['epochs']} "
             f"epochs; {val}), exported {time.strftime('%Y-%m-%d %H:%M')}; {used}.")))
     return summary
+
+
+def _exportable(bundle_dir: Path, overrides: dict[str, Any]) -> bool:
+    """Whether the bundle's own inference would predict these weights at the settings they were
+    trained with: not after a ``--set`` of the network, window or preprocessing that its configs
+    do not hold (the bundle could not load them, or would misuse them). Says why not."""
+    differ = settings_not_in_bundle(load_bundle(bundle_dir, ("common.json", "inference.json")), overrides,
+                                    checkpoints.RESUMABLE_CHANGES | {"fold", "num_folds", "seed", "splits_file"})
+    if differ:
+        log.warning("this run's model.pt will not be exported into %s/models: trained with %s where its configs say "
+                    "%s; predict with the same --set values and --set model_path=<the run's model.pt>, or write them "
+                    "into the bundle's configs first", bundle_dir, " ".join(a for a, _ in differ),
+                    ", ".join(b for _, b in differ))
+    return not differ
 
 
 def _in_bundle(path: Path, bundle_dir: Path) -> str:

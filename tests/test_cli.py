@@ -38,6 +38,31 @@ def test_set_parsing():
     assert main(["train", "x", "--set", "novalue"]) == 2
 
 
+def test_a_set_value_of_the_wrong_kind_is_refused_before_anything_runs(tmp_path, capsys):
+    """`--set roi_size=[32,32` became the string "[32,32": training deleted the last run's checkpoints,
+    then failed on a TypeError naming nothing; `--set tta=False` was the string "False", which is truthy,
+    so TTA stayed on without a word."""
+    from pathlib import Path
+
+    import pytest
+
+    from pipeline.bundle import load_bundle
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--set roi_size=\[32,32: not valid JSON"):
+        parse_set(["roi_size=[32,32"])
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "phantom_ct_3d"
+    configs = ("common.json", "inference.json")
+    for key, value, says in (("tta", "False", "expects true or false"), ("tta", "fasle", "expects true or false"),
+                             ("roi_size", "32x32", "expects a list"), ("overlap", "0.5x", "expects a number")):
+        with pytest.raises(UsageError, match=f"--set {key}={value}: {says}"):
+            load_bundle(bundle, configs, {key: value})
+    for ok in ({"margin": "auto"}, {"save_probabilities": "float32"}, {"tta": "$@tta"}, {"tta": False}):
+        load_bundle(bundle, configs, ok)  # words a setting takes, expressions, and the JSON itself
+    assert main(["train", str(bundle), "--manifest", str(tmp_path / "dataset.json"), "--set", "tta=False"]) == 2
+    assert "--set tta=False: expects true or false" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_cuda_device_without_gpu_is_usage_error(tmp_path, monkeypatch, capsys):
     """On any machine: with CUDA reported absent, asking for it is a usage error in one line."""
     import torch

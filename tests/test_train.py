@@ -568,3 +568,26 @@ def test_init_weights_starts_each_fold_from_its_own_saved_weights(tmp_path: Path
     assert "] in the file, [" in str(e.value) and "in the network" in str(e.value)  # what differs, not torch's heading
     with pytest.raises(InputError, match=r"fold_2/model\.pt: init_weights file not found"):
         train_bundle(BUNDLE, manifest=data, epochs=1, tracking_uri=store, overrides={**other, "fold": 2})
+
+
+def test_weights_trained_with_another_network_are_not_exported_into_the_bundle(tmp_path: Path, data: Path, store: str,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """`segpipe train --set network_def#features=...` of a bundle that exports copied weights into
+    models/ that its own network could not load (predict then failed); the export is skipped, said
+    up front, and goes ahead once the bundle's configs say the same."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs*"))
+    before = (bundle / "models" / "model.pt").read_bytes()
+    run = {**FAST, "export": True, "output_dir": str(tmp_path / "run")}
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        summary = train_bundle(bundle, manifest=data, epochs=1, tracking_uri=store, overrides=run)
+    assert "exported" not in summary and (bundle / "models" / "model.pt").read_bytes() == before
+    assert "will not be exported" in caplog.text and '--set network_def#features=[8, 16, 32, 8]' in caplog.text
+    common = json.loads((bundle / "configs" / "common.json").read_text())
+    common["network_def"]["features"], common["roi_size"], common["pixdim"] = (FAST["network_def#features"],
+                                                                               FAST["roi_size"], FAST["pixdim"])
+    (bundle / "configs" / "common.json").write_text(json.dumps(common))
+    same = {k: v for k, v in run.items() if k not in ("network_def#features", "roi_size", "pixdim")}
+    summary = train_bundle(bundle, manifest=data, epochs=1, tracking_uri=store,
+                           overrides={**same, "output_dir": str(tmp_path / "run2")})
+    assert summary["exported"] and (bundle / "models" / "model.pt").read_bytes() != before
