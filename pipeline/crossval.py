@@ -110,6 +110,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     from pipeline.run_tags import git_commit, run_name, standard_tags
     from pipeline.tracking import open_tracker
     from pipeline.train import train_bundle
+    from pipeline.validation import require_valid
 
     bundle_dir, manifest = Path(bundle_dir), Path(manifest).resolve()
     overrides = dict(overrides or {})
@@ -117,6 +118,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     missing = [k for k in ("seed", "output_dir") if k not in parser]
     if missing:
         raise UsageError(f"{bundle_dir}: the training configs lack id(s) {', '.join(missing)}")
+    require_valid(manifest)  # bad data: one line, and no output folder, split or MLflow run made for it
     seed = int(parser.get_parsed_content("seed"))
     # the split training reads: a planned bundle's own splits.json (its splits_file), else the manifest's
     splits = parser.get_parsed_content("splits_file") if "splits_file" in parser else None
@@ -150,6 +152,8 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
             if _trained_without_checkpoint(fold_dir):
                 log.info("fold %d: trained (%s) and its checkpoints are gone: not trained again", k,
                          fold_dir / TRAINED_FILE)
+            elif _trained_as_asked(fold_dir, epochs, overrides):
+                log.info("fold %d: trained already as asked (%s): skipped", k, fold_dir / TRAINED_FILE)
             else:
                 tags: dict[str, Any] = {"mlflow.parentRunId": parent.run_id, "fold": k}
                 if not (fold_dir / "checkpoints" / "mlflow_run.json").is_file():  # its run is new: named once
@@ -163,7 +167,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
                                        tags=tags)
                 with atomic_path(fold_dir / TRAINED_FILE) as tmp:
                     tmp.write_text(json.dumps({"fold": k, "num_folds": folds, "val": cases[k], "overrides": overrides,
-                                               **summary}, indent=1, default=str) + "\n")
+                                               "asked_epochs": epochs, **summary}, indent=1, default=str) + "\n")
             recover_weights(fold_dir, k, _trained_selection(fold_dir, selection))
             predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
         with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
@@ -231,6 +235,19 @@ def _trained_without_checkpoint(fold_dir: Path) -> bool:
 
     return ((fold_dir / TRAINED_FILE).is_file() and (fold_dir / "model.pt").is_file()
             and checkpoints.latest_checkpoint(fold_dir / "checkpoints") is None)
+
+
+def _trained_as_asked(fold_dir: Path, epochs: int | None, overrides: dict[str, Any]) -> bool:
+    """Whether the fold's ``trained.json`` records a finished training asked for with these
+    ``--epochs`` and ``--set`` values: a rerun skips it without reopening its run or rewriting its
+    record. More epochs, or a record from before ``asked_epochs``, resume it instead."""
+    try:
+        done = json.loads((fold_dir / TRAINED_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(done, dict) and "asked_epochs" in done and done["asked_epochs"] == epochs
+            and json.dumps(done.get("overrides"), sort_keys=True, default=str)
+            == json.dumps(overrides, sort_keys=True, default=str))
 
 
 def _retrain_hint(fold_dir: Path, k: int) -> str:

@@ -108,7 +108,7 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
         raise
     finally:
         bar.close()  # its line ends before what comes next (the summary, or why the run stopped)
-    if preview:
+    if preview or (output_dir / preview_pages.INDEX).is_file():  # an earlier run's page: kept true to report.csv
         log.info("previews: %s", write_index(output_dir, names, running=False))
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed:
@@ -180,15 +180,20 @@ def _resume(studies: list[dict[str, Any]], output_dir: Path, identity: dict[str,
     again: dict[str, list[str]] = {}  # why -> ids predicted again
     for s in studies:
         files = predict_outputs.planned(s, output_dir, output_format, preview)
-        if not all(f.exists() for f in files.values()):
+        if not any(f.exists() for f in files.values()):
             todo.append(s)
             continue
         row = earlier.get(s["id"], {})
         made_by = _attribute(row, stamp, identity["id"])
-        if made_by not in (identity["id"], UNKNOWN):
+        if made_by not in (identity["id"], UNKNOWN):  # said even where this run asks for more (--preview)
             why = (predict_stamp.model_difference((stamp or {}).get("models", {}).get(made_by), identity) if made_by
                    else "no report row says which model made them, and other models wrote into this folder")
             again.setdefault(why, []).append(s["id"])
+            todo.append(s)
+            if not preview:  # the other model's picture would stay beside this model's mask
+                predict_outputs.planned(s, output_dir, output_format, True)["preview"].unlink(missing_ok=True)
+            continue
+        if not all(f.exists() for f in files.values()):  # this model's, and this run asks for more
             todo.append(s)
             continue
         if not all(row.get(f"voxels_{n}") for n in names[1:]):  # killed before its row, or no report.csv

@@ -164,6 +164,10 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
             raise UsageError(f"{bundle_dir}: common.json + train.json lack the id(s) {', '.join(missing)}")
         if "val_interval" not in (overrides or {}):
             validate_often(parser)
+        budget = _setting(parser, "time_budget_min", float, empty_is_zero=True)
+        if epochs and budget > 0:  # a planned bundle's budget: said before it cuts the asked epochs short
+            log.info("--epochs %d with time_budget_min %g: training stops at whichever comes first "
+                     "(--set time_budget_min=0 trains %d epochs)", epochs, budget, epochs)
         if register is None:
             register = "mlflow.parentRunId" not in (tags or {})
         require_valid(Path(parser.get_parsed_content("manifest")))  # each problem said once

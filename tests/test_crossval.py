@@ -205,10 +205,13 @@ def test_folds_started_side_by_side_share_one_parent_run(tmp_path: Path, ct6_dat
 
 
 def test_a_rerun_skips_finished_folds(cv: dict, ct6_dataset: Path, mlflow_store: str) -> None:
+    """Without a word of resuming: their records (trained.json: its wall time) are not rewritten."""
     out = cv["out"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoints/*.pt")}
+    records = {p: p.read_bytes() for p in out.glob("fold_*/trained.json")}
     again = crossval(BUNDLE, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store, overrides=SMALL)
     assert {p: p.stat().st_mtime_ns for p in out.glob("fold_*/checkpoints/*.pt")} == before
+    assert len(records) == 2 and {p: p.read_bytes() for p in out.glob("fold_*/trained.json")} == records
     assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
 
 
@@ -316,6 +319,15 @@ def test_bad_input_is_one_line_and_trains_nothing(tmp_path: Path, ct6_dataset: P
     with pytest.raises(InputError, match=f"case {ids[2]} is in the validation cases of folds 0 and 1"):
         crossval(BUNDLE, data / "dataset.json", folds=2, **kw)
     assert not list((tmp_path / "cv").glob("fold_*"))
+    (data / "splits.json").unlink()
+    (data / "imagesTr" / f"{ids[0]}.nii.gz").unlink()  # data that fails validation: no folder, split or MLflow run
+    runs = len(MlflowClient(mlflow_store).search_runs(
+        [e.experiment_id for e in MlflowClient(mlflow_store).search_experiments()], max_results=1000))
+    with pytest.raises(InputError, match=f"failed validation with 1 problem.*{ids[0]}.nii.gz: missing file"):
+        crossval(BUNDLE, data / "dataset.json", folds=2, **{**kw, "output_dir": tmp_path / "cv2"})
+    assert not (tmp_path / "cv2").exists()
+    assert len(MlflowClient(mlflow_store).search_runs(
+        [e.experiment_id for e in MlflowClient(mlflow_store).search_experiments()], max_results=1000)) == runs
 
 
 def test_ensemble_averages_member_probabilities() -> None:
@@ -361,7 +373,7 @@ def test_exported_ensemble_predicts_and_a_subset_is_one_fold(cv: dict, ct6_datas
     with pytest.raises(UsageError, match=r"folds: fold 7 is not among the bundle's exported folds \[0, 1\]"):
         predict(bundle, studies, tmp_path / "bad", device="cpu", progress=False, overrides={"folds": [7]})
     for bad in (0, "0", [True]):  # folds=0 once predicted with models/model.pt (0 is falsy)
-        with pytest.raises(UsageError, match=r"folds: expected a list of fold numbers"):
+        with pytest.raises(UsageError, match=r"folds: expected a list of fold numbers|folds=0: expects a list"):
             predict(bundle, studies, tmp_path / "bad", device="cpu", progress=False, overrides={"folds": bad})
     predict(bundle, studies, tmp_path / "single", device="cpu", progress=False,  # model_path alone: that file,
             overrides={"model_path": str(cv["out"] / "fold_0" / "model.pt")})   # not the bundle's folds

@@ -358,8 +358,9 @@ def test_a_rerun_with_other_weights_predicts_again_with_the_same_skips(bundle: P
 
     caplog.clear()
     other = other_weights(bundle, tmp_path / "other.pt")
-    again = predict(bundle, studies, out, overrides={"model_path": str(other)}, progress=False)
-    assert {r["status"] for r in again} == {"ok"}
+    again = predict(bundle, studies, out, overrides={"model_path": str(other)}, progress=False,
+                    preview=True)  # asking for previews too: still said (it was not, the previews being missing)
+    assert {r["status"] for r in again} == {"ok"} and len(list(out.glob("*_preview.png"))) == 6
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and "6 existing output(s)" in warnings[0] and "other weights" in warnings[0], warnings
     rows2, masks2 = _report(out), _masks(out)
@@ -371,6 +372,8 @@ def test_a_rerun_with_other_weights_predicts_again_with_the_same_skips(bundle: P
     # back to the first weights: predicted again too (the rows say which model made each mask)
     back = predict(bundle, studies, out, progress=False)
     assert {r["status"] for r in back} == {"ok"} and _masks(out) == masks1
+    # no previews asked this time: the other model's pictures go, and the page says what report.csv says
+    assert not list(out.glob("*_preview.png")) and "_preview.png" not in (out / "index.html").read_text()
 
 
 def test_a_rerun_with_a_mask_changing_setting_predicts_again_naming_it(bundle: Path, studies: Path,
