@@ -281,11 +281,12 @@ def planned_normalisation(modality: dict[str, str], channels: list[dict[str, Any
 
 
 def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, seed: int = 0,
-                      validate: bool = True) -> Path:
+                      validate: bool = True, say: bool = True) -> Path:
     """Fingerprint the ``training`` entries of ``manifest``; write JSON (default: ``fingerprint.json``
     beside the manifest) and return its path. The manifest is validated first
     (:func:`pipeline.validation.require_valid`: InputError naming the first problem, nothing written);
-    ``validate=False`` is for a caller that has just validated it."""
+    ``validate=False`` is for a caller that has just validated it; ``say=False`` logs the summary
+    line at debug level (``segpipe plan`` writes into a temporary folder and says what it planned)."""
     from tqdm.auto import tqdm
 
     from pipeline.manifest import load_manifest
@@ -319,6 +320,6 @@ def write_fingerprint(manifest: Path, out: Path | None = None, cap: int = 128, s
             tmp.write_text(json.dumps(json_safe(fp), indent=2))
     except OSError as e:
         raise InputError(f"{out}: cannot write the fingerprint ({e.strerror or e})") from None
-    log.info("fingerprinted %d cases of %s: median spacing %s, suggested %s; wrote %s", len(cases), manifest,
-             fp["dataset"]["spacing"]["median"], fp["suggested"], out)
+    log.log(logging.INFO if say else logging.DEBUG, "fingerprinted %d cases of %s: median spacing %s, suggested %s; "
+            "wrote %s", len(cases), manifest, fp["dataset"]["spacing"]["median"], fp["suggested"], out)
     return out

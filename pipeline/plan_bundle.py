@@ -383,7 +383,8 @@ def plan_bundle(manifest: Path, out: Path, name: str | None = None, device: str 
     try:
         for sub in ("configs", "docs", "models"):
             (tmp / sub).mkdir(parents=True)
-        fp_path = write_fingerprint(manifest, tmp / "fingerprint.json", validate=False)  # validated above
+        fp_path = write_fingerprint(manifest, tmp / "fingerprint.json", validate=False,  # validated above;
+                                     say=False)  # its temporary path and raw suggestion would mislead
         digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()
         fingerprint = json.loads(fp_path.read_text())
         compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)

@@ -88,7 +88,8 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
     model["metadata"] = bundle_metadata(Path(bundle_dir))  # the SEG's algorithm name, version and codes
     outputs = {"output_format": output_format, "preview": preview}
     predict_io.clean_stale_temps(output_dir)
-    log.info("%d studies (shard %d/%d) -> %s", len(studies), shard_i, shard_n, output_dir)
+    log.info("%d stud%s (shard %d/%d) -> %s", len(studies), "y" if len(studies) == 1 else "ies", shard_i, shard_n,
+             output_dir)
 
     names, identity = model["label_names"], model["identity"]
     rows, todo = _resume(studies, output_dir, identity, names, output_format, preview)
@@ -105,6 +106,9 @@ def _predict(bundle_dir: Path, input: Path, output_dir: Path, shard: tuple[int, 
     except BaseException:  # Ctrl-C, SIGTERM, a failure: the page lists what was done and says it stopped
         if preview:
             write_index(output_dir, names, running=False, stopped=True)
+        done = sum(r["status"] in ("ok", "skipped") for r in rows)
+        log.warning("stopped with %d of %d studies done (%s); the same command again does the rest", done,
+                    len(studies), output_dir / predict_io.REPORT)
         raise
     finally:
         bar.close()  # its line ends before what comes next (the summary, or why the run stopped)

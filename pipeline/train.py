@@ -190,8 +190,10 @@ def validate_often(parser: Any, times: int = 5) -> None:
     max_epochs, interval = _setting(parser, "max_epochs", int), _setting(parser, "val_interval", int)
     often = max(1, min(interval, max_epochs // times))
     if often != interval:
-        log.info("val_interval %d -> %d: %d epochs validate at least %d times (--set val_interval=N keeps N)",
-                 interval, often, max_epochs, min(times, max_epochs))
+        n = min(times, max_epochs)
+        log.info("val_interval %d -> %d: %d epoch%s validate%s %s (--set val_interval=N keeps N)", interval, often,
+                 max_epochs, "s" if max_epochs != 1 else "", "" if max_epochs != 1 else "s",
+                 "every epoch" if often == 1 else f"at least {n} times")
         parser["val_interval"] = often
 
 

@@ -318,7 +318,8 @@ def test_a_running_batch_rewrites_index_html_at_most_every_few_seconds(bundle: P
 
 
 def test_an_interrupted_batch_leaves_a_finished_page_that_says_it_stopped(bundle: Path, tmp_path: Path,  # noqa: F811
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """Ctrl-C (or SIGTERM, or a failure) in the middle of a batch: index.html lists the studies done,
     no longer reloads, and says the batch stopped and how to finish it. Before, it stayed at '0
     studies ... (running, this page reloads every 15 s)' for good. It names the output folder and
@@ -338,8 +339,9 @@ def test_an_interrupted_batch_leaves_a_finished_page_that_says_it_stopped(bundle
         return real(model, image)
 
     monkeypatch.setattr(pipeline.predict, "run_model", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="pipeline.predict"):
         predict(bundle, inp, out, progress=False, preview=True)
+    assert "stopped with 2 of 3 studies done" in caplog.text  # the console says it too (the page needs --preview)
     page = (out / "index.html").read_text()
     assert 'http-equiv="refresh"' not in page
     assert "2 studies: 2 ok, 0 skipped, 0 failed" in page
