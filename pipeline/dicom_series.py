@@ -183,6 +183,15 @@ def series_ids(folder: Path) -> tuple[str, ...]:
 MEDIA_DIRECTORY_SOP = "1.2.840.10008.1.3.10"
 
 
+def starts_as_dicom(path: Path) -> bool:
+    """Whether the file has DICOM's "DICM" marker at byte 128 (an unreadable file: no)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _damaged_files(folder: Path, members: set[str]) -> list[str]:
     """Names of the files in ``folder`` that start as DICOM (the "DICM" marker at byte 128) but that
     GDCM put in no series (``members``: the names it did): a slice cut short or damaged in the
@@ -194,12 +203,8 @@ def _damaged_files(folder: Path, members: set[str]) -> list[str]:
     for f in sorted(folder.iterdir()):
         if f.name in members or f.name.startswith(".") or not f.is_file():
             continue
-        try:
-            with open(f, "rb") as fh:
-                if fh.read(132)[128:] != b"DICM":
-                    continue
-        except OSError:
-            continue  # unreadable: not ours to judge here (a folder of other files)
+        if not starts_as_dicom(f):
+            continue
         try:
             if str(pydicom.filereader.read_file_meta_info(f).get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY_SOP:
                 continue

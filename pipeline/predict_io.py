@@ -127,6 +127,7 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
     must not segment the masks of the first run. An ``image`` is a
     list of files, one per channel, where a manifest lists them so or, with ``channels`` > 1, where
     a folder holds ``<case>_0000.nii.gz`` .. (``pipeline.studies.find_studies``)."""
+    from pipeline.dicom_series import starts_as_dicom
     from pipeline.manifest import as_manifest
     from pipeline.studies import find_studies, is_nifti, study_id
 
@@ -148,8 +149,9 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
     else:
         studies = find_studies(p, strict=False, channels=int(channels))  # a bad study fails as its own
         entries = [c for c in p.iterdir() if not c.name.startswith(".")]
-        if not studies and entries and not any(c.is_dir() for c in entries):  # files, none an image: a DICOM
-            studies = [{"id": p.name, "image": str(p.absolute())}]  # folder that fails as one study, by name
+        if not studies and entries and not any(c.is_dir() for c in entries) and any(
+                c.suffix.lower() in ("", ".dcm", ".dicom", ".ima") or starts_as_dicom(c) for c in entries):
+            studies = [{"id": p.name, "image": str(p.absolute())}]  # a DICOM folder that fails as one study, by name
     if exclude is not None:
         from pipeline.manifest import image_files
 

@@ -273,6 +273,11 @@ def test_dicom_series_good_mixed_and_empty(bundle: Path, tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()  # nothing in it: no studies, and no output folder left behind
     with pytest.raises(InputError, match=r"empty: no studies \(NIfTI files or DICOM series\) found"):
         predict(bundle, tmp_path / "empty", tmp_path / "out3", progress=False)
+    (tmp_path / "notes").mkdir()  # files that are no image, nor meant as DICOM: as empty (it failed as a study)
+    (tmp_path / "notes" / "notes.txt").write_text("scanned 2026-12-01\n")
+    with pytest.raises(InputError, match=r"notes: no studies \(NIfTI files or DICOM series\) found"):
+        predict(bundle, tmp_path / "notes", tmp_path / "out4", progress=False)
+    assert not (tmp_path / "out4").exists()
     assert not (tmp_path / "out3").exists()
 
 
