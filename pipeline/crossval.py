@@ -120,6 +120,9 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
         raise UsageError(f"{bundle_dir}: the training configs lack id(s) {', '.join(missing)}")
     require_valid(manifest)  # bad data: one line, and no output folder, split or MLflow run made for it
     seed = int(parser.get_parsed_content("seed"))
+    asked = {"max_epochs": int(epochs or parser.get_parsed_content("max_epochs")),  # what a finished fold had
+             "time_budget_min": float(parser.get_parsed_content("time_budget_min") or 0)
+             if "time_budget_min" in parser else 0.0}
     # the split training reads: a planned bundle's own splits.json (its splits_file), else the manifest's
     splits = parser.get_parsed_content("splits_file") if "splits_file" in parser else None
     cases = fold_cases(manifest, folds, seed, splits)
@@ -152,7 +155,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
             if _trained_without_checkpoint(fold_dir):
                 log.info("fold %d: trained (%s) and its checkpoints are gone: not trained again", k,
                          fold_dir / TRAINED_FILE)
-            elif _trained_as_asked(fold_dir, epochs, overrides):
+            elif _trained_as_asked(fold_dir, k, asked, overrides):
                 log.info("fold %d: trained already as asked (%s): skipped", k, fold_dir / TRAINED_FILE)
             else:
                 tags: dict[str, Any] = {"mlflow.parentRunId": parent.run_id, "fold": k}
@@ -167,7 +170,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
                                        tags=tags)
                 with atomic_path(fold_dir / TRAINED_FILE) as tmp:
                     tmp.write_text(json.dumps({"fold": k, "num_folds": folds, "val": cases[k], "overrides": overrides,
-                                               "asked_epochs": epochs, **summary}, indent=1, default=str) + "\n")
+                                               "asked": asked, **summary}, indent=1, default=str) + "\n")
             recover_weights(fold_dir, k, _trained_selection(fold_dir, selection))
             predict_fold(bundle_dir, manifest, out, k, cases[k], device, overrides)
         with locked(out / LOCK_FILE):  # one scorer at a time: the last one sees every fold's masks
@@ -237,17 +240,31 @@ def _trained_without_checkpoint(fold_dir: Path) -> bool:
             and checkpoints.latest_checkpoint(fold_dir / "checkpoints") is None)
 
 
-def _trained_as_asked(fold_dir: Path, epochs: int | None, overrides: dict[str, Any]) -> bool:
-    """Whether the fold's ``trained.json`` records a finished training asked for with these
-    ``--epochs`` and ``--set`` values: a rerun skips it without reopening its run or rewriting its
-    record. More epochs, or a record from before ``asked_epochs``, resume it instead."""
+def _trained_as_asked(fold_dir: Path, k: int, asked: dict[str, float], overrides: dict[str, Any]) -> bool:
+    """Whether the fold's ``trained.json`` records a finished training with this schedule
+    (``asked``: max_epochs, time_budget_min) and these ``--set`` values: a rerun skips it without
+    reopening its run or rewriting its record. Another schedule (more epochs) resumes it, as does a
+    record from before ``asked``; other ``--set`` values of ids that change training are refused
+    (resuming a finished fold would train nothing and record them as if it had)."""
+    from pipeline.checkpoints import RESUMABLE_CHANGES
+
     try:
         done = json.loads((fold_dir / TRAINED_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (isinstance(done, dict) and "asked_epochs" in done and done["asked_epochs"] == epochs
-            and json.dumps(done.get("overrides"), sort_keys=True, default=str)
-            == json.dumps(overrides, sort_keys=True, default=str))
+    if not isinstance(done, dict) or "asked" not in done:
+        return False
+
+    def learnt(o: Any) -> str:
+        return json.dumps({key: v for key, v in (o or {}).items() if key not in RESUMABLE_CHANGES}, sort_keys=True,
+                          default=str)
+
+    if learnt(done.get("overrides")) != learnt(overrides):
+        raise UsageError(f"fold {k}: {fold_dir / TRAINED_FILE} records a training with --set values "
+                         f"{learnt(done.get('overrides'))}, not {learnt(overrides)}; {_retrain_hint(fold_dir, k)}, "
+                         "or give another --output")
+    return done["asked"] == asked and json.dumps(done.get("overrides"), sort_keys=True, default=str) == json.dumps(
+        overrides, sort_keys=True, default=str)
 
 
 def _retrain_hint(fold_dir: Path, k: int) -> str:

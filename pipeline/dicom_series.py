@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,8 +122,10 @@ def dicom_series(folder: Path) -> dict[str, Any]:
     uids = series_ids(folder)
     if not uids:
         raise InputError(f"{folder}: no DICOM series in folder")
-    members = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids}
-    damaged = _damaged_files(folder, {Path(f).name for files in members.values() for f in files})
+    with quiet_itk():
+        members = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids}
+    damaged = _damaged_files(folder, {Path(f).name for files in members.values() for f in files},
+                             {_sop_class(files[0]) for files in members.values() if files})
     if damaged:
         raise InputError(f"{folder}: {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} cannot be read: "
                          f"DICOM file{'s' if len(damaged) > 1 else ''} cut short or damaged (export the series again)")
@@ -157,18 +160,23 @@ def dicom_series(folder: Path) -> dict[str, Any]:
     return out
 
 
+_ITK_QUIET = threading.Lock()
+
+
 @contextmanager
 def quiet_itk() -> Iterator[None]:
     """ITK's warnings off: GDCM prints three raw lines ("No Series were found") for every folder
-    without DICOM files, which for us is an answer, not a problem."""
+    without DICOM files, which for us is an answer, not a problem. One thread at a time (the
+    setting is global; predict reads and writes studies in threads of their own)."""
     import SimpleITK as sitk
 
-    was = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(was)
+    with _ITK_QUIET:
+        was = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(was)
 
 
 def series_ids(folder: Path) -> tuple[str, ...]:
@@ -192,25 +200,31 @@ def starts_as_dicom(path: Path) -> bool:
         return False
 
 
-def _damaged_files(folder: Path, members: set[str]) -> list[str]:
-    """Names of the files in ``folder`` that start as DICOM (the "DICM" marker at byte 128) but that
-    GDCM put in no series (``members``: the names it did): a slice cut short or damaged in the
-    export, which would otherwise be left out without a word (a gap in the stack, or at either end
-    a stack one slice shorter). A DICOMDIR is no such file."""
+def _sop_class(file: str | Path) -> str | None:
+    """The MediaStorageSOPClassUID of a DICOM file's meta header (the first bytes: a file cut short
+    keeps it), or None where that header cannot be read."""
     import pydicom
 
+    try:
+        return str(pydicom.filereader.read_file_meta_info(file).get("MediaStorageSOPClassUID", ""))
+    except Exception:  # noqa: BLE001 - pydicom's errors for a damaged header are of several kinds
+        return None
+
+
+def _damaged_files(folder: Path, members: set[str], image_sops: set[str | None]) -> list[str]:
+    """Names of the files in ``folder`` that GDCM put in no series (``members``: the names it did)
+    although they start as DICOM and are of the SOP class of a series there (``image_sops``), or
+    whose meta header cannot be read: a slice cut short or damaged in the export, which would
+    otherwise be left out without a word (a gap in the stack, or at either end a stack one slice
+    shorter). An object of another class (an RT structure set, a report, a presentation state: no
+    pixel data, so GDCM groups it in no series) and a DICOMDIR are left alone."""
     bad = []
     for f in sorted(folder.iterdir()):
-        if f.name in members or f.name.startswith(".") or not f.is_file():
+        if f.name in members or f.name.startswith(".") or not f.is_file() or not starts_as_dicom(f):
             continue
-        if not starts_as_dicom(f):
-            continue
-        try:
-            if str(pydicom.filereader.read_file_meta_info(f).get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY_SOP:
-                continue
-        except Exception:  # noqa: BLE001 - its meta header cut short too: damaged all the same
-            pass
-        bad.append(f.name)
+        sop = _sop_class(f)
+        if sop is None or (sop in image_sops and sop != MEDIA_DIRECTORY_SOP):
+            bad.append(f.name)
     return bad
 
 

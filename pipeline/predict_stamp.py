@@ -42,8 +42,14 @@ def mask_settings(parser: Any) -> dict[str, Any]:
     id they refer to, transitively (tta, tta_axes, tiling, margin, pixdim, the intensity window,
     postprocess, amp ...), less ``NOT_MASK_SETTINGS``. Raw, not evaluated: the same text in
     another copy of the bundle is the same setting."""
+    return referenced(parser, MASK_ROOTS)
+
+
+def referenced(parser: Any, roots: Sequence[str]) -> dict[str, Any]:
+    """The raw values of ``roots`` and of every id they refer to, transitively, less
+    ``NOT_MASK_SETTINGS``."""
     settings: dict[str, Any] = {}
-    todo = list(MASK_ROOTS)
+    todo = list(roots)
     while todo:
         key = todo.pop()
         if key in settings or key in NOT_MASK_SETTINGS or key not in parser:

@@ -191,7 +191,8 @@ def find_studies(folder: Path | str, strict: bool = True, channels: int = 1) -> 
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         if here != root and STAMP in filenames:  # an earlier segpipe predict's output: masks, not studies
-            log.info("%s: the output of an earlier segpipe predict (%s): its masks are not studies", here, STAMP)
+            log.warning("%s: left out, the output of an earlier segpipe predict (%s says so): its masks are not "
+                        "studies", here, STAMP)  # a warning: a folder of studies it also wrote into is left out too
             dirnames[:] = []
             continue
         names = [n for n in filenames if not n.startswith(".")]

@@ -242,7 +242,8 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     evaluator = get(parser, "validate#evaluator", bundle_dir)
     for engine in (trainer, evaluator):  # they (and StatsHandler through them) log an exception the CLI reports
         engine.logger.addFilter(not_our_error)
-    export = bool(_setting(parser, "export")) and _exportable(bundle_dir, overrides or {})  # said before training
+    export = (bool(_setting(parser, "export")) and idist.get_rank() == 0  # said before training, by rank 0
+              and _exportable(bundle_dir, overrides or {}))
     _prepare_output(output_dir, ckpt_dir, resume)  # once the engines are built: a bad loader leaves no folder
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)
@@ -375,12 +376,20 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
     return summary
 
 
+#: the ids trained weights are bound to, with every id they refer to: the network, the preprocessing
+#: (spacing, intensities), the labels and the window (instance normalisation sees its statistics)
+WEIGHT_ROOTS = ("network_def", "preprocessing", "label_names", "roi_size")
+
+
 def _exportable(bundle_dir: Path, overrides: dict[str, Any]) -> bool:
     """Whether the bundle's own inference would predict these weights at the settings they were
     trained with: not after a ``--set`` of the network, window or preprocessing that its configs
     do not hold (the bundle could not load them, or would misuse them). Says why not."""
-    differ = settings_not_in_bundle(load_bundle(bundle_dir, ("common.json", "inference.json")), overrides,
-                                    checkpoints.RESUMABLE_CHANGES | {"fold", "num_folds", "seed", "splits_file"})
+    from pipeline.predict_stamp import referenced
+
+    own = load_bundle(bundle_dir, ("common.json", "inference.json"))
+    learnt = referenced(own, WEIGHT_ROOTS)  # what the weights mean; not TTA, windows' overlap, batch size, folds ...
+    differ = settings_not_in_bundle(own, {k: v for k, v in overrides.items() if k.split("#")[0] in learnt})
     if differ:
         log.warning("this run's model.pt will not be exported into %s/models: trained with %s where its configs say "
                     "%s; predict with the same --set values and --set model_path=<the run's model.pt>, or write them "

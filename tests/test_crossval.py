@@ -215,6 +215,23 @@ def test_a_rerun_skips_finished_folds(cv: dict, ct6_dataset: Path, mlflow_store:
     assert again["summary"]["mean_dice"] == pytest.approx(cv["result"]["summary"]["mean_dice"])
 
 
+def test_a_finished_fold_goes_on_with_a_longer_schedule_and_refuses_other_settings(cv: dict, tmp_path: Path,
+                                                                                    ct6_dataset: Path,
+                                                                                    mlflow_store: str) -> None:
+    """A longer schedule from the bundle (max_epochs, no --epochs) continues the folds, as more
+    --epochs do; other --set values of training ids are refused in one line (resuming a finished
+    fold trained nothing and recorded them in its trained.json as if it had)."""
+    out = tmp_path / "cv"
+    shutil.copytree(cv["out"], out)
+    with pytest.raises(UsageError, match=r"fold 0: .*trained.json records a training with --set values .* delete"):
+        crossval(BUNDLE, ct6_dataset, folds=2, epochs=2, output_dir=out, tracking_uri=mlflow_store,
+                 overrides={**SMALL, "learning_rate": 0.5})
+    longer = crossval(BUNDLE, ct6_dataset, folds=2, output_dir=out, tracking_uri=mlflow_store,
+                      overrides={**SMALL, "max_epochs": 3})
+    assert longer["cases_scored"] == 6
+    assert [json.loads((out / f"fold_{k}" / "trained.json").read_text())["epochs"] for k in (0, 1)] == [3, 3]
+
+
 def test_a_fold_carried_without_checkpoints_is_not_trained_again(cv: dict, tmp_path: Path, ct6_dataset: Path,
                                                                  mlflow_store: str) -> None:
     """What is committed of a long cross-validation between sessions: each finished fold's

@@ -402,3 +402,36 @@ def test_a_bundle_run_reads_the_series_segpipe_predict_reads(tmp_path):
     assert stream.failed == [f"{tmp_path / 'mixed' / 'a'}: 2 DICOM image series mixed in one folder (series "
                              "1.2.3.9.7 (CT, 5 files); series 1.2.3.9.8 (CT, 5 files)); put each series in a folder of "
                              "its own"]
+
+
+def _object_without_pixels(path: Path, sop_class: str, series_uid: str) -> None:
+    """A DICOM file of ``sop_class`` with no pixel data (an RT structure set, a report), as pydicom
+    writes one with its meta header."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, sop_class, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.Modality = series_uid, "RTSTRUCT"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_objects_without_pixels_beside_a_series_are_no_damaged_slices(tmp_path):
+    """An RT structure set, a structured report and a DICOMDIR start as DICOM and GDCM groups them in
+    no series (no pixel data); they were left out, and must not be taken for slices cut short (a
+    radiotherapy export holds them beside its CT). A slice cut short still is one."""
+    from pipeline.dicom_series import dicom_series
+
+    folder = write_series(tmp_path / "ct", volume())
+    _object_without_pixels(folder / "rtstruct.dcm", "1.2.840.10008.5.1.4.1.1.481.3", "1.2.3.77")
+    _object_without_pixels(folder / "sr.dcm", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.3.78")
+    _object_without_pixels(folder / "DICOMDIR", "1.2.840.10008.1.3.10", "1.2.3.79")
+    assert dicom_series(folder)["size"] == (7, 6, 5)
+    cut = sorted(folder.glob("slice_*.dcm"))[-1]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(InputError, match=f"{cut.name} cannot be read: DICOM file cut short"):
+        dicom_series(folder)
