@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 FOLD_WEIGHTS = "models/fold_{}.pt"
 
 
+def held_out_note(folds: Sequence[int] | None, fold: int, eval_role: str) -> None:
+    """Warn where a bundle's ``evaluate.json`` scores its fold ensemble on fold ``fold``'s
+    validation cases: every other member trained on them, so the Dice is no held-out figure (the
+    out-of-fold Dice of the cross-validation is, in the bundle's docs)."""
+    others = [k for k in (folds or []) if k != fold] if isinstance(folds, (list, tuple)) else []
+    if eval_role == "val" and others:
+        log.warning("evaluating the ensemble of folds %s on fold %d's validation cases, which fold(s) %s trained on: "
+                    "not a held-out figure (the bundle's docs give the out-of-fold Dice; --set 'folds=[%d]' scores "
+                    "the one model that never saw them)", list(folds or []), fold, others, fold)
+
+
 def weight_paths(bundle_root: str | Path, model_path: str | Path, folds: Sequence[int]) -> list[str]:
     """``[model_path]`` when ``folds`` is empty (``[]`` or null), else the bundle's
     ``models/fold_<k>.pt`` files. Anything but a list of fold numbers is a UsageError: ``folds=0``

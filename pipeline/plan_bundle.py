@@ -295,7 +295,8 @@ def inference_config() -> dict[str, Any]:
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@predictor", "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers", "amp": False},
-        "run": ["$@evaluator.run()", "$pipeline.predict_io.exit_if_failed(@dataset)"],
+        "run": ["$pipeline.ensemble.held_out_note(@folds, @fold, @eval_role)", "$@evaluator.run()",
+                "$pipeline.predict_io.exit_if_failed(@dataset)"],
     }
 
 
@@ -316,7 +317,8 @@ def evaluate_config() -> dict[str, Any]:
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@predictor", "inferer": "@inferer", "postprocessing": "@metric_postprocessing",
                       "key_val_metric": "@key_metric", "val_handlers": "@handlers", "amp": False},
-        "run": ["$@evaluator.run()", "$pipeline.predict_io.exit_if_failed(@dataset)"],
+        "run": ["$pipeline.ensemble.held_out_note(@folds, @fold, @eval_role)", "$@evaluator.run()",
+                "$pipeline.predict_io.exit_if_failed(@dataset)"],
     }
 
 

@@ -761,3 +761,22 @@ def test_an_undefined_hd95_is_logged_as_nan_not_left_out(tmp_path: Path) -> None
     t.log_metrics(metrics, step=0)
     assert t.finish()["tracking_ok"]
     assert math.isnan(MlflowClient(uri).get_run(t.run_id).data.metrics["oof/hd95_mm_tiny_vessel"])
+
+
+def test_evaluate_json_says_when_the_ensemble_is_scored_on_cases_its_members_trained_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """After export-ensemble, a bundle's evaluate.json scores fold 0's validation cases, which the
+    other four members trained on: said, with what to do; one fold or the single model: nothing."""
+    from pipeline.bundle import load_bundle
+    from pipeline.ensemble import held_out_note
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.ensemble"):
+        held_out_note([0, 1, 2, 3, 4], 0, "val")
+        assert "which fold(s) [1, 2, 3, 4] trained on: not a held-out figure" in caplog.text
+        caplog.clear()
+        for folds, role in (([0], "val"), ([], "val"), (None, "val"), ([0, 1], "test")):
+            held_out_note(folds, 0, role)
+        assert not caplog.text
+    for name in ("hippocampus_mri_3d", "headneck_ct_oar"):  # the shipped ensembles' evaluate.json runs it first
+        parser = load_bundle(BUNDLE.parent / name, ("common.json", "evaluate.json"))
+        assert parser["run"][0] == "$pipeline.ensemble.held_out_note(@folds, @fold, @eval_role)"
