@@ -7,7 +7,7 @@ distance), so what is not one is refused from the slice headers before any voxel
 localizer or Secondary Capture beside one is left out, ``_image_series``); multi-frame
 (Enhanced) objects; slices of mixed sizes, orientations or pixel spacings; a gantry-tilted
 (sheared) series; a missing or duplicated slice or non-uniform slice spacing; a file that starts as
-DICOM but is in no series (a slice cut short or damaged in the export, ``_damaged_files``). A slice
+DICOM but is in no series (a slice cut short or damaged in the export, ``pipeline.dicom_files.damaged_files``). A slice
 missing at either end of a series leaves no trace and passes. ``dicom_series_to_nifti`` writes a series as NIfTI (LPS -> RAS) so MONAI's NIfTI loader
 reads it; ``pipeline.studies.read_header`` gives its header as for a NIfTI file.
 
@@ -21,14 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.dicom_files import damaged_files, quiet_itk, series_ids, sop_class
 from pipeline.errors import InputError
 from pipeline.fileio import write_nifti
 
@@ -124,8 +122,8 @@ def dicom_series(folder: Path) -> dict[str, Any]:
         raise InputError(f"{folder}: no DICOM series in folder")
     with quiet_itk():
         members = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids}
-    damaged = _damaged_files(folder, {Path(f).name for files in members.values() for f in files},
-                             {_sop_class(files[0]) for files in members.values() if files})
+    damaged = damaged_files(folder, {Path(f).name for files in members.values() for f in files},
+                             {sop_class(files[0]) for files in members.values() if files})
     if damaged:
         raise InputError(f"{folder}: {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} cannot be read: "
                          f"DICOM file{'s' if len(damaged) > 1 else ''} cut short or damaged (export the series again)")
@@ -158,74 +156,6 @@ def dicom_series(folder: Path) -> dict[str, Any]:
         step = float(where[-1] - where[0]) / (len(slices) - 1)  # as SimpleITK spaces them: first to last
         out.update(size=(*first["size"][:2], len(slices)), spacing=(*first["spacing"][:2], step))
     return out
-
-
-_ITK_QUIET = threading.Lock()
-
-
-@contextmanager
-def quiet_itk() -> Iterator[None]:
-    """ITK's warnings off: GDCM prints three raw lines ("No Series were found") for every folder
-    without DICOM files, which for us is an answer, not a problem. One thread at a time (the
-    setting is global; predict reads and writes studies in threads of their own)."""
-    import SimpleITK as sitk
-
-    with _ITK_QUIET:
-        was = sitk.ProcessObject.GetGlobalWarningDisplay()
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-        try:
-            yield
-        finally:
-            sitk.ProcessObject.SetGlobalWarningDisplay(was)
-
-
-def series_ids(folder: Path) -> tuple[str, ...]:
-    """The SeriesInstanceUIDs of the DICOM files directly in ``folder`` (GDCM's grouping); () for none."""
-    import SimpleITK as sitk
-
-    with quiet_itk():
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-
-
-#: MediaStorageSOPClassUID of a DICOMDIR: a DICOM file that belongs to no series
-MEDIA_DIRECTORY_SOP = "1.2.840.10008.1.3.10"
-
-
-def starts_as_dicom(path: Path) -> bool:
-    """Whether the file has DICOM's "DICM" marker at byte 128 (an unreadable file: no)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def _sop_class(file: str | Path) -> str | None:
-    """The MediaStorageSOPClassUID of a DICOM file's meta header (the first bytes: a file cut short
-    keeps it), or None where that header cannot be read."""
-    import pydicom
-
-    try:
-        return str(pydicom.filereader.read_file_meta_info(file).get("MediaStorageSOPClassUID", ""))
-    except Exception:  # noqa: BLE001 - pydicom's errors for a damaged header are of several kinds
-        return None
-
-
-def _damaged_files(folder: Path, members: set[str], image_sops: set[str | None]) -> list[str]:
-    """Names of the files in ``folder`` that GDCM put in no series (``members``: the names it did)
-    although they start as DICOM and are of the SOP class of a series there (``image_sops``), or
-    whose meta header cannot be read: a slice cut short or damaged in the export, which would
-    otherwise be left out without a word (a gap in the stack, or at either end a stack one slice
-    shorter). An object of another class (an RT structure set, a report, a presentation state: no
-    pixel data, so GDCM groups it in no series) and a DICOMDIR are left alone."""
-    bad = []
-    for f in sorted(folder.iterdir()):
-        if f.name in members or f.name.startswith(".") or not f.is_file() or not starts_as_dicom(f):
-            continue
-        sop = _sop_class(f)
-        if sop is None or (sop in image_sops and sop != MEDIA_DIRECTORY_SOP):
-            bad.append(f.name)
-    return bad
 
 
 def _image_series(folder: Path, members: dict[str, tuple[str, ...]]) -> tuple[str, ...]:

@@ -127,7 +127,7 @@ def list_studies(input_path: Path, channels: int = 1, exclude: Path | None = Non
     must not segment the masks of the first run. An ``image`` is a
     list of files, one per channel, where a manifest lists them so or, with ``channels`` > 1, where
     a folder holds ``<case>_0000.nii.gz`` .. (``pipeline.studies.find_studies``)."""
-    from pipeline.dicom_series import starts_as_dicom
+    from pipeline.dicom_files import starts_as_dicom
     from pipeline.manifest import as_manifest
     from pipeline.studies import find_studies, is_nifti, study_id
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dicom_series import dicom_series, dicom_series_files, lps_to_ras_affine, series_ids
+from pipeline.dicom_files import series_ids
+from pipeline.dicom_series import dicom_series, dicom_series_files, lps_to_ras_affine
 from pipeline.errors import InputError, first_line
 from pipeline.predict_stamp import STAMP
 

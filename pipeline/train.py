@@ -45,7 +45,7 @@ from monai.handlers import from_engine, stopping_fn_from_metric
 
 from pipeline import checkpoints
 from pipeline.amp import grad_scaler
-from pipeline.bundle import bundle_metadata, get, load_bundle, settings_not_in_bundle
+from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, UsageError
 from pipeline.fileio import atomic_path
 from pipeline.handlers import (
@@ -60,6 +60,7 @@ from pipeline.handlers import (
 )
 from pipeline.manifest import manifest_hash
 from pipeline.train_console import console, not_our_error
+from pipeline.train_export import export_model, exportable, in_bundle
 from pipeline.validation import check_contract, require_valid
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
     for engine in (trainer, evaluator):  # they (and StatsHandler through them) log an exception the CLI reports
         engine.logger.addFilter(not_our_error)
     export = (bool(_setting(parser, "export")) and idist.get_rank() == 0  # said before training, by rank 0
-              and _exportable(bundle_dir, overrides or {}))
+              and exportable(bundle_dir, overrides or {}))
     _prepare_output(output_dir, ckpt_dir, resume)  # once the engines are built: a bad loader leaves no folder
     saver = find_model_saver(list(get(parser, "validate#handlers", bundle_dir)))
     optimizer, max_epochs = get(parser, "optimizer", bundle_dir), _setting(parser, "max_epochs", int)
@@ -371,57 +372,6 @@ def _summary(parser: Any, meta: dict, trainer: Engine, saver: ModelSaver, output
         used = ("`segpipe predict` uses it" if not folds else f"`segpipe predict` still averages the exported "
                 f"folds {list(folds)} (`folds` in common.json); `--set 'folds=[]'` predicts with this model")
         summary["exported"] = str(export_model(model, bundle_dir, (
-            f"**Status: trained.** `models/model.pt` is `{_in_bundle(model, bundle_dir)}` from `segpipe train` ({summary['epochs']} "
+            f"**Status: trained.** `models/model.pt` is `{in_bundle(model, bundle_dir)}` from `segpipe train` ({summary['epochs']} "
             f"epochs; {val}), exported {time.strftime('%Y-%m-%d %H:%M')}; {used}.")))
     return summary
-
-
-#: the ids trained weights are bound to, with every id they refer to: the network, the preprocessing
-#: (spacing, intensities), the labels and the window (instance normalisation sees its statistics)
-WEIGHT_ROOTS = ("network_def", "preprocessing", "label_names", "roi_size")
-
-
-def _exportable(bundle_dir: Path, overrides: dict[str, Any]) -> bool:
-    """Whether the bundle's own inference would predict these weights at the settings they were
-    trained with: not after a ``--set`` of the network, window or preprocessing that its configs
-    do not hold (the bundle could not load them, or would misuse them). Says why not."""
-    from pipeline.predict_stamp import referenced
-
-    own = load_bundle(bundle_dir, ("common.json", "inference.json"))
-    learnt = referenced(own, WEIGHT_ROOTS)  # what the weights mean; not TTA, windows' overlap, batch size, folds ...
-    differ = settings_not_in_bundle(own, {k: v for k, v in overrides.items() if k.split("#")[0] in learnt})
-    if differ:
-        log.warning("this run's model.pt will not be exported into %s/models: trained with %s where its configs say "
-                    "%s; predict with the same --set values and --set model_path=<the run's model.pt>, or write them "
-                    "into the bundle's configs first", bundle_dir, " ".join(a for a, _ in differ),
-                    ", ".join(b for _, b in differ))
-    return not differ
-
-
-def _in_bundle(path: Path, bundle_dir: Path) -> str:
-    """``path`` relative to the bundle where it lies inside it (``runs/model.pt``: still true when the
-    bundle moves), else as it is."""
-    try:
-        return Path(path).resolve().relative_to(Path(bundle_dir).resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def export_model(model_path: Path, bundle_dir: Path, status: str | None = None) -> Path:
-    """Copy trained weights into the bundle's ``models/model.pt`` (the explicit export step) and say
-    so in the docs' weights status where they keep one (planned bundles): ``status``, or a line
-    naming ``model_path`` and the date."""
-    from pipeline.plan_docs import docs_with_status
-
-    status = status or (f"**Status: trained.** `models/model.pt` is `{model_path}`, exported "
-                        f"{time.strftime('%Y-%m-%d %H:%M')}.")
-    docs = docs_with_status(bundle_dir, status)  # read before anything is written
-    dest = Path(bundle_dir) / "models" / "model.pt"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:  # a kill mid-copy leaves the previous weights, not half a file
-        shutil.copyfile(model_path, tmp)
-    for path, text in docs.items():
-        with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:
-            f.write(text)
-    log.info("exported %s -> %s", model_path, dest)
-    return dest

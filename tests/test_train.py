@@ -449,7 +449,7 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_clear_error(monkeypatch)
 
 def test_export_copies_weights_into_a_bundle_models_folder(tmp_path: Path) -> None:
     from pipeline.checkpoints import save_weights
-    from pipeline.train import export_model
+    from pipeline.train_export import export_model
 
     net = torch.nn.Conv3d(1, 2, 3)
     weights = save_weights(net, tmp_path / "run" / "model.pt")
@@ -465,7 +465,7 @@ def test_an_export_turns_a_planned_bundles_no_weights_status_into_what_it_has(tm
     export), and leaves docs written by hand alone."""
     from pipeline.checkpoints import save_weights
     from pipeline.plan_docs import UNTRAINED, status_block
-    from pipeline.train import export_model
+    from pipeline.train_export import export_model
 
     weights = save_weights(torch.nn.Conv3d(1, 2, 3), tmp_path / "run" / "model.pt")
     docs = tmp_path / "bundle" / "docs" / "README.md"
