@@ -22,6 +22,8 @@ DataFrame: one row per study with the mask's path and the volume of each label.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -165,11 +167,17 @@ def log_bundle_model(uri: str, run_id: str, folder: Path, name: str, register: b
     signature = infer_signature(["study.nii.gz"], params={"output_dir": "", "device": ""})
     # the fluent run: MLflow 3 puts a logged model in the experiment of the active run; its advice
     # on type hints and input examples (a list of paths says nothing more) is not for our users
-    with _tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
-        info = mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE), artifacts={"bundle": str(folder)},
-                                       code_paths=[str(Path(__file__).parent)], pip_requirements=requirements(),
-                                       signature=signature, registered_model_name=name if register else None)
+    said = io.StringIO()  # MLflow prints "Successfully registered model ..." raw to stderr: our line below says it
+    try:
+        with _tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), \
+                warnings.catch_warnings(), contextlib.redirect_stderr(said):
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+            info = mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE), artifacts={"bundle": str(folder)},
+                                           code_paths=[str(Path(__file__).parent)], pip_requirements=requirements(),
+                                           signature=signature, registered_model_name=name if register else None)
+    finally:  # kept for --verbose (debug), and beside a failure's own message
+        if said.getvalue().strip():
+            log.debug("MLflow said: %s", said.getvalue().strip())
     if register and description:
         from mlflow.tracking import MlflowClient
 

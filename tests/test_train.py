@@ -138,7 +138,8 @@ def test_val_dice_rises(tmp_path: Path, data: Path, store: str) -> None:
     assert s["val_dice"]["liver"] > 0.4, s["val_dice"]
 
 
-def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Path, store: str) -> None:
+def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Path, store: str,
+                                                       capfd: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline", "train", str(BUNDLE), "--manifest", str(data), "--epochs", "3",
            "--tracking-uri", store, *_sets({**FAST, "output_dir": str(out), "val_interval": 2, "ema_decay": 0.9})]
@@ -177,6 +178,7 @@ def test_sigkilled_run_resumes_to_the_same_final_epoch(tmp_path: Path, data: Pat
 
     versions = len(client.search_model_versions(f"run_id = '{run_id}'"))
     assert versions == 1
+    assert "Successfully registered model" not in capfd.readouterr().err  # MLflow's raw print: our log line says it
     again = train_bundle(BUNDLE, manifest=data, epochs=3, resume=True, tracking_uri=store,
                          overrides={**FAST, "output_dir": str(out), "val_interval": 2})
     assert again["epochs"] == 3  # nothing left to do: no restart from epoch 0
