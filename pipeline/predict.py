@@ -341,7 +341,7 @@ def write_study(study: dict[str, str], data: dict[str, Any], pred: torch.Tensor,
     from pipeline.postprocess import label_volumes, voxel_size
 
     d = {"image": data["image"], "pred": pred, "id": study["id"]}
-    if outputs and "output" not in predict_outputs.planned(study, Path("."), **outputs):  # a SEG alone: the
+    if outputs and outputs["output_format"] == "dicom-seg":  # a SEG alone: the
         d["mask_file"] = f"{temp_prefix()}{study['id']}.nii.gz"  # NIfTI it is made from must not replace a mask
     d = model["postprocessing"](d)
     prefix, size = voxel_size(data["image"].meta["original_affine"], model["spatial_dims"])
