@@ -190,6 +190,11 @@ DECISIONS = [  # (plan rationale key, what it decides, the ids it sets)
 ]
 
 
+def _ids(ids: str, plan: dict[str, Any]) -> str:
+    """A decision's ids, less ``slice_axis`` where the plan has none (a 3D or a 2D-image plan)."""
+    return ids if plan.get("slice_axis") is not None else ids.replace(", `slice_axis`", "")
+
+
 def _fmt(values: Any) -> str:
     return " x ".join(f"{v:g}" for v in values)
 
@@ -204,7 +209,7 @@ def readme(plan: dict[str, Any], manifest: dict[str, Any], fingerprint: dict[str
     channels = ", ".join(f"{c['index']} {c['name']}" for c in plan["channels"])
     classes = "; ".join(f"{n}: {100 * c['voxel_fraction']:.3g}% of the voxels, in {c['cases_present']} of "
                         f"{ds['n_cases']} cases" for n, c in ds["classes"].items() if c.get("label"))
-    rows = "\n".join(f"| {what} | {ids} | {plan['rationale'][key]} |" for key, what, ids in DECISIONS)
+    rows = "\n".join(f"| {what} | {_ids(ids, plan)} | {plan['rationale'][key]} |" for key, what, ids in DECISIONS)
     warnings = "\n".join(f"- {w}" for w in plan["warnings"]) or "- none"
     aug = plan["augmentation"]
     pairs = aug.get("lateral_pairs") or []
@@ -254,9 +259,13 @@ folds; validation on fold 0 only monitors (`model_selection` "last": the last we
 ## Commands
 
 ```bash
+# from the folder that holds {folder}/ (with .venv/bin first on PATH)
 segpipe train {folder}                                  # {s['time_budget_min']:g} min (time_budget_min)
 segpipe predict {folder} --input IMAGES --output masks/ # a file, a folder or a manifest
-segpipe evaluate --pred masks/ --ref LABELLED_MANIFEST
+segpipe evaluate --pred masks/ --ref LABELLED_MANIFEST  # its training entries: the cases to score, with labels
+# MONAI's runner, from inside the bundle: it has no time budget, so it trains max_epochs ({s['max_epochs']}, a cap
+# for segpipe train) unless told otherwise, e.g. --max_epochs 40
+cd {folder}
 python -m monai.bundle run --config_file "['configs/common.json','configs/train.json']" --bundle_root .
 python -m monai.bundle verify_net_in_out --net_id network_def --meta_file configs/metadata.json --config_file configs/common.json
 ```

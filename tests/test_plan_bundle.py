@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def test_the_planned_bundle_is_complete_and_states_every_decision(per_file: tupl
     from pipeline.plan_docs import UNTRAINED, status_block
 
     assert status_block(UNTRAINED) in readme  # the weights status an export rewrites
+    every = load_bundle(bundle, ("common.json", "train.json", "inference.json"))
+    table = [line for line in readme.splitlines() if line.startswith("| ") and line.count("|") >= 4]
+    named = {i for line in table for i in re.findall(r"`([A-Za-z_]+)`", line.split("|")[2])}
+    assert "roi_size" in named and "slice_axis" not in named  # a 3D plan has no slice axis
+    assert not [i for i in named if i not in every], "the docs name ids the bundle lacks"
+    commands = readme.split("## Commands", 1)[1]  # MONAI's runner is run from inside the bundle
+    assert commands.index(f"cd {bundle.name}\n") < commands.index("python -m monai.bundle run")
     common = json.loads((bundle / "configs/common.json").read_text())
     assert common["dataset_dir"] == "$@bundle_root + '/../data'" and common["in_channels"] == 2
     parser = load_bundle(bundle, ("common.json", "train.json"))
