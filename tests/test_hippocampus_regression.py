@@ -28,8 +28,9 @@ BUNDLE = ROOT / "bundles" / "hippocampus_mri_3d"
 DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 CASES = ["hippocampus_011", "hippocampus_036", "hippocampus_044", "hippocampus_046", "hippocampus_048"]
 # mean Dice of the shipped ensemble on CASES through `segpipe predict` (measured when it was committed,
-# 0.7.0: five folds, flip TTA, keep-largest-foreground; the 0.5.1 single model gave 0.9340 / 0.9112)
-MEASURED = {"anterior": 0.9405, "posterior": 0.9262}
+# 0.8.0: five 24-wide folds, flip TTA, keep-largest per class; 0.7.x's 16-wide ensemble gave 0.9405 /
+# 0.9262, the 0.5.1 single model 0.9340 / 0.9112: on cases they trained on, a closer fit, not a better model)
+MEASURED = {"anterior": 0.9356, "posterior": 0.9180}
 TOLERANCE = 0.02
 
 pytestmark = pytest.mark.skipif(not (DATA / "dataset.json").is_file(),
