@@ -3,10 +3,11 @@
 - ``ModelSaver``: the one writer of ``model.pt``; bundles list it in ``validate#handlers``, so
   ``python -m monai.bundle run`` uses it too.
 - ``ValidationHandler``: MONAI's, and the last epoch is always validated (``train#handlers``).
+- ``TimeBudget``: a wall-time budget with a cosine learning rate (``train#handlers``, so
+  ``python -m monai.bundle run`` keeps it; ``segpipe train`` attaches it where a bundle lacks it).
 - attached by ``pipeline.train.train_bundle``: gradient clipping, the per-epoch record (timing,
   samples/s, a stop on a non-finite loss; logged by ``pipeline.handlers.epochs``, which
-  ``segpipe train`` shows only with ``--verbose``), a wall-time budget with a cosine learning
-  rate, validation bookkeeping (Dice per class, one log line per validation, per-case CSV and QC
+  ``segpipe train`` shows only with ``--verbose``), validation bookkeeping (Dice per class, one log line per validation, per-case CSV and QC
   overlays) and an optional moving average of the weights.
 - ``attach_rng_guard``: validation leaves the training's random stream alone (attached by
   ``ModelSaver``, so by every bundle's evaluator).
@@ -116,8 +117,9 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
     after each iteration and, under torchrun, is the slowest rank's (an all-reduce MAX): every rank
     stops at the same iteration (one that stopped alone left the others waiting in DDP's gradient
     all-reduce) and steps with the same lr (set from the time after the previous iteration)."""
-    if minutes <= 0:
+    if minutes <= 0 or getattr(trainer, "_time_budget_min", None) is not None:  # none, or attached already
         return
+    trainer._time_budget_min = minutes  # type: ignore[attr-defined]  # the bundle's TimeBudget, then segpipe train
     budget, base = 60.0 * minutes, [g["lr"] for g in optimizer.param_groups]
     for key in BUDGET_KEYS:
         setattr(trainer.state, key, getattr(trainer.state, key, 0))
@@ -146,6 +148,23 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
             log.info("time budget of %.1f min reached in epoch %d: last epoch", minutes, engine.state.epoch)
             engine.state.max_epochs = engine.state.budget_stopped_epoch = engine.state.epoch
             engine.terminate_epoch()
+
+
+class TimeBudget:
+    """``attach_time_budget`` as a ``train#handlers`` entry, so that ``python -m monai.bundle run``
+    keeps the bundle's wall-time budget (``time_budget_min``; 0 or empty: none) as ``segpipe
+    train`` does, which attaches it too when a bundle lacks this handler (once either way).
+
+    Example (train.json)::
+
+        {"_target_": "pipeline.handlers.TimeBudget", "optimizer": "@optimizer", "minutes": "@time_budget_min"}
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, minutes: float | None, final_lr_fraction: float = 0.0) -> None:
+        self.optimizer, self.minutes, self.final_lr_fraction = optimizer, float(minutes or 0), final_lr_fraction
+
+    def attach(self, engine: Engine) -> None:
+        attach_time_budget(engine, self.optimizer, self.minutes, self.final_lr_fraction)
 
 
 class ModelSaver:

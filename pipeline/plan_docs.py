@@ -263,8 +263,7 @@ folds; validation on fold 0 only monitors (`model_selection` "last": the last we
 segpipe train {folder}                                  # {s['time_budget_min']:g} min (time_budget_min)
 segpipe predict {folder} --input IMAGES --output masks/ # a file, a folder or a manifest
 segpipe evaluate --pred masks/ --ref LABELLED_MANIFEST  # its training entries: the cases to score, with labels
-# MONAI's runner, from inside the bundle: it has no time budget, so it trains max_epochs ({s['max_epochs']}, a cap
-# for segpipe train) unless told otherwise, e.g. --max_epochs 40
+# MONAI's runner, from inside the bundle (the same time budget; no checkpoints or MLflow run)
 cd {folder}
 python -m monai.bundle run --config_file "['configs/common.json','configs/train.json']" --bundle_root .
 python -m monai.bundle verify_net_in_out --net_id network_def --meta_file configs/metadata.json --config_file configs/common.json

@@ -8,6 +8,7 @@ hippocampus data skip when ../shared/data is absent.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -286,6 +287,21 @@ def test_cells_2d_monai_bundle_run(tmp_path):
     for configs in (["common.json", "inference.json"], ["common.json", "evaluate.json"]):
         _bundle_run_here(BUNDLES / "cells_2d", configs, model_path=str(out / "model.pt"), roi_size=[32, 32], **common)
     _check_run_outputs(out, 4)
+
+
+def test_monai_bundle_run_keeps_the_time_budget(tmp_path, caplog):
+    """``python -m monai.bundle run`` trains within the bundle's ``time_budget_min`` as ``segpipe
+    train`` does (``pipeline.handlers.TimeBudget`` in train#handlers): a budget spent in the first
+    iteration ends the run after that epoch, validated, out of a max_epochs of 50 (before, MONAI's
+    runner ignored the budget and trained every one of them)."""
+    data = write_dataset("cells2d", 4, tmp_path / "data", seed=0, shape=(48, 48))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="pipeline.handlers"):
+        _bundle_run_here(BUNDLES / "cells_2d", ["common.json", "train.json"], dataset_dir=str(data.parent),
+                         output_dir=str(out), num_folds=2, max_epochs=50, val_interval=10, time_budget_min=1e-5,
+                         num_workers=0, roi_size=[32, 32])
+    assert "time budget of 0.0 min reached in epoch 1: last epoch" in caplog.text
+    assert (out / "model.pt").is_file()  # the last epoch, validated although 1 is not a multiple of 10
 
 
 def test_bundle_inference_leaves_out_a_study_it_cannot_read(tmp_path):

@@ -69,3 +69,19 @@ def test_a_resumed_run_spends_only_what_is_left_of_the_budget():
     assert time.perf_counter() - t0 < 1.0 - saved["budget_elapsed_s"] + 0.35  # only the rest of the budget
     finished = resumed.state_dict()
     assert finished["budget_elapsed_s"] >= 1.0 and finished["budget_stopped_epoch"] == resumed.state.epoch > 3
+
+
+def test_the_bundle_handler_and_segpipe_train_attach_one_budget():
+    """A bundle's ``TimeBudget`` (train#handlers) attaches the budget; ``segpipe train`` then calls
+    ``attach_time_budget`` again for bundles without it: one clock and one lr schedule, not two
+    (two would each anneal the lr and each stop the run)."""
+    from pipeline.handlers import TimeBudget
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.5)
+    engine = _engine(opt, [], 0.0)
+    before = len(engine._event_handlers[Events.ITERATION_STARTED])
+    TimeBudget(opt, 1.0).attach(engine)
+    attach_time_budget(engine, opt, minutes=1.0)
+    assert len(engine._event_handlers[Events.ITERATION_STARTED]) == before + 1
+    TimeBudget(opt, None).attach(_engine(opt, [], 0.0))  # an empty time_budget_min: none
