@@ -166,7 +166,7 @@ def check_resume_settings(parser: Any, output_dir: Path, roots: Sequence[str] | 
     except (OSError, ValueError) as e:
         raise UsageError(f"{saved_file}: unreadable ({type(e).__name__}: {first_line(e)[:80]}), so the settings the run "
                          "was trained with are unknown; delete it to resume with these") from None
-    now = parser.get()
+    saved, now = _without_budget_handler(saved), _without_budget_handler(parser.get())
 
     used = None if roots is None else _referenced(saved, roots) | _referenced(now, roots)
     changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and (used is None or k in used)
@@ -177,6 +177,22 @@ def check_resume_settings(parser: Any, output_dir: Path, roots: Sequence[str] | 
         raise UsageError(f"{output_dir}: --resume with other settings than the run was trained with ({shown}{more}); "
                          f"resume with its settings, train into another output folder, or delete {saved_file.name} "
                          "there to resume with these")
+
+
+#: the bundle's handler of the time budget (bundles since 2026-12-05): the budget itself is the id
+#: time_budget_min, which segpipe train applied before the handler existed, so a run started without
+#: it trains the same with it and resumes
+BUDGET_HANDLER = "pipeline.handlers.TimeBudget"
+
+
+def _without_budget_handler(value: Any) -> Any:
+    """``value`` (a config) with every ``{"_target_": BUDGET_HANDLER, ...}`` list entry left out."""
+    if isinstance(value, dict):
+        return {k: _without_budget_handler(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_budget_handler(v) for v in value
+                if not (isinstance(v, dict) and v.get("_target_") == BUDGET_HANDLER)]
+    return value
 
 
 #: ids that may differ between the processes of one torchrun (paths on other nodes, each its own GPU)

@@ -106,6 +106,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     ``export``, once every case is scored, ``export_ensemble`` (its paths in ``result["exported"]``;
     empty while folds run side by side are unfinished, so the last one to finish exports)."""
     from pipeline.bundle import bundle_metadata, load_bundle
+    from pipeline.handlers import budget_minutes
     from pipeline.manifest import manifest_hash
     from pipeline.run_tags import git_commit, run_name, standard_tags
     from pipeline.tracking import open_tracker
@@ -121,7 +122,7 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     require_valid(manifest)  # bad data: one line, and no output folder, split or MLflow run made for it
     seed = int(parser.get_parsed_content("seed"))
     asked = {"max_epochs": int(epochs or parser.get_parsed_content("max_epochs")),  # what a finished fold had
-             "time_budget_min": float(parser.get_parsed_content("time_budget_min") or 0)
+             "time_budget_min": budget_minutes(parser.get_parsed_content("time_budget_min"))
              if "time_budget_min" in parser else 0.0}
     # the split training reads: a planned bundle's own splits.json (its splits_file), else the manifest's
     splits = parser.get_parsed_content("splits_file") if "splits_file" in parser else None

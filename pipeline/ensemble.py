@@ -64,7 +64,8 @@ def weight_paths(bundle_root: str | Path, model_path: str | Path, folds: Sequenc
         raise UsageError(f"folds: fold {stray[0]} is not among the bundle's exported folds {have} "
                          f"({Path(bundle_root) / 'models'}); " +
                          ("choose among them" if have else "export some with segpipe export-ensemble") +
-                         ", or --set folds=[] for the single model")
+                         (f", or --set folds=[] for the single model ({model_path})" if Path(model_path).is_file()
+                          else ""))
     return [str(p) for p in paths]
 
 

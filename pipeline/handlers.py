@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
@@ -117,9 +118,16 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
     after each iteration and, under torchrun, is the slowest rank's (an all-reduce MAX): every rank
     stops at the same iteration (one that stopped alone left the others waiting in DDP's gradient
     all-reduce) and steps with the same lr (set from the time after the previous iteration)."""
-    if minutes <= 0 or getattr(trainer, "_time_budget_min", None) is not None:  # none, or attached already
+    minutes = budget_minutes(minutes)
+    attached = getattr(trainer, "_time_budget_min", None)
+    if attached is not None:  # the bundle's TimeBudget, then segpipe train's call: one budget
+        if attached != minutes:
+            log.warning("time budget: the bundle's TimeBudget handler holds %g min; %g min asked again is ignored",
+                        attached, minutes)
         return
-    trainer._time_budget_min = minutes  # type: ignore[attr-defined]  # the bundle's TimeBudget, then segpipe train
+    if minutes <= 0:
+        return
+    trainer._time_budget_min = minutes  # type: ignore[attr-defined]
     budget, base = 60.0 * minutes, [g["lr"] for g in optimizer.param_groups]
     for key in BUDGET_KEYS:
         setattr(trainer.state, key, getattr(trainer.state, key, 0))
@@ -150,6 +158,24 @@ def attach_time_budget(trainer: Engine, optimizer: torch.optim.Optimizer, minute
             engine.terminate_epoch()
 
 
+def budget_minutes(value: Any, id: str = "time_budget_min") -> float:
+    """A time budget in minutes: null, false or 0 mean none (0.0); otherwise a finite number. A
+    string, a list or NaN is a UsageError naming ``id``, for ``segpipe train`` and ``python -m
+    monai.bundle run`` alike (a NaN budget would set every learning rate to NaN and never stop)."""
+    from pipeline.errors import UsageError
+
+    try:
+        if isinstance(value, (str, list, dict)):  # float("30") is not a setting's number
+            raise TypeError
+        minutes = float(value or 0)
+        if not math.isfinite(minutes):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UsageError(f"setting {id!r}: expected minutes (a finite number; 0 or null: no budget), got "
+                         f"{value!r:.40} (the bundle's value or --set {id}=...)") from None
+    return minutes
+
+
 class TimeBudget:
     """``attach_time_budget`` as a ``train#handlers`` entry, so that ``python -m monai.bundle run``
     keeps the bundle's wall-time budget (``time_budget_min``; 0 or empty: none) as ``segpipe
@@ -161,7 +187,7 @@ class TimeBudget:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, minutes: float | None, final_lr_fraction: float = 0.0) -> None:
-        self.optimizer, self.minutes, self.final_lr_fraction = optimizer, float(minutes or 0), final_lr_fraction
+        self.optimizer, self.minutes, self.final_lr_fraction = optimizer, budget_minutes(minutes), final_lr_fraction
 
     def attach(self, engine: Engine) -> None:
         attach_time_budget(engine, self.optimizer, self.minutes, self.final_lr_fraction)

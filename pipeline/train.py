@@ -56,6 +56,7 @@ from pipeline.handlers import (
     attach_time_budget,
     attach_validation,
     attach_weight_average,
+    budget_minutes,
     find_model_saver,
 )
 from pipeline.manifest import manifest_hash
@@ -165,7 +166,7 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
             raise UsageError(f"{bundle_dir}: common.json + train.json lack the id(s) {', '.join(missing)}")
         if "val_interval" not in (overrides or {}):
             validate_often(parser)
-        budget = _setting(parser, "time_budget_min", float, empty_is_zero=True)
+        budget = budget_minutes(_setting(parser, "time_budget_min"))
         if epochs and budget > 0:  # a planned bundle's budget: said before it cuts the asked epochs short
             log.info("--epochs %d with time_budget_min %g: training stops at whichever comes first "
                      "(--set time_budget_min=0 trains %d epochs)", epochs, budget, epochs)
@@ -258,7 +259,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
                       _setting(parser, "qc_cases", int))
     attach_epoch_log(trainer, optimizer, math.prod(_setting(parser, "roi_size")), ckpt_dir)
     attach_grad_clip(trainer, _setting(parser, "grad_clip_norm"))
-    attach_time_budget(trainer, optimizer, _setting(parser, "time_budget_min", float, empty_is_zero=True))
+    attach_time_budget(trainer, optimizer, budget_minutes(_setting(parser, "time_budget_min")))
     ema_decay = _setting(parser, "ema_decay", float, empty_is_zero=True)
     averaged = attach_weight_average(trainer, network, ema_decay, output_dir / "model_ema.pt")
     if averaged is not None:

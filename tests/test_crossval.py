@@ -780,3 +780,20 @@ def test_evaluate_json_says_when_the_ensemble_is_scored_on_cases_its_members_tra
     for name in ("hippocampus_mri_3d", "headneck_ct_oar"):  # the shipped ensembles' evaluate.json runs it first
         parser = load_bundle(BUNDLE.parent / name, ("common.json", "evaluate.json"))
         assert parser["run"][0] == "$pipeline.ensemble.held_out_note(@folds, @fold, @eval_role)"
+
+
+def test_a_bundle_without_a_single_model_does_not_offer_one(tmp_path: Path) -> None:
+    """hippocampus_mri_3d ships folds only (0.8.0 dropped models/model.pt): a fold it lacks is
+    refused naming the folds it has, without pointing at --set folds=[], which would only fail next."""
+    from pipeline.ensemble import weight_paths
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "hippocampus_mri_3d"
+    assert not (bundle / "models" / "model.pt").exists()
+    with pytest.raises(UsageError, match=r"fold 7 is not among the bundle's exported folds \[0, 1, 2, 3, 4\]") as e:
+        weight_paths(bundle, bundle / "models" / "model.pt", [7])
+    assert "folds=[]" not in str(e.value)
+    (tmp_path / "models").mkdir()  # a bundle with a single model too: offered, named
+    for name in ("fold_0.pt", "model.pt"):
+        (tmp_path / "models" / name).write_bytes(b"")
+    with pytest.raises(UsageError, match=r"exported folds \[0\].*or --set folds=\[\] for the single model \(.*model.pt\)"):
+        weight_paths(tmp_path, tmp_path / "models" / "model.pt", [7])
