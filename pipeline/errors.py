@@ -1,6 +1,8 @@
 """Error types the CLI maps to exit codes: 1 = the work failed, 2 = usage."""
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 
 class SegpipeError(Exception):
@@ -23,6 +25,33 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler ending a job, ``kill``, torchrun stopping its workers), raised where
     the main thread is, so the work cleans up as after Ctrl-C: a training's MLflow run ends KILLED,
     a batch's temp files go and its index.html is finished. The CLI exits 143."""
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT are held, then acted on as soon as it ends (in the main
+    thread; elsewhere, or where a signal is not handled in Python, nothing changes). For writes
+    that must not stop half-way: a kill landing inside an MLflow store call could leave its
+    database session unusable, so the run could not be marked KILLED after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, object]] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: h for s, h in old.items() if callable(h)}  # Python handlers only (not SIG_DFL / SIG_IGN)
+    for s in old:
+        signal.signal(s, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if held:
+            signum, frame = held[0]
+            old[signum](signum, frame)  # raises Terminated / KeyboardInterrupt here, between writes
 
 
 def first_line(e: BaseException) -> str:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, first_line
+from pipeline.errors import InputError, first_line, signals_deferred
 from pipeline.fileio import atomic_path
 from pipeline.tracking_replay import drop_held, drop_superseded, unsent_records
 from pipeline.tracking_store import (
@@ -148,7 +148,8 @@ class RunTracker:
         if self.offline:
             return False
         try:
-            fn(*args)
+            with signals_deferred():  # a kill lands between MLflow writes, so the run can still end KILLED
+                fn(*args)
             return True
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
             self.offline = True

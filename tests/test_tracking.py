@@ -742,3 +742,36 @@ def test_a_nan_metric_mlflow_holds_is_not_sent_again(tmp_path: Path) -> None:
     assert drop_held(client, run_id, [record], {}) == []
     other = {**record, "value": 3.5}
     assert drop_held(client, run_id, [other], {}) == [{k: v for k, v in other.items() if k != "_replay"}]
+
+
+def test_a_kill_during_an_mlflow_write_lands_after_it(tmp_path: Path) -> None:
+    """SIGTERM arriving inside an MLflow call is acted on once the call has returned (the call
+    completes, then ``Terminated`` is raised between writes), so a killed run's store session is
+    whole and ``finish("KILLED")`` can still mark it; outside a call the signal acts at once."""
+    import os
+    import signal
+
+    from pipeline.errors import Terminated
+    from pipeline.tracking import RunTracker
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    done: list[str] = []
+
+    def write() -> None:  # an MLflow call that a SIGTERM hits half-way
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # Python acts on a pending signal between bytecodes: give it the chance
+            time.sleep(0.001)
+        done.append("written")
+
+    old = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        tracker = RunTracker.__new__(RunTracker)
+        tracker.offline, tracker._warned = False, False
+        with pytest.raises(Terminated):
+            tracker._call(write)
+        assert done == ["written"]  # the write finished before the kill took effect
+        assert signal.getsignal(signal.SIGTERM) is _terminate  # the handler is back
+    finally:
+        signal.signal(signal.SIGTERM, old)
