@@ -182,7 +182,7 @@ def check_resume_settings(parser: Any, output_dir: Path, roots: Sequence[str] | 
 #: the bundle's handler of the time budget (bundles since 2026-12-05): the budget itself is the id
 #: time_budget_min, which segpipe train applied before the handler existed, so a run started without
 #: it trains the same with it and resumes
-BUDGET_HANDLER = "pipeline.handlers.TimeBudget"
+BUDGET_HANDLER = "pipeline.time_budget.TimeBudget"
 
 
 def _without_budget_handler(value: Any) -> Any:

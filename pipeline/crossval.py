@@ -106,9 +106,9 @@ def crossval(bundle_dir: Path, manifest: Path, folds: int = 5, fold_ids: list[in
     ``export``, once every case is scored, ``export_ensemble`` (its paths in ``result["exported"]``;
     empty while folds run side by side are unfinished, so the last one to finish exports)."""
     from pipeline.bundle import bundle_metadata, load_bundle
-    from pipeline.handlers import budget_minutes
     from pipeline.manifest import manifest_hash
     from pipeline.run_tags import git_commit, run_name, standard_tags
+    from pipeline.time_budget import budget_minutes
     from pipeline.tracking import open_tracker
     from pipeline.train import train_bundle
     from pipeline.validation import require_valid

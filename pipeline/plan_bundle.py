@@ -241,7 +241,7 @@ def train_config(plan: dict[str, Any]) -> dict[str, Any]:
                         "device": "@device", "dtype": "@amp_dtype"},
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},
-                {"_target_": "pipeline.handlers.TimeBudget", "optimizer": "@optimizer", "minutes": "@time_budget_min"},
+                {"_target_": "pipeline.time_budget.TimeBudget", "optimizer": "@optimizer", "minutes": "@time_budget_min"},
                 {"_target_": "pipeline.handlers.ValidationHandler", "validator": "@validate#evaluator",
                  "epoch_level": True, "interval": "@val_interval"},
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "iteration_log": False,

@@ -53,13 +53,12 @@ from pipeline.handlers import (
     attach_epoch_log,
     attach_epoch_seeds,
     attach_grad_clip,
-    attach_time_budget,
     attach_validation,
     attach_weight_average,
-    budget_minutes,
     find_model_saver,
 )
 from pipeline.manifest import manifest_hash
+from pipeline.time_budget import attach_time_budget, budget_minutes
 from pipeline.train_console import console, not_our_error
 from pipeline.train_export import export_model, exportable, in_bundle
 from pipeline.validation import check_contract, require_valid

@@ -291,12 +291,12 @@ def test_cells_2d_monai_bundle_run(tmp_path):
 
 def test_monai_bundle_run_keeps_the_time_budget(tmp_path, caplog):
     """``python -m monai.bundle run`` trains within the bundle's ``time_budget_min`` as ``segpipe
-    train`` does (``pipeline.handlers.TimeBudget`` in train#handlers): a budget spent in the first
+    train`` does (``pipeline.time_budget.TimeBudget`` in train#handlers): a budget spent in the first
     iteration ends the run after that epoch, validated, out of a max_epochs of 50 (before, MONAI's
     runner ignored the budget and trained every one of them)."""
     data = write_dataset("cells2d", 4, tmp_path / "data", seed=0, shape=(48, 48))
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="pipeline.handlers"):
+    with caplog.at_level(logging.INFO, logger="pipeline.time_budget"):
         _bundle_run_here(BUNDLES / "cells_2d", ["common.json", "train.json"], dataset_dir=str(data.parent),
                          output_dir=str(out), num_folds=2, max_epochs=50, val_interval=10, time_budget_min=1e-5,
                          num_workers=0, roi_size=[32, 32])

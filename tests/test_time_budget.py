@@ -1,4 +1,4 @@
-"""``pipeline.handlers.attach_time_budget``: a cosine learning rate over wall time and a stop at the
+"""``pipeline.time_budget.attach_time_budget``: a cosine learning rate over wall time and a stop at the
 end of the budget, on a real ignite Engine with a sleeping step."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 import torch
 from ignite.engine import Engine, Events
 
-from pipeline.handlers import attach_time_budget
+from pipeline.time_budget import attach_time_budget
 
 
 def _engine(opt: torch.optim.Optimizer, lrs: list[float], step_s: float) -> Engine:
@@ -75,7 +75,7 @@ def test_the_bundle_handler_and_segpipe_train_attach_one_budget():
     """A bundle's ``TimeBudget`` (train#handlers) attaches the budget; ``segpipe train`` then calls
     ``attach_time_budget`` again for bundles without it: one clock and one lr schedule, not two
     (two would each anneal the lr and each stop the run)."""
-    from pipeline.handlers import TimeBudget
+    from pipeline.time_budget import TimeBudget
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.5)

@@ -397,7 +397,7 @@ def test_resume_shows_the_nested_change_and_ignores_the_bundle_metadata(tmp_path
 
 
 def test_a_run_started_before_the_budget_handler_resumes(tmp_path: Path) -> None:
-    """Bundles gained ``pipeline.handlers.TimeBudget`` in train#handlers (the budget segpipe train
+    """Bundles gained ``pipeline.time_budget.TimeBudget`` in train#handlers (the budget segpipe train
     applied already, now also under MONAI's runner): a run started with the older configs trains the
     same with the newer and resumes; any other handler change is still refused."""
     from monai.bundle import ConfigParser
@@ -406,7 +406,7 @@ def test_a_run_started_before_the_budget_handler_resumes(tmp_path: Path) -> None
 
     old = {"handlers": [{"_target_": "LrScheduleHandler"}, {"_target_": "B", "interval": 5}]}
     (tmp_path / "config_resolved.json").write_text(json.dumps({"train": old, "time_budget_min": 28.5}))
-    budget = {"_target_": "pipeline.handlers.TimeBudget", "optimizer": "@optimizer", "minutes": "@time_budget_min"}
+    budget = {"_target_": "pipeline.time_budget.TimeBudget", "optimizer": "@optimizer", "minutes": "@time_budget_min"}
     new = {"handlers": [old["handlers"][0], budget, old["handlers"][1]]}
     check_resume_settings(ConfigParser({"train": new, "time_budget_min": 28.5}), tmp_path)
     other = {"handlers": [old["handlers"][0], budget, {"_target_": "B", "interval": 6}]}
@@ -420,7 +420,7 @@ def test_a_time_budget_is_minutes_for_both_runners() -> None:
     every learning rate to NaN and never stopped; "" was no budget for one runner, an error for the other)."""
     import torch
 
-    from pipeline.handlers import TimeBudget, budget_minutes
+    from pipeline.time_budget import TimeBudget, budget_minutes
 
     assert (budget_minutes(None), budget_minutes(0), budget_minutes(False), budget_minutes(28.5)) == (0, 0, 0, 28.5)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
