@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.bundle import get, load_bundle
-from pipeline.synthetic import CELL_ORIGIN, CELL_SPACING, CT_SPACING, ct_phantom, lps_affine
+from pipeline.phantoms import CELL_ORIGIN, CELL_SPACING, CT_SPACING, ct_phantom, lps_affine
 from pipeline.synthetic_cells import cells_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from pipeline.synthetic import smooth_field
+from pipeline.phantoms import smooth_field
 
 
 def cells_image(shape: Sequence[int], rng: np.random.Generator, fill: float = 0.45,

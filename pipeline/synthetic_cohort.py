@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pipeline.synthetic import (
+from pipeline.phantoms import (
     AIR,
     BONE,
     DISC,
@@ -27,8 +27,8 @@ from pipeline.synthetic import (
     MUSCLE,
     SOFT,
     SPLEEN,
-    _rotation,
     lps_affine,
+    rotation_matrix,
     smooth_field,
 )
 
@@ -37,7 +37,7 @@ COHORT_MATRIX = 512
 
 def _half_extent(semi_axes: Sequence[float], angles_deg: Sequence[float]) -> np.ndarray:
     """Half-size along each axis of a rotated ellipsoid's bounding box."""
-    return np.sqrt(((_rotation(angles_deg) * np.asarray(semi_axes)) ** 2).sum(axis=1))
+    return np.sqrt(((rotation_matrix(angles_deg) * np.asarray(semi_axes)) ** 2).sum(axis=1))
 
 
 def draw_cohort_anatomy(rng: np.random.Generator) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def _paint(tissue: np.ndarray, axes: list[np.ndarray], inner: np.ndarray, part: 
     """Set ``code`` where the rotated ellipsoid ``part`` (mm, semi-axes grown by ``grow``) covers tissue
     in ``onto`` inside the 2D ``inner`` mask, computed within its bounding box only."""
     semi = np.asarray(part["semi_axes"], np.float32) + np.float32(grow)
-    rot, c = _rotation(part["angles"]).astype(np.float32), part["center"]
+    rot, c = rotation_matrix(part["angles"]).astype(np.float32), part["center"]
     half = _half_extent(semi, part["angles"])
     box = tuple(slice(*np.searchsorted(a, [ci - h, ci + h])) for a, ci, h in zip(axes, c, half, strict=True))
     d = [(axes[j][box[j]] - c[j]).reshape([-1 if k == j else 1 for k in range(3)]) for j in range(3)]

@@ -9,18 +9,8 @@ import pytest
 from scipy import ndimage
 
 from pipeline.errors import InputError, UsageError
-from pipeline.synthetic import (
-    AIR,
-    CHANNEL_LAYOUTS,
-    COHORT_LABELS,
-    KINDS,
-    ct_phantom,
-    draw_anatomy,
-    lps_affine,
-    mr_phantom,
-    patient_index,
-    write_dataset,
-)
+from pipeline.phantoms import AIR, ct_phantom, draw_anatomy, lps_affine, mr_phantom
+from pipeline.synthetic import CHANNEL_LAYOUTS, COHORT_LABELS, KINDS, patient_index, write_dataset
 from pipeline.synthetic_cells import cells_image
 from pipeline.synthetic_cohort import cohort_geometry, cohort_maps, draw_cohort_anatomy, draw_ct_study
 

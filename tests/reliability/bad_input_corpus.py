@@ -23,8 +23,9 @@ from test_studies import volume, write_series  # the DICOM writer of the studies
 
 from pipeline.errors import InputError
 from pipeline.fileio import write_nifti
+from pipeline.phantoms import ct_phantom
 from pipeline.studies import read_header
-from pipeline.synthetic import CT_LABELS, ct_phantom
+from pipeline.synthetic import CT_LABELS
 
 SHAPE = (16, 16, 8)
 SPACING = (0.8, 0.8, 2.5)
