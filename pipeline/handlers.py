@@ -11,6 +11,8 @@
   ``ModelSaver``, so by every bundle's evaluator).
 - ``attach_epoch_seeds``: each epoch's random stream comes from (seed, epoch, rank), so a run
   resumed from a checkpoint trains on exactly what the uninterrupted run would have.
+- ``attach_tracker``: the trainer's losses, epoch records and QC images to a
+  ``pipeline.tracking.RunTracker``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ignite.distributed as idist
 import numpy as np
@@ -35,6 +38,9 @@ from pipeline import checkpoints, qc
 from pipeline.errors import SegpipeError, UsageError
 from pipeline.fileio import atomic_path
 from pipeline.loaders import EpochSeeded
+
+if TYPE_CHECKING:
+    from pipeline.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 epochs_log = logging.getLogger(f"{__name__}.epochs")
@@ -317,3 +323,37 @@ def attach_weight_average(trainer: Engine, network: torch.nn.Module, decay: floa
             log.info("weight average (decay %g, %d updates): %s", decay, int(averaged.n_averaged), path)
 
     return averaged
+
+
+def attach_tracker(tracker: RunTracker, trainer: Engine, loss_every: int = 1, progress_png: Path | None = None,
+                   flush: bool = True) -> None:
+    """Log ``train_loss`` per iteration (every ``loss_every``) and, at each epoch end, the dict the
+    engines left in ``trainer.state.epoch_log`` (epoch loss, lr, timing, validation), then flush
+    (with ``flush``; training commits and flushes after each checkpoint instead).
+    After an epoch with a validation also the QC images ``handlers.attach_validation`` left in
+    ``trainer.state.qc_images`` (key ``qc/<case>``, step = epoch; 0 for the reference alone) and
+    ``progress_png`` redrawn from the journal."""
+    def _iteration(engine: Engine) -> None:
+        loss = from_engine(["loss"], first=True)(engine.state.output)
+        tracker.log_metrics({"train_loss": float(loss)}, step=engine.state.iteration)
+
+    def _epoch(engine: Engine) -> None:
+        epoch_log = getattr(engine.state, "epoch_log", {})
+        tracker.log_metrics(epoch_log, step=engine.state.epoch)
+        if "val_mean_dice" in epoch_log:
+            for case, path, step in getattr(engine.state, "qc_images", []):
+                tracker.log_image(path, f"qc/{image_key(case)}", step)
+            if progress_png is not None:
+                from pipeline.progress import plot_progress
+
+                tracker.log_artifact(plot_progress(tracker.journal, progress_png))
+        if flush:
+            tracker.flush()
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=loss_every), _iteration)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)
+
+
+def image_key(name: str) -> str:
+    """``name`` with only the characters MLflow allows in an image key."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)

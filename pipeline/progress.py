@@ -3,7 +3,7 @@
 Three panels, all against the epoch: training loss (left axis) with validation Dice per class
 and their mean (right axis, 0..1); seconds per epoch; learning rate. Drawn from the run's
 journal (``metrics.jsonl``, ``pipeline.tracking``), so a resumed run's picture covers every
-epoch, and redrawn after each validation (``pipeline.tracking.attach_tracker``).
+epoch, and redrawn after each validation (``pipeline.handlers.attach_tracker``).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def _model_logged_since(client: Any, run: Any, ts: int | None) -> bool:
     return any(client.get_logged_model(o.model_id).creation_timestamp >= ts for o in outputs)
 
 
-#: the one flat metric logged per iteration (``pipeline.tracking.attach_tracker``); the others per epoch
+#: the one flat metric logged per iteration (``pipeline.handlers.attach_tracker``); the others per epoch
 ITERATION_KEYS = frozenset({"train_loss"})
 
 

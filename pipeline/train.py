@@ -53,6 +53,7 @@ from pipeline.handlers import (
     attach_epoch_log,
     attach_epoch_seeds,
     attach_grad_clip,
+    attach_tracker,
     attach_validation,
     attach_weight_average,
     find_model_saver,
@@ -229,7 +230,7 @@ def _run(parser: Any, bundle_dir: Path, resume: bool, tracking_uri: str | None, 
          tags: dict[str, Any] | None = None, register: bool = True,
          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from pipeline.run_tags import bundle_params, git_commit, run_name, standard_tags
-    from pipeline.tracking import attach_tracker, open_tracker
+    from pipeline.tracking import open_tracker
 
     meta = bundle_metadata(bundle_dir)
     output_dir = Path(_setting(parser, "output_dir")).resolve()
