@@ -193,7 +193,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         tracking_uri=a.tracking_uri,
     )
     print(json.dumps(json_safe(summary), indent=2, default=str))  # null, not NaN: standard JSON for jq
-    return 0
+    errors = summary.get("errors") or {}
+    if errors:  # as predict: every other study scored and written, the run exits 1 (missing ones: a warning)
+        sid, problem = next(iter(errors.items()))
+        print(f"segpipe evaluate: {len(errors)} of {summary['n_reference']} studies could not be compared "
+              f"(the first, {sid}: {problem}); their rows in {summary['csv']} say why", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

@@ -349,8 +349,8 @@ def evaluate(pred_dir: Path, ref_manifest: Path, out_csv: Path | None = None, ru
     summary_path = out_csv.parent / SUMMARY_NAME
     with atomic_path(summary_path) as tmp:
         tmp.write_text(json.dumps(json_safe(summary), indent=2))
-    log.info("evaluated %d cases: mean Dice %.4f; wrote %s and %s", summary["n_cases"], summary["mean_dice"],
-             out_csv, summary_path)
+    log.info("evaluated %d of %d studies: mean Dice %.4f; wrote %s and %s", summary["n_cases"], len(entries),
+             summary["mean_dice"], out_csv, summary_path)
     if run_id:
         log_to_mlflow(summary, [out_csv, summary_path], run_id, tracking_uri)
     return summary

@@ -159,9 +159,16 @@ def test_cli_exit_codes(evaluated, tmp_path: Path, capsys: pytest.CaptureFixture
 
     manifest, pred = evaluated
     cmd = ["evaluate", "--ref", str(manifest)]
+    # case_3 cannot be compared (its affine): the others are scored and written, and the run exits 1, as predict
+    assert main(cmd + ["--pred", str(pred), "--out", str(tmp_path / "m.csv")]) == 1
+    out, err = capsys.readouterr()
+    printed = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON: {c}"))
+    assert printed["missing"] == ["case_2"] and printed["n_cases"] == 2 and (tmp_path / "m.csv").is_file()
+    assert len(err.strip().splitlines()) == 1 and "1 of 4 studies could not be compared" in err
+    assert "case_3" in err and "affine differs" in err and str(tmp_path / "m.csv") in err
+    (pred / "case_3.nii.gz").unlink()  # a missing prediction alone is a warning: exit 0
     assert main(cmd + ["--pred", str(pred), "--out", str(tmp_path / "m.csv")]) == 0
-    printed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON: {c}"))
-    assert printed["missing"] == ["case_2"] and (tmp_path / "m.csv").is_file()
+    assert json.loads(capsys.readouterr().out)["missing"] == ["case_2", "case_3"]
     with pytest.MonkeyPatch.context() as mp:  # an undefined HD95 (no class found anywhere) prints as null
         import pipeline.evaluation
 
