@@ -107,10 +107,11 @@ def require_valid(path: Path, allow_outside: bool = False) -> None:
     """InputError, one line naming the first problem and how many there are, unless the manifest at
     ``path`` validates clean; the other problems are logged (error), so each is said once."""
     problems = validate_manifest(Path(path), allow_outside)
-    for p in problems[1:]:
-        log.error("%s", p)
+    for i, p in enumerate(problems[1:], start=2):  # numbered: read above the error line, which names the first
+        log.error("problem %d of %d: %s", i, len(problems), p)
     if problems:
-        raise InputError(f"{path}: failed validation with {len(problems)} problem(s), first: {problems[0]}")
+        first = problems[0].removeprefix(f"{path}: ")  # the manifest is named once
+        raise InputError(f"{path}: failed validation with {len(problems)} problem(s), first: {first}")
 
 
 def _ras_spacing(header: dict[str, Any], n: int) -> tuple[list[float], list[int]]:

@@ -423,3 +423,8 @@ def test_require_valid_says_each_problem_once(tmp_path, caplog):
     first, other = str(tmp_path / LAB), str(tmp_path / "imagesTr/case_2.nii.gz")
     assert str(e.value).startswith(f"{manifest}: failed validation with 2 problem(s), first: training[0] case_0")
     assert first in str(e.value) and first not in caplog.text and caplog.text.count(other) == 1
+    assert "problem 2 of 2: training[2]" in caplog.text  # read above the error line that names the first
+    missing = tmp_path / "nowhere.json"  # a problem of the manifest itself: the manifest named once
+    with pytest.raises(InputError) as e:
+        require_valid(missing)
+    assert str(e.value).count(str(missing)) == 1 and str(e.value).endswith("first: no such manifest")
