@@ -105,15 +105,20 @@ def cells_mosaic_files(grid: Sequence[int] = (4, 4), seed: int = 0, cache: Path 
     return _save(img, affine, img_p), _save(lab, affine, lab_p)
 
 
-def ct_cohort_files(n: int = 1, seed: int = 0, cache: Path = CACHE) -> list[tuple[Path, Path]]:
-    """(image, label) files of ``n`` ct-cohort studies (labels: 0-4, see ``COHORT_TO_PHANTOM``)."""
+def _synth_files(kind: str, n: int, seed: int, cache: Path) -> list[tuple[Path, Path]]:
+    """(image, label) files of ``n`` studies of ``segpipe synth --kind kind``, written once into ``cache``."""
     from pipeline.synthetic import write_dataset
 
-    out = cache / f"ct_cohort_n{n}_s{seed}"
+    out = cache / f"{kind.replace('-', '_')}_n{n}_s{seed}"
     if not (out / "dataset.json").exists():
-        write_dataset("ct-cohort", n, out, seed=seed)
+        write_dataset(kind, n, out, seed=seed)
     entries = json.loads((out / "dataset.json").read_text())["training"]
     return [(out / e["image"], out / e["label"]) for e in entries]
+
+
+def ct_cohort_files(n: int = 1, seed: int = 0, cache: Path = CACHE) -> list[tuple[Path, Path]]:
+    """(image, label) files of ``n`` ct-cohort studies (labels: 0-4, see ``COHORT_TO_PHANTOM``)."""
+    return _synth_files("ct-cohort", n, seed, cache)
 
 
 #: ct-cohort labels (background, liver, kidney_right, spleen, kidney_left) -> the phantom's
@@ -122,13 +127,7 @@ COHORT_TO_PHANTOM = (0, 1, 2, 3, 2)
 
 def cells_files(n: int = 10, seed: int = 0, cache: Path = CACHE) -> list[tuple[Path, Path]]:
     """(image, label) files of ``n`` cells2d images of the default 128x128 (``segpipe synth``)."""
-    from pipeline.synthetic import write_dataset
-
-    out = cache / f"cells2d_n{n}_s{seed}"
-    if not (out / "dataset.json").exists():
-        write_dataset("cells2d", n, out, seed=seed)
-    entries = json.loads((out / "dataset.json").read_text())["training"]
-    return [(out / e["image"], out / e["label"]) for e in entries]
+    return _synth_files("cells2d", n, seed, cache)
 
 
 def hippocampus_files(manifest: Path = HIPPO_MANIFEST, n: int | None = None) -> list[tuple[Path, Path]]:
