@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from inference_cases import ROOT, bundle_network, dice_per_class, load_cases
+from inference_cases import ROOT, add_threads_option, bundle_network, dice_per_class, load_cases, set_threads
 from monai.inferers import sliding_window_inference
 
 from pipeline.amp import CPU_BF16_ENV, cpu_has_bf16
@@ -131,12 +131,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--weights", default=None, help="model.pt to use instead of the bundle's models/model.pt "
                     "(e.g. runs_cv/fold_0/model.pt for fold 0's held-out cases)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads (0: torch's default). Under load use 1: with 2 threads on 2 busy "
-                         "cores every parallel region waits for a descheduled thread (10-20x slower, erratic)")
+    add_threads_option(ap)
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     variants = [] if a.only_monai else a.variant or [["bundle"], ["bundle/fp32", "policy=fp32"]]

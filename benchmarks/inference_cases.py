@@ -23,6 +23,7 @@ Files are written once into ``cache`` (default: a folder in the system's tempora
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from collections.abc import Sequence
@@ -103,6 +104,19 @@ def cells_mosaic_files(grid: Sequence[int] = (4, 4), seed: int = 0, cache: Path 
         img[box], lab[box], _ = cells_image(tile, rng)
     affine = lps_affine(CELL_SPACING, CELL_ORIGIN)
     return _save(img, affine, img_p), _save(lab, affine, lab_p)
+
+
+def add_threads_option(ap: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch threads of a timed run (``set_threads``)."""
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). Under load use 1: with 2 threads on 2 busy "
+                         "cores every parallel region waits for a descheduled thread (10-20x slower, erratic)")
+
+
+def set_threads(n: int) -> None:
+    """``torch.set_num_threads(n)`` unless ``n`` is 0 (torch's default)."""
+    if n:
+        torch.set_num_threads(n)
 
 
 def _synth_files(kind: str, n: int, seed: int, cache: Path) -> list[tuple[Path, Path]]:

@@ -37,7 +37,7 @@ import os
 import time
 
 import torch
-from inference_cases import bundle_network, load_cases
+from inference_cases import add_threads_option, bundle_network, load_cases, set_threads
 
 from pipeline.amp import autocast, autocast_dtype
 from pipeline.inference import mirror_pad
@@ -137,12 +137,9 @@ def main() -> None:
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tolerance", type=float, default=0.5, help="edge excess (flips per 1000 fg) for the margin")
     ap.add_argument("--json", default=None, help="also write the profile to this file")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads (0: torch's default). Under load use 1: with 2 threads on 2 busy "
-                         "cores every parallel region waits for a descheduled thread (10-20x slower, erratic)")
+    add_threads_option(ap)
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     net, parser = bundle_network(a.bundle)
