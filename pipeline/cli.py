@@ -7,6 +7,7 @@ Heavy modules are imported inside each command so `segpipe --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -211,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         # pipeline.tracking reports that failure in one line (records kept in the run's journal)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    # a crash below Python (SIGABRT, SIGSEGV in torch, gloo or ITK) prints where each thread was in
+    # Python before the process dies: under torchrun otherwise only "Signal 6 (SIGABRT) received"
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable(all_threads=True)
+        except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (captured, embedded)
+            pass
     if a.command != "ui" and threading.current_thread() is threading.main_thread():  # ui: uvicorn's own shutdown
         signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -119,9 +119,27 @@ def _init_distributed() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or idist.get_world_size() > 1:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    idist.initialize(backend)
+    # the process group meets in torchrun's store under a prefix of this attempt's own: workers that
+    # torchrun restarted (--max-restarts) would otherwise find the failed attempt's rank addresses
+    # there and could wait for a dead peer (gloo: 30 minutes). ignite then takes the group as made.
+    store, rank, world = next(torch.distributed.rendezvous("env://"))
+    store = torch.distributed.PrefixStore(f"segpipe/attempt_{elastic_restart()}", store)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    idist.sync()
     log.info("distributed: rank %d of %d (%s)", idist.get_rank(), idist.get_world_size(), backend)
     return True
+
+
+def elastic_restart() -> int:
+    """How many times ``torchrun`` has restarted this worker group (``TORCHELASTIC_RESTART_COUNT``,
+    set when ``--max-restarts`` brought the workers back after one failed): 0 on the first start.
+    A restart resumes from the last checkpoint; before, it started afresh and deleted them."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+    except ValueError:
+        return 0
 
 
 def init_weights(network: torch.nn.Module, path: str | Path | None, fold: int | None = None) -> None:
@@ -156,6 +174,9 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
     set, a short run validates at least 5 times (``validate_often``)."""
     t0 = time.perf_counter()
     started = _init_distributed()
+    if (restart := elastic_restart()) and not resume:
+        log.info("torchrun restart %d (--max-restarts): resuming from the last checkpoint, as --resume does", restart)
+        resume = True
     try:
         if started and device is None and torch.cuda.is_available():
             device = f"cuda:{idist.get_local_rank()}"
@@ -179,6 +200,12 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
         with console(verbose, progress and idist.get_rank() == 0) as bar:
             summary = _run(parser, Path(bundle_dir), resume=resume, tracking_uri=tracking_uri, bar=bar, tags=tags,
                            register=register, overrides=overrides or {})
+        if started:
+            # every rank leaves together. A rank that left straight after its last validation could reach
+            # interpreter shutdown while a gloo thread was still freeing that validation's all_gather (its
+            # tensors are Python objects, so it needs the GIL): "terminate called without an active
+            # exception", SIGABRT, on a training that had finished (seen in CI, 2026-12-05)
+            idist.barrier()
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         return summary
     finally:

@@ -26,6 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # a process the tests start (torchrun's ranks, bundle runs) that dies on a signal prints its
+    # Python stack into the stderr the test shows: a rare crash in CI is then a stack, not a guess
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     choice = config.getoption("--cpu-bf16")
     if choice != "auto":
         os.environ[CPU_BF16_ENV] = "1" if choice == "on" else "0"

@@ -256,3 +256,18 @@ def test_a_mistyped_input_is_a_usage_error_like_a_mistyped_bundle(tmp_path, caps
     assert main(["predict", str(bundle), "--input", str(tmp_path / "nope"), "--output", str(out)]) == 2
     assert f"{tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err and not out.exists()
     assert main(["predict", str(tmp_path / "nobundle"), "--input", str(tmp_path), "--output", str(out)]) == 2
+
+
+def test_a_crash_below_python_prints_where_python_was(tmp_path):
+    """A fatal signal (a SIGABRT in torch or gloo, a SIGSEGV in ITK) after ``main`` started prints
+    each thread's Python stack before the process dies, without PYTHONFAULTHANDLER; under torchrun
+    the ranks otherwise leave only "Signal 6 (SIGABRT) received"."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    code = ("import os\nfrom pipeline.cli import main\nmain(['validate', 'missing.json'])\n"
+            "def crash_site():\n    os.abort()\ncrash_site()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "Fatal Python error: Aborted" in proc.stderr and "in crash_site" in proc.stderr, proc.stderr[-2000:]

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def test_two_process_torchrun_trains_and_logs_once(tmp_path: Path, ct6_dataset: 
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "pipeline", "train", str(BUNDLE),
                            "--manifest", str(data), "--epochs", "2", "--tracking-uri", uri, *sets],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-9000:]
     assert proc.stderr.count("distributed: rank") == 2 and "(gloo)" in proc.stderr
 
     client = MlflowClient(uri)
@@ -60,7 +61,7 @@ def test_a_time_budget_under_torchrun_stops_every_rank_at_one_iteration(tmp_path
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "pipeline", "train", str(BUNDLE),
                            "--manifest", str(ct6_dataset), "--epochs", "500", "--tracking-uri", uri, *sets],
                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-9000:]
     assert proc.stderr.count("time budget of") == 2  # each rank, at the same epoch
     summary = json.loads(proc.stdout)  # one summary on stdout (rank 0's), not one per rank
     assert summary["epochs"] < 500 and summary["mlflow_run_id"]
@@ -119,3 +120,51 @@ def test_nodes_started_with_other_settings_are_refused(tmp_path: Path, ct6_datas
         assert ("segpipe train: error: process 1 of 2 was started with other settings than process 0 "
                 "(learning_rate 0.005 -> 0.5)") in err, err[-2000:]
     assert not (tmp_path / "node0" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_a_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path: Path, ct6_dataset: Path) -> None:
+    """``torchrun --max-restarts 1``: rank 1 is killed (SIGKILL) once a checkpoint is on disk;
+    torchrun stops rank 0 and starts both again, and they resume from the last checkpoint (as
+    ``--resume``) into the same MLflow run, each epoch logged once. Before, the restarted workers
+    started afresh and deleted the checkpoints: a cluster job lost everything it had trained."""
+    import psutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out, uri, epochs = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", 6
+    sets = [a for k, v in {**FAST, "output_dir": str(out), "val_interval": 2}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "pipeline", "train",
+                                 str(BUNDLE), "--manifest", str(ct6_dataset), "--epochs", str(epochs),
+                                 "--tracking-uri", uri, *sets], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        killed, deadline = None, time.monotonic() + 240
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            if (out / "checkpoints" / "checkpoint_2.pt").is_file():
+                for child in psutil.Process(proc.pid).children():
+                    try:
+                        if child.environ().get("LOCAL_RANK") == "1":
+                            child.kill()
+                            killed = child.pid
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(0.05)
+        try:
+            proc.wait(timeout=240)
+        finally:  # a hang (restarted workers waiting for a dead peer) must not outlive the test
+            for p in [*psutil.Process(proc.pid).children(recursive=True), proc] if proc.poll() is None else []:
+                p.kill()
+    stderr = log.read_text()
+    assert killed is not None, "the run ended before rank 1 could be killed: " + stderr[-3000:]
+    assert proc.returncode == 0, stderr[-9000:]
+    assert stderr.count("torchrun restart 1 (--max-restarts): resuming from the last checkpoint") == 2  # both ranks
+    assert "resumed from" in stderr and "starting afresh" not in stderr
+
+    last = torch.load(out / "checkpoints" / f"checkpoint_{epochs}.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == epochs  # one iteration an epoch: trained to the end
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("phantom_ct_3d").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the killed attempt's run, resumed and ended
+    run_id = runs[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss_iteration")] == list(range(1, epochs + 1))
+    assert [m.step for m in client.get_metric_history(run_id, "val/mean_dice")] == [2, 4, 6]
