@@ -29,6 +29,7 @@ validation; ``verbose`` adds Ignite's and MONAI's own lines and the per-epoch re
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -114,6 +115,9 @@ def _overrides(manifest: Path | None, epochs: int | None, device: str | None, am
     return out
 
 
+_GROUP_NUMBER = itertools.count(1)  # of the process groups this process made
+
+
 def _init_distributed() -> bool:
     """Join the process group ``torchrun`` describes (nccl with GPUs, gloo without)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or idist.get_world_size() > 1:
@@ -123,7 +127,8 @@ def _init_distributed() -> bool:
     # torchrun restarted (--max-restarts) would otherwise find the failed attempt's rank addresses
     # there and could wait for a dead peer (gloo: 30 minutes). ignite then takes the group as made.
     store, rank, world = next(torch.distributed.rendezvous("env://"))
-    store = torch.distributed.PrefixStore(f"segpipe/attempt_{elastic_restart()}", store)
+    # and a second group in one process (train_bundle called again) a prefix of its own
+    store = torch.distributed.PrefixStore(f"segpipe/attempt_{elastic_restart()}/group_{next(_GROUP_NUMBER)}", store)
     torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
