@@ -129,9 +129,9 @@ def _init_distributed() -> bool:
     store, rank, world = next(torch.distributed.rendezvous("env://"))
     # and a second group in one process (train_bundle called again) a prefix of its own
     store = torch.distributed.PrefixStore(f"segpipe/attempt_{elastic_restart()}/group_{next(_GROUP_NUMBER)}", store)
-    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
-    if backend == "nccl":
+    if backend == "nccl":  # each process its own GPU, before NCCL binds to one
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
     idist.sync()
     log.info("distributed: rank %d of %d (%s)", idist.get_rank(), idist.get_world_size(), backend)
     return True
