@@ -9,6 +9,8 @@ it as plain MONAI. ``train_bundle`` (``segpipe train``) adds, programmatically:
 
 - the manifest validated first (``pipeline.validation.validate_manifest``), the process group when started
   by ``torchrun`` (gloo on CPU, nccl on GPU; ``DistributedSampler`` in ``pipeline.loaders.loader``);
+  workers torchrun restarts (``--max-restarts``) resume from the last checkpoint, and every rank
+  leaves at one barrier;
 - atomic checkpoints every ``checkpoint_interval`` epochs and ``--resume`` (``pipeline.checkpoints``);
 - the best weights by validation mean Dice as ``output_dir/model.pt`` (plain state_dict, written
   by the bundle's ``pipeline.handlers.ModelSaver``); copy it into the bundle's ``models/`` with
