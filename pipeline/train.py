@@ -31,7 +31,6 @@ validation; ``verbose`` adds Ignite's and MONAI's own lines and the per-epoch re
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 from monai.handlers import from_engine, stopping_fn_from_metric
 
-from pipeline import checkpoints
+from pipeline import checkpoints, distributed
 from pipeline.amp import grad_scaler
 from pipeline.bundle import bundle_metadata, get, load_bundle
 from pipeline.errors import InputError, UsageError
@@ -117,38 +116,6 @@ def _overrides(manifest: Path | None, epochs: int | None, device: str | None, am
     return out
 
 
-_GROUP_NUMBER = itertools.count(1)  # of the process groups this process made
-
-
-def _init_distributed() -> bool:
-    """Join the process group ``torchrun`` describes (nccl with GPUs, gloo without)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or idist.get_world_size() > 1:
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # the process group meets in torchrun's store under a prefix of this attempt's own: workers that
-    # torchrun restarted (--max-restarts) would otherwise find the failed attempt's rank addresses
-    # there and could wait for a dead peer (gloo: 30 minutes). ignite then takes the group as made.
-    store, rank, world = next(torch.distributed.rendezvous("env://"))
-    # and a second group in one process (train_bundle called again) a prefix of its own
-    store = torch.distributed.PrefixStore(f"segpipe/attempt_{elastic_restart()}/group_{next(_GROUP_NUMBER)}", store)
-    if backend == "nccl":  # each process its own GPU, before NCCL binds to one
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
-    idist.sync()
-    log.info("distributed: rank %d of %d (%s)", idist.get_rank(), idist.get_world_size(), backend)
-    return True
-
-
-def elastic_restart() -> int:
-    """How many times ``torchrun`` has restarted this worker group (``TORCHELASTIC_RESTART_COUNT``,
-    set when ``--max-restarts`` brought the workers back after one failed): 0 on the first start.
-    A restart resumes from the last checkpoint; before, it started afresh and deleted them."""
-    try:
-        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
-    except ValueError:
-        return 0
-
-
 def init_weights(network: torch.nn.Module, path: str | Path | None, fold: int | None = None) -> None:
     """Load the weights at ``path`` (``{fold}`` replaced by ``fold``) into ``network`` before
     training: a plain state_dict or a checkpoint, strictly (another network's weights are an
@@ -180,8 +147,8 @@ def train_bundle(bundle_dir: Path, manifest: Path | None = None, epochs: int | N
     cross-validation fold, whose model is one member of an ensemble). Unless ``val_interval`` is
     set, a short run validates at least 5 times (``validate_often``)."""
     t0 = time.perf_counter()
-    started = _init_distributed()
-    if (restart := elastic_restart()) and not resume:
+    started = distributed.init_distributed()
+    if (restart := distributed.elastic_restart()) and not resume:
         log.info("torchrun restart %d (--max-restarts): resuming from the last checkpoint, as --resume does", restart)
         resume = True
     try:
