@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if not faulthandler.is_enabled():
         try:
             faulthandler.enable(all_threads=True)
-        except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (captured, embedded)
+        except (AttributeError, ValueError, OSError, RuntimeError):  # no stderr, or one without a file descriptor
             pass
     if a.command != "ui" and threading.current_thread() is threading.main_thread():  # ui: uvicorn's own shutdown
         signal.signal(signal.SIGTERM, _terminate)

@@ -40,7 +40,4 @@ def elastic_restart() -> int:
     """How many times ``torchrun`` has restarted this worker group (``TORCHELASTIC_RESTART_COUNT``,
     set when ``--max-restarts`` brought the workers back after one failed): 0 on the first start.
     A restart resumes from the last checkpoint; before, it started afresh and deleted them."""
-    try:
-        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
-    except ValueError:
-        return 0
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

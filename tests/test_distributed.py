@@ -152,8 +152,9 @@ def test_a_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path: Path, ct6
         try:
             proc.wait(timeout=240)
         finally:  # a hang (restarted workers waiting for a dead peer) must not outlive the test
-            for p in [*psutil.Process(proc.pid).children(recursive=True), proc] if proc.poll() is None else []:
-                p.kill()
+            if proc.poll() is None:
+                for p in [*psutil.Process(proc.pid).children(recursive=True), proc]:
+                    p.kill()
     stderr = log.read_text()
     assert killed is not None, "the run ended before rank 1 could be killed: " + stderr[-3000:]
     assert proc.returncode == 0, stderr[-9000:]
